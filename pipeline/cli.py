@@ -1,0 +1,117 @@
+"""The `qstar` command: run, resume, inspect, eval.
+
+`@hydra.main` lives here and only here (for `qstar run`: Hydra's run directory and sweeps).
+Every user-facing error is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage:
+  qstar run [KEY=VALUE ...] [-m]        a new self-play run (Hydra overrides; -m sweeps)
+  qstar resume RUN_DIR [iterations=N]   continue a stopped or finished run
+  qstar inspect RUN [--iter N --problem ID] [--credit]
+                                        the iteration table, one tree, or a credit map
+  qstar eval [KEY=VALUE ...]            one model, one decoding strategy, held-out set
+                                        e.g. qstar eval decode=best_of_n decode.n=8
+"""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    _quiet_libraries()
+    from pipeline.errors import QstarError
+
+    try:
+        if command == "run":
+            return cmd_run(rest)
+        if command == "resume":
+            return cmd_resume(rest)
+        if command == "inspect":
+            return cmd_inspect(rest)
+        if command == "eval":
+            return cmd_eval(rest)
+        raise QstarError(f"unknown command {command!r}; commands: run, resume, inspect, eval")
+    except QstarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_eval(overrides: list[str]) -> int:
+    from pipeline.compose import compose_config
+    from pipeline.evaluate import run_eval
+
+    run_eval(compose_config(overrides))
+    return 0
+
+
+def cmd_run(args: list[str]) -> int:
+    from pipeline.compose import compose_config, expand_model_shorthand
+
+    multirun = "-m" in args or "--multirun" in args
+    overrides = expand_model_shorthand([a for a in args if a not in ("-m", "--multirun")])
+    if not multirun:
+        compose_config(overrides)  # refuse bad config with one line before Hydra starts
+    sys.argv = ["qstar"] + (["--multirun"] if multirun else []) + overrides
+    _hydra_run()
+    return 0
+
+
+def _hydra_run() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.compose import CONF_DIR, to_config
+    from pipeline.errors import QstarError
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+    def entry(dcfg) -> None:
+        from pipeline.loop import run_loop
+
+        try:
+            run_loop(to_config(dcfg), HydraConfig.get().runtime.output_dir)
+        except QstarError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    entry()
+
+
+def cmd_resume(args: list[str]) -> int:
+    from pipeline.errors import QstarError
+    from pipeline.loop import resume_run
+
+    if not args:
+        raise QstarError("qstar resume needs a run directory: qstar resume RUN_DIR [iterations=N]")
+    resume_run(args[0], args[1:])
+    return 0
+
+
+def cmd_inspect(args: list[str]) -> int:
+    from pipeline.inspect_run import inspect_main
+
+    return inspect_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""From command-line overrides to a validated `QstarConfig`, through Hydra's compose API.
+
+`@hydra.main` lives only in pipeline/cli.py (for `qstar run`, which needs Hydra's run dir and
+sweeps); everything else — `qstar eval`, `qstar resume`, tests — composes here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.config import QstarConfig, validate
+from pipeline.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ConfigStore.instance().store(name="qstar_schema", node=QstarConfig)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def expand_model_shorthand(overrides: list[str]) -> list[str]:
+    """`model=<hub id or path>` is shorthand for `model=hf model.name=<it>`."""
+    presets = group_options("model")
+    result = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+~") == "model" and value not in presets and "," not in value:
+            result += ["model=hf", f"model.name={value}"]
+        else:
+            result.append(item)
+    return result
+
+
+def to_config(dcfg: DictConfig) -> QstarConfig:
+    """DictConfig (validated against the schema by Hydra) -> dataclasses, range-checked."""
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(one_line(exc)) from None
+    return validate(cfg)
+
+
+def compose_config(overrides: list[str] | None = None) -> QstarConfig:
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            dcfg = compose(config_name="config", overrides=expand_model_shorthand(overrides or []))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(one_line(exc)) from None
+    return to_config(dcfg)
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf errors span lines and chained causes; keep the lines that explain."""
+    parts, seen = [], set()
+    while exc is not None:
+        for line in str(exc).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            noise = line.startswith(("full_key:", "object_type", "reference_type", "Set the ",
+                                     "To append", "provider=")) or "$VALUE" in line
+            if line and not noise and line not in seen:
+                seen.add(line)
+                parts.append(line)
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(parts).replace(":; ", ": ") or "invalid config"

@@ -1,0 +1,181 @@
+"""Held-out evaluation: one model, one decoding strategy.
+
+Decoding produces one final completion per problem from prompts alone; grading against the
+gold answer happens afterwards, in `grade`, and nowhere else. Selection among candidates
+(majority vote, ORM) never sees the gold answer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pipeline.config import DecodeConfig, DecodeStrategy, QstarConfig, Selection
+from pipeline.errors import QstarError
+from pipeline.generation import chat_prompt, generate
+from pipeline.tasks import Problem, Task, extract_answer, to_messages
+
+
+@dataclass
+class Decoded:
+    completions: list[str]  # one final completion per problem
+    tokens: int  # every token generated to get them (all samples, rollouts, options)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    strategy: str
+    accuracy: float
+    correct: int
+    total: int
+    tokens: int
+    seconds: float
+    rows: list[dict]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        return {"strategy": self.strategy, "accuracy": self.accuracy, "correct": self.correct,
+                "total": self.total, "tokens": self.tokens, "seconds": round(self.seconds, 2),
+                "tokens_per_s": round(self.tokens_per_s, 2), **self.extra}
+
+
+def render_prompts(tokenizer, questions: Sequence[str]) -> list[str]:
+    return [chat_prompt(tokenizer, to_messages(q)) for q in questions]
+
+
+def decode_greedy(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
+                  progress: str | None) -> Decoded:
+    gens = generate(model, tokenizer, prompts, max_new_tokens=d.max_new_tokens,
+                    batch_size=d.batch_size, progress=progress)
+    return Decoded([g.text for g in gens], sum(g.num_tokens for g in gens))
+
+
+def decode_sample(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
+                  progress: str | None) -> Decoded:
+    gens = generate(model, tokenizer, prompts, max_new_tokens=d.max_new_tokens,
+                    temperature=d.temperature, top_p=d.top_p, batch_size=d.batch_size,
+                    seed=seed, progress=progress)
+    return Decoded([g.text for g in gens], sum(g.num_tokens for g in gens))
+
+
+def sample_candidates(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
+                      progress: str | None) -> tuple[list[list[str]], int]:
+    """n sampled completions per prompt, in one batched stream."""
+    repeated = [p for p in prompts for _ in range(d.n)]
+    gens = generate(model, tokenizer, repeated, max_new_tokens=d.max_new_tokens,
+                    temperature=d.temperature, top_p=d.top_p, batch_size=d.batch_size,
+                    seed=seed, progress=progress)
+    groups = [[g.text for g in gens[i * d.n:(i + 1) * d.n]] for i in range(len(prompts))]
+    return groups, sum(g.num_tokens for g in gens)
+
+
+def majority_vote(candidates: list[str]) -> str:
+    """The first candidate whose extracted answer is the most common one (ties: earliest)."""
+    answers = [extract_answer(c) for c in candidates]
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return candidates[0]
+    best = max(counts.values())
+    winner = next(a for a in answers if a is not None and counts[a] == best)
+    return candidates[answers.index(winner)]
+
+
+Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
+
+
+def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
+                     progress: str | None, orm_score: Scorer | None = None) -> Decoded:
+    groups, tokens = sample_candidates(model, tokenizer, prompts, d, seed, progress)
+    if d.select == Selection.majority:
+        return Decoded([majority_vote(g) for g in groups], tokens)
+    if orm_score is None:
+        raise QstarError("decode.select=orm needs a trained ORM: evaluate a run's iteration "
+                         "(critics.path=<run>/iter_NNN/critics) or use decode.select=majority")
+    flat_p = [p for p, g in zip(prompts, groups) for _ in g]
+    scores = orm_score(flat_p, [c for g in groups for c in g])
+    chosen, k = [], 0
+    for g in groups:
+        best = max(range(len(g)), key=lambda j: scores[k + j])
+        chosen.append(g[best])
+        k += len(g)
+    return Decoded(chosen, tokens)
+
+
+def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: str,
+          seconds: float) -> EvalResult:
+    rows = []
+    for p, completion in zip(problems, decoded.completions):
+        rows.append({"id": p.id, "correct": task.is_correct(p, completion),
+                     "predicted": extract_answer(completion), "completion": completion})
+    correct = sum(r["correct"] for r in rows)
+    return EvalResult(strategy=strategy, accuracy=correct / max(len(rows), 1), correct=correct,
+                      total=len(rows), tokens=decoded.tokens, seconds=seconds, rows=rows,
+                      extra=decoded.extra)
+
+
+def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task: Task,
+             problems: Sequence[Problem], critics=None) -> EvalResult:
+    """Decode the held-out problems with `strategy`, then grade. `critics` serve ORM/MCTS."""
+    prompts = render_prompts(tokenizer, [p.question for p in problems])
+    progress = f"eval {strategy.value}" if cfg.progress else None
+    start = time.perf_counter()
+    decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress)
+    return grade(task, problems, decoded, strategy.value, time.perf_counter() - start)
+
+
+def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts: list[str],
+           critics, progress: str | None) -> Decoded:
+    d, seed = cfg.decode, cfg.seed
+    if strategy == DecodeStrategy.greedy:
+        return decode_greedy(model, tokenizer, prompts, d, seed, progress)
+    if strategy == DecodeStrategy.sample:
+        return decode_sample(model, tokenizer, prompts, d, seed, progress)
+    if strategy == DecodeStrategy.best_of_n:
+        orm = critics.orm_scorer() if critics is not None else None
+        return decode_best_of_n(model, tokenizer, prompts, d, seed, progress, orm)
+    if strategy == DecodeStrategy.beam:
+        from pipeline.beam import decode_beam
+
+        return decode_beam(cfg, model, tokenizer, prompts, progress)
+    from pipeline.search_stage import decode_mcts
+
+    return decode_mcts(cfg, model, tokenizer, prompts, critics, progress)
+
+
+def format_table(results: Sequence[EvalResult]) -> str:
+    header = f"{'strategy':<10} {'accuracy':>8} {'correct':>9} {'tokens':>8} {'seconds':>8} {'tok/s':>7}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(f"{r.strategy:<10} {r.accuracy:>8.3f} {r.correct:>4}/{r.total:<4} "
+                     f"{r.tokens:>8} {r.seconds:>8.1f} {r.tokens_per_s:>7.1f}")
+    return "\n".join(lines)
+
+
+def default_output(strategy: str) -> str:
+    return os.path.join("runs", "eval", time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{strategy}.json")
+
+
+def run_eval(cfg: QstarConfig) -> EvalResult:
+    """`qstar eval`: load, decode the held-out split, print the table, write JSON."""
+    from pipeline.atomic import write_json
+    from pipeline.config import to_dict
+    from pipeline.models import load_model
+    from pipeline.tasks import make_task
+
+    task = make_task(cfg.task)
+    _, heldout = task.splits()
+    model, tokenizer = load_model(cfg.model)
+    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, heldout)
+    print(format_table([result]))
+    output = cfg.eval.output or default_output(result.strategy)
+    write_json(output, {"summary": result.summary(), "config": to_dict(cfg), "rows": result.rows})
+    print(f"wrote {output}")
+    return result

