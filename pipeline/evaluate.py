@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pipeline.config import DecodeConfig, DecodeStrategy, QstarConfig, Selection
 from pipeline.errors import QstarError
 from pipeline.generation import chat_prompt, generate
-from pipeline.tasks import Problem, Task, extract_answer, to_messages
+from pipeline.tasks import Problem, Task, to_messages
 
 
 @dataclass
@@ -77,9 +77,9 @@ def sample_candidates(model, tokenizer, prompts: list[str], d: DecodeConfig, see
     return groups, sum(g.num_tokens for g in gens)
 
 
-def majority_vote(candidates: list[str]) -> str:
+def majority_vote(candidates: list[str], extract: Callable[[str], str | None]) -> str:
     """The first candidate whose extracted answer is the most common one (ties: earliest)."""
-    answers = [extract_answer(c) for c in candidates]
+    answers = [extract(c) for c in candidates]
     counts = Counter(a for a in answers if a is not None)
     if not counts:
         return candidates[0]
@@ -92,10 +92,11 @@ Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions)
 
 
 def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
-                     progress: str | None, orm_score: Scorer | None = None) -> Decoded:
+                     progress: str | None, extract: Callable[[str], str | None],
+                     orm_score: Scorer | None = None) -> Decoded:
     groups, tokens = sample_candidates(model, tokenizer, prompts, d, seed, progress)
     if d.select == Selection.majority:
-        return Decoded([majority_vote(g) for g in groups], tokens)
+        return Decoded([majority_vote(g, extract) for g in groups], tokens)
     if orm_score is None:
         raise QstarError("decode.select=orm needs a trained ORM: evaluate a run's iteration "
                          "(critics.path=<run>/iter_NNN/critics) or use decode.select=majority")
@@ -114,7 +115,7 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
     rows = []
     for p, completion in zip(problems, decoded.completions):
         rows.append({"id": p.id, "correct": task.is_correct(p, completion),
-                     "predicted": extract_answer(completion), "completion": completion})
+                     "predicted": task.extract_answer(completion), "completion": completion})
     correct = sum(r["correct"] for r in rows)
     return EvalResult(strategy=strategy, accuracy=correct / max(len(rows), 1), correct=correct,
                       total=len(rows), tokens=decoded.tokens, seconds=seconds, rows=rows,
@@ -127,12 +128,14 @@ def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task:
     prompts = render_prompts(tokenizer, [p.question for p in problems])
     progress = f"eval {strategy.value}" if cfg.progress else None
     start = time.perf_counter()
-    decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress)
+    decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress,
+                     task.extract_answer)
     return grade(task, problems, decoded, strategy.value, time.perf_counter() - start)
 
 
 def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts: list[str],
-           critics, progress: str | None) -> Decoded:
+           critics, progress: str | None, extract: Callable[[str], str | None]) -> Decoded:
+    """One completion per prompt. `extract` reads answers for voting; it never sees gold."""
     d, seed = cfg.decode, cfg.seed
     if strategy == DecodeStrategy.greedy:
         return decode_greedy(model, tokenizer, prompts, d, seed, progress)
@@ -140,7 +143,7 @@ def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts
         return decode_sample(model, tokenizer, prompts, d, seed, progress)
     if strategy == DecodeStrategy.best_of_n:
         orm = critics.orm_scorer() if critics is not None else None
-        return decode_best_of_n(model, tokenizer, prompts, d, seed, progress, orm)
+        return decode_best_of_n(model, tokenizer, prompts, d, seed, progress, extract, orm)
     if strategy == DecodeStrategy.beam:
         from pipeline.beam import decode_beam
 

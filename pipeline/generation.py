@@ -35,7 +35,11 @@ class Generation:
     token_ids: list[int]  # new tokens, through the stop token
     logprobs: list[float]  # per new token, under the model's unwarped distribution
     finished: bool  # ended with EOS (the solution is complete)
-    stopped: bool  # ended by the stop rule (an option boundary)
+    stopped: bool  # ended by the stop rule (an option boundary) or the option cap with a rollout
+    # With rollout_tokens > 0: the greedy continuation after the boundary (the fast rollout).
+    rollout: str = ""
+    rollout_logprobs: list[float] | None = None
+    rollout_finished: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -44,6 +48,10 @@ class Generation:
     @property
     def logprob(self) -> float:
         return float(sum(self.logprobs))
+
+    @property
+    def rollout_tokens(self) -> int:
+        return len(self.rollout_logprobs or [])
 
 
 class _KeepLogSoftmax(LogitsProcessor):
@@ -56,37 +64,78 @@ class _KeepLogSoftmax(LogitsProcessor):
         return scores
 
 
-class _RecordAndStop(StoppingCriteria):
-    """Records each chosen token's log-prob; marks a row done at EOS or an option boundary."""
+class _GreedyAfterBoundary(LogitsProcessor):
+    """Rows past their option boundary continue greedily: the fast rollout, same KV cache."""
 
-    def __init__(self, tokenizer, prompt_len: int, keep: _KeepLogSoftmax, eos_ids: torch.Tensor,
-                 stop: StopRule | None, newline_ids: torch.Tensor | None):
+    def __init__(self, record: _RecordAndStop):
+        self.record = record
+
+    def __call__(self, input_ids, scores):
+        past = self.record.boundary_at
+        if past is None or not bool((past >= 0).any()):
+            return scores
+        rows = (past >= 0).to(scores.device)
+        best = scores.argmax(dim=-1, keepdim=True)
+        onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
+        return torch.where(rows[:, None], onehot, scores)
+
+
+class _RecordAndStop(StoppingCriteria):
+    """Records each chosen token's log-prob; finds each row's option boundary; ends rows.
+
+    A row's boundary is its first newline token (fast path), the stop rule's text boundary, or
+    the option cap. Without a rollout the row ends there; with one it goes on greedily for up to
+    `rollout_tokens` more (unless `final(option_text)` says the option already ends the solution).
+    """
+
+    def __init__(self, tokenizer, prompt_len: int, batch: int, keep: _KeepLogSoftmax,
+                 eos_ids: torch.Tensor, stop: StopRule | None, newline_ids: torch.Tensor | None,
+                 option_cap: int, rollout_tokens: int, final):
         self.tokenizer, self.prompt_len, self.keep = tokenizer, prompt_len, keep
         self.eos_ids, self.stop, self.newline_ids = eos_ids, stop, newline_ids
+        self.option_cap, self.rollout_tokens, self.final = option_cap, rollout_tokens, final
         self.logprobs: list[torch.Tensor] = []  # per step: (batch,)
-        self.done_at: torch.Tensor | None = None  # (batch,) step index where the row ended, -1 = running
-        self.by_eos: torch.Tensor | None = None  # (batch,) bool
+        self.boundary_at = torch.full((batch,), -1, dtype=torch.long)  # step of the boundary token
+        self.done_at = torch.full((batch,), -1, dtype=torch.long)  # step where the row ended
+        self.by_eos = torch.zeros(batch, dtype=torch.bool)
 
     def __call__(self, input_ids, scores, **kwargs):
         token = input_ids[:, -1]
         step = input_ids.shape[1] - self.prompt_len - 1
         self.logprobs.append(self.keep.last.gather(1, token[:, None]).squeeze(1).cpu())
-        if self.done_at is None:
-            self.done_at = torch.full((len(token),), -1, dtype=torch.long)
-            self.by_eos = torch.zeros(len(token), dtype=torch.bool)
-        running = (self.done_at < 0).to(token.device)
-        eos = torch.isin(token, self.eos_ids) & running
-        boundary = torch.zeros_like(eos)
-        if self.newline_ids is not None:
-            boundary = torch.isin(token, self.newline_ids) & running
-        elif self.stop is not None:
-            for row in torch.nonzero(running & ~eos).flatten().tolist():
-                new_text = self.tokenizer.decode(input_ids[row, self.prompt_len:])
-                boundary[row] = self.stop.ends(new_text)
-        ended = (eos | boundary).cpu()
-        self.done_at[ended] = step
-        self.by_eos |= eos.cpu()
+        running = self.done_at < 0
+        eos = torch.isin(token, self.eos_ids).cpu() & running
+        self.by_eos |= eos
+        self.done_at[eos] = step
+        in_option = running & ~eos & (self.boundary_at < 0)
+        boundary = self._boundaries(input_ids, token, step, in_option)
+        self.boundary_at[boundary] = step
+        ends_here = boundary if self.rollout_tokens == 0 else self._final_options(input_ids, boundary)
+        rollout_over = (self.boundary_at >= 0) & (step - self.boundary_at >= self.rollout_tokens)
+        self.done_at[(ends_here | rollout_over) & (self.done_at < 0)] = step
         return (self.done_at >= 0).to(input_ids.device)
+
+    def _boundaries(self, input_ids, token, step: int, in_option: torch.Tensor) -> torch.Tensor:
+        if self.stop is None:
+            return torch.zeros_like(in_option)
+        if self.newline_ids is not None:
+            hit = torch.isin(token, self.newline_ids).cpu() & in_option
+        else:
+            hit = torch.zeros_like(in_option)
+            for row in torch.nonzero(in_option).flatten().tolist():
+                hit[row] = self.stop.ends(self._text(input_ids, row))
+        if step + 1 >= self.option_cap:
+            hit |= in_option
+        return hit
+
+    def _final_options(self, input_ids, boundary: torch.Tensor) -> torch.Tensor:
+        ends = torch.zeros_like(boundary)
+        for row in torch.nonzero(boundary).flatten().tolist():
+            ends[row] = bool(self.final(self.stop.cut(self._text(input_ids, row))))
+        return ends
+
+    def _text(self, input_ids, row: int) -> str:
+        return self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
 
 
 _NEWLINE_IDS: dict[int, torch.Tensor] = {}
@@ -133,15 +182,22 @@ def _length_sorted_batches(prompts: Sequence[str], batch_size: int) -> list[list
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop: StopRule | None = None,
-             batch_size: int = 32, seed: int | None = None,
-             progress: str | None = None) -> list[Generation]:
-    """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap."""
+             rollout_tokens: int = 0, final=None, batch_size: int = 32,
+             seed: int | None = None, progress: str | None = None) -> list[Generation]:
+    """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
+
+    With `stop`, `max_new_tokens` caps the option. With `rollout_tokens` > 0 each row then goes
+    on greedily, up to that many tokens, as the fast rollout of the new node (unless
+    `final(option_text)` is true: an answer line needs no rollout).
+    """
+    if rollout_tokens and stop is None:
+        raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
     results: list[Generation | None] = [None] * len(prompts)
     eos_ids = eos_token_ids(model, tokenizer).to(model.device)
     newline_ids = None
     if stop is not None and stop.kind == "newline":
         newline_ids = newline_token_ids(tokenizer).to(model.device)
-    kwargs = sampling_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
+    kwargs = sampling_kwargs(model, tokenizer, max_new_tokens + rollout_tokens, temperature, top_p)
     batches = _length_sorted_batches(prompts, batch_size)
     for b, rows in enumerate(progress_bar(batches, desc=progress, unit="batch")):
         if seed is not None:
@@ -150,8 +206,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                         add_special_tokens=False).to(model.device)
         prompt_len = enc.input_ids.shape[1]
         keep = _KeepLogSoftmax()
-        record = _RecordAndStop(tokenizer, prompt_len, keep, eos_ids, stop, newline_ids)
-        out = model.generate(**enc, logits_processor=LogitsProcessorList([keep]),
+        record = _RecordAndStop(tokenizer, prompt_len, len(rows), keep, eos_ids, stop, newline_ids,
+                                max_new_tokens, rollout_tokens, final or (lambda text: False))
+        processors = [keep] + ([_GreedyAfterBoundary(record)] if rollout_tokens else [])
+        out = model.generate(**enc, logits_processor=LogitsProcessorList(processors),
                              stopping_criteria=[record], **kwargs)
         logprobs = torch.stack(record.logprobs, dim=1)  # (batch, steps)
         for j, i in enumerate(rows):
@@ -161,16 +219,22 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
 
 def _row_result(tokenizer, new_ids: torch.Tensor, logprobs: torch.Tensor,
                 record: _RecordAndStop, row: int, stop: StopRule | None) -> Generation:
-    done_at = int(record.done_at[row])
+    done_at, boundary_at = int(record.done_at[row]), int(record.boundary_at[row])
     length = done_at + 1 if done_at >= 0 else len(logprobs)
-    ids = new_ids[:length].tolist()
+    option_len = boundary_at + 1 if boundary_at >= 0 else length
+    ids, lps = new_ids[:length].tolist(), logprobs[:length].tolist()
     finished = bool(record.by_eos[row])
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    stopped = done_at >= 0 and not finished
-    if stopped and stop is not None:
-        text = stop.cut(text)
-    return Generation(text=text, token_ids=ids, logprobs=logprobs[:length].tolist(),
-                      finished=finished, stopped=stopped)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    option = tokenizer.decode(ids[:option_len], skip_special_tokens=True)
+    if stop is not None and boundary_at >= 0:
+        option = stop.cut(option)
+    rollout_ids = ids[option_len:]
+    return Generation(
+        text=option, token_ids=ids[:option_len], logprobs=lps[:option_len],
+        finished=finished and not rollout_ids, stopped=boundary_at >= 0,
+        rollout=full[len(option):] if rollout_ids or boundary_at >= 0 else "",
+        rollout_logprobs=lps[option_len:], rollout_finished=finished and bool(rollout_ids),
+    )
 
 
 @torch.no_grad()

@@ -76,7 +76,34 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     looks_like_path = cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1
     if looks_like_path:
         raise QstarError(f"model.name={cfg.name!r}: no such directory")
+    if not in_hub_cache(cfg.name) and not hub_reachable():
+        raise QstarError(
+            f"model.name={cfg.name!r}: not a local directory, not in the Hugging Face cache, and "
+            f"the hub is unreachable (known offline names: {', '.join(EMBEDDED)})"
+        )
     return cfg.name
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection instead of the hub client's minute of retries when offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def torch_dtype(cfg: ModelConfig):

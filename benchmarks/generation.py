@@ -1,0 +1,86 @@
+"""Tokens/s of qstar's generation module beside plain `model.generate`, same prompts, same run.
+
+    python benchmarks/generation.py [--batches 1,8,32,64] [--max-new-tokens 64]
+
+Both sides sample (temperature 0.8, full vocabulary) from the same chat-templated arithmetic
+prompts with the same seeds; each batch size runs plain and ours alternately, `--repeats`
+times, and keeps the best of each. Writes benchmarks/results/generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("QSTAR_PROGRESS", "0")
+
+from pipeline.atomic import write_json  # noqa: E402
+from pipeline.config import ModelConfig, TaskConfig  # noqa: E402
+from pipeline.evaluate import render_prompts  # noqa: E402
+from pipeline.generation import generate, plain_generate_tokens  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.tasks import make_task  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn) -> tuple[int, float]:
+    start = time.perf_counter()
+    tokens = fn()
+    return tokens, time.perf_counter() - start
+
+
+def measure(model, tokenizer, prompts, batch, max_new_tokens, repeats) -> dict:
+    def plain():
+        return plain_generate_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                     temperature=0.8, batch_size=batch, seed=0)
+
+    def ours():
+        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        temperature=0.8, batch_size=batch, seed=0)
+        return sum(g.num_tokens for g in gens)
+
+    best = {"plain": 0.0, "qstar": 0.0}
+    for _ in range(repeats):
+        for name, fn in (("plain", plain), ("qstar", ours)):
+            tokens, seconds = timed(fn)
+            best[name] = max(best[name], tokens / seconds)
+    return {"batch": batch, "prompts": len(prompts), "plain_tok_s": round(best["plain"], 1),
+            "qstar_tok_s": round(best["qstar"], 1),
+            "ratio": round(best["qstar"] / best["plain"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
+    _, heldout = make_task(TaskConfig(num_train=1, num_heldout=64)).splits()
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = render_prompts(tokenizer, [p.question for p in heldout[:max(batch, 4)]])
+        row = measure(model, tokenizer, prompts, batch, args.max_new_tokens, args.repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"benchmark": "generation", "model": args.model, "device": args.device,
+              "max_new_tokens": args.max_new_tokens, "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "rows": rows, "min_ratio": min(r["ratio"] for r in rows)}
+    write_json(RESULTS / "generation.json", result)
+    print(f"min ratio qstar/plain: {result['min_ratio']}  (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

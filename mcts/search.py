@@ -1,0 +1,344 @@
+"""Option-level MCTS over a batch of problems, with the models injected as callbacks.
+
+All trees advance together in rounds, because batched generation is where the time goes:
+
+1. select: each active tree hands up to `leaves_per_tree` leaves; virtual loss on a selected
+   path steers the next selection in the same tree elsewhere.
+2. expand: one expand_fn call for every leaf of every tree; duplicates of siblings are
+   resampled in one more call per retry round, then dropped (state merge).
+3. evaluate: one evaluate_fn call for all new children (and, in training, one
+   terminal_reward_fn call for the terminal ones). Each root is evaluated once, in the first
+   round, with steps=[]: its value is v(root) for branching, not backed up.
+4. back up each new child's value along its path; undo the virtual loss; update each expanded
+   node's importance-based child target n(s).
+
+A selection that reaches a terminal node backs up its stored value again without generating.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mcts.branching import branching_bounds, importance, num_children
+from mcts.merge import split_duplicates, text_similarity
+from mcts.selection import SelectChildFn, priors_from_logprobs, puct_select_child
+from mcts.tree import Tree
+from mcts.types import (
+    EvalRequest,
+    EvaluateFn,
+    ExpandFn,
+    ExpandRequest,
+    LeafEval,
+    Option,
+    SimilarityFn,
+    TerminalRewardFn,
+)
+
+
+@dataclass
+class SearchParams:
+    simulations: int = 16  # select-expand-evaluate-backup cycles per tree
+    token_budget: int = 0  # stop a tree once option + evaluator tokens reach this; 0 = off
+    c_puct: float = 1.0
+    max_depth: int = 8  # a node at this depth is terminal (depth cap)
+    c_min: int = 2  # importance branching bounds
+    c_max: int = 3
+    root_c_min: int = 3  # wider at the root
+    root_c_max: int = 5
+    alpha: float = 4.0
+    merge_threshold: float = 0.9  # similarity >= threshold counts as a duplicate sibling; > 1 disables
+    merge_retries: int = 1  # extra expand rounds to resample duplicates, then drop them
+    virtual_loss: float = 1.0  # visits of value 0 added per in-flight selection through a node
+    leaves_per_tree: int = 2  # leaves gathered per tree per round
+    seed: int = 0
+
+
+def validate_params(params: SearchParams) -> None:
+    checks = [
+        (params.simulations >= 1, "simulations must be >= 1"),
+        (params.token_budget >= 0, "token_budget must be >= 0 (0 = off)"),
+        (params.c_puct >= 0, "c_puct must be >= 0"),
+        (params.max_depth >= 1, "max_depth must be >= 1"),
+        (1 <= params.c_min <= params.c_max, "need 1 <= c_min <= c_max"),
+        (1 <= params.root_c_min <= params.root_c_max, "need 1 <= root_c_min <= root_c_max"),
+        (params.alpha >= 0, "alpha must be >= 0"),
+        (params.merge_retries >= 0, "merge_retries must be >= 0"),
+        (params.virtual_loss >= 0, "virtual_loss must be >= 0"),
+        (params.leaves_per_tree >= 1, "leaves_per_tree must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"SearchParams: {message}")
+
+
+@dataclass
+class _Leaf:
+    """One selection in one tree this round."""
+
+    tree: Tree
+    node: int  # the node to expand, or the terminal node to revisit
+    num_new: int  # children to request; 0 = revisit a terminal node
+    kept: list[Option] = field(default_factory=list)  # options that survived the merge
+    new_children: list[int] = field(default_factory=list)
+
+
+def search(
+    prompts: list[str],
+    expand_fn: ExpandFn,
+    evaluate_fn: EvaluateFn,
+    params: SearchParams,
+    terminal_reward_fn: TerminalRewardFn | None = None,
+    similarity_fn: SimilarityFn | None = None,
+    on_round: Callable[[int], None] | None = None,
+    *,
+    select_child_fn: SelectChildFn = puct_select_child,
+) -> list[Tree]:
+    """Search one tree per prompt; returns the trees in prompt order.
+
+    terminal_reward_fn=None (evaluation time): terminal nodes are scored by evaluate_fn like
+    any leaf. similarity_fn=None: difflib ratio on whitespace-normalised text.
+    on_round(n): called after each round with the simulations completed in it (all trees).
+    """
+    validate_params(params)
+    similarity = similarity_fn or text_similarity
+    trees = [Tree(prompt, i) for i, prompt in enumerate(prompts)]
+    start = time.perf_counter()
+    active = list(trees)
+    while active:
+        leaves = [leaf for tree in active for leaf in _select_leaves(tree, params, select_child_fn)]
+        _expand(leaves, expand_fn, similarity, params)
+        # Roots are evaluated once, with the first children, so that v(root) exists for I(root).
+        new_nodes = [(t, 0) for t in active if t.total[0] is None and not t.terminal[0]]
+        new_nodes += [(leaf.tree, child) for leaf in leaves for child in leaf.new_children]
+        _evaluate(new_nodes, evaluate_fn, terminal_reward_fn, params.seed)
+        for leaf in leaves:
+            _backup_leaf(leaf)
+        for leaf in leaves:
+            _add_virtual_loss(leaf.tree, leaf.node, -1)
+            _update_branching(leaf, params)
+            leaf.tree.stats.simulations += 1
+        if on_round is not None:
+            on_round(len(leaves))
+        active = [tree for tree in active if not _finish_if_done(tree, params, start)]
+    return trees
+
+
+# --- select ---
+
+
+def _select_leaves(tree: Tree, params: SearchParams, select_child_fn: SelectChildFn) -> list[_Leaf]:
+    remaining = params.simulations - tree.stats.simulations
+    leaves: list[_Leaf] = []
+    expanding: set[int] = set()
+    for _ in range(min(params.leaves_per_tree, remaining)):
+        leaf = _select_leaf(tree, params, select_child_fn, expanding)
+        if leaf is None:
+            break
+        _add_virtual_loss(tree, leaf.node, +1)
+        if leaf.num_new:
+            expanding.add(leaf.node)
+        leaves.append(leaf)
+    return leaves
+
+
+def _select_leaf(
+    tree: Tree, params: SearchParams, select_child_fn: SelectChildFn, expanding: set[int]
+) -> _Leaf | None:
+    """Descend by the selection rule until a terminal node or a node that wants children.
+    None when the descent ends at a childless node already being expanded this round."""
+    node = 0
+    while True:
+        if tree.terminal[node]:
+            return _Leaf(tree, node, 0)
+        if node not in expanding and tree.wants_children(node):
+            return _Leaf(tree, node, _children_to_request(tree, node, params))
+        if not tree.children[node]:
+            return None
+        node = select_child_fn(tree, node, params.c_puct, params.virtual_loss)
+
+
+def _children_to_request(tree: Tree, node: int, params: SearchParams) -> int:
+    if tree.expand_target[node] == 0:  # first expansion starts at the lower bound
+        lo, _ = branching_bounds(tree.depth[node], params.c_min, params.c_max,
+                                 params.root_c_min, params.root_c_max)
+        return lo
+    return tree.expand_target[node] - len(tree.children[node])
+
+
+def _add_virtual_loss(tree: Tree, node: int, sign: int) -> None:
+    for n in tree.path(node):
+        tree.pending[n] += sign
+
+
+# --- expand and merge ---
+
+
+def _expand(leaves: list[_Leaf], expand_fn: ExpandFn, similarity: SimilarityFn, params: SearchParams) -> None:
+    """One batched expand_fn call, then one per merge-retry round for the duplicates."""
+    wanted = [(leaf, leaf.num_new) for leaf in leaves if leaf.num_new > 0]
+    attempt = 0
+    while wanted:
+        requests = [_expand_request(leaf, n, attempt, params.seed) for leaf, n in wanted]
+        results = expand_fn(requests)
+        if len(results) != len(requests):
+            raise ValueError(f"expand_fn returned {len(results)} option lists for {len(requests)} requests")
+        retry = []
+        for (leaf, n), options in zip(wanted, results, strict=True):
+            duplicates = _merge_options(leaf, list(options)[:n], similarity, params.merge_threshold)
+            if duplicates and attempt < params.merge_retries:
+                retry.append((leaf, duplicates))
+        wanted, attempt = retry, attempt + 1
+    for leaf in leaves:
+        if leaf.num_new > 0:
+            _add_children(leaf, params.max_depth)
+
+
+def _expand_request(leaf: _Leaf, num_options: int, attempt: int, seed: int) -> ExpandRequest:
+    tree, node = leaf.tree, leaf.node
+    tree.expand_requests[node] += 1
+    return ExpandRequest(
+        tree_index=tree.tree_index,
+        node_id=node,
+        prompt=tree.prompt,
+        steps=tree.steps(node),
+        num_options=num_options,
+        attempt=attempt,
+        seed=derive_seed(seed, tree.tree_index, node, tree.expand_requests[node]),
+    )
+
+
+def _merge_options(leaf: _Leaf, options: list[Option], similarity: SimilarityFn, threshold: float) -> int:
+    """Keep the options unlike every sibling; count the rest as merges. Returns the duplicates."""
+    tree, node = leaf.tree, leaf.node
+    tree.stats.tokens_generated += sum(o.num_tokens for o in options)  # duplicates cost tokens too
+    siblings = [tree.text[c] for c in tree.children[node]] + [o.text for o in leaf.kept]
+    keep, duplicates = split_duplicates([o.text for o in options], siblings, similarity, threshold)
+    leaf.kept.extend(options[i] for i in keep)
+    tree.merges[node] += len(duplicates)
+    tree.stats.merges += len(duplicates)
+    return len(duplicates)
+
+
+def _add_children(leaf: _Leaf, max_depth: int) -> None:
+    tree, node = leaf.tree, leaf.node
+    for option in leaf.kept:
+        terminal = option.terminal or tree.depth[node] + 1 >= max_depth
+        child = tree.add_node(node, option.text, option.num_tokens, option.logprob, terminal)
+        leaf.new_children.append(child)
+    siblings = tree.children[node]
+    priors = priors_from_logprobs([tree.logprob[c] for c in siblings], [tree.num_tokens[c] for c in siblings])
+    for child, prior in zip(siblings, priors, strict=True):
+        tree.prior[child] = prior
+    if not siblings:
+        tree.terminal[node] = True  # dead end: the policy offered nothing to continue with
+    elif not leaf.new_children:
+        tree.expand_target[node] = len(siblings)  # resampling finds only duplicates: stop asking
+
+
+# --- evaluate ---
+
+
+def _evaluate(
+    new_nodes: list[tuple[Tree, int]],
+    evaluate_fn: EvaluateFn,
+    terminal_reward_fn: TerminalRewardFn | None,
+    seed: int,
+) -> None:
+    """One evaluate_fn call for the critics' nodes, one terminal_reward_fn call for the verifier's."""
+    by_verifier = [(t, n) for t, n in new_nodes if terminal_reward_fn is not None and t.terminal[n]]
+    by_critics = [(t, n) for t, n in new_nodes if terminal_reward_fn is None or not t.terminal[n]]
+    if by_critics:
+        evals = evaluate_fn([_eval_request(t, n, seed) for t, n in by_critics])
+        _check_count("evaluate_fn", evals, by_critics)
+        for (tree, node), leaf_eval in zip(by_critics, evals, strict=True):
+            _record_eval(tree, node, leaf_eval)
+    if by_verifier:
+        rewards = terminal_reward_fn([_eval_request(t, n, seed) for t, n in by_verifier])
+        _check_count("terminal_reward_fn", rewards, by_verifier)
+        for (tree, node), reward in zip(by_verifier, rewards, strict=True):
+            tree.total[node] = tree.terminal_reward[node] = _finite("terminal reward", reward)
+
+
+def _eval_request(tree: Tree, node: int, seed: int) -> EvalRequest:
+    return EvalRequest(
+        tree_index=tree.tree_index,
+        node_id=node,
+        prompt=tree.prompt,
+        steps=tree.steps(node),
+        terminal=tree.terminal[node],
+        seed=derive_seed(seed, tree.tree_index, node, 0),
+    )
+
+
+def _record_eval(tree: Tree, node: int, leaf_eval: LeafEval) -> None:
+    tree.total[node] = _finite("LeafEval.total", leaf_eval.total)
+    tree.value[node] = leaf_eval.value
+    tree.prm[node] = leaf_eval.prm
+    tree.orm[node] = leaf_eval.orm
+    tree.rollout[node] = leaf_eval.rollout
+    tree.stats.evaluator_tokens += leaf_eval.tokens
+
+
+def _check_count(name: str, results: list, asked: list) -> None:
+    if len(results) != len(asked):
+        raise ValueError(f"{name} returned {len(results)} results for {len(asked)} requests")
+
+
+def _finite(name: str, x: float) -> float:
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+# --- backup and branching ---
+
+
+def _backup_leaf(leaf: _Leaf) -> None:
+    """Each new child counts one visit; a revisited terminal backs up its stored value again."""
+    tree = leaf.tree
+    if leaf.num_new == 0 and tree.total[leaf.node] is not None:
+        _backup(tree, leaf.node, tree.total[leaf.node])
+    for child in leaf.new_children:
+        _backup(tree, child, tree.total[child])
+
+
+def _backup(tree: Tree, node: int, value: float) -> None:
+    for n in tree.path(node):
+        tree.visits[n] += 1
+        tree.value_sum[n] += value
+        tree.minmax.update(tree.q(n))
+
+
+def _update_branching(leaf: _Leaf, params: SearchParams) -> None:
+    """n(s) from the disagreement of the node's children; above the child count -> expand again."""
+    if not leaf.new_children:
+        return
+    tree, node = leaf.tree, leaf.node
+    lo, hi = branching_bounds(tree.depth[node], params.c_min, params.c_max,
+                              params.root_c_min, params.root_c_max)
+    spread = importance(tree.node_value(node), [tree.total[c] for c in tree.children[node]])
+    tree.expand_target[node] = num_children(spread, params.alpha, lo, hi)
+
+
+def _finish_if_done(tree: Tree, params: SearchParams, start: float) -> bool:
+    if tree.stats.simulations >= params.simulations:
+        reason = "simulations"
+    elif params.token_budget and tree.stats.total_tokens >= params.token_budget:
+        reason = "token_budget"
+    elif not tree.has_expandable():
+        reason = "exhausted"
+    else:
+        return False
+    tree.stats.stop_reason = reason
+    tree.stats.seconds = time.perf_counter() - start
+    return True
+
+
+def derive_seed(seed: int, tree_index: int, node: int, counter: int) -> int:
+    """A stable 32-bit seed per request (Python's hash() of str is salted per process)."""
+    return zlib.crc32(f"{seed}:{tree_index}:{node}:{counter}".encode())

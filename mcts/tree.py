@@ -1,0 +1,201 @@
+"""The search tree as parallel lists indexed by node id (root = 0), like mctx's Tree of arrays.
+
+Lists instead of node objects keep the tree one flat JSON record and make each per-node
+quantity easy to scan; append-only, so a node id never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mcts.selection import MinMaxStats
+
+JSON_VERSION = 1
+
+
+@dataclass
+class TreeStats:
+    simulations: int = 0  # selections resolved: expansions plus revisits of terminal nodes
+    tokens_generated: int = 0  # option tokens from expand_fn, duplicates included
+    evaluator_tokens: int = 0  # LeafEval.tokens summed (fast rollouts)
+    merges: int = 0  # duplicate options seen (each resampled or dropped)
+    seconds: float = 0.0  # wall time from search start until this tree was done
+    stop_reason: str = ""  # "simulations" | "token_budget" | "exhausted"
+
+    @property
+    def total_tokens(self) -> int:
+        """What the token budget counts."""
+        return self.tokens_generated + self.evaluator_tokens
+
+
+class Tree:
+    def __init__(self, prompt: str, tree_index: int = 0):
+        self.prompt = prompt
+        self.tree_index = tree_index
+        self.stats = TreeStats()
+        self.minmax = MinMaxStats()
+        # Per node, indexed by node id; shape [num_nodes] unless noted.
+        self.parent: list[int] = []  # -1 for the root
+        self.children: list[list[int]] = []  # [num_nodes][num_children], in creation order
+        self.depth: list[int] = []  # root = 0; a node's depth = number of options from the root
+        self.text: list[str] = []  # the option text ("" for the root)
+        self.num_tokens: list[int] = []
+        self.logprob: list[float] = []  # summed token log-probs of the option
+        self.prior: list[float] = []  # softmax over siblings of logprob / num_tokens
+        self.visits: list[int] = []
+        self.value_sum: list[float] = []  # sum of backed-up values
+        self.total: list[float | None] = []  # evaluated value v(s): LeafEval.total or terminal reward
+        self.value: list[float] = []  # LeafEval parts, for inspection and critic training
+        self.prm: list[float] = []
+        self.orm: list[float] = []
+        self.rollout: list[float] = []
+        self.terminal: list[bool] = []  # answer line, EOS, depth cap, or a dead end (no options)
+        self.terminal_reward: list[float | None] = []  # verifier reward (training only)
+        self.merges: list[int] = []  # duplicate children seen when expanding this node
+        self.expand_target: list[int] = []  # n(s): children wanted; 0 = never expanded
+        self.expand_requests: list[int] = []  # expand requests made for this node (seeds resamples)
+        self.pending: list[int] = []  # selections in flight through this node (virtual loss); transient
+        self.add_node(parent=-1, text="", num_tokens=0, logprob=0.0, terminal=False)
+
+    # --- building ---
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.parent)
+
+    def add_node(self, parent: int, text: str, num_tokens: int, logprob: float, terminal: bool) -> int:
+        node = self.num_nodes
+        self.parent.append(parent)
+        self.children.append([])
+        self.depth.append(0 if parent < 0 else self.depth[parent] + 1)
+        self.text.append(text)
+        self.num_tokens.append(num_tokens)
+        self.logprob.append(logprob)
+        self.prior.append(1.0)
+        self.visits.append(0)
+        self.value_sum.append(0.0)
+        self.total.append(None)
+        for parts in (self.value, self.prm, self.orm, self.rollout):
+            parts.append(0.0)
+        self.terminal.append(terminal)
+        self.terminal_reward.append(None)
+        self.merges.append(0)
+        self.expand_target.append(0)
+        self.expand_requests.append(0)
+        self.pending.append(0)
+        if parent >= 0:
+            self.children[parent].append(node)
+        return node
+
+    # --- reading ---
+
+    def q(self, node: int) -> float:
+        """Mean backed-up value; 0.0 while unvisited."""
+        return self.value_sum[node] / self.visits[node] if self.visits[node] else 0.0
+
+    def path(self, node: int) -> list[int]:
+        """Node ids from the root to `node`, both included."""
+        ids = []
+        while node >= 0:
+            ids.append(node)
+            node = self.parent[node]
+        return ids[::-1]
+
+    def steps(self, node: int) -> list[str]:
+        """Option texts from the root to `node` (the root has none)."""
+        return [self.text[i] for i in self.path(node)[1:]]
+
+    def node_value(self, node: int) -> float:
+        """v(s) for branching: the evaluated value; a node never evaluated (a hand-built root)
+        takes the mean of its children's."""
+        if self.total[node] is not None:
+            return self.total[node]
+        values = [self.total[c] for c in self.children[node] if self.total[c] is not None]
+        return sum(values) / len(values) if values else 0.0
+
+    def wants_children(self, node: int) -> bool:
+        """Not terminal, and never expanded or below its importance-based target n(s)."""
+        if self.terminal[node]:
+            return False
+        return self.expand_target[node] == 0 or self.expand_target[node] > len(self.children[node])
+
+    def has_expandable(self) -> bool:
+        return any(self.wants_children(n) for n in range(self.num_nodes))
+
+    def best_trajectory(self, mode: str = "visits") -> list[int]:
+        """Node ids root..leaf following the most-visited child (mode="visits") or the highest-Q
+        visited child (mode="q") at each level; ties go to the first child."""
+        if mode not in ("visits", "q"):
+            raise ValueError(f"unknown best_trajectory mode {mode!r}; allowed: visits, q")
+        node, ids = 0, [0]
+        while True:
+            candidates = [c for c in self.children[node] if self.visits[c] > 0]
+            if not candidates:
+                return ids
+            key = self.visits.__getitem__ if mode == "visits" else self.q
+            node = max(candidates, key=key)  # max keeps the first of equals
+            ids.append(node)
+
+    def trajectory_text(self, ids: list[int]) -> str:
+        return "".join(self.text[i] for i in ids)
+
+    # --- JSON (never pickle) ---
+
+    def to_json(self) -> dict:
+        best_visits, best_q = self.best_trajectory("visits"), self.best_trajectory("q")
+        return {
+            "version": JSON_VERSION,
+            "prompt": self.prompt,
+            "tree_index": self.tree_index,
+            "stats": asdict(self.stats),
+            "q_min": self.minmax.minimum,
+            "q_max": self.minmax.maximum,
+            "best_trajectory": best_visits,
+            "best_text": self.trajectory_text(best_visits),
+            "best_trajectory_q": best_q,
+            "best_text_q": self.trajectory_text(best_q),
+            "nodes": [self._node_json(n) for n in range(self.num_nodes)],
+        }
+
+    def _node_json(self, n: int) -> dict:
+        return {
+            "id": n,
+            "parent": self.parent[n],
+            "depth": self.depth[n],
+            "text": self.text[n],
+            "num_tokens": self.num_tokens[n],
+            "logprob": self.logprob[n],
+            "prior": self.prior[n],
+            "visits": self.visits[n],
+            "value_sum": self.value_sum[n],
+            "q": self.q(n),
+            "total": self.total[n],
+            "value": self.value[n],
+            "prm": self.prm[n],
+            "orm": self.orm[n],
+            "rollout": self.rollout[n],
+            "terminal": self.terminal[n],
+            "terminal_reward": self.terminal_reward[n],
+            "merges": self.merges[n],
+            "expand_target": self.expand_target[n],
+            "expand_requests": self.expand_requests[n],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Tree:
+        if data.get("version") != JSON_VERSION:
+            raise ValueError(f"tree JSON version {data.get('version')!r}, expected {JSON_VERSION}")
+        tree = cls(data["prompt"], data["tree_index"])
+        tree.stats = TreeStats(**data["stats"])
+        tree.minmax = MinMaxStats(data["q_min"], data["q_max"])
+        nodes = data["nodes"]
+        for row in nodes[1:]:  # the constructor made the root; ids are creation order
+            tree.add_node(row["parent"], row["text"], row["num_tokens"], row["logprob"], row["terminal"])
+        for n, row in enumerate(nodes):
+            if row["id"] != n:
+                raise ValueError(f"tree JSON node {n} has id {row['id']}")
+            tree.terminal[n] = row["terminal"]
+            for name in ("prior", "visits", "value_sum", "total", "value", "prm", "orm", "rollout",
+                         "terminal_reward", "merges", "expand_target", "expand_requests"):
+                getattr(tree, name)[n] = row[name]
+        return tree

@@ -1,0 +1,250 @@
+"""Data stage: search trees -> DPO preference pairs and SFT rows, each with its lineage.
+
+Input: the search shard rows of one iteration, `{"problem_id", "iteration", "prompt", "question",
+"tree": Tree.to_json()}`. Output: `dpo.jsonl` and `sft.jsonl` (both written atomically).
+
+Row formats (TRL's *standard*, non-conversational formats)
+---------------------------------------------------------
+    DPO: {"prompt": str, "chosen": str, "rejected": str, "lineage": {...}}
+    SFT: {"prompt": str, "completion": str, "lineage": {...}}
+
+Why text, not TRL's conversational format: a step pair continues a *partial* assistant message
+(the problem plus the steps written so far), which the conversational format cannot express
+without closing the assistant turn. `tree["prompt"]` is already the chat-templated prompt opened
+for the assistant (`pipeline.generation.chat_prompt`), and the search generated every option
+from exactly `tree["prompt"] + "".join(steps so far)`, so the text format reproduces the context
+the policy saw, token for token:
+
+- step pair: prompt = tree prompt + steps from the root to the expanded node;
+  chosen / rejected = the two sibling option texts.
+- trajectory pair: prompt = tree prompt; chosen / rejected = whole trajectories (root to a
+  verified terminal node).
+- SFT: prompt = tree prompt; completion = the whole trajectory.
+
+EOS: rows carry no EOS text. For SFT rows and DPO pairs TRL appends the tokenizer's EOS to the
+completions; `pipeline.train_stage` keeps that EOS only where the solution ends there (the node
+is terminal in the tree, `lineage["terminal"]`) and removes it from non-terminal step options, so
+a step pair never teaches the policy to stop after an intermediate step.
+
+Selection rules
+---------------
+- Step pairs: at every node with children, among the children with at least
+  max(1, pairs.n_min) visits, chosen = highest Q (ties: more visits, then lower id), rejected =
+  lowest Q (ties: more visits, then lower id); kept when the Q gap is > 0 and >= pairs.margin
+  (with 1e-9 tolerance, so 0.7 - 0.5 counts as a gap of 0.2) and the texts differ.
+- Trajectory pairs (pairs.trajectory_pairs): the verified-correct terminals
+  (terminal_reward == 1.0, best first: most visits, highest Q, lowest id) are zipped with the
+  incorrect terminals (terminal_reward < 1.0; most visited first, then lowest Q, lowest id), one
+  pair per (correct, incorrect) couple. The verifier's reward is exact, so n_min and margin do
+  not apply to them.
+- SFT: per problem, the correct terminal with the most visits (ties: highest Q, lowest id).
+- Pairs are deduplicated on (prompt, chosen, rejected) over the whole call, then capped at
+  pairs.max_per_problem per problem, largest Q gap first (ties: trajectory pairs before step
+  pairs, shallower prefix first, lower node ids first). SFT rows are deduplicated on
+  (prompt, completion).
+- Order: problems sorted by problem_id; within a problem, the rank above. Same input, same bytes.
+
+Lineage (extra key; `pipeline.train_stage` hands TRL only the columns it trains on):
+    {"iteration", "problem_id", "kind": "step" | "trajectory" | "sft",
+     "prefix_node": node whose steps end the prompt (0 = root),
+     "node_ids": [chosen, rejected] (step: the sibling options; trajectory: the terminals)
+                 or [terminal] for SFT,
+     "q", "visits", "terminal", "reward" (terminal_reward, None when not terminal): same order}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline.atomic import write_jsonl
+from pipeline.config import PairsConfig
+
+EPS = 1e-9  # tolerance for the margin test: Q values are sums of floats
+KIND_ORDER = {"trajectory": 0, "step": 1}
+
+
+class _TreeView:
+    """Read-only access to a Tree.to_json() record, by node id."""
+
+    def __init__(self, tree: dict):
+        self.prompt: str = tree["prompt"]
+        self.nodes: list[dict] = tree["nodes"]
+        for i, node in enumerate(self.nodes):
+            if node["id"] != i:
+                raise ValueError(f"tree JSON node {i} has id {node['id']}")
+        self.children: list[list[int]] = [[] for _ in self.nodes]
+        for node in self.nodes[1:]:
+            self.children[node["parent"]].append(node["id"])
+
+    def path(self, node: int) -> list[int]:
+        ids = []
+        while node >= 0:
+            ids.append(node)
+            node = self.nodes[node]["parent"]
+        return ids[::-1]
+
+    def text_to(self, node: int) -> str:
+        """Option texts from the root to `node`, joined (the root contributes nothing)."""
+        return "".join(self.nodes[i]["text"] for i in self.path(node)[1:])
+
+    def terminals(self) -> list[dict]:
+        return [n for n in self.nodes if n["terminal"] and n["terminal_reward"] is not None]
+
+
+def _lineage(iteration: int, problem_id: str, kind: str, prefix: int, nodes: list[dict]) -> dict:
+    return {
+        "iteration": iteration,
+        "problem_id": problem_id,
+        "kind": kind,
+        "prefix_node": prefix,
+        "node_ids": [n["id"] for n in nodes],
+        "q": [n["q"] for n in nodes],
+        "visits": [n["visits"] for n in nodes],
+        "terminal": [bool(n["terminal"]) for n in nodes],
+        "reward": [n["terminal_reward"] for n in nodes],
+    }
+
+
+def _best_correct_key(node: dict):
+    return (-node["visits"], -node["q"], node["id"])
+
+
+def step_pairs(view: _TreeView, problem_id: str, iteration: int, pairs: PairsConfig) -> list[dict]:
+    """Sibling-option pairs: highest vs lowest Q among the well-visited children of each node."""
+    n_min = max(1, pairs.n_min)
+    rows = []
+    for parent, kids in enumerate(view.children):
+        qualified = [view.nodes[c] for c in kids if view.nodes[c]["visits"] >= n_min]
+        if len(qualified) < 2:
+            continue
+        chosen = min(qualified, key=lambda n: (-n["q"], -n["visits"], n["id"]))
+        rejected = min(qualified, key=lambda n: (n["q"], -n["visits"], n["id"]))
+        gap = chosen["q"] - rejected["q"]
+        if gap <= 0 or gap < pairs.margin - EPS or chosen["text"] == rejected["text"]:
+            continue
+        rows.append({
+            "prompt": view.prompt + view.text_to(parent),
+            "chosen": chosen["text"],
+            "rejected": rejected["text"],
+            "lineage": _lineage(iteration, problem_id, "step", parent, [chosen, rejected]),
+        })
+    return rows
+
+
+def trajectory_pairs(view: _TreeView, problem_id: str, iteration: int) -> list[dict]:
+    """Verified-correct whole trajectories against incorrect ones of the same tree."""
+    terminals = view.terminals()
+    correct = sorted((n for n in terminals if n["terminal_reward"] == 1.0), key=_best_correct_key)
+    wrong = sorted((n for n in terminals if n["terminal_reward"] < 1.0),
+                   key=lambda n: (-n["visits"], n["q"], n["id"]))
+    rows = []
+    for good, bad in zip(correct, wrong):
+        chosen, rejected = view.text_to(good["id"]), view.text_to(bad["id"])
+        if chosen == rejected:
+            continue
+        rows.append({
+            "prompt": view.prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "lineage": _lineage(iteration, problem_id, "trajectory", 0, [good, bad]),
+        })
+    return rows
+
+
+def best_verified(view: _TreeView) -> dict | None:
+    """The correct terminal node with the most visits (ties: highest Q, lowest id), or None."""
+    correct = [n for n in view.terminals() if n["terminal_reward"] == 1.0]
+    return min(correct, key=_best_correct_key) if correct else None
+
+
+def _pair_rank(row: dict, depth_of) -> tuple:
+    lin = row["lineage"]
+    return (-(lin["q"][0] - lin["q"][1]), KIND_ORDER[lin["kind"]], depth_of(row), lin["node_ids"])
+
+
+def build_rows(shard_rows: Iterable[dict], iteration: int,
+               pairs: PairsConfig) -> tuple[list[dict], list[dict]]:
+    """(dpo_rows, sft_rows) from the search shard rows of one iteration; see the module doc."""
+    if pairs.max_per_problem < 0:
+        raise ValueError(f"pairs.max_per_problem must be >= 0, got {pairs.max_per_problem}")
+    by_problem: dict[str, list[dict]] = {}
+    for row in shard_rows:
+        if row.get("iteration", iteration) != iteration:
+            raise ValueError(f"shard row of problem {row['problem_id']!r} is from iteration "
+                             f"{row['iteration']}, expected {iteration}")
+        by_problem.setdefault(str(row["problem_id"]), []).append(row)
+
+    dpo_rows: list[dict] = []
+    sft_rows: list[dict] = []
+    seen_pairs: set[tuple[str, str, str]] = set()
+    seen_sft: set[tuple[str, str]] = set()
+    for problem_id in sorted(by_problem):
+        candidates: list[tuple[tuple, dict]] = []
+        best: tuple[tuple, _TreeView, dict] | None = None
+        for order, row in enumerate(by_problem[problem_id]):
+            view = _TreeView(row["tree"])
+            found = step_pairs(view, problem_id, iteration, pairs)
+            if pairs.trajectory_pairs:
+                found += trajectory_pairs(view, problem_id, iteration)
+            depth = lambda r, v=view: len(v.path(r["lineage"]["prefix_node"])) - 1  # noqa: E731
+            candidates += [(_pair_rank(r, depth) + (order,), r) for r in found]
+            node = best_verified(view)
+            if node is not None:
+                key = _best_correct_key(node) + (order,)
+                if best is None or key < best[0]:
+                    best = (key, view, node)
+        candidates.sort(key=lambda c: c[0])
+        kept = 0
+        for _, row in candidates:
+            if kept >= pairs.max_per_problem:
+                break
+            key = (row["prompt"], row["chosen"], row["rejected"])
+            if key in seen_pairs:
+                continue
+            seen_pairs.add(key)
+            dpo_rows.append(row)
+            kept += 1
+        if best is not None:
+            _, view, node = best
+            sft = {"prompt": view.prompt, "completion": view.text_to(node["id"]),
+                   "lineage": _lineage(iteration, problem_id, "sft", 0, [node])}
+            key = (sft["prompt"], sft["completion"])
+            if key not in seen_sft:
+                seen_sft.add(key)
+                sft_rows.append(sft)
+    return dpo_rows, sft_rows
+
+
+def count_rows(dpo_rows: list[dict], sft_rows: list[dict], problems: int) -> dict:
+    kinds = [r["lineage"]["kind"] for r in dpo_rows]
+    return {
+        "problems": problems,
+        "dpo": len(dpo_rows),
+        "step_pairs": kinds.count("step"),
+        "trajectory_pairs": kinds.count("trajectory"),
+        "problems_with_pairs": len({r["lineage"]["problem_id"] for r in dpo_rows}),
+        "sft": len(sft_rows),
+    }
+
+
+def write_data(shard_rows: Iterable[dict], iteration: int, pairs: PairsConfig,
+               out_dir: str | Path) -> dict:
+    """Build the rows and write out_dir/dpo.jsonl and out_dir/sft.jsonl atomically; the counts."""
+    shard_rows = list(shard_rows)
+    dpo_rows, sft_rows = build_rows(shard_rows, iteration, pairs)
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / "dpo.jsonl", dpo_rows)
+    write_jsonl(out_dir / "sft.jsonl", sft_rows)
+    problems = len({str(r["problem_id"]) for r in shard_rows})
+    return count_rows(dpo_rows, sft_rows, problems)
+
+
+def read_shards(search_dir: str | Path) -> list[dict]:
+    """Every row of search_dir/shard_*.jsonl, shards in name order (temporary files skipped)."""
+    rows = []
+    for path in sorted(Path(search_dir).glob("shard_*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows

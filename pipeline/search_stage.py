@@ -1,0 +1,287 @@
+"""The search stage: option-level MCTS (mcts/) driven by the policy, rollouts and critics.
+
+`mcts.search` is pure; this module supplies its callbacks:
+- expand: one batched `generate` call samples every requested option of every tree. When the
+  rollout policy is the policy itself, each row continues greedily past its option boundary,
+  so the new node's fast rollout comes from the same KV cache (no second prefill).
+- evaluate: a leaf's value is the weighted mean of V(s), PRM(s), ORM(rollout) and the rollout's
+  reward: the verifier on training problems, the ORM (or, before any critic exists, the
+  policy's own confidence) at evaluation time.
+
+Gold answers reach the search only through `train_search`, which takes the task's problems.
+`eval_search` takes prompt strings alone; it has no path to a verifier.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcts import EvalRequest, ExpandRequest, LeafEval, Option, SearchParams, Tree, search
+from mcts.options import OptionEnd, is_answer_line
+from pipeline.atomic import read_jsonl, write_jsonl
+from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchConfig
+from pipeline.errors import QstarError
+from pipeline.generation import generate
+from pipeline.progress import progress_bar
+from pipeline.tasks import Problem, Task
+
+RewardFn = Callable[[int, str], float]  # (tree index, full solution text) -> reward in [0, 1]
+
+
+def option_end(s: SearchConfig) -> OptionEnd:
+    return OptionEnd(kind=s.termination.value, regex=s.step_regex if s.termination.value ==
+                     "step_marker" else None, max_tokens=s.max_option_tokens)
+
+
+def search_params(s: SearchConfig) -> SearchParams:
+    return SearchParams(
+        simulations=s.simulations, token_budget=s.token_budget, c_puct=s.c_puct,
+        max_depth=s.max_depth, c_min=s.c_min, c_max=s.c_max, root_c_min=s.root_c_min,
+        root_c_max=s.root_c_max, alpha=s.alpha,
+        merge_threshold=s.merge_threshold if s.merge != MergeMethod.none else 2.0,
+        merge_retries=s.merge_retries, virtual_loss=s.virtual_loss,
+        leaves_per_tree=s.leaves_per_tree, seed=s.seed,
+    )
+
+
+def similarity_fn(s: SearchConfig):
+    """None: mcts' default edit-distance ratio. `embedding`: MiniLM cosine, offline."""
+    if s.merge != MergeMethod.embedding:
+        return None
+    from pipeline.embedding import cosine_similarity_fn
+
+    return cosine_similarity_fn()
+
+
+@dataclass
+class Rollout:
+    text: str
+    tokens: int
+    mean_logprob: float
+    finished: bool
+
+
+@dataclass
+class SearchModels:
+    """What a search needs: the policy, an optional separate rollout model, optional critics."""
+
+    policy: object
+    tokenizer: object
+    critics: object | None = None  # critics.CriticSet
+    rollout_model: object | None = None  # None: the policy rolls out (fused with expansion)
+    rollout_tokenizer: object | None = None
+
+
+@dataclass
+class LeafScorer:
+    """The expand and evaluate callbacks, and what they learned (rollouts) for the shard rows."""
+
+    cfg: QstarConfig
+    models: SearchModels
+    reward_fn: RewardFn | None  # training only: the verifier on a full solution
+    generation_batch: int = 64
+    tokens: int = 0
+    pending: dict = field(default_factory=dict)  # (tree, prefix text) -> Rollout from expansion
+    rollouts: dict = field(default_factory=dict)  # (tree, node) -> Rollout, kept for the record
+
+    @property
+    def fused(self) -> bool:
+        r = self.cfg.search.rollout
+        return r.enabled and self.models.rollout_model is None
+
+    def expand(self, requests: list[ExpandRequest]) -> list[list[Option]]:
+        s = self.cfg.search
+        prompts = [r.prompt + "".join(r.steps) for r in requests for _ in range(r.num_options)]
+        gens = generate(self.models.policy, self.models.tokenizer, prompts,
+                        max_new_tokens=s.max_option_tokens, temperature=s.temperature,
+                        stop=option_end(s), batch_size=self.generation_batch,
+                        rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
+                        final=is_answer_line, seed=requests[0].seed if requests else 0)
+        options, k = [], 0
+        for r in requests:
+            mine = gens[k:k + r.num_options]
+            k += r.num_options
+            options.append([self._option(r, g) for g in mine if g.text.strip()])
+        return options
+
+    def _option(self, request: ExpandRequest, g) -> Option:
+        terminal = g.finished or is_answer_line(g.text)
+        if self.fused and not terminal:
+            prefix = "".join(request.steps) + g.text
+            lps = g.rollout_logprobs or []
+            self.pending[(request.tree_index, prefix)] = Rollout(
+                g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished)
+        return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal)
+
+    def evaluate(self, requests: list[EvalRequest]) -> list[LeafEval]:
+        rollouts = self._rollouts(requests)
+        texts = [r.prompt + "".join(r.steps) for r in requests]
+        full = [t + ro.text for t, ro in zip(texts, rollouts)]
+        scores = self._critic_scores(texts, full)
+        results = []
+        for i, (r, ro) in enumerate(zip(requests, rollouts)):
+            self.rollouts[(r.tree_index, r.node_id)] = ro
+            parts = {kind: float(values[i]) for kind, values in scores.items()}
+            parts["rollout"] = self._rollout_reward(r, ro, parts)
+            results.append(LeafEval(total=weighted(parts, self.weights()), tokens=ro.tokens,
+                                    **parts))
+        return results
+
+    def terminal_reward(self, requests: list[EvalRequest]) -> list[float]:
+        return [self.reward_fn(r.tree_index, "".join(r.steps)) for r in requests]
+
+    def weights(self) -> CriticWeights:
+        c = self.cfg.critics
+        return c.trained_weights if self.models.critics is not None else c.weights
+
+    def _rollouts(self, requests: list[EvalRequest]) -> list[Rollout]:
+        found = [self.pending.pop((r.tree_index, "".join(r.steps)), None) for r in requests]
+        missing = [i for i, ro in enumerate(found) if ro is None and not r_terminal(requests[i])]
+        if missing and self.cfg.search.rollout.enabled:
+            fresh = self._generate_rollouts([requests[i] for i in missing])
+            for i, ro in zip(missing, fresh):
+                found[i] = ro
+        return [ro or Rollout("", 0, 0.0, False) for ro in found]
+
+    def _generate_rollouts(self, requests: list[EvalRequest]) -> list[Rollout]:
+        model = self.models.rollout_model or self.models.policy
+        tokenizer = self.models.rollout_tokenizer or self.models.tokenizer
+        prompts = [r.prompt + "".join(r.steps) for r in requests]
+        gens = generate(model, tokenizer, prompts, max_new_tokens=self.cfg.search.rollout.max_new_tokens,
+                        batch_size=self.generation_batch)
+        return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished)
+                for g in gens]
+
+    def _critic_scores(self, texts: list[str], full: list[str]) -> dict:
+        critics = self.models.critics
+        if critics is None:
+            return {}
+        state = critics.score(texts, kinds=("value", "prm"))
+        outcome = critics.score(full, kinds=("orm",))
+        return {"value": state["value"], "prm": state["prm"], "orm": outcome["orm"]}
+
+    def _rollout_reward(self, r: EvalRequest, ro: Rollout, parts: dict) -> float:
+        if self.reward_fn is not None:  # training: the verifier on the rolled-out solution
+            return self.reward_fn(r.tree_index, "".join(r.steps) + ro.text)
+        if "orm" in parts:  # evaluation: the ORM on the rollout
+            return parts["orm"]
+        # Evaluation before any critic is trained: the policy's confidence in its rollout.
+        return math.exp(ro.mean_logprob) if ro.tokens else 0.5
+
+
+def r_terminal(request: EvalRequest) -> bool:
+    return request.terminal
+
+
+def weighted(parts: dict, w: CriticWeights) -> float:
+    """Weighted mean over the parts that exist (a missing critic does not drag values to 0)."""
+    pairs = [(getattr(w, kind), value) for kind, value in parts.items()]
+    total_weight = sum(weight for weight, _ in pairs)
+    if total_weight <= 0:
+        return float(parts.get("rollout", 0.0))
+    return min(1.0, max(0.0, sum(weight * v for weight, v in pairs) / total_weight))
+
+
+def _run(prompts: list[str], scorer: LeafScorer, training: bool, desc: str | None) -> list[Tree]:
+    s = scorer.cfg.search
+    bar = progress_bar(total=len(prompts) * s.simulations, desc=desc, unit="sim")
+    trees = search(prompts, scorer.expand, scorer.evaluate, search_params(s),
+                   terminal_reward_fn=scorer.terminal_reward if training else None,
+                   similarity_fn=similarity_fn(s), on_round=bar.update)
+    bar.close()
+    return trees
+
+
+def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cfg: QstarConfig,
+                 models: SearchModels, desc: str | None = None) -> tuple[list[Tree], LeafScorer]:
+    """Training-time search: the verifier scores terminal nodes and rollouts."""
+
+    def reward(tree_index: int, solution: str) -> float:
+        return 1.0 if task.is_correct(problems[tree_index], solution) else 0.0
+
+    scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size)
+    return _run(prompts, scorer, training=True, desc=desc), scorer
+
+
+def eval_search(prompts: list[str], cfg: QstarConfig, models: SearchModels,
+                desc: str | None = None) -> tuple[list[Tree], LeafScorer]:
+    """Evaluation-time search: prompts only; critics (or policy confidence) score everything."""
+    scorer = LeafScorer(cfg, models, reward_fn=None, generation_batch=cfg.decode.batch_size)
+    return _run(prompts, scorer, training=False, desc=desc), scorer
+
+
+def completion_of(tree: Tree, scorer: LeafScorer, mode: str) -> str:
+    """The best trajectory's text, finished by its leaf's rollout when it stops short."""
+    path = tree.best_trajectory(mode)
+    text = tree.trajectory_text(path)
+    leaf = path[-1]
+    if not tree.terminal[leaf]:
+        rollout = scorer.rollouts.get((tree.tree_index, leaf))
+        text += rollout.text if rollout else ""
+    return text
+
+
+def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
+                progress: str | None):
+    from pipeline.evaluate import Decoded
+
+    models = SearchModels(policy=model, tokenizer=tokenizer, critics=critics)
+    trees, scorer = eval_search(prompts, cfg, models, desc=progress)
+    mode = cfg.search.best_path.value
+    return Decoded([completion_of(t, scorer, mode) for t in trees],
+                   sum(t.stats.total_tokens for t in trees))
+
+
+def shard_rows(trees: list[Tree], scorer: LeafScorer, problems: Sequence[Problem],
+               iteration: int) -> list[dict]:
+    rows = []
+    for tree, problem in zip(trees, problems):
+        rollouts = {str(node): {"text": ro.text, "tokens": ro.tokens}
+                    for (t, node), ro in scorer.rollouts.items() if t == tree.tree_index}
+        solved = any(r == 1.0 for r in tree.terminal_reward if r is not None)
+        rows.append({"problem_id": problem.id, "iteration": iteration, "question": problem.question,
+                     "prompt": tree.prompt, "solved": solved, "tree": tree.to_json(),
+                     "rollouts": rollouts})
+    return rows
+
+
+def run_search_stage(cfg: QstarConfig, iteration: int, problems: Sequence[Problem], task: Task,
+                     models: SearchModels, out_dir: Path) -> dict:
+    """Search every training problem, one shard per `trees_per_batch`; finished shards are kept."""
+    from pipeline.evaluate import render_prompts
+
+    if not problems:
+        raise QstarError("the search stage has no training problems (task.num_train)")
+    size = cfg.search.trees_per_batch
+    shards = [list(problems[i:i + size]) for i in range(0, len(problems), size)]
+    start = time.perf_counter()
+    for k, shard in enumerate(shards):
+        path = out_dir / f"shard_{k:04d}.jsonl"
+        if path.exists():
+            continue  # written atomically: it exists only if it is complete
+        prompts = render_prompts(models.tokenizer, [p.question for p in shard])
+        desc = f"iter {iteration} search {k + 1}/{len(shards)}" if cfg.progress else None
+        trees, scorer = train_search(shard, task, prompts, cfg, models, desc=desc)
+        write_jsonl(path, shard_rows(trees, scorer, shard, iteration))
+    return summarize_search(load_shards(out_dir), time.perf_counter() - start)
+
+
+def load_shards(search_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(Path(search_dir).glob("shard_*.jsonl")):
+        rows.extend(read_jsonl(path))
+    return rows
+
+
+def summarize_search(rows: list[dict], seconds: float) -> dict:
+    stats = [r["tree"]["stats"] for r in rows]
+    tokens = sum(s["tokens_generated"] + s["evaluator_tokens"] for s in stats)
+    return {"problems": len(rows), "solved": sum(r["solved"] for r in rows),
+            "solve_rate": sum(r["solved"] for r in rows) / max(len(rows), 1),
+            "nodes": sum(len(r["tree"]["nodes"]) for r in rows),
+            "merges": sum(s["merges"] for s in stats), "tokens": tokens,
+            "seconds": round(seconds, 2)}

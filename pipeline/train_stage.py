@@ -1,0 +1,303 @@
+"""Train stage: TRL DPO and/or SFT on the data stage's rows -> the next iteration's policy.
+
+`train_policy` fine-tunes policy_i on `data_dir/{dpo,sft}.jsonl` (see pipeline.data_stage for the
+row formats) and saves policy_{i+1} into `out_dir/policy`. TRL does the training; this module
+only builds its configs and datasets:
+
+- DPO: `trl.DPOTrainer` with beta, loss_type (comma-separated for a weighted-equal mix, e.g.
+  "sigmoid,sft"), learning rate, epochs, batch size, gradient accumulation and max_length from
+  TrainConfig. Reference = the starting policy with `precompute_ref_log_probs=True`: TRL runs one
+  no-grad pass of the *untrained* model over the pairs before training, stores the reference
+  log-probs as dataset columns and sets `ref_model=None`, so no second model is held during
+  training. (With LoRA the reference is the base model with the adapter disabled.)
+- EOS: TRL appends the tokenizer's EOS to every DPO completion. A step option that is not
+  terminal in the tree does not end the solution, so a thin collator (TRL's own
+  `DataCollatorForPreference`, wrapped) removes that EOS token from non-terminal completions,
+  for the reference pass and for training alike. SFT rows are whole solutions: TRL's EOS stays.
+- SFT: `trl.SFTTrainer` on prompt/completion rows, loss on the completion only (TRL's default
+  for that format).
+- mode: dpo | sft | dpo_then_sft (DPO from policy_i, then SFT from the DPO result). A phase with
+  no rows is skipped; when no phase has rows nothing is trained or written and the result says
+  `skipped` and names the old policy in `policy_dir`, for the caller to reuse.
+- Precision: float32 weights; bf16 (or fp16) autocast only when model_cfg.device is cuda and
+  model_cfg.dtype is bfloat16 (float16). On CPU `use_cpu=True`, `bf16=False`. Gradient
+  checkpointing (a TRL default) only on cuda, where memory is the limit.
+- LoRA (cfg.lora): peft imported lazily; r=16, alpha=32, all linear layers; the adapter is merged
+  into the weights before saving, so the next policy is a plain checkpoint.
+- Checkpoints: TRL's output_dir is `out_dir/trainer/<phase>`, saved every `save_steps` steps and
+  at the end, keeping one. If a checkpoint is there, the phase resumes from it
+  (`resume_from_checkpoint`), so an interrupted training loses only the steps since it.
+- Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
+  `out_dir/policy` (atomic). If `out_dir/policy/meta.json` already exists, training is complete
+  and its metrics are returned without training again. Checkpoints are deleted afterwards unless
+  keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`.
+
+Metrics (flat dict; `<phase>` is dpo or sft):
+    mode, phases, policy_dir, source_policy, iteration, pairs, sft_rows, steps, seconds, loss,
+    <phase>/steps, <phase>/seconds, <phase>/rows, <phase>/loss_first, <phase>/loss_last,
+    <phase>/loss_mean, <phase>/train_loss,
+    dpo/rewards/{chosen,rejected,margins,accuracies} (last logged step) and their _mean,
+    dpo/logps/chosen_first, dpo/logps/chosen_last, dpo/logps/rejected_first,
+    dpo/logps/rejected_last (r -> Q*: the chosen log-prob is expected to fall during DPO),
+    sft/mean_token_accuracy (last logged step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_dir, read_jsonl, write_json
+from pipeline.config import ModelConfig, TrainConfig, TrainMode, to_dict
+from pipeline.errors import QstarError
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+FIRST_LAST_KEYS = ("loss", "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class _EosAwareCollator:
+    """TRL's preference collator, after removing the EOS TRL appended to a completion that is not
+    the end of a solution (a non-terminal step option)."""
+
+    inner: Any  # trl DataCollatorForPreference
+    eos_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = []
+        for ex in examples:
+            item = {k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids",
+                                       "ref_chosen_logps", "ref_rejected_logps") if k in ex}
+            for side in ("chosen", "rejected"):
+                ids = list(item[f"{side}_ids"])
+                if not ex[f"{side}_eos"] and len(ids) > 1 and ids[-1] == self.eos_token_id:
+                    item[f"{side}_ids"] = ids[:-1]
+            batch.append(item)
+        return self.inner(batch)
+
+
+def _phases(mode: TrainMode, dpo_rows: list, sft_rows: list) -> list[str]:
+    wanted = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"],
+              TrainMode.dpo_then_sft: ["dpo", "sft"]}[TrainMode(mode)]
+    rows = {"dpo": dpo_rows, "sft": sft_rows}
+    return [p for p in wanted if rows[p]]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _iteration_of(rows: list[dict]) -> int | None:
+    found = {r.get("lineage", {}).get("iteration") for r in rows} - {None}
+    return found.pop() if len(found) == 1 else None
+
+
+def _lora_config(cfg: TrainConfig):
+    try:
+        import peft
+    except ImportError as exc:
+        raise QstarError("train.lora=true needs peft: pip install 'qstar[lora]'") from exc
+    return peft.LoraConfig(task_type="CAUSAL_LM", **LORA)
+
+
+def _common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, report_to: str,
+                 save_steps: int) -> dict:
+    cuda = model_cfg.device.startswith("cuda")
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cuda and model_cfg.dtype == "bfloat16",
+        fp16=cuda and model_cfg.dtype == "float16",
+        use_cpu=not cuda,
+        gradient_checkpointing=cuda,
+        dataloader_pin_memory=cuda,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        report_to=report_to,
+        disable_tqdm=os.environ.get("QSTAR_PROGRESS", "1") == "0",
+    )
+
+
+def _load_model(path: str, cfg: TrainConfig, model_cfg: ModelConfig):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32
+    if cfg.lora and model_cfg.device.startswith("cuda") and model_cfg.dtype != "float32":
+        dtype = getattr(torch, model_cfg.dtype)  # frozen base in half precision, adapter in fp32
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                    trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as exc:
+        raise QstarError(f"cannot load the policy at {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def _run_dpo(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    dataset = Dataset.from_list([{
+        "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+        "chosen_eos": bool(r.get("lineage", {}).get("terminal", [True, True])[0]),
+        "rejected_eos": bool(r.get("lineage", {}).get("terminal", [True, True])[1]),
+    } for r in rows])
+    args = DPOConfig(
+        **_common_args(cfg, model_cfg, output_dir, report_to, save_steps),
+        beta=cfg.beta,
+        loss_type=[t.strip() for t in cfg.loss_type.split(",") if t.strip()],
+        precompute_ref_log_probs=True,
+        remove_unused_columns=False,  # the collator reads chosen_eos / rejected_eos
+    )
+    collator = _EosAwareCollator(
+        DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
+                                  truncation_mode=args.truncation_mode),
+        tokenizer.eos_token_id,
+    )
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      data_collator=collator, callbacks=callbacks,
+                      peft_config=_lora_config(cfg) if cfg.lora else None)
+
+
+def _run_sft(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                 for r in rows])
+    args = SFTConfig(**_common_args(cfg, model_cfg, output_dir, report_to, save_steps),
+                     packing=False)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      callbacks=callbacks, peft_config=_lora_config(cfg) if cfg.lora else None)
+
+
+def _phase_metrics(phase: str, history: list[dict], steps: int, seconds: float, rows: int) -> dict:
+    logs = [h for h in history if "loss" in h and "train_runtime" not in h]
+    out: dict[str, Any] = {f"{phase}/steps": steps, f"{phase}/seconds": round(seconds, 3),
+                           f"{phase}/rows": rows}
+    for key in FIRST_LAST_KEYS:
+        values = [h[key] for h in logs if key in h]
+        if values:
+            out[f"{phase}/{key}_first"] = values[0]
+            out[f"{phase}/{key}_last"] = values[-1]
+            if key == "loss":
+                out[f"{phase}/loss_mean"] = sum(values) / len(values)
+    for key in (*DPO_KEYS, "mean_token_accuracy"):
+        values = [h[key] for h in logs if key in h]
+        if values:
+            out[f"{phase}/{key}"] = values[-1]
+            out[f"{phase}/{key}_mean"] = sum(values) / len(values)
+    summary = [h for h in history if "train_loss" in h]
+    if summary:
+        out[f"{phase}/train_loss"] = summary[-1]["train_loss"]
+    return out
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
+                 out_dir: str | Path, report_to: str = "none", *,
+                 model_cfg: ModelConfig | None = None, iteration: int | None = None,
+                 save_steps: int = 10, keep_checkpoints: bool = False,
+                 callbacks: list | None = None) -> dict:
+    """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl; returns the metrics.
+
+    The next iteration's policy is metrics["policy_dir"]: out_dir/policy after training, or
+    `policy_dir` itself when there was nothing to train on (metrics["skipped"] says why).
+    model_cfg gives device, dtype and trust_remote_code (its name is ignored: the weights come
+    from policy_dir). callbacks: extra transformers TrainerCallbacks for every phase.
+    """
+    from transformers import set_seed
+
+    from pipeline.models import load_tokenizer
+
+    policy_dir, data_dir, out_dir = str(policy_dir), Path(data_dir), Path(out_dir)
+    model_cfg = model_cfg or ModelConfig(name=policy_dir)
+    final = out_dir / "policy"
+    if (final / "meta.json").is_file():  # finished before: the rename is the commit point
+        return json.loads((final / "meta.json").read_text())["metrics"]
+
+    dpo_rows = _read_rows(data_dir / "dpo.jsonl")
+    sft_rows = _read_rows(data_dir / "sft.jsonl")
+    if iteration is None:
+        iteration = _iteration_of(dpo_rows + sft_rows)
+    mode = TrainMode(cfg.mode)
+    phases = _phases(mode, dpo_rows, sft_rows)
+    metrics: dict[str, Any] = {"mode": mode.value, "phases": phases, "source_policy": policy_dir,
+                               "iteration": iteration, "pairs": len(dpo_rows),
+                               "sft_rows": len(sft_rows)}
+    if not phases:
+        wanted = {"dpo": "DPO pairs", "sft": "SFT rows", "dpo_then_sft": "DPO pairs or SFT rows"}
+        return {**metrics, "skipped": f"no {wanted[mode.value]} in {data_dir}",
+                "policy_dir": policy_dir, "steps": 0, "seconds": 0.0}
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(model_cfg, policy_dir)
+    model = _load_model(policy_dir, cfg, model_cfg)
+    runners = {"dpo": (_run_dpo, dpo_rows), "sft": (_run_sft, sft_rows)}
+    start = time.perf_counter()
+    histories = {}
+    trainer = None
+    for phase in phases:
+        run, rows = runners[phase]
+        output_dir = out_dir / "trainer" / phase
+        trainer = run(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps,
+                      callbacks)
+        phase_start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
+        seconds = time.perf_counter() - phase_start
+        histories[phase] = trainer.state.log_history
+        metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,
+                                      seconds, len(rows)))
+        model = trainer.model
+        if cfg.lora:
+            model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
+    metrics["steps"] = sum(metrics[f"{p}/steps"] for p in phases)
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    metrics["loss"] = metrics.get(f"{phases[-1]}/loss_last")
+    metrics["policy_dir"] = str(final)
+
+    meta = {
+        "source_policy": policy_dir,
+        "iteration": iteration,
+        "data_dir": str(data_dir),
+        "rows": {"dpo": len(dpo_rows), "sft": len(sft_rows)},
+        "metrics": metrics,
+        "config": to_dict(cfg),
+        "model": to_dict(model_cfg),
+    }
+    with atomic_dir(final) as tmp:
+        if cfg.lora:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            trainer.save_model(str(tmp))  # model + tokenizer (processing_class)
+        for leftover in ("training_args.bin", "README.md"):
+            (tmp / leftover).unlink(missing_ok=True)
+        write_json(tmp / "meta.json", meta)
+    for phase, history in histories.items():
+        phase_dir = out_dir / "trainer" / phase
+        write_json(phase_dir / "log_history.json", history)
+        if not keep_checkpoints:
+            for ckpt in phase_dir.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics

@@ -1,0 +1,214 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mcts import ExpandRequest, LeafEval, Option, SearchParams, search
+from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
+
+GOLDEN = Path(__file__).parent / "golden"
+PROMPTS = ["What is 12 + 30?", "What is 7 * 6?", "Solve x + 5 = 9."]
+
+GOLDEN_CASES = {
+    "search_training": dict(params=SearchParams(simulations=12, seed=7), verifier=True),
+    "search_evaluation": dict(params=SearchParams(simulations=10, token_budget=150, max_depth=4,
+                                                  leaves_per_tree=3, seed=1), verifier=False),
+}
+
+
+def _run(params, verifier=True, prompts=PROMPTS):
+    policy, critic, reward = FakePolicy(params.seed), FakeCritic(params.seed), FakeVerifier()
+    rounds = []
+    trees = search(prompts, policy, critic, params, terminal_reward_fn=reward if verifier else None,
+                   on_round=rounds.append)
+    return trees, policy, critic, reward, rounds
+
+
+def _comparable(trees):
+    """to_json of every tree, through JSON text, with wall time zeroed."""
+    out = json.loads(json.dumps([t.to_json() for t in trees]))
+    for tree in out:
+        tree["stats"]["seconds"] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_trees(name):
+    case = GOLDEN_CASES[name]
+    got = _comparable(_run(case["params"], case["verifier"])[0])
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("QSTAR_REGEN_GOLDEN") == "1":
+        path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert got == json.loads(path.read_text())
+
+
+def test_deterministic_for_a_seed_and_seed_matters():
+    params = SearchParams(simulations=10, seed=3)
+    first = _comparable(_run(params)[0])
+    assert first == _comparable(_run(params)[0])
+    assert first != _comparable(_run(SearchParams(simulations=10, seed=4))[0])
+
+
+def test_one_expand_call_per_round_plus_retries_and_one_evaluate_call():
+    params = SearchParams(simulations=12, merge_retries=2)
+    policy, critic = FakePolicy(), FakeCritic()
+    marks = []  # (expand calls, evaluate calls) after each round
+    search(PROMPTS, policy, critic, params,
+           on_round=lambda n: marks.append((len(policy.calls), len(critic.calls))))
+    previous = (0, 0)
+    for expands, evaluates in marks:
+        round_calls = policy.calls[previous[0]:expands]
+        attempts = [{r.attempt for r in call} for call in round_calls]
+        assert attempts == [{k} for k in range(len(round_calls))]  # one call, then one per retry round
+        assert 1 <= len(round_calls) <= 1 + params.merge_retries
+        assert evaluates - previous[1] == 1
+        previous = (expands, evaluates)
+    assert {r.tree_index for r in policy.calls[0]} == {0, 1, 2}
+    assert len({r.tree_index for r in critic.calls[-1]}) >= 2
+
+
+def test_virtual_loss_spreads_one_trees_leaves_in_a_round():
+    def round_two_nodes(virtual_loss):
+        policy = FakePolicy()
+        search(PROMPTS[:1], policy, FakeCritic(),
+               SearchParams(simulations=3, leaves_per_tree=2, virtual_loss=virtual_loss, merge_retries=0))
+        return [r.node_id for r in policy.calls[1]]
+
+    nodes = round_two_nodes(1.0)
+    assert len(nodes) == 2 and nodes[0] != nodes[1]
+    # without virtual loss the second descent repeats the first and finds it already in flight
+    assert len(round_two_nodes(0.0)) == 1
+
+
+def test_simulation_budget_is_respected():
+    trees, policy, _, _, rounds = _run(SearchParams(simulations=9, leaves_per_tree=2))
+    for tree in trees:
+        assert tree.stats.simulations <= 9
+        assert tree.stats.stop_reason in ("simulations", "exhausted")
+        if tree.stats.stop_reason == "simulations":
+            assert tree.stats.simulations == 9
+    assert sum(rounds) == sum(t.stats.simulations for t in trees)
+    assert rounds[0] == len(PROMPTS)  # round 1: only the root of each tree is there to select
+
+
+def test_token_budget_stops_each_tree_between_rounds():
+    budget = 80
+    spent: dict[int, int] = {}
+    policy, critic = FakePolicy(), FakeCritic()
+
+    def expand(requests):
+        if requests[0].attempt == 0:  # a round begins: every asking tree must be under budget
+            assert all(spent.get(r.tree_index, 0) < budget for r in requests)
+        out = policy(requests)
+        for r, options in zip(requests, out, strict=True):
+            spent[r.tree_index] = spent.get(r.tree_index, 0) + sum(o.num_tokens for o in options)
+        return out
+
+    def evaluate(requests):
+        out = critic(requests)
+        for r, e in zip(requests, out, strict=True):
+            spent[r.tree_index] = spent.get(r.tree_index, 0) + e.tokens
+        return out
+
+    trees = search(PROMPTS, expand, evaluate, SearchParams(simulations=1000, token_budget=budget))
+    for tree in trees:
+        assert tree.stats.total_tokens == spent[tree.tree_index]
+        assert tree.stats.stop_reason in ("token_budget", "exhausted")
+        if tree.stats.stop_reason == "token_budget":
+            assert tree.stats.total_tokens >= budget
+
+
+def test_evaluation_time_never_needs_a_reward_and_scores_terminals_by_critics():
+    trees, _, critic, reward, _ = _run(SearchParams(simulations=16), verifier=False)
+    assert reward.calls == []
+    terminal_requests = [r for call in critic.calls for r in call if r.terminal]
+    assert terminal_requests
+    for tree in trees:
+        assert all(r is None for r in tree.terminal_reward)
+        for node in range(tree.num_nodes):
+            if tree.terminal[node]:
+                assert tree.total[node] is not None
+
+
+def test_training_terminals_go_to_the_verifier_only():
+    trees, _, critic, reward, _ = _run(SearchParams(simulations=16), verifier=True)
+    assert not [r for call in critic.calls for r in call if r.terminal]
+    assert reward.calls
+    for tree in trees:
+        for node in range(1, tree.num_nodes):
+            if tree.terminal[node]:
+                assert tree.terminal_reward[node] in (0.0, 1.0)
+                assert tree.total[node] == tree.terminal_reward[node]
+            else:
+                assert tree.terminal_reward[node] is None
+
+
+def test_requests_carry_the_path_and_no_answer_key():
+    trees, policy, critic, _, _ = _run(SearchParams(simulations=6))
+    for call in policy.calls:
+        for r in call:
+            assert isinstance(r, ExpandRequest)
+            assert r.steps == trees[r.tree_index].steps(r.node_id)
+            assert r.prompt == PROMPTS[r.tree_index]
+    root_evals = [r for r in critic.calls[0] if r.node_id == 0]
+    assert [r.steps for r in root_evals] == [[], [], []]  # roots are evaluated once, in round 1
+
+
+def test_backup_counts_one_visit_per_new_child_and_terminal_revisit():
+    trees, _, _, _, _ = _run(SearchParams(simulations=12))
+    for tree in trees:
+        # every node's visits = the visits of its children + its own backups
+        for node in range(tree.num_nodes):
+            below = sum(tree.visits[c] for c in tree.children[node])
+            own = tree.visits[node] - below
+            assert own >= (0 if node == 0 else 1)
+            if node and not tree.terminal[node]:
+                assert own == 1  # only its creation; non-terminals are never revisited
+        assert all(p == 0 for p in tree.pending)  # virtual loss undone
+
+
+def test_depth_cap_makes_nodes_terminal():
+    def never_ending(requests):
+        return [[Option(f"step {r.node_id} {i} {'x' * i}\n", -1.0, 3, False) for i in range(r.num_options)]
+                for r in requests]
+
+    tree = search(["p"], never_ending, FakeCritic(), SearchParams(simulations=50, max_depth=2))[0]
+    assert max(tree.depth) == 2
+    assert all(tree.terminal[n] for n in range(tree.num_nodes) if tree.depth[n] == 2)
+    assert tree.stats.stop_reason in ("exhausted", "simulations")
+
+
+def test_small_tree_is_exhausted():
+    def one_answer(requests):
+        return [[Option("Answer: 1\n", -0.1, 3, True)] for _ in requests]
+
+    tree = search(["p"], one_answer, lambda rs: [LeafEval(0.3) for _ in rs],
+                  SearchParams(simulations=10, root_c_min=1, root_c_max=1))[0]
+    assert tree.num_nodes == 2
+    assert tree.stats.stop_reason == "exhausted"
+
+
+def test_empty_expansion_marks_a_dead_end():
+    critic, verifier = FakeCritic(), FakeVerifier()
+    tree = search(["p"], lambda rs: [[] for _ in rs], critic, SearchParams(simulations=5),
+                  terminal_reward_fn=verifier)[0]
+    assert tree.num_nodes == 1
+    assert critic.calls == [] and verifier.calls == []
+    assert tree.terminal[0]
+    assert tree.stats.stop_reason == "exhausted"
+
+
+def test_callback_contract_errors():
+    with pytest.raises(ValueError, match="expand_fn returned"):
+        search(["p"], lambda rs: [], FakeCritic(), SearchParams())
+    with pytest.raises(ValueError, match="evaluate_fn returned"):
+        search(["p"], FakePolicy(), lambda rs: [], SearchParams())
+    with pytest.raises(ValueError, match="finite"):
+        search(["p"], FakePolicy(), lambda rs: [LeafEval(float("nan")) for _ in rs], SearchParams())
+    with pytest.raises(ValueError, match="simulations"):
+        search(["p"], FakePolicy(), FakeCritic(), SearchParams(simulations=0))
+
+
+def test_no_prompts_no_calls():
+    assert search([], FakePolicy(), FakeCritic(), SearchParams()) == []

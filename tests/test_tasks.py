@@ -1,0 +1,351 @@
+"""Tasks and verifiers: splits, answer extraction, grading, and bad input."""
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TaskConfig, TaskKind
+from pipeline.errors import QstarError
+from pipeline.tasks import (
+    SYSTEM_PROMPT,
+    ArithmeticTask,
+    HFTask,
+    JsonlTask,
+    ReasoningGymTask,
+    extract_answer,
+    make_task,
+    math_equal,
+    to_messages,
+)
+
+GSM8K = Path(__file__).parents[2] / "shared/data/gsm8k"
+needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="no GSM8K copy")
+
+ROW = {"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+       "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def gsm_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"question": f"What is {i} plus one?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+            for i in range(start, start + n)]
+
+
+def jsonl_cfg(path, **kw) -> TaskConfig:
+    return TaskConfig(kind=TaskKind.jsonl, path=str(path), **kw)
+
+
+def ids(problems):
+    return [p.id for p in problems]
+
+
+def assert_disjoint(train, heldout):
+    assert not {p.question for p in train} & {p.question for p in heldout}
+    assert len({p.question for p in train}) == len(train)
+    assert len({p.question for p in heldout}) == len(heldout)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_arithmetic_splits_deterministic_and_disjoint():
+    cfg = TaskConfig(kind=TaskKind.arithmetic, num_train=64, num_heldout=100, seed=3)
+    task = make_task(cfg)
+    assert isinstance(task, ArithmeticTask)
+    train, heldout = task.splits()
+    assert (len(train), len(heldout)) == (64, 100)
+    assert_disjoint(train, heldout)
+    again_train, again_heldout = make_task(cfg).splits()
+    assert ids(again_train) == ids(train) and ids(again_heldout) == ids(heldout)
+    other = make_task(TaskConfig(kind=TaskKind.arithmetic, num_train=64, num_heldout=100, seed=4))
+    assert [p.question for p in other.splits()[1]] != [p.question for p in heldout]
+
+
+def test_arithmetic_heldout_stable_when_num_train_changes():
+    small = make_task(TaskConfig(num_train=8, num_heldout=20)).splits()[1]
+    large = make_task(TaskConfig(num_train=80, num_heldout=20)).splits()[1]
+    assert small == large
+
+
+def test_arithmetic_respects_difficulty():
+    task = make_task(TaskConfig(min_terms=3, max_terms=3, min_digits=1, max_digits=1,
+                                num_train=5, num_heldout=5))
+    for p in task.splits()[0]:
+        assert len(p.entry["metadata"]["expression"].split()) == 5  # a op b op c
+
+
+@needs_gsm8k
+def test_gsm8k_directory_splits():
+    cfg = jsonl_cfg(GSM8K, num_train=200, num_heldout=100, seed=1)
+    train, heldout = make_task(cfg).splits()
+    assert (len(train), len(heldout)) == (200, 100)
+    assert_disjoint(train, heldout)
+    assert all(p.id.startswith("train.jsonl:") for p in train)
+    assert all(p.id.startswith("test.jsonl:") for p in heldout)
+    assert (ids(train), ids(heldout)) == tuple(map(ids, make_task(cfg).splits()))
+
+
+@needs_gsm8k
+def test_gsm8k_single_file_splits():
+    cfg = jsonl_cfg(GSM8K / "test.jsonl", num_train=300, num_heldout=200, seed=0)
+    task = make_task(cfg)
+    train, heldout = task.splits()
+    assert (len(train), len(heldout)) == (300, 200)
+    assert_disjoint(train, heldout)
+    assert (ids(train), ids(heldout)) == tuple(map(ids, make_task(cfg).splits()))
+    assert ids(make_task(jsonl_cfg(GSM8K / "test.jsonl", num_train=300, num_heldout=200,
+                                   seed=1)).splits()[1]) != ids(heldout)
+    for p in train + heldout:
+        assert p.answer == p.entry["solution"].rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def test_single_file_split_ignores_row_order(tmp_path):
+    rows = gsm_rows(30)
+    a = make_task(jsonl_cfg(write_jsonl(tmp_path / "a.jsonl", rows), num_train=10, num_heldout=5))
+    b = make_task(jsonl_cfg(write_jsonl(tmp_path / "b.jsonl", rows[::-1]), num_train=10,
+                            num_heldout=5))
+    assert [p.question for p in a.splits()[1]] == [p.question for p in b.splits()[1]]
+
+
+def test_directory_train_drops_questions_also_in_test(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", gsm_rows(10))
+    write_jsonl(tmp_path / "test.jsonl", gsm_rows(5, start=8))  # 8 and 9 in both
+    train, heldout = make_task(jsonl_cfg(tmp_path, num_train=8, num_heldout=5)).splits()
+    assert_disjoint(train, heldout)
+    with pytest.raises(QstarError, match=r"task.num_train=9 is larger than the 8"):
+        make_task(jsonl_cfg(tmp_path, num_train=9, num_heldout=5))
+
+
+def test_hf_task_on_a_local_dataset_directory(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", gsm_rows(12))
+    write_jsonl(tmp_path / "test.jsonl", gsm_rows(6, start=100))
+    cfg = TaskConfig(kind=TaskKind.hf, name=str(tmp_path), num_train=10, num_heldout=4)
+    task = make_task(cfg)
+    assert isinstance(task, HFTask)
+    train, heldout = task.splits()
+    assert (len(train), len(heldout)) == (10, 4)
+    assert_disjoint(train, heldout)
+    assert task.is_correct(heldout[0], f"Answer: {heldout[0].answer}")
+
+
+# ---------------------------------------------------------------- prompts and extraction
+
+
+def test_messages_ask_for_answer_line():
+    messages = to_messages("What is 2 + 2?")
+    assert messages == [{"role": "system", "content": SYSTEM_PROMPT},
+                        {"role": "user", "content": "What is 2 + 2?"}]
+    assert "Answer: <value>" in SYSTEM_PROMPT and "one step per line" in SYSTEM_PROMPT
+
+
+@pytest.mark.parametrize("text, expected", [
+    (ROW["answer"], "72"),
+    ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nShe earned $10.\n#### 10", "10"),
+    ("Step 1: 5 + 7 = 12\nAnswer: 12", "12"),
+    ("Answer: 3\nI was wrong.\nAnswer: 12.", "12"),
+    ("**Answer:** $1,234", "1234"),
+    ("Final answer: $18.", "18"),
+    (r"so the result is \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed{1} then \boxed{\sqrt{\frac{a}{b}}} done", r"\sqrt{\frac{a}{b}}"),
+    ("Answer: \\boxed{7}", "7"),
+    ("She pays $1,000,000 in total.", "1000000"),
+    ("He had 3 apples, then 4.5 more", "4.5"),
+    ("The change is -28 dollars", "-28"),
+    ("Answer: $\\frac{3}{4}$", "\\frac{3}{4}"),
+    ("Answer:\n1 2\n3 4", "1 2\n3 4"),
+    ("no numbers here", None),
+    ("", None),
+    ("Answer:", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@needs_gsm8k
+def test_extract_answer_on_real_gsm8k_solutions():
+    lines = (GSM8K / "test.jsonl").read_text().splitlines()[:50]
+    for line in lines:
+        row = json.loads(line)
+        assert extract_answer(row["answer"]) == row["answer"].rsplit("####", 1)[1].strip().replace(
+            ",", "")
+
+
+# ---------------------------------------------------------------- verification
+
+
+def test_arithmetic_verification_uses_generator_answer():
+    task = make_task(TaskConfig(num_train=10, num_heldout=10))
+    problem = task.splits()[0][0]
+    gold = problem.entry["answer"]
+    assert task.is_correct(problem, f"Step 1: compute.\nAnswer: {gold}")
+    assert task.is_correct(problem, f"{problem.entry['metadata']['expression']} = {gold}\n"
+                                    f"Answer: {problem.entry['metadata']['expression']} = {gold}")
+    assert not task.is_correct(problem, f"Answer: {int(gold) + 1}")
+    assert not task.is_correct(problem, "I do not know.")
+    assert not task.is_correct(problem, f"Answer: {gold}0 apples")  # partial credit is not 1.0
+
+
+def gsm_problem(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [ROW] + gsm_rows(3))
+    task = make_task(jsonl_cfg(path, num_train=2, num_heldout=2))  # every row is in a split
+    train, heldout = task.splits()
+    return task, next(p for p in train + heldout if p.id == "one.jsonl:1")
+
+
+@pytest.mark.parametrize("completion", [
+    "Answer: 72", "24 + 48 = 72\nAnswer: 72.0", "Answer: $72", "#### 72", r"\boxed{72}",
+    "Answer: 72 clips", "Answer: 72.00",
+])
+def test_gsm8k_correct(tmp_path, completion):
+    task, problem = gsm_problem(tmp_path)
+    assert problem.answer == "72"
+    assert task.is_correct(problem, completion)
+
+
+@pytest.mark.parametrize("completion", ["Answer: 73", "Answer: 7.2", "nothing", "Answer: 9^9^9",
+                                        "Answer: 1/72", "Answer: 2**10**10",
+                                        "Answer: 10^{100000000}", "Answer: 100000000!"])
+def test_gsm8k_incorrect(tmp_path, completion):
+    task, problem = gsm_problem(tmp_path)
+    start = time.monotonic()
+    assert not task.is_correct(problem, completion)
+    assert time.monotonic() - start < 5  # answers that make sympy run for ever are refused
+
+
+def test_math_equal_works_outside_the_main_thread():
+    results = []
+    thread = threading.Thread(target=lambda: results.extend(
+        [math_equal("72", "72.0"), math_equal("0.5", r"\frac{1}{2}"), math_equal("72", "73")]))
+    thread.start()
+    thread.join()
+    assert results == [True, True, False]
+
+
+def test_other_reasoning_gym_generator_end_to_end():
+    cfg = TaskConfig(kind=TaskKind.reasoning_gym, name="basic_arithmetic", num_train=6,
+                     num_heldout=4, seed=2)
+    task = make_task(cfg)
+    assert isinstance(task, ReasoningGymTask) and task.name == "basic_arithmetic"
+    train, heldout = task.splits()
+    assert (len(train), len(heldout)) == (6, 4)
+    assert_disjoint(train, heldout)
+    assert ids(train) == ids(make_task(cfg).splits()[0])
+    problem = heldout[0]
+    assert task.is_correct(problem, f"Compute it.\nAnswer: {problem.answer}")
+    assert not task.is_correct(problem, "Answer: banana")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", r"bad JSON"),
+    (json.dumps({"answer": "#### 3"}), r"missing text field 'question' \(task.question_field\)"),
+    (json.dumps({"question": "q?"}), r"missing text field 'answer' \(task.answer_field\)"),
+    (json.dumps({"question": "q?", "answer": "it is 3"}), r"no final '#### <answer>'"),
+    (json.dumps([1, 2]), r"not a JSON object"),
+])
+def test_malformed_row_names_file_and_line(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "data.jsonl", gsm_rows(2) + [bad] + gsm_rows(3, start=2))
+    with pytest.raises(QstarError, match=rf"{re.escape(str(path))}:3: .*{message}") as err:
+        make_task(jsonl_cfg(path, num_train=2, num_heldout=2))
+    assert "\n" not in str(err.value)
+
+
+def test_skip_bad_rows_counts_and_warns_once(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "data.jsonl",
+                       gsm_rows(5) + ["{oops", json.dumps({"question": "q"})] + gsm_rows(5, 5))
+    task = make_task(jsonl_cfg(path, num_train=6, num_heldout=4, skip_bad_rows=True))
+    assert task.skipped_rows == 2
+    assert sum(len(s) for s in task.splits()) == 10
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "skipped 2 bad rows" in err and str(path) in err
+
+
+def test_skip_bad_rows_in_directory_form(tmp_path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", gsm_rows(4) + ["{oops"])
+    write_jsonl(tmp_path / "test.jsonl", ["[]"] + gsm_rows(3, start=10))
+    task = make_task(jsonl_cfg(tmp_path, num_train=4, num_heldout=3, skip_bad_rows=True))
+    assert task.skipped_rows == 2
+    assert capsys.readouterr().err.count("warning") == 1
+
+
+def test_path_not_set():
+    with pytest.raises(QstarError, match=r"task.path is not set"):
+        make_task(TaskConfig(kind=TaskKind.jsonl, path=None))
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(QstarError, match=rf"task.path={missing}: no such file or directory"):
+        make_task(jsonl_cfg(missing))
+
+
+def test_directory_without_test_file(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", gsm_rows(3))
+    with pytest.raises(QstarError, match=rf"task.path={tmp_path}: directory has no test.jsonl"):
+        make_task(jsonl_cfg(tmp_path))
+
+
+def test_unknown_reasoning_gym_name_lists_valid_ones():
+    with pytest.raises(QstarError, match=r"task.name='no_such_task'.*valid names:.*chain_sum"):
+        make_task(TaskConfig(kind=TaskKind.reasoning_gym, name="no_such_task"))
+
+
+def test_heldout_larger_than_data(tmp_path):
+    path = write_jsonl(tmp_path / "small.jsonl", gsm_rows(10))
+    with pytest.raises(QstarError, match=r"task.num_train=5 \+ task.num_heldout=8 = 13 problems "
+                                         rf"requested but {path} has only 10 distinct"):
+        make_task(jsonl_cfg(path, num_train=5, num_heldout=8))
+    write_jsonl(tmp_path / "train.jsonl", gsm_rows(10))
+    write_jsonl(tmp_path / "test.jsonl", gsm_rows(3, start=50))
+    with pytest.raises(QstarError, match=r"task.num_heldout=4 is larger than the 3 distinct "
+                                         r"problems in .*test.jsonl"):
+        make_task(jsonl_cfg(tmp_path, num_train=5, num_heldout=4))
+
+
+def test_arithmetic_space_too_small():
+    # one-digit, two-term sums: far fewer than 500 distinct questions
+    cfg = TaskConfig(min_digits=1, max_digits=1, num_train=400, num_heldout=100)
+    with pytest.raises(QstarError, match=r"= 500 problems requested but reasoning-gym chain_sum"):
+        make_task(cfg)
+
+
+def test_invalid_generator_config_is_one_line():
+    with pytest.raises(QstarError, match=r"reasoning-gym chain_sum:") as err:
+        ArithmeticTask(TaskConfig(min_terms=0, max_terms=0, num_train=2, num_heldout=2))
+    assert "\n" not in str(err.value)
+
+
+def test_empty_data_set(tmp_path):
+    path = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(QstarError, match=rf"{path} has no usable rows"):
+        make_task(jsonl_cfg(path, num_train=1, num_heldout=1))
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", ["{x"])
+    with pytest.raises(QstarError, match=rf"{only_bad} has no usable rows"):
+        JsonlTask(jsonl_cfg(only_bad, num_train=1, num_heldout=1, skip_bad_rows=True))
+
+
+def test_hf_dataset_that_cannot_be_loaded(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(QstarError, match=rf"task.name='{missing}'.*cannot load Hugging Face "
+                                         r"dataset") as err:
+        make_task(TaskConfig(kind=TaskKind.hf, name=str(missing)))
+    assert "\n" not in str(err.value)
+
+
+def test_hf_missing_split(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", gsm_rows(3))
+    write_jsonl(tmp_path / "test.jsonl", gsm_rows(3, start=10))
+    with pytest.raises(QstarError, match=r"task.hf_test_split='validation'.*has no such split"):
+        make_task(TaskConfig(kind=TaskKind.hf, name=str(tmp_path), hf_test_split="validation",
+                             num_train=1, num_heldout=1))
