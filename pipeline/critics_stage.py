@@ -14,21 +14,35 @@ from pathlib import Path
 
 import torch
 
-from critics import KINDS, CriticSet, Example, critic_examples, split_by_problem, train_head
+from critics import (
+    KINDS,
+    CriticSet,
+    Example,
+    ScalarHead,
+    critic_examples,
+    split_by_problem,
+    train_head,
+)
+from critics.critic_set import backbone_of
 from critics.features import hidden_features
 from critics.metrics import accuracy, auc, expected_calibration_error, mse, precision_recall
 from critics.targets import heldout_problems
-from pipeline.atomic import atomic_dir, read_jsonl, write_json
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import CriticsConfig, ModelConfig, to_dict
 from pipeline.models import load_model
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
 
 
-def load_search_rows(search_dir: str | Path) -> list[dict]:
-    """Every row of `search_dir/shard_*.jsonl`, shards in name order."""
-    return [row for shard in sorted(Path(search_dir).glob("shard_*.jsonl"))
-            for row in read_jsonl(shard)]
+def load_critic_set(critics_dir: str | Path, policy_dir: str, model, tokenizer,
+                    model_cfg: ModelConfig, batch_size: int) -> CriticSet:
+    """critics_i for scoring. Heads only fit the backbone they were trained on: they share the
+    loaded policy's weights when that is their backbone; otherwise (critics.backbone, or
+    critics_{i+1} trained on policy_i and used beside policy_{i+1}) the backbone is loaded."""
+    backbone = backbone_of(critics_dir)
+    if Path(backbone).resolve() != Path(policy_dir).resolve():
+        model, tokenizer = load_model(replace(model_cfg, name=backbone))
+    return CriticSet.load(critics_dir, model, tokenizer, batch_size)
 
 
 def heldout_metrics(scores, targets) -> dict:
@@ -50,6 +64,19 @@ def _rows_of(features: torch.Tensor, index: dict[str, int], examples: Sequence[E
     return features[torch.tensor([index[e.text] for e in examples], dtype=torch.long)]
 
 
+def fit_and_judge(kind: str, train: list[Example], heldout: list[Example], features: torch.Tensor,
+                  index: dict[str, int], cfg: CriticsConfig) -> tuple[ScalarHead, dict]:
+    """One head trained on `train`, with its training losses and held-out metrics."""
+    head, losses = train_head(_rows_of(features, index, train), [e.target for e in train],
+                              LOSS[kind], cfg.learning_rate, cfg.epochs, cfg.batch_size, cfg.seed)
+    scores = head.predict(_rows_of(features, index, heldout)).numpy()
+    return head, {"train_examples": len(train), "heldout_examples": len(heldout),
+                  "trained": bool(train), "loss": LOSS[kind],
+                  "train_loss_first": losses[0] if losses else None,
+                  "train_loss_last": losses[-1] if losses else None,
+                  **heldout_metrics(scores, [e.target for e in heldout])}
+
+
 def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out_dir: Path,
                   model=None, tokenizer=None, model_cfg: ModelConfig | None = None) -> dict:
     """Train the three heads on the trees in `rows`, write `out_dir/{value,prm,orm}/`
@@ -60,7 +87,7 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     model_cfg: dtype/device to load the backbone with otherwise (default: CPU float32).
     """
     start = time.perf_counter()
-    backbone = cfg.backbone or policy_dir
+    backbone = str(cfg.backbone or policy_dir)
     if model is None:
         model, tokenizer = load_model(replace(model_cfg or ModelConfig(), name=backbone))
     examples = critic_examples(rows)
@@ -73,26 +100,16 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     heads, meta, metrics = {}, {}, {}
     for kind in KINDS:
         train, heldout = split_by_problem(examples[kind], cfg.heldout_fraction, cfg.seed, problem_ids)
-        heads[kind], losses = train_head(_rows_of(features, index, train), [e.target for e in train],
-                                         LOSS[kind], cfg.learning_rate, cfg.epochs, cfg.batch_size,
-                                         cfg.seed)
-        scores = heads[kind].predict(_rows_of(features, index, heldout)).numpy()
-        metrics[kind] = {"train_examples": len(train), "heldout_examples": len(heldout),
-                         "trained": bool(train), "loss": LOSS[kind],
-                         "train_loss_first": losses[0] if losses else None,
-                         "train_loss_last": losses[-1] if losses else None,
-                         **heldout_metrics(scores, [e.target for e in heldout])}
-        meta[kind] = {"backbone": str(backbone), "hidden_size": model.config.hidden_size,
-                      "examples": {"train": len(train), "heldout": len(heldout)},
+        heads[kind], metrics[kind] = fit_and_judge(kind, train, heldout, features, index, cfg)
+        meta[kind] = {"backbone": backbone, "examples": {"train": len(train), "heldout": len(heldout)},
                       "metrics": metrics[kind], "config": to_dict(cfg)}
-    critic_set = CriticSet(model, tokenizer, heads, cfg.max_length, cfg.score_batch_size, meta)
-    heldout = heldout_problems(problem_ids, cfg.heldout_fraction, cfg.seed)
-    result = {**metrics, "backbone": str(backbone), "problems": len(problem_ids),
-              "heldout_problems": sorted(heldout), "texts": len(texts),
+    result = {**metrics, "backbone": backbone, "problems": len(problem_ids),
+              "heldout_problems": sorted(heldout_problems(problem_ids, cfg.heldout_fraction, cfg.seed)),
+              "texts": len(texts),
               "seconds": {"features": round(feature_seconds, 3),
                           "total": round(time.perf_counter() - start, 3)},
-              "features_per_s": round(len(texts) / feature_seconds, 1) if feature_seconds else None}
+              "features_per_s": round(len(texts) / feature_seconds, 1) if texts else None}
     with atomic_dir(out_dir) as tmp:
-        critic_set.save(tmp)
+        CriticSet(model, tokenizer, heads, cfg.max_length, cfg.score_batch_size, meta).save(tmp)
         write_json(tmp / "metrics.json", result)
     return result

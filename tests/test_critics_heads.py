@@ -17,8 +17,8 @@ def _separable(n=240, dim=16, seed=0):
 
 def test_bce_head_learns_a_separable_set():
     x, y = _separable()
-    head, losses = train_head(x[:180], y[:180], "bce", lr=1e-2, epochs=30, batch_size=32, seed=0)
-    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+    head, losses = train_head(x[:180], y[:180], "bce", lr=3e-2, epochs=20, batch_size=90, seed=0)
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
     scores = head.predict(x[180:])
     assert ((scores >= 0) & (scores <= 1)).all()
     assert auc(scores.numpy(), y[180:].numpy()) > 0.9
@@ -27,7 +27,7 @@ def test_bce_head_learns_a_separable_set():
 def test_mse_head_fits_soft_targets():
     x, _ = _separable(seed=1)
     y = torch.sigmoid((x[:, 0] - 3) / 5)
-    head, losses = train_head(x, y, "mse", lr=1e-2, epochs=40, batch_size=32, seed=0)
+    head, losses = train_head(x, y, "mse", lr=3e-2, epochs=30, batch_size=120, seed=0)
     assert losses[-1] < losses[0]
     assert mse(head.predict(x).numpy(), y.numpy()) < 0.01
 

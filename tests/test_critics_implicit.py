@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tiny import build_tiny_model
 
 from critics.implicit import (
     completion_tokens,
@@ -11,7 +12,6 @@ from critics.implicit import (
 from pipeline.config import ModelConfig
 from pipeline.generation import completion_logprobs
 from pipeline.models import load_model
-from tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

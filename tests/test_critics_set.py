@@ -3,14 +3,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import build_tiny_model
 
 from critics import KINDS, CriticSet, hidden_features, train_head
 from critics.features import encode_left_padded
 from mcts import SearchParams, search
 from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
 from pipeline.atomic import write_jsonl
-from pipeline.config import CriticsConfig
-from pipeline.critics_stage import load_search_rows, train_critics
+from pipeline.config import CriticsConfig, ModelConfig
+from pipeline.critics_stage import load_critic_set, train_critics
+from pipeline.search_stage import load_shards
 
 TEXTS = ["Q: 1 + 1?\nA: 2\n", "a", "What is 12 + 30?\nStep 1: add the two numbers\nAnswer: 42\n",
          "<|im_start|>user\nhi<|im_end|>\n", "Step 2: carry the 3 to the next column\n"]
@@ -22,6 +24,15 @@ def test_batched_features_equal_one_by_one(tiny_model):
     alone = torch.cat([hidden_features(model, tokenizer, [t], 1, 64) for t in TEXTS])
     assert batched.shape == (len(TEXTS), model.config.hidden_size)
     assert torch.allclose(batched, alone, atol=1e-5)
+
+
+def test_a_base_model_gives_the_causal_lms_features(tiny_model, tiny_model_dir):
+    from transformers import AutoModel
+
+    model, tokenizer = tiny_model
+    base = AutoModel.from_pretrained(tiny_model_dir).eval()
+    assert torch.allclose(hidden_features(base, tokenizer, TEXTS, 4, 64),
+                          hidden_features(model, tokenizer, TEXTS, 4, 64), atol=1e-6)
 
 
 def test_long_texts_keep_their_tail(tiny_model):
@@ -82,7 +93,7 @@ def test_train_critics_end_to_end(tiny_model_dir, tmp_path):
     rows = _shard_rows()
     for shard in range(2):
         write_jsonl(tmp_path / "search" / f"shard_{shard:03d}.jsonl", rows[shard::2])
-    rows = load_search_rows(tmp_path / "search")
+    rows = load_shards(tmp_path / "search")
     out = tmp_path / "critics"
     metrics = train_critics(rows, str(tiny_model_dir), CFG, out)  # loads the backbone itself
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "orm", "prm", "value"]
@@ -112,7 +123,7 @@ def test_critic_set_loads_and_scores_what_train_critics_wrote(tiny_model, tiny_m
         assert scores[kind].shape == (len(TEXTS),)
         assert ((scores[kind] >= 0) & (scores[kind] <= 1)).all()
     critics.save(tmp_path / "again")
-    again = CriticSet.load(tmp_path / "again", model, tokenizer).score(TEXTS)
+    again = CriticSet.load(tmp_path / "again", model, tokenizer, batch_size=4).score(TEXTS)
     assert all(np.array_equal(again[k], scores[k]) for k in KINDS)
 
 
@@ -127,3 +138,18 @@ def test_too_few_examples_skip_metrics_with_a_reason(tiny_model, tiny_model_dir,
     assert not nothing["value"]["trained"] and nothing["texts"] == 0
     scores = CriticSet.load(tmp_path / "none", model, tokenizer).score(["x"])
     assert scores["orm"][0] == pytest.approx(0.5)  # untrained heads say 0.5
+
+
+def test_load_critic_set_shares_the_policy_only_when_it_is_the_backbone(tiny_model, tiny_model_dir,
+                                                                        tmp_path):
+    model, tokenizer = tiny_model
+    rows = _shard_rows(num_problems=2, simulations=4)
+    train_critics(rows, str(tiny_model_dir), CFG, tmp_path / "own", model, tokenizer)
+    shared = load_critic_set(tmp_path / "own", str(tiny_model_dir), model, tokenizer,
+                             ModelConfig(), batch_size=4)
+    assert shared.model is model
+    # critics_{i+1} were fitted on policy_i; beside policy_{i+1} they load their own backbone
+    next_policy = str(build_tiny_model(tmp_path / "policy_1", seed=1))
+    apart = load_critic_set(tmp_path / "own", next_policy, model, tokenizer, ModelConfig(), 4)
+    assert apart.model is not model
+    assert np.allclose(apart.score(TEXTS)["value"], shared.score(TEXTS)["value"], atol=1e-5)

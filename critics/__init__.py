@@ -1,0 +1,34 @@
+"""Critics: value, PRM and ORM heads on one LM backbone, their targets from search trees and
+their metrics, and the DPO implicit reward. Takes models and plain values; no pipeline imports."""
+
+from critics.critic_set import CriticSet, Scorer
+from critics.features import hidden_features
+from critics.heads import ScalarHead, load_head, save_head, train_head
+from critics.implicit import (
+    completion_tokens,
+    credit_map_html,
+    implicit_reward,
+    option_rewards,
+    token_rewards,
+)
+from critics.targets import KINDS, Example, critic_examples, split_by_problem, state_text
+
+__all__ = [
+    "KINDS",
+    "CriticSet",
+    "Example",
+    "ScalarHead",
+    "Scorer",
+    "completion_tokens",
+    "credit_map_html",
+    "critic_examples",
+    "hidden_features",
+    "implicit_reward",
+    "load_head",
+    "option_rewards",
+    "save_head",
+    "split_by_problem",
+    "state_text",
+    "token_rewards",
+    "train_head",
+]
