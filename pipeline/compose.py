@@ -71,3 +71,31 @@ def one_line(exc: BaseException) -> str:
                 parts.append(line)
         exc = exc.__cause__ or exc.__context__
     return " ".join(parts).replace(":; ", ": ") or "invalid config"
+
+
+# Keys a resume may change: none of them alters what completed stages computed.
+RESUMABLE = ("iterations", "progress", "cluster", "tracking")
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> QstarConfig:
+    """The config a run recorded in its manifest, plus the few overrides a resume allows."""
+    from pipeline.runstore import RunStore
+
+    stored = RunStore(run_dir).manifest.get("config")
+    if not stored:
+        raise ConfigError(f"{run_dir}/manifest.json records no config; cannot resume it")
+    base = OmegaConf.merge(OmegaConf.structured(QstarConfig), stored)
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep:
+            raise ConfigError(f"resume override {item!r}: expected KEY=VALUE, e.g. iterations=3")
+        if key.split(".")[0] not in RESUMABLE:
+            old = OmegaConf.select(base, key, default="<unset>")
+            raise ConfigError(
+                f"{key} cannot change on resume: completed stages used {key}={old}; "
+                f"a resume may change only {', '.join(RESUMABLE)} (start a new run instead)")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(one_line(exc)) from None
+    return to_config(merged)

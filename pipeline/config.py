@@ -5,7 +5,7 @@ qstar takes these dataclasses, never a DictConfig.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 
 from pipeline.errors import ConfigError
@@ -153,9 +153,9 @@ class CriticsConfig:
     trained_weights: CriticWeights = field(
         default_factory=lambda: CriticWeights(value=0.3, prm=0.2, orm=0.2, rollout=0.3)
     )
-    learning_rate: float = 1e-4
-    epochs: int = 2
-    batch_size: int = 16
+    learning_rate: float = 1e-3  # heads only (frozen backbone): measured to need 1e-3 x 30 epochs
+    epochs: int = 30
+    batch_size: int = 32
     max_length: int = 384
     heldout_fraction: float = 0.2
     score_batch_size: int = 32
@@ -301,3 +301,8 @@ def to_dict(obj) -> dict:
     if isinstance(obj, list):
         return [to_dict(x) for x in obj]
     return obj
+
+
+def replace_model_name(model: ModelConfig, name: str) -> ModelConfig:
+    """The same dtype/device/cache settings for another checkpoint (policy_i, a rollout model)."""
+    return replace(model, name=name)

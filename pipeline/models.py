@@ -119,7 +119,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
-        raise QstarError(f"model.name={cfg.name!r}: cannot load a tokenizer ({first_line(exc)})")
+        raise QstarError(f"model.name={cfg.name!r}: cannot load a tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation appends on the right
@@ -137,7 +137,7 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             path, dtype=torch_dtype(cfg), trust_remote_code=cfg.trust_remote_code
         )
     except OSError as exc:
-        raise QstarError(f"model.name={cfg.name!r}: cannot load it ({first_line(exc)})")
+        raise QstarError(f"model.name={cfg.name!r}: cannot load it ({first_line(exc)})") from None
     model.to(cfg.device)
     model.eval()
     return model, tokenizer

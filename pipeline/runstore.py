@@ -1,0 +1,125 @@
+"""The run directory: manifest of completed stages, lock, per-iteration paths, metrics.jsonl.
+
+A stage counts as complete only once its artifacts are written (atomically) and the manifest
+says so; the manifest itself is replaced atomically. So a run killed at any moment resumes
+from the first stage the manifest does not list, losing only the work in flight.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.atomic import write_json, write_jsonl
+from pipeline.errors import QstarError
+
+MANIFEST_VERSION = 1
+STAGES = ("search", "critics", "data", "train", "eval")  # per iteration, in order
+BASELINE = "baseline"  # iteration 0 evaluates the base policy first
+
+
+class RunStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+        self.manifest = self._read_manifest()
+
+    # --- manifest ---
+
+    def _read_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"version": MANIFEST_VERSION, "created": time.time(), "stages": {}}
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise QstarError(f"{self.manifest_path}: unreadable manifest ({exc})") from None
+        if manifest.get("version") != MANIFEST_VERSION:
+            raise QstarError(f"{self.manifest_path}: manifest version {manifest.get('version')!r} "
+                             f"is not {MANIFEST_VERSION}; this qstar cannot resume that run")
+        return manifest
+
+    @staticmethod
+    def key(iteration: int, stage: str) -> str:
+        return f"iter_{iteration:03d}/{stage}"
+
+    def done(self, iteration: int, stage: str) -> bool:
+        return self.key(iteration, stage) in self.manifest["stages"]
+
+    def metrics(self, iteration: int, stage: str) -> dict | None:
+        entry = self.manifest["stages"].get(self.key(iteration, stage))
+        return entry["metrics"] if entry else None
+
+    def complete(self, iteration: int, stage: str, metrics: dict, seconds: float) -> None:
+        """Record a finished stage; call only after its artifacts are on disk."""
+        self.manifest["stages"][self.key(iteration, stage)] = {
+            "iteration": iteration, "stage": stage, "seconds": round(seconds, 2),
+            "finished": time.time(), "metrics": metrics,
+        }
+        write_json(self.manifest_path, self.manifest)
+        self._write_metrics_jsonl()
+
+    def _write_metrics_jsonl(self) -> None:
+        # Derived from the manifest, so it never disagrees with what is complete.
+        write_jsonl(self.root / "metrics.jsonl", self.manifest["stages"].values())
+
+    def set_info(self, **info) -> None:
+        self.manifest.update(info)
+        write_json(self.manifest_path, self.manifest)
+
+    # --- paths ---
+
+    def iter_dir(self, iteration: int) -> Path:
+        return self.root / f"iter_{iteration:03d}"
+
+    def stage_dir(self, iteration: int, stage: str) -> Path:
+        return self.iter_dir(iteration) / stage
+
+    def policy_dir(self, iteration: int, base: str) -> str:
+        """policy_i: the base model for i = 0, else what iteration i-1 trained (or its input)."""
+        if iteration == 0:
+            return base
+        train = self.metrics(iteration - 1, "train")
+        if train is None:
+            raise QstarError(f"iteration {iteration - 1} has no completed train stage")
+        return train["policy_dir"]
+
+    def critics_dir(self, iteration: int) -> Path | None:
+        """critics_i: trained in iteration i-1 from its trees; none before the first iteration."""
+        if iteration == 0 or not self.done(iteration - 1, "critics"):
+            return None
+        metrics = self.metrics(iteration - 1, "critics")
+        if metrics.get("skipped"):
+            return None
+        return self.stage_dir(iteration - 1, "critics")
+
+    # --- lock ---
+
+    @contextmanager
+    def lock(self):
+        """One process per run: a second `qstar resume` on a busy run is refused."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise QstarError(f"{self.root} is in use by pid {holder}; wait for it or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield self
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "manifest.json").is_file()

@@ -1,0 +1,52 @@
+"""One row per policy (0 = base, k = after iteration k-1) from a run's manifest."""
+
+from __future__ import annotations
+
+from pipeline.runstore import BASELINE, RunStore
+
+
+def _value(metrics: dict | None, *path):
+    for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def policy_rows(store: RunStore) -> list[dict]:
+    rows = []
+    base = store.metrics(0, BASELINE)
+    if base is not None:
+        rows.append({"policy": 0, "accuracy": _accuracies(base), "minutes": _minutes(store, 0, [BASELINE])})
+    k = 0
+    while store.done(k, "eval"):
+        data, train = store.metrics(k, "data"), store.metrics(k, "train")
+        critics, search = store.metrics(k, "critics"), store.metrics(k, "search")
+        rows.append({
+            "policy": k + 1,
+            "accuracy": _accuracies(store.metrics(k, "eval")),
+            "pairs": _value(data, "dpo"),
+            "sft_rows": _value(data, "sft"),
+            "dpo_margin": _value(train, "rewards/margins"),
+            "chosen_logp": _value(train, "logps/chosen_last"),
+            "orm_auc": _value(critics, "orm", "auc"),
+            "prm_auc": _value(critics, "prm", "auc"),
+            "value_ece": _value(critics, "value", "ece"),
+            "search_solve_rate": _value(search, "solve_rate"),
+            "tokens": _value(search, "tokens"),
+            "minutes": _minutes(store, k, ["search", "critics", "data", "train", "eval"]),
+        })
+        k += 1
+    return rows
+
+
+def _accuracies(metrics: dict | None) -> dict:
+    decodes = _value(metrics, "decodes") or {}
+    return {name: d["accuracy"] for name, d in decodes.items()}
+
+
+def _minutes(store: RunStore, iteration: int, stages: list[str]) -> float:
+    entries = store.manifest["stages"]
+    seconds = sum(entries[store.key(iteration, s)]["seconds"] for s in stages
+                  if store.key(iteration, s) in entries)
+    return round(seconds / 60, 2)
