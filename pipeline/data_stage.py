@@ -38,7 +38,9 @@ Selection rules
   pair per (correct, incorrect) couple. The verifier's reward is exact, so n_min and margin do
   not apply to them.
 - SFT: per problem, the correct terminal with the most visits (ties: highest Q, lowest id).
-- Pairs are deduplicated on (prompt, chosen, rejected) over the whole call, then capped at
+- Pairs are deduplicated on (prompt + chosen, prompt + rejected) over the whole call -- identical
+  rows, and also a step pair between two terminal siblings that repeats, with a longer prompt,
+  a trajectory pair (the DPO loss sees only the full sequences) -- then capped at
   pairs.max_per_problem per problem, largest Q gap first (ties: trajectory pairs before step
   pairs, shallower prefix first, lower node ids first). SFT rows are deduplicated on
   (prompt, completion).
@@ -178,7 +180,7 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
 
     dpo_rows: list[dict] = []
     sft_rows: list[dict] = []
-    seen_pairs: set[tuple[str, str, str]] = set()
+    seen_pairs: set[tuple[str, str]] = set()
     seen_sft: set[tuple[str, str]] = set()
     for problem_id in sorted(by_problem):
         candidates: list[tuple[tuple, dict]] = []
@@ -200,7 +202,9 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
         for _, row in candidates:
             if kept >= pairs.max_per_problem:
                 break
-            key = (row["prompt"], row["chosen"], row["rejected"])
+            # Equal full texts train the same: a step pair that ends two terminals repeats the
+            # trajectory pair of those terminals with a longer prompt; the trajectory pair ranks first.
+            key = (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"])
             if key in seen_pairs:
                 continue
             seen_pairs.add(key)

@@ -26,20 +26,27 @@ only builds its configs and datasets:
   into the weights before saving, so the next policy is a plain checkpoint.
 - Checkpoints: TRL's output_dir is `out_dir/trainer/<phase>`, saved every `save_steps` steps and
   at the end, keeping one. If a checkpoint is there, the phase resumes from it
-  (`resume_from_checkpoint`), so an interrupted training loses only the steps since it.
+  (`resume_from_checkpoint`), so an interrupted training loses only the steps since it. A
+  resumed DPO phase redoes the reference pass on the starting policy first (the weights of the
+  checkpoint are loaded after it); a phase that had finished resumes at its last step and trains
+  no more (dpo_then_sft killed during SFT keeps its DPO result).
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
-  `out_dir/policy` (atomic). If `out_dir/policy/meta.json` already exists, training is complete
+  `out_dir/policy` (atomic). meta.json: source_policy, iteration, data_dir, rows {dpo, sft},
+  metrics, config (TrainConfig), model (ModelConfig). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
   keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
-    mode, phases, policy_dir, source_policy, iteration, pairs, sft_rows, steps, seconds, loss,
-    <phase>/steps, <phase>/seconds, <phase>/rows, <phase>/loss_first, <phase>/loss_last,
-    <phase>/loss_mean, <phase>/train_loss,
+    mode, phases, policy_dir, source_policy, iteration, pairs (DPO rows in the file), sft_rows,
+    steps, seconds, loss (last logged loss of the last phase), skipped (only when nothing trained),
+    <phase>/rows (rows trained on), <phase>/rows_too_long (prompt alone >= max_length tokens:
+    dropped, as TRL would), <phase>/steps, <phase>/seconds (reference pass included),
+    <phase>/loss_first, <phase>/loss_last, <phase>/loss_mean, <phase>/train_loss,
     dpo/rewards/{chosen,rejected,margins,accuracies} (last logged step) and their _mean,
     dpo/logps/chosen_first, dpo/logps/chosen_last, dpo/logps/rejected_first,
-    dpo/logps/rejected_last (r -> Q*: the chosen log-prob is expected to fall during DPO),
-    sft/mean_token_accuracy (last logged step).
+    dpo/logps/rejected_last (per-step batch means), dpo/logps/chosen_change
+    (rewards/chosen / beta at the last step: the chosen log-prob against the reference; the r -> Q*
+    paper predicts it falls during DPO), <phase>/mean_token_accuracy (last step) and its _mean.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,11 +90,49 @@ class _EosAwareCollator:
         return self.inner(batch)
 
 
-def _phases(mode: TrainMode, dpo_rows: list, sft_rows: list) -> list[str]:
-    wanted = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"],
-              TrainMode.dpo_then_sft: ["dpo", "sft"]}[TrainMode(mode)]
-    rows = {"dpo": dpo_rows, "sft": sft_rows}
-    return [p for p in wanted if rows[p]]
+def _quiet() -> bool:
+    return os.environ.get("QSTAR_PROGRESS", "1") == "0"
+
+
+@contextmanager
+def _quiet_when_progress_off():
+    """QSTAR_PROGRESS=0: no datasets/transformers/TRL progress bars and no per-step log prints
+    (the metrics keep everything); the global switches are restored afterwards."""
+    if not _quiet():
+        yield
+        return
+    import datasets
+    import transformers
+
+    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's reference log-prob pass reads it
+    try:
+        yield
+    finally:
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            transformers.utils.logging.enable_progress_bar()
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
+
+
+_PHASES = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"], TrainMode.dpo_then_sft: ["dpo", "sft"]}
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -121,7 +167,7 @@ def _common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, rep
         bf16=cuda and model_cfg.dtype == "bfloat16",
         fp16=cuda and model_cfg.dtype == "float16",
         use_cpu=not cuda,
-        gradient_checkpointing=cuda,
+        activation_checkpointing=cuda,  # TRL defaults to on; the new name avoids a warning
         dataloader_pin_memory=cuda,
         logging_steps=1,
         eval_strategy="no",
@@ -129,7 +175,7 @@ def _common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, rep
         save_steps=save_steps,
         save_total_limit=1,
         report_to=report_to,
-        disable_tqdm=os.environ.get("QSTAR_PROGRESS", "1") == "0",
+        disable_tqdm=_quiet(),
     )
 
 
@@ -226,7 +272,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     model_cfg gives device, dtype and trust_remote_code (its name is ignored: the weights come
     from policy_dir). callbacks: extra transformers TrainerCallbacks for every phase.
     """
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
 
     from pipeline.models import load_tokenizer
 
@@ -236,38 +282,60 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     if (final / "meta.json").is_file():  # finished before: the rename is the commit point
         return json.loads((final / "meta.json").read_text())["metrics"]
 
-    dpo_rows = _read_rows(data_dir / "dpo.jsonl")
-    sft_rows = _read_rows(data_dir / "sft.jsonl")
+    rows = {"dpo": _read_rows(data_dir / "dpo.jsonl"), "sft": _read_rows(data_dir / "sft.jsonl")}
     if iteration is None:
-        iteration = _iteration_of(dpo_rows + sft_rows)
+        iteration = _iteration_of(rows["dpo"] + rows["sft"])
     mode = TrainMode(cfg.mode)
-    phases = _phases(mode, dpo_rows, sft_rows)
-    metrics: dict[str, Any] = {"mode": mode.value, "phases": phases, "source_policy": policy_dir,
-                               "iteration": iteration, "pairs": len(dpo_rows),
-                               "sft_rows": len(sft_rows)}
+    metrics: dict[str, Any] = {"mode": mode.value, "source_policy": policy_dir,
+                               "iteration": iteration, "pairs": len(rows["dpo"]),
+                               "sft_rows": len(rows["sft"])}
+    wanted = [p for p in _PHASES[mode] if rows[p]]
+    tokenizer = load_tokenizer(model_cfg, policy_dir) if wanted else None
+    phases, too_long = [], {}
+    for phase in wanted:
+        fitting = [r for r in rows[phase]
+                   if len(tokenizer(r["prompt"])["input_ids"]) < cfg.max_length]
+        too_long[phase] = len(rows[phase]) - len(fitting)
+        metrics[f"{phase}/rows_too_long"] = too_long[phase]  # TRL would drop them: no completion left
+        rows[phase] = fitting
+        if fitting:
+            phases.append(phase)
+    metrics["phases"] = phases
     if not phases:
-        wanted = {"dpo": "DPO pairs", "sft": "SFT rows", "dpo_then_sft": "DPO pairs or SFT rows"}
-        return {**metrics, "skipped": f"no {wanted[mode.value]} in {data_dir}",
-                "policy_dir": policy_dir, "steps": 0, "seconds": 0.0}
+        names = {"dpo": "DPO pairs", "sft": "SFT rows"}
+        what = " or ".join(names[p] for p in _PHASES[mode])
+        reason = f"no {what} in {data_dir}"
+        if any(too_long.values()):
+            reason = (f"every one of the {sum(too_long.values())} {what} has a prompt of "
+                      f"train.max_length={cfg.max_length} tokens or more")
+        return {**metrics, "skipped": reason, "policy_dir": policy_dir, "steps": 0, "seconds": 0.0}
 
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(model_cfg, policy_dir)
     model = _load_model(policy_dir, cfg, model_cfg)
-    runners = {"dpo": (_run_dpo, dpo_rows), "sft": (_run_sft, sft_rows)}
+    use_cache = getattr(model.config, "use_cache", None)
+    runners = {"dpo": _run_dpo, "sft": _run_sft}
     start = time.perf_counter()
     histories = {}
     trainer = None
     for phase in phases:
-        run, rows = runners[phase]
         output_dir = out_dir / "trainer" / phase
-        trainer = run(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps,
-                      callbacks)
         phase_start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
+        trainer = None  # let the previous phase's optimizer state go before the next one
+        _free_memory()
+        with _quiet_when_progress_off():
+            trainer = runners[phase](model, tokenizer, rows[phase], cfg, model_cfg, output_dir,
+                                     report_to, save_steps, callbacks)
+            if _quiet():
+                trainer.remove_callback(PrinterCallback)
+            trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
         seconds = time.perf_counter() - phase_start
         histories[phase] = trainer.state.log_history
         metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,
-                                      seconds, len(rows)))
+                                      seconds, len(trainer.train_dataset)))
+        if phase == "dpo" and "dpo/rewards/chosen" in metrics:
+            # rewards/chosen = beta * (log pi - log pi_ref) of the chosen completions: their
+            # log-probability change against the reference at the last step (r -> Q*: it falls)
+            metrics["dpo/logps/chosen_change"] = metrics["dpo/rewards/chosen"] / cfg.beta
         model = trainer.model
         if cfg.lora:
             model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
@@ -280,12 +348,15 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
         "source_policy": policy_dir,
         "iteration": iteration,
         "data_dir": str(data_dir),
-        "rows": {"dpo": len(dpo_rows), "sft": len(sft_rows)},
+        "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]},
         "metrics": metrics,
         "config": to_dict(cfg),
         "model": to_dict(model_cfg),
     }
+    if use_cache is not None:
+        model.config.use_cache = use_cache  # as loaded: training may have switched it off
     with atomic_dir(final) as tmp:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         if cfg.lora:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

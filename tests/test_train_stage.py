@@ -1,0 +1,208 @@
+"""Train stage on the tiny random model: DPO and SFT through TRL, checkpoints, resume, meta.json."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from pipeline.atomic import write_jsonl
+from pipeline.config import ModelConfig, TrainConfig, TrainMode
+from pipeline.errors import QstarError
+from pipeline.train_stage import _EosAwareCollator, train_policy
+
+PROMPT = "<|im_start|>user\nWhat is {} + {}?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def lineage(kind, terminal):
+    return {"iteration": 0, "problem_id": "p", "kind": kind, "prefix_node": 0, "node_ids": [1, 2],
+            "q": [0.9, 0.1], "visits": [3, 2], "terminal": terminal, "reward": [None, None]}
+
+
+def dpo_rows():
+    rows = []
+    for a, b in ((2, 3), (4, 1), (6, 2), (1, 7)):
+        rows.append({"prompt": PROMPT.format(a, b), "chosen": f"Answer: {a + b}\n",
+                     "rejected": f"Answer: {a * b + 1}\n", "lineage": lineage("trajectory", [True, True])})
+    rows.append({"prompt": PROMPT.format(5, 5), "chosen": "Step 1: 5 + 5 = 10\n",
+                 "rejected": "Step 1: 5 * 5 = 25\n", "lineage": lineage("step", [False, False])})
+    return rows
+
+
+def sft_rows():
+    return [{"prompt": PROMPT.format(a, b), "completion": f"Step 1: {a} + {b} = {a + b}\nAnswer: {a + b}\n",
+             "lineage": lineage("sft", [True])} for a, b in ((2, 3), (4, 1), (6, 2), (1, 7))]
+
+
+def write_rows(data_dir, dpo=(), sft=()):
+    write_jsonl(data_dir / "dpo.jsonl", list(dpo))
+    write_jsonl(data_dir / "sft.jsonl", list(sft))
+    return data_dir
+
+
+def config(**overrides):
+    # all 5 pairs in one batch: every step sees the same batch, so the losses compare directly
+    base = dict(mode=TrainMode.dpo, learning_rate=3e-3, epochs=6, batch_size=5, max_length=128,
+                beta=0.5, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def weights(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class Killed(Exception):
+    pass
+
+
+class _StopAfterFirstSave(TrainerCallback):
+    def __init__(self, phase="dpo"):
+        self.phase = phase
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.output_dir.endswith(self.phase):
+            raise Killed(f"killed after the checkpoint of step {state.global_step}")
+
+
+class _FirstStep(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_dpo_loss_falls_every_parameter_changes_and_checkpoint_loads(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
+    out = tmp_path / "train"
+    metrics = train_policy(str(tiny_model_dir), data, config(), out, model_cfg=ModelConfig(name="x"))
+
+    assert metrics["policy_dir"] == str(out / "policy") and "skipped" not in metrics
+    assert metrics["phases"] == ["dpo"] and metrics["pairs"] == 5 and metrics["dpo/rows"] == 5
+    assert metrics["dpo/rows_too_long"] == 0
+    assert metrics["steps"] == metrics["dpo/steps"] == 6
+    assert metrics["dpo/loss_first"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+    assert metrics["dpo/loss_last"] < metrics["dpo/loss_first"] - 0.05
+    assert metrics["dpo/rewards/margins"] > 0 and metrics["dpo/rewards/accuracies"] > 0.5
+    for key in ("dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/logps/chosen_first",
+                "dpo/logps/chosen_last", "dpo/logps/chosen_change", "dpo/loss_mean", "seconds"):
+        assert isinstance(metrics[key], float), key
+
+    before, after = weights(tiny_model_dir), weights(out / "policy")
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert unchanged == []
+
+    model = AutoModelForCausalLM.from_pretrained(out / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(out / "policy")
+    ids = tokenizer(PROMPT.format(2, 3), return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == len(tokenizer)
+
+    meta = json.loads((out / "policy" / "meta.json").read_text())
+    assert meta["source_policy"] == str(tiny_model_dir) and meta["iteration"] == 0
+    assert meta["rows"] == {"dpo": 5, "sft": 4} and meta["data_dir"] == str(data)
+    assert meta["metrics"] == json.loads(json.dumps(metrics))
+    assert meta["config"]["mode"] == "dpo" and meta["config"]["learning_rate"] == 3e-3
+    assert not list((out / "trainer" / "dpo").glob("checkpoint-*"))  # deleted once saved
+    history = json.loads((out / "trainer" / "dpo" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert not [p for p in out.rglob(".tmp-*")]
+
+    # done is done: a second call returns the recorded metrics without training
+    assert train_policy(str(tiny_model_dir), data, config(), out) == meta["metrics"]
+
+
+def test_sft_and_dpo_then_sft(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
+    sft = train_policy(str(tiny_model_dir), data, config(mode=TrainMode.sft, batch_size=4),
+                       tmp_path / "sft")
+    assert sft["phases"] == ["sft"] and sft["sft/steps"] == 6 and sft["sft/rows"] == 4
+    assert sft["sft/loss_last"] < sft["sft/loss_first"]
+    assert "sft/mean_token_accuracy" in sft
+    before, after = weights(tiny_model_dir), weights(tmp_path / "sft" / "policy")
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+    # dpo_then_sft, killed in its SFT phase: the rerun takes DPO's final checkpoint (no DPO step
+    # again, and the reference pass is redone on the starting policy) and resumes SFT
+    cfg = config(mode=TrainMode.dpo_then_sft, epochs=2)  # 2 DPO steps, then 2 SFT steps
+    with pytest.raises(Killed, match="step 1"):
+        train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
+                     callbacks=[_StopAfterFirstSave(phase="sft")])
+    seen = _FirstStep()
+    both = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
+                        callbacks=[seen])
+    assert seen.steps == [2]  # SFT step 2 only
+    assert both["phases"] == ["dpo", "sft"] and both["dpo/steps"] == both["sft/steps"] == 2
+    assert both["steps"] == 4 and both["loss"] == both["sft/loss_last"]
+    assert both["dpo/loss_first"] == pytest.approx(0.6931, abs=1e-3)
+    meta = json.loads((tmp_path / "both" / "policy" / "meta.json").read_text())
+    assert meta["rows"] == {"dpo": 5, "sft": 4} and meta["metrics"]["mode"] == "dpo_then_sft"
+
+
+def test_no_rows_skips_and_keeps_the_old_policy(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "data", dpo=[], sft=sft_rows())
+    out = tmp_path / "train"
+    metrics = train_policy(str(tiny_model_dir), data, config(), out)
+    assert metrics["policy_dir"] == str(tiny_model_dir) and metrics["steps"] == 0
+    assert "no DPO pairs" in metrics["skipped"]
+    assert not out.exists()
+    missing = train_policy(str(tiny_model_dir), tmp_path / "nothing", config(mode=TrainMode.sft), out)
+    assert "skipped" in missing and not out.exists()
+    long = [{**row, "prompt": "x" * 130 + row["prompt"]} for row in dpo_rows()]
+    write_rows(data, dpo=long)
+    metrics = train_policy(str(tiny_model_dir), data, config(), out)
+    assert metrics["dpo/rows_too_long"] == 5 and "max_length=128" in metrics["skipped"]
+    assert metrics["policy_dir"] == str(tiny_model_dir) and not out.exists()
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "data", dpo=dpo_rows())
+    out = tmp_path / "train"
+    cfg = config(batch_size=3, epochs=2)  # 2 steps an epoch, 4 in all
+    with pytest.raises(Killed, match="step 2"):
+        train_policy(str(tiny_model_dir), data, cfg, out, save_steps=2,
+                     callbacks=[_StopAfterFirstSave()])
+    assert [p.name for p in (out / "trainer" / "dpo").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (out / "policy").exists()
+
+    seen = _FirstStep()
+    metrics = train_policy(str(tiny_model_dir), data, cfg, out, save_steps=2, callbacks=[seen])
+    assert seen.steps == [3, 4]  # continued after step 2 (in the second epoch), not from 0
+    assert metrics["dpo/steps"] == 4
+    history = json.loads((out / "trainer" / "dpo" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+    assert metrics["dpo/loss_first"] == pytest.approx(0.6931, abs=1e-3)
+
+    # the same training uninterrupted reaches the same weights
+    straight = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "straight", save_steps=2)
+    assert straight["dpo/loss_last"] == pytest.approx(metrics["dpo/loss_last"], rel=1e-4)
+    resumed, direct = weights(out / "policy"), weights(tmp_path / "straight" / "policy")
+    assert all(torch.allclose(resumed[k], direct[k], atol=1e-5) for k in resumed)
+
+
+def test_eos_kept_only_where_the_solution_ends():
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    eos = 9
+    collate = _EosAwareCollator(DataCollatorForPreference(pad_token_id=0), eos)
+    step = {"prompt_ids": [1, 2], "chosen_ids": [3, 4, eos], "rejected_ids": [5, eos],
+            "chosen_eos": False, "rejected_eos": True, "lineage": {"kind": "step"}}
+    whole = {"prompt_ids": [1], "chosen_ids": [6, eos], "rejected_ids": [7, eos],
+             "chosen_eos": True, "rejected_eos": True, "ref_chosen_logps": -1.0,
+             "ref_rejected_logps": -2.0}
+    batch = collate([step])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [1, 2, 5, eos]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    batch = collate([whole])
+    assert batch["input_ids"].tolist() == [[1, 6, eos], [1, 7, eos]]
+    assert batch["ref_chosen_logps"].tolist() == [-1.0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is not None, reason="peft is installed")
+def test_lora_without_peft_says_how_to_install(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "data", dpo=dpo_rows())
+    with pytest.raises(QstarError, match=r"qstar\[lora\]"):
+        train_policy(str(tiny_model_dir), data, config(lora=True), tmp_path / "train")
+    assert not (tmp_path / "train" / "policy").exists()
