@@ -35,3 +35,14 @@ def tiny_model(tiny_model_dir):
 def debug_overrides(tiny_model_dir, tmp_path) -> list[str]:
     """The real config, shrunk by the debug group, on the tiny model."""
     return ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray on this machine, started once per test session (about 4 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,178 @@
+"""The self-play loop end to end on the tiny model: artifacts, crash + resume, sweeps, inspect."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import loop as loop_module
+from pipeline.compose import compose_config
+from pipeline.errors import ConfigError, QstarError
+from pipeline.loop import resume_run, run_loop
+from pipeline.runstore import STAGES, RunStore
+
+QSTAR = str(Path(sys.executable).parent / "qstar")
+
+
+def loop_overrides(debug_overrides, *extra) -> list[str]:
+    # 4 training problems in 2 shards, so a crash can land between shards.
+    return debug_overrides + ["search.trees_per_batch=2", "train.learning_rate=1e-3", *extra]
+
+
+def counts(run: Path) -> dict:
+    """What a complete run must have, independent of timing."""
+    store = RunStore(run)
+    result = {"stages": sorted(store.manifest["stages"])}
+    for i in range(store.manifest["iterations"]):
+        shards = sorted((run / f"iter_{i:03d}/search").glob("shard_*.jsonl"))
+        result[f"trees_{i}"] = sum(len(p.read_text().splitlines()) for p in shards)
+        for name in ("dpo", "sft"):
+            path = run / f"iter_{i:03d}/data/{name}.jsonl"
+            result[f"{name}_{i}"] = len(path.read_text().splitlines())
+        result[f"critics_{i}"] = sorted(p.name for p in (run / f"iter_{i:03d}/critics").iterdir())
+        result[f"policy_{i}"] = (run / f"iter_{i:03d}/train/policy/config.json").exists()
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir):
+    """One uninterrupted 1-iteration run to compare resumed runs against."""
+    root = tmp_path_factory.mktemp("reference")
+    overrides = loop_overrides(["debug=default", f"model={tiny_model_dir}",
+                                f"model.cache_dir={root / 'cache'}"])
+    run_loop(compose_config(overrides), root / "run")
+    return root / "run", overrides
+
+
+def test_run_completes_every_stage_with_its_artifacts(reference_run):
+    run, _ = reference_run
+    store = RunStore(run)
+    expected = ["iter_000/baseline"] + [f"iter_000/{s}" for s in STAGES]
+    assert sorted(store.manifest["stages"]) == sorted(expected)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == len(expected)
+    c = counts(run)
+    assert c["trees_0"] == 4
+    assert c["critics_0"] == ["metrics.json", "orm", "prm", "value"]
+    assert (run / "iter_000/eval/metrics.json").exists()
+    assert (run / "plots/accuracy.png").stat().st_size > 0
+    train = store.metrics(0, "train")
+    if not train.get("skipped"):  # a trained policy loads back and is the next policy
+        assert c["policy_0"] and store.policy_dir(1, "base") == train["policy_dir"]
+    # Nothing half-written is left behind.
+    assert not list(run.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_crash_in_any_stage_then_resume_matches_uninterrupted(stage, reference_run, tmp_path,
+                                                              monkeypatch):
+    reference, overrides = reference_run
+    run = tmp_path / "run"
+    real = loop_module.STAGE_FUNCTIONS[stage]
+
+    def crash(loop, i):
+        if stage == "search":  # crash after the first shard is written
+            jobs_seen = []
+            original = loop.cluster.search_shards
+
+            def one_then_die(jobs):
+                jobs_seen.extend(jobs)
+                original(jobs[:1])
+                raise RuntimeError("killed mid-search")
+
+            loop.cluster.search_shards = one_then_die
+            real(loop, i)
+        raise RuntimeError(f"killed in {stage}")
+
+    monkeypatch.setitem(loop_module.STAGE_FUNCTIONS, stage, crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_loop(compose_config(overrides), run)
+    assert not RunStore(run).done(0, stage)
+    if stage == "search":
+        assert len(list((run / "iter_000/search").glob("shard_*.jsonl"))) == 1
+    monkeypatch.setitem(loop_module.STAGE_FUNCTIONS, stage, real)
+    resume_run(str(run), [])
+    assert counts(run) == counts(reference)
+
+
+def test_resume_extends_iterations_and_refuses_other_changes(reference_run, tmp_path):
+    import shutil
+
+    reference, _ = reference_run
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    with pytest.raises(ConfigError, match=r"search\.c_puct cannot change on resume"):
+        resume_run(str(run), ["search.c_puct=2.0"])
+    resume_run(str(run), ["iterations=2"])
+    store = RunStore(run)
+    assert store.done(1, "eval") and store.manifest["iterations"] == 2
+    assert (run / "iter_001/search/shard_0000.jsonl").exists()
+
+
+def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(QstarError, match="not a qstar run directory"):
+        resume_run(str(tmp_path), [])
+
+
+def test_manifest_from_another_version_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 999, "stages": {}}))
+    with pytest.raises(QstarError, match="manifest version 999"):
+        RunStore(tmp_path)
+
+
+def test_lock_refuses_a_second_process(tmp_path):
+    store = RunStore(tmp_path)
+    with store.lock():
+        code = ("from pipeline.runstore import RunStore\n"
+                f"with RunStore({str(tmp_path)!r}).lock(): pass\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode != 0 and "is in use by pid" in proc.stderr
+
+
+def test_sweep_makes_one_run_per_value_and_inspect_compares_them(tiny_model_dir, tmp_path):
+    env = dict(os.environ, QSTAR_PROGRESS="0", WANDB_MODE="disabled")
+    args = [QSTAR, "run", "-m", "debug=default", f"model={tiny_model_dir}",
+            f"model.cache_dir={tmp_path / 'cache'}", "search.c_puct=0.5,2.0",
+            "eval.decodes=[greedy]", "critics.enabled=false"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweeps = list((tmp_path / "runs/multirun").glob("*/*"))
+    assert len(sweeps) == 1
+    runs = sorted(p for p in sweeps[0].iterdir() if (p / "manifest.json").exists())
+    assert len(runs) == 2
+    c_puct = [RunStore(r).manifest["config"]["search"]["c_puct"] for r in runs]
+    assert sorted(c_puct) == [0.5, 2.0]
+    table = subprocess.run([QSTAR, "inspect", str(sweeps[0])], env=env, capture_output=True,
+                           text=True)
+    assert table.returncode == 0
+    assert "search.c_puct=0.5" in table.stdout and "search.c_puct=2.0" in table.stdout
+
+
+def test_inspect_prints_the_table_and_one_tree(reference_run, capsys):
+    from pipeline.cli import main
+
+    run, _ = reference_run
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "acc:greedy" in out and out.count("\n") >= 3
+    problem = json.loads((run / "iter_000/search/shard_0000.jsonl").read_text().splitlines()[0])
+    assert main(["inspect", str(run), "--iter", "0", "--problem", problem["problem_id"]]) == 0
+    out = capsys.readouterr().out
+    assert f"problem {problem['problem_id']}" in out and "N=" in out and "Q=" in out
+    html_files = list((run / "inspect").glob("tree_iter0_*.html"))
+    assert html_files and "<ul>" in html_files[0].read_text()
+    assert main(["inspect", str(run), "--iter", "0", "--problem", "nope"]) == 2
+
+
+def test_ray_cluster_runs_the_loop(tiny_model_dir, tmp_path, ray_session):
+    overrides = loop_overrides(["debug=default", f"model={tiny_model_dir}",
+                                f"model.cache_dir={tmp_path / 'cache'}"],
+                               "cluster=ray", "cluster.search_workers=2",
+                               "cluster.worker_num_cpus=0.5", "eval.decodes=[greedy]")
+    store = run_loop(compose_config(overrides), tmp_path / "run")
+    assert store.done(0, "eval")
+    assert counts(tmp_path / "run")["trees_0"] == 4
