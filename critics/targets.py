@@ -60,13 +60,41 @@ def tree_examples(tree: Tree, problem_id: str) -> dict[str, list[Example]]:
     return examples
 
 
+def rollout_examples(tree: Tree, rollouts: dict, problem_id: str) -> list[Example]:
+    """ORM examples from verified fast rollouts: the leaf's steps plus its rollout, labelled by
+    the verifier's reward on the rolled-out answer (the node's `rollout` part in training)."""
+    found = []
+    for node_key, rollout in sorted(rollouts.items(), key=lambda item: int(item[0])):
+        node = int(node_key)
+        if rollout["text"] and not tree.terminal[node] and tree.total[node] is not None:
+            text = state_text(tree.prompt, tree.steps(node)) + rollout["text"]
+            found.append(Example(text, float(tree.rollout[node] == 1.0), problem_id))
+    return found
+
+
 def critic_examples(rows: Iterable[dict]) -> dict[str, list[Example]]:
-    """Examples of every kind from search shard rows ({"problem_id", "tree", ...})."""
+    """Examples of every kind from search shard rows ({"problem_id", "tree", "rollouts"?})."""
     examples: dict[str, list[Example]] = {kind: [] for kind in KINDS}
     for row in rows:
-        for kind, found in tree_examples(Tree.from_json(row["tree"]), str(row["problem_id"])).items():
+        tree, problem_id = Tree.from_json(row["tree"]), str(row["problem_id"])
+        for kind, found in tree_examples(tree, problem_id).items():
             examples[kind].extend(found)
+        examples["orm"].extend(rollout_examples(tree, row.get("rollouts", {}), problem_id))
     return examples
+
+
+def cap_state_examples(examples: dict[str, list[Example]], max_texts: int,
+                       seed: int) -> dict[str, list[Example]]:
+    """Keep at most `max_texts` distinct partial-solution texts for value and PRM (a seeded
+    sample): critic features cost a full backbone pass per text, the CPU's bottleneck."""
+    texts = sorted({e.text for kind in ("value", "prm") for e in examples[kind]})
+    if len(texts) <= max_texts:
+        return examples
+    keep = set(random.Random(seed).sample(texts, max_texts))
+    capped = {kind: [e for e in found if e.text in keep] for kind, found in examples.items()
+              if kind != "orm"}
+    capped["orm"] = examples["orm"]
+    return capped
 
 
 def heldout_problems(problem_ids: Iterable[str], fraction: float, seed: int) -> set[str]:

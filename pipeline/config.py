@@ -158,6 +158,7 @@ class CriticsConfig:
     batch_size: int = 32
     max_length: int = 384
     heldout_fraction: float = 0.2
+    max_state_texts: int = 512  # value/PRM texts per iteration (seeded sample); features cost a forward each
     score_batch_size: int = 32
     seed: int = 0
 

@@ -26,7 +26,7 @@ from critics import (
 from critics.critic_set import backbone_of
 from critics.features import hidden_features
 from critics.metrics import accuracy, auc, expected_calibration_error, mse, precision_recall
-from critics.targets import heldout_problems
+from critics.targets import cap_state_examples, heldout_problems
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import CriticsConfig, ModelConfig, to_dict
 from pipeline.models import load_model
@@ -90,7 +90,7 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     backbone = str(cfg.backbone or policy_dir)
     if model is None:
         model, tokenizer = load_model(replace(model_cfg or ModelConfig(), name=backbone))
-    examples = critic_examples(rows)
+    examples = cap_state_examples(critic_examples(rows), cfg.max_state_texts, cfg.seed)
     problem_ids = sorted({str(row["problem_id"]) for row in rows})
     texts = sorted({e.text for kind in KINDS for e in examples[kind]})  # value and PRM share most
     feature_start = time.perf_counter()

@@ -20,11 +20,11 @@ def iteration_table(store: RunStore) -> str:
     rows = policy_rows(store)
     decodes = sorted({d for r in rows for d in r["accuracy"]})
     header = ["policy"] + [f"acc:{d}" for d in decodes] + [
-        "pairs", "dpo_margin", "chosen_logp", "orm_auc", "prm_auc", "solve", "tokens", "minutes"]
+        "pairs", "dpo_margin", "chosen_dlogp", "orm_auc", "prm_auc", "solve", "tokens", "minutes"]
     lines = [header]
     for r in rows:
         lines.append([str(r["policy"])] + [_fmt(r["accuracy"].get(d)) for d in decodes] + [
-            _fmt(r.get("pairs"), "d"), _fmt(r.get("dpo_margin")), _fmt(r.get("chosen_logp"), ".2f"),
+            _fmt(r.get("pairs"), "d"), _fmt(r.get("dpo_margin")), _fmt(r.get("chosen_dlogp"), ".2f"),
             _fmt(r.get("orm_auc")), _fmt(r.get("prm_auc")), _fmt(r.get("search_solve_rate")),
             _fmt(r.get("tokens"), "d"), _fmt(r.get("minutes"), ".1f")])
     return _columns(lines)

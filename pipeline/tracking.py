@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 from pipeline.config import QstarConfig, to_dict
 from pipeline.runstore import RunStore
@@ -35,7 +36,7 @@ class Tracker:
     def _init_wandb(self):
         import wandb
 
-        run_id = self.store.manifest.get("wandb_id") or wandb.util.generate_id()
+        run_id = self.store.manifest.get("wandb_id") or uuid.uuid4().hex[:12]
         self.store.set_info(wandb_id=run_id)
         os.environ["WANDB_MODE"] = self.mode
         return wandb.init(project=self.cfg.tracking.project, id=run_id, resume="allow",
