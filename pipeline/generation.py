@@ -1,10 +1,13 @@
 """Batched generation: the one place qstar samples text from a model.
 
 MCTS options, fast rollouts, best-of-N, beam scoring and eval all come through here.
-It wraps `model.generate` (left padding, KV cache, greedy or sampled) and adds two small
-hooks: a logits processor that keeps the step's unwarped log-softmax, and a stopping
-criterion that records each chosen token's log-prob and ends a row at an option boundary
-(end of line fast path on token ids; any text rule, e.g. a step-marker regex, by decoding).
+It is a small KV-cached decoding loop (left padding, greedy or temperature/top-p sampling)
+rather than `model.generate`, for two reasons measured on CPU: rows leave the batch and the
+cache as soon as they stop (arithmetic answers end after ~10 tokens while a few rows ramble
+to the cap, and `generate` keeps computing every row until the longest stops), and a row can
+switch from sampling its option to a greedy rollout at the option boundary without a second
+prefill. It records each token's log-prob under the model's own (unwarped) distribution and
+ends options at a boundary (newline fast path on token ids; any text rule by decoding).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from pipeline.progress import progress_bar
 
@@ -54,100 +56,14 @@ class Generation:
         return len(self.rollout_logprobs or [])
 
 
-class _KeepLogSoftmax(LogitsProcessor):
-    # Runs before temperature/top-p warpers, so it sees the model's own distribution.
-    def __init__(self):
-        self.last: torch.Tensor | None = None
-
-    def __call__(self, input_ids, scores):
-        self.last = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-
-class _GreedyAfterBoundary(LogitsProcessor):
-    """Rows past their option boundary continue greedily: the fast rollout, same KV cache."""
-
-    def __init__(self, record: _RecordAndStop):
-        self.record = record
-
-    def __call__(self, input_ids, scores):
-        past = self.record.boundary_at
-        if past is None or not bool((past >= 0).any()):
-            return scores
-        rows = (past >= 0).to(scores.device)
-        best = scores.argmax(dim=-1, keepdim=True)
-        onehot = torch.full_like(scores, float("-inf")).scatter(1, best, 0.0)
-        return torch.where(rows[:, None], onehot, scores)
-
-
-class _RecordAndStop(StoppingCriteria):
-    """Records each chosen token's log-prob; finds each row's option boundary; ends rows.
-
-    A row's boundary is its first newline token (fast path), the stop rule's text boundary, or
-    the option cap. Without a rollout the row ends there; with one it goes on greedily for up to
-    `rollout_tokens` more (unless `final(option_text)` says the option already ends the solution).
-    """
-
-    def __init__(self, tokenizer, prompt_len: int, batch: int, keep: _KeepLogSoftmax,
-                 eos_ids: torch.Tensor, stop: StopRule | None, newline_ids: torch.Tensor | None,
-                 option_cap: int, rollout_tokens: int, final):
-        self.tokenizer, self.prompt_len, self.keep = tokenizer, prompt_len, keep
-        self.eos_ids, self.stop, self.newline_ids = eos_ids, stop, newline_ids
-        self.option_cap, self.rollout_tokens, self.final = option_cap, rollout_tokens, final
-        self.logprobs: list[torch.Tensor] = []  # per step: (batch,)
-        self.boundary_at = torch.full((batch,), -1, dtype=torch.long)  # step of the boundary token
-        self.done_at = torch.full((batch,), -1, dtype=torch.long)  # step where the row ended
-        self.by_eos = torch.zeros(batch, dtype=torch.bool)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        token = input_ids[:, -1]
-        step = input_ids.shape[1] - self.prompt_len - 1
-        self.logprobs.append(self.keep.last.gather(1, token[:, None]).squeeze(1).cpu())
-        running = self.done_at < 0
-        eos = torch.isin(token, self.eos_ids).cpu() & running
-        self.by_eos |= eos
-        self.done_at[eos] = step
-        in_option = running & ~eos & (self.boundary_at < 0)
-        boundary = self._boundaries(input_ids, token, step, in_option)
-        self.boundary_at[boundary] = step
-        ends_here = boundary if self.rollout_tokens == 0 else self._final_options(input_ids, boundary)
-        rollout_over = (self.boundary_at >= 0) & (step - self.boundary_at >= self.rollout_tokens)
-        self.done_at[(ends_here | rollout_over) & (self.done_at < 0)] = step
-        return (self.done_at >= 0).to(input_ids.device)
-
-    def _boundaries(self, input_ids, token, step: int, in_option: torch.Tensor) -> torch.Tensor:
-        if self.stop is None:
-            return torch.zeros_like(in_option)
-        if self.newline_ids is not None:
-            hit = torch.isin(token, self.newline_ids).cpu() & in_option
-        else:
-            hit = torch.zeros_like(in_option)
-            for row in torch.nonzero(in_option).flatten().tolist():
-                hit[row] = self.stop.ends(self._text(input_ids, row))
-        if step + 1 >= self.option_cap:
-            hit |= in_option
-        return hit
-
-    def _final_options(self, input_ids, boundary: torch.Tensor) -> torch.Tensor:
-        ends = torch.zeros_like(boundary)
-        for row in torch.nonzero(boundary).flatten().tolist():
-            ends[row] = bool(self.final(self.stop.cut(self._text(input_ids, row))))
-        return ends
-
-    def _text(self, input_ids, row: int) -> str:
-        return self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
-
-
-_NEWLINE_IDS: dict[int, torch.Tensor] = {}
-
-
 def newline_token_ids(tokenizer) -> torch.Tensor:
-    """Ids of every token whose text contains a newline (cached per tokenizer)."""
-    key = id(tokenizer)
-    if key not in _NEWLINE_IDS:
+    """Ids of every token whose text contains a newline (computed once, kept on the tokenizer)."""
+    cached = getattr(tokenizer, "_qstar_newline_ids", None)
+    if cached is None:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _NEWLINE_IDS[key] = torch.tensor([i for i, t in enumerate(texts) if "\n" in t])
-    return _NEWLINE_IDS[key]
+        cached = torch.tensor([i for i, t in enumerate(texts) if "\n" in t])
+        tokenizer._qstar_newline_ids = cached
+    return cached
 
 
 def eos_token_ids(model, tokenizer) -> torch.Tensor:
@@ -192,48 +108,134 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     """
     if rollout_tokens and stop is None:
         raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
+    rule = _Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
+                 newline_token_ids(tokenizer).to(model.device) if stop is not None and
+                 stop.kind == "newline" else None, max_new_tokens, rollout_tokens,
+                 final or (lambda text: False))
     results: list[Generation | None] = [None] * len(prompts)
-    eos_ids = eos_token_ids(model, tokenizer).to(model.device)
-    newline_ids = None
-    if stop is not None and stop.kind == "newline":
-        newline_ids = newline_token_ids(tokenizer).to(model.device)
-    kwargs = sampling_kwargs(model, tokenizer, max_new_tokens + rollout_tokens, temperature, top_p)
-    batches = _length_sorted_batches(prompts, batch_size)
-    for b, rows in enumerate(progress_bar(batches, desc=progress, unit="batch")):
+    for b, rows in enumerate(progress_bar(_length_sorted_batches(prompts, batch_size),
+                                          desc=progress, unit="batch")):
         if seed is not None:
             torch.manual_seed(seed + b)
-        enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
-        prompt_len = enc.input_ids.shape[1]
-        keep = _KeepLogSoftmax()
-        record = _RecordAndStop(tokenizer, prompt_len, len(rows), keep, eos_ids, stop, newline_ids,
-                                max_new_tokens, rollout_tokens, final or (lambda text: False))
-        processors = [keep] + ([_GreedyAfterBoundary(record)] if rollout_tokens else [])
-        out = model.generate(**enc, logits_processor=LogitsProcessorList(processors),
-                             stopping_criteria=[record], **kwargs)
-        logprobs = torch.stack(record.logprobs, dim=1)  # (batch, steps)
-        for j, i in enumerate(rows):
-            results[i] = _row_result(tokenizer, out[j, prompt_len:], logprobs[j], record, j, stop)
+        for i, row in zip(rows, _decode_batch(model, tokenizer, [prompts[i] for i in rows], rule,
+                                              temperature, top_p)):
+            results[i] = row
     return results
 
 
-def _row_result(tokenizer, new_ids: torch.Tensor, logprobs: torch.Tensor,
-                record: _RecordAndStop, row: int, stop: StopRule | None) -> Generation:
-    done_at, boundary_at = int(record.done_at[row]), int(record.boundary_at[row])
-    length = done_at + 1 if done_at >= 0 else len(logprobs)
-    option_len = boundary_at + 1 if boundary_at >= 0 else length
-    ids, lps = new_ids[:length].tolist(), logprobs[:length].tolist()
-    finished = bool(record.by_eos[row])
-    full = tokenizer.decode(ids, skip_special_tokens=True)
-    option = tokenizer.decode(ids[:option_len], skip_special_tokens=True)
-    if stop is not None and boundary_at >= 0:
+@dataclass
+class _Rule:
+    """Where rows stop: EOS, the option boundary (+ optional greedy rollout), the caps."""
+
+    tokenizer: object
+    eos_ids: torch.Tensor
+    stop: StopRule | None
+    newline_ids: torch.Tensor | None  # fast path for the newline stop rule
+    option_cap: int
+    rollout_tokens: int
+    final: object
+
+
+@dataclass
+class _Row:
+    tokens: list[int]
+    logprobs: list[float]
+    boundary: int = -1  # index of the option's last token; -1 while still in the option
+    eos: bool = False
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+            uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling with one given uniform per row, so a row's draw does not depend on
+    which other rows are still in the batch."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the nucleus
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    cdf = probs.cumsum(dim=-1)
+    threshold = uniform.to(cdf.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, threshold).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature: float,
+                  top_p: float) -> list[Generation]:
+    """KV-cached decoding that drops each row from the batch (and the cache) once it stops,
+    so a batch costs the sum of its rows' lengths, not batch size x the longest row."""
+    from transformers import DynamicCache
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
+    rows = [_Row([], []) for _ in prompts]
+    live = list(range(len(prompts)))  # original index of each row still in the batch
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+    for _ in range(rule.option_cap + rule.rollout_tokens):
+        uniform = torch.rand(len(prompts))[live]  # one draw per original row and step
+        in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=logits.device)
+        sampled = _sample(logits, temperature, top_p, uniform)
+        chosen = torch.where(in_rollout, logits.argmax(dim=-1), sampled)
+        logprob = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+        eos = torch.isin(chosen, rule.eos_ids).tolist()
+        newline = torch.isin(chosen, rule.newline_ids).tolist() if rule.newline_ids is not None else None
+        keep = []
+        for j, (r, token, lp) in enumerate(zip(live, chosen.tolist(), logprob.tolist())):
+            rows[r].tokens.append(token)
+            rows[r].logprobs.append(lp)
+            if not _row_ends(rows[r], rule, eos[j], newline[j] if newline else False):
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(index)
+            mask, chosen = mask[index], chosen[index]
+            live = [live[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+    return [_row_result(tokenizer, row, rule.stop) for row in rows]
+
+
+def _row_ends(row: _Row, rule: _Rule, eos: bool, newline: bool) -> bool:
+    """Update the row after its newest token; True when it stops generating."""
+    if eos:
+        row.eos = True
+        return True
+    n = len(row.tokens)
+    if row.boundary >= 0:  # in the rollout
+        return n - 1 - row.boundary >= rule.rollout_tokens
+    if rule.stop is None:
+        return n >= rule.option_cap
+    at_boundary = newline if rule.newline_ids is not None else rule.stop.ends(_text(rule, row))
+    if not (at_boundary or n >= rule.option_cap):
+        return False
+    row.boundary = n - 1
+    return rule.rollout_tokens == 0 or bool(rule.final(rule.stop.cut(_text(rule, row))))
+
+
+def _text(rule: _Rule, row: _Row) -> str:
+    return rule.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
+
+def _row_result(tokenizer, row: _Row, stop: StopRule | None) -> Generation:
+    option_len = row.boundary + 1 if row.boundary >= 0 else len(row.tokens)
+    option_ids, rollout_ids = row.tokens[:option_len], row.tokens[option_len:]
+    option = tokenizer.decode(option_ids, skip_special_tokens=True)
+    if stop is not None and row.boundary >= 0:
         option = stop.cut(option)
-    rollout_ids = ids[option_len:]
+    full = tokenizer.decode(row.tokens, skip_special_tokens=True)
     return Generation(
-        text=option, token_ids=ids[:option_len], logprobs=lps[:option_len],
-        finished=finished and not rollout_ids, stopped=boundary_at >= 0,
-        rollout=full[len(option):] if rollout_ids or boundary_at >= 0 else "",
-        rollout_logprobs=lps[option_len:], rollout_finished=finished and bool(rollout_ids),
+        text=option, token_ids=option_ids, logprobs=row.logprobs[:option_len],
+        finished=row.eos and not rollout_ids, stopped=row.boundary >= 0,
+        rollout=full[len(option):] if row.boundary >= 0 else "",
+        rollout_logprobs=row.logprobs[option_len:], rollout_finished=row.eos and bool(rollout_ids),
     )
 
 
