@@ -5,6 +5,8 @@ qstar takes these dataclasses, never a DictConfig.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 
@@ -225,6 +227,14 @@ class QstarConfig:
     progress: bool = True
 
 
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def _require(ok: bool, key: str, allowed: str, value) -> None:
     if not ok:
         raise ConfigError(f"config key {key}={value!r} is invalid: {allowed}")
@@ -269,6 +279,10 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     _require(s.leaves_per_tree >= 1, "search.leaves_per_tree", "must be >= 1", s.leaves_per_tree)
     _require(s.trees_per_batch >= 1, "search.trees_per_batch", "must be >= 1", s.trees_per_batch)
     _require(s.temperature > 0, "search.temperature", "must be > 0", s.temperature)
+    _require(s.alpha >= 0, "search.alpha", "must be >= 0", s.alpha)
+    _require(s.virtual_loss >= 0, "search.virtual_loss", "must be >= 0", s.virtual_loss)
+    _require(_compiles(s.step_regex), "search.step_regex", "must be a valid regular expression",
+             s.step_regex)
     for name in ("weights", "trained_weights"):
         w = getattr(cfg.critics, name)
         parts = [w.value, w.prm, w.orm, w.rollout]

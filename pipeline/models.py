@@ -87,7 +87,11 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 def in_hub_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "config.json")
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id
+        raise QstarError(f"model.name={repo_id!r}: neither a local directory nor a valid "
+                         "Hugging Face id (org/name)") from None
     return isinstance(found, str)
 
 
@@ -118,7 +122,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     path = path or resolve_model_path(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise QstarError(f"model.name={cfg.name!r}: cannot load a tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,173 @@
+"""pipeline.evaluate: voting, grading, and the rule that decoding never sees the gold answer."""
+
+import pytest
+import torch
+
+import pipeline.beam
+import pipeline.evaluate
+import pipeline.generation
+import pipeline.search_stage
+from pipeline.compose import compose_config
+from pipeline.config import DecodeConfig, DecodeStrategy, Selection
+from pipeline.errors import QstarError
+from pipeline.evaluate import Decoded, decode_best_of_n, evaluate, grade, majority_vote
+from pipeline.tasks import Problem, Task
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def before_bar(text):
+    """A test extractor: the answer is what precedes '|'; '-' means no answer."""
+    head = text.split("|")[0]
+    return None if head == "-" else head
+
+
+# ---------------------------------------------------------------- majority vote
+
+
+@pytest.mark.parametrize("candidates,expected", [
+    (["1|a", "2|b", "2|c"], "2|b"),  # most common; its first candidate
+    (["7|a", "8|b", "8|c", "7|d", "9|e"], "7|a"),  # tie 7/8: the earliest answer wins
+    (["8|a", "7|b", "7|c", "8|d"], "8|a"),
+    (["-|a", "5|b", "-|c", "-|d"], "5|b"),  # no answer never wins, however common
+    (["-|a", "-|b"], "-|a"),  # nothing extracted: the first candidate
+    (["3|x"], "3|x"),
+])
+def test_majority_vote(candidates, expected):
+    assert majority_vote(candidates, before_bar) == expected
+
+
+def test_majority_vote_uses_the_passed_extractor():
+    # the default extractor would read 1, 2, 2 from the Answer: lines; ours reads x, x, y
+    candidates = ["x|Answer: 1", "x|Answer: 2", "y|Answer: 2"]
+    assert majority_vote(candidates, before_bar) == "x|Answer: 1"
+    seen = []
+    majority_vote(candidates, lambda c: seen.append(c) or before_bar(c))
+    assert seen == candidates
+
+
+def test_best_of_n_selects_by_vote_or_orm(monkeypatch):
+    groups = [["1|a", "2|b", "2|c"], ["5|a", "6|b", "7|c"]]
+    monkeypatch.setattr(pipeline.evaluate, "sample_candidates",
+                        lambda *a, **k: (groups, 42))
+    d = DecodeConfig(strategy=DecodeStrategy.best_of_n, n=3)
+    out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar)
+    assert out.completions == ["2|b", "5|a"] and out.tokens == 42
+
+    d.select = Selection.orm
+    scores = {"1|a": 0.9, "2|b": 0.1, "2|c": 0.2, "5|a": 0.0, "6|b": 0.3, "7|c": 0.8}
+    calls = []
+
+    def orm(prompts, completions):
+        calls.append((prompts, completions))
+        return [scores[c] for c in completions]
+
+    out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, orm)
+    assert out.completions == ["1|a", "7|c"]
+    assert calls == [(["p1"] * 3 + ["p2"] * 3, groups[0] + groups[1])]
+    with pytest.raises(QstarError, match="ORM"):
+        decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, None)
+
+
+# ---------------------------------------------------------------- grade
+
+
+class SpyTask(Task):
+    """Held-out problems only; every grading call is logged."""
+
+    def __init__(self, problems, log, correct=None):
+        self.name = "spy"
+        self._train, self._heldout = [], list(problems)
+        self.log = log
+        self.correct = correct
+
+    def is_correct(self, problem, completion):
+        self.log.append(("is_correct", problem.id, completion))
+        if self.correct is not None:
+            return self.correct(problem, completion)
+        return super().is_correct(problem, completion)
+
+    def grade(self, problem, answer):
+        self.log.append(("grade", problem.id, answer))
+        return answer == problem.answer
+
+
+def test_grade_counts_with_task_is_correct():
+    problems = [Problem(f"p{i}", f"q{i}", str(i), {}) for i in range(5)]
+    completions = ["Answer: 0", "Answer: 7", "Answer: 2", "nothing", "Answer: 4"]
+    log = []
+    task = SpyTask(problems, log, correct=lambda p, c: c.endswith(p.answer))
+    result = grade(task, problems, Decoded(completions, tokens=123, extra={"k": 1}), "greedy", 2.0)
+    assert [entry[1:] for entry in log] == [(p.id, c) for p, c in zip(problems, completions)]
+    assert result.correct == 3 and result.total == 5
+    assert result.accuracy == pytest.approx(0.6)
+    assert [r["correct"] for r in result.rows] == [True, False, True, False, True]
+    assert [r["predicted"] for r in result.rows] == ["0", "7", "2", None, "4"]
+    assert [r["id"] for r in result.rows] == [p.id for p in problems]
+    assert result.tokens == 123 and result.tokens_per_s == pytest.approx(61.5)
+    summary = result.summary()
+    assert summary["k"] == 1 and summary["strategy"] == "greedy"
+    assert summary["accuracy"] == pytest.approx(0.6)
+
+
+def test_grade_with_default_is_correct_uses_grade():
+    problems = [Problem("a", "q", "5", {}), Problem("b", "q2", "6", {})]
+    log = []
+    result = grade(SpyTask(problems, log), problems, Decoded(["Answer: 5", "Answer: 7"], 0),
+                   "greedy", 0.0)
+    assert result.correct == 1 and result.tokens_per_s == 0.0
+    assert ("grade", "a", "5") in log and ("grade", "b", "7") in log
+
+
+# ---------------------------------------------------------------- gold never reaches decoding
+
+
+SENTINEL = "GOLD-SENTINEL-9f27c1"
+
+
+@pytest.mark.parametrize("strategy", [DecodeStrategy.greedy, DecodeStrategy.sample,
+                                      DecodeStrategy.best_of_n, DecodeStrategy.beam,
+                                      DecodeStrategy.mcts])
+def test_decoding_never_sees_gold(tiny_model, debug_overrides, monkeypatch, strategy):
+    model, tokenizer = tiny_model
+    cfg = compose_config(debug_overrides + ["search.simulations=3"])
+    problems = [Problem(f"s{i}", f"What is {i} + {i + 2}?", f"{SENTINEL}-{i}",
+                        {"answer": f"{SENTINEL}-{i}", "solution": f"#### {SENTINEL}"})
+                for i in range(3)]
+    log, prompts_seen = [], []
+    task = SpyTask(problems, log)
+    real_generate = pipeline.generation.generate
+
+    def spy_generate(model, tokenizer, prompts, **kwargs):
+        log.append(("generate",))
+        prompts_seen.extend(prompts)
+        return real_generate(model, tokenizer, prompts, **kwargs)
+
+    for module in (pipeline.generation, pipeline.evaluate, pipeline.search_stage, pipeline.beam):
+        monkeypatch.setattr(module, "generate", spy_generate)
+    real_decode = pipeline.evaluate.decode
+
+    def spy_decode(*args, **kwargs):
+        out = real_decode(*args, **kwargs)
+        log.append(("decoded",))
+        return out
+
+    monkeypatch.setattr(pipeline.evaluate, "decode", spy_decode)
+
+    result = evaluate(cfg, strategy, model, tokenizer, task, problems)
+
+    kinds = [entry[0] for entry in log]
+    assert "generate" in kinds and kinds.count("decoded") == 1
+    first_grading = min(i for i, k in enumerate(kinds) if k in ("is_correct", "grade"))
+    assert kinds.index("decoded") < first_grading
+    assert all(k in ("is_correct", "grade") for k in kinds[kinds.index("decoded") + 1:])
+    assert kinds.count("is_correct") == len(problems)
+    assert prompts_seen and not any(SENTINEL in p for p in prompts_seen)
+    assert result.total == len(problems) and result.correct == 0
+    assert not any(SENTINEL in r["completion"] for r in result.rows)

@@ -1,0 +1,393 @@
+"""pipeline.generation: batched greedy/sampled generation, stop rules, fused rollouts.
+
+The session tiny model (tied embeddings) mostly repeats its last token, so greedy output from a
+chat prompt is a run of newlines. The `varied` model below (untied, wider init) gives greedy
+continuations that differ per prompt and contain newlines, sentence ends and EOS, which is what
+the padding, stop-rule and rollout checks need.
+"""
+
+import re
+
+import pytest
+import torch
+
+from mcts.options import newline, sentence_end, step_marker, token_cap
+from pipeline.config import ModelConfig
+from pipeline.generation import (
+    chat_prompt,
+    completion_logprobs,
+    eos_token_ids,
+    generate,
+    newline_token_ids,
+)
+from pipeline.models import load_model
+
+QUESTIONS = [
+    "What is 2+3?",
+    "Hi",
+    "A much longer question about many things 12345",
+    "Compute 17*3 then add 4.",
+    "x",
+    "Name three prime numbers below twenty, then sum them.",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are fastest on one thread (and not slowed by a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """A 2-layer random Llama whose greedy text varies by prompt (untied head, init 0.3)."""
+    from tiny import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, initializer_range=0.3,
+    )
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("varied") / "model"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return load_model(ModelConfig(name=str(path)))
+
+
+def prompts_for(tokenizer, questions=QUESTIONS):
+    return [chat_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+
+
+def plain_greedy(model, tokenizer, prompt, max_new_tokens):
+    """`model.generate` greedy on one prompt: new ids through the first EOS."""
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    eos = eos_token_ids(model, tokenizer)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos.tolist(),
+                         temperature=None, top_p=None, top_k=None)
+    ids = out[0, enc.input_ids.shape[1]:].tolist()
+    for k, token in enumerate(ids):
+        if token in eos.tolist():
+            return ids[:k + 1]
+    return ids
+
+
+def raw_text(tokenizer, ids):
+    """Text that re-tokenizes to exactly `ids` (special tokens kept) with the char tokenizer."""
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------- greedy
+
+
+def test_greedy_matches_plain_generate_and_is_batch_invariant(varied):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: left padding
+    batched = generate(model, tokenizer, prompts, max_new_tokens=30, batch_size=8)
+    again = generate(model, tokenizer, prompts, max_new_tokens=30, batch_size=8)
+    pairs = generate(model, tokenizer, prompts, max_new_tokens=30, batch_size=2)
+    singles = [generate(model, tokenizer, [p], max_new_tokens=30)[0] for p in prompts]
+    texts = set()
+    for prompt, b, a, p2, s in zip(prompts, batched, again, pairs, singles):
+        expected = plain_greedy(model, tokenizer, prompt, 30)
+        assert b.token_ids == expected
+        assert a.token_ids == expected and p2.token_ids == expected and s.token_ids == expected
+        assert b.text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert b.num_tokens == len(expected) == len(b.logprobs)
+        texts.add(b.text)
+    assert len(texts) > 1  # the check is not vacuous: rows differ
+
+
+def test_greedy_logprobs_equal_teacher_forced(varied):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    gens = generate(model, tokenizer, prompts, max_new_tokens=25)
+    forced = completion_logprobs(model, tokenizer, prompts,
+                                 [raw_text(tokenizer, g.token_ids) for g in gens])
+    for g, f in zip(gens, forced):
+        assert len(f) == len(g.logprobs) == g.num_tokens
+        assert g.logprobs == pytest.approx(f, abs=1e-4)
+        assert g.logprob == pytest.approx(sum(f), abs=1e-3)
+        assert all(lp <= 0 for lp in g.logprobs)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.5, 1.0)])
+def test_sampled_logprobs_are_unwarped_teacher_forced(tiny_model, temperature, top_p):
+    model, tokenizer = tiny_model
+    prompts = prompts_for(tokenizer)
+    gens = generate(model, tokenizer, prompts, max_new_tokens=20, temperature=temperature,
+                    top_p=top_p, seed=3)
+    forced = completion_logprobs(model, tokenizer, prompts,
+                                 [raw_text(tokenizer, g.token_ids) for g in gens])
+    for g, f in zip(gens, forced):
+        assert len(g.logprobs) == g.num_tokens == len(f) > 0
+        assert g.logprobs == pytest.approx(f, abs=1e-4)
+
+
+# ---------------------------------------------------------------- stop rules and caps
+
+
+def test_newline_rule_ends_each_row_at_first_newline(varied):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    nl = tokenizer.convert_tokens_to_ids("\n")
+    full = generate(model, tokenizer, prompts, max_new_tokens=40)
+    cut = generate(model, tokenizer, prompts, max_new_tokens=40, stop=newline(40))
+    stopped_at_newline = 0
+    for f, c in zip(full, cut):
+        if nl in f.token_ids:
+            k = f.token_ids.index(nl)
+            assert c.token_ids == f.token_ids[:k + 1]
+            assert c.stopped and not c.finished
+            assert c.text.endswith("\n") and c.text.count("\n") == 1
+            assert c.logprobs == pytest.approx(f.logprobs[:k + 1], abs=1e-5)
+            stopped_at_newline += 1
+        else:
+            assert c.token_ids == f.token_ids  # nothing to stop at: same as without a rule
+            assert "\n" not in c.text
+    assert stopped_at_newline >= 1
+
+
+def test_newline_rule_with_sampling(tiny_model):
+    model, tokenizer = tiny_model
+    prompts = prompts_for(tokenizer) * 4
+    cap = 50
+    nl = tokenizer.convert_tokens_to_ids("\n")
+    gens = generate(model, tokenizer, prompts, max_new_tokens=cap, temperature=1.0, seed=0,
+                    stop=newline(cap))
+    newline_rows = 0
+    for g in gens:
+        assert nl not in g.token_ids[:-1]  # never runs past its first newline
+        assert g.num_tokens <= cap
+        if g.stopped and g.token_ids[-1] == nl:
+            assert g.text.endswith("\n") and g.text.count("\n") == 1
+            newline_rows += 1
+        elif g.stopped:  # the option cap, not a newline
+            assert g.num_tokens == cap and "\n" not in g.text
+        else:
+            assert g.finished
+    assert newline_rows >= 1
+
+
+def _sentence_cut(text):
+    m = re.search(r"[.!?]\s|\n", text)
+    return None if m is None else text[:m.end()]
+
+
+def _marker_cut(text, regex):
+    lead = len(text) - len(text.lstrip())
+    for m in re.finditer(regex, text):
+        if m.start() > lead:
+            return text[:m.start()]
+    return None
+
+
+def test_sentence_end_rule_through_decode_path(varied):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    cap = 40
+    rule = sentence_end(cap)
+    assert rule.kind != "newline"  # the decoding path, not the newline token fast path
+    full = generate(model, tokenizer, prompts, max_new_tokens=cap)
+    cut = generate(model, tokenizer, prompts, max_new_tokens=cap, stop=rule)
+    by_rule = 0
+    for f, c in zip(full, cut):
+        expected = _sentence_cut(f.text)
+        if expected is not None:
+            assert c.text == expected and c.stopped
+            assert c.num_tokens == len(expected)  # one token per char, stops on the boundary
+            by_rule += 1
+        else:
+            assert c.text == f.text
+    assert by_rule >= 1
+
+
+@pytest.mark.parametrize("regex", [r"Step \d+:", r"[0-9]", r"[A-Z]"])
+def test_step_marker_rule_through_decode_path(varied, regex):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    cap = 40
+    full = generate(model, tokenizer, prompts, max_new_tokens=cap)
+    cut = generate(model, tokenizer, prompts, max_new_tokens=cap, stop=step_marker(regex, cap))
+    for f, c in zip(full, cut):
+        expected = _marker_cut(f.text, regex)
+        if expected is None:
+            assert c.text == f.text
+            continue
+        assert c.stopped and c.text == expected
+        # the row stopped as soon as the next marker was complete; its tokens are kept
+        kept = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert kept.startswith(expected) and re.fullmatch(regex, kept[len(expected):])
+    if regex != r"Step \d+:":  # the random model never writes "Step 1:"
+        assert any(c.stopped and c.num_tokens < cap for c in cut)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 7])
+def test_option_cap_respected(tiny_model, varied, cap):
+    for model, tokenizer in (tiny_model, varied):
+        prompts = prompts_for(tokenizer)
+        for stop in (None, newline(cap), token_cap(cap), sentence_end(cap)):
+            for temperature in (0.0, 1.0):
+                gens = generate(model, tokenizer, prompts, max_new_tokens=cap, stop=stop,
+                                temperature=temperature, seed=0)
+                for g in gens:
+                    assert 1 <= g.num_tokens <= cap
+                    if not g.finished and not g.stopped:
+                        assert g.num_tokens == cap
+                if stop is not None and stop.kind == "token_cap":
+                    assert all(g.finished or (g.stopped and g.num_tokens == cap) for g in gens)
+
+
+# ---------------------------------------------------------------- fused rollouts
+
+
+@pytest.mark.parametrize("rule", [newline(6), token_cap(4), sentence_end(6)])
+def test_rollout_equals_separate_greedy_continuation(varied, rule):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer) * 2
+    cap, rollout = rule.max_tokens, 12
+    gens = generate(model, tokenizer, prompts, max_new_tokens=cap, temperature=1.0, seed=5,
+                    stop=rule, rollout_tokens=rollout)
+    with_rollout = 0
+    for prompt, g in zip(prompts, gens):
+        assert g.num_tokens <= cap
+        if not g.stopped:
+            assert g.rollout == "" and g.rollout_tokens == 0
+            continue
+        option_ids = tokenizer(g.text, add_special_tokens=False).input_ids
+        assert g.token_ids == option_ids  # for these rules the option is its tokens
+        separate = generate(model, tokenizer, [prompt + g.text], max_new_tokens=rollout)[0]
+        assert g.rollout == separate.text
+        assert g.rollout_tokens == separate.num_tokens
+        assert g.rollout_logprobs == pytest.approx(separate.logprobs, abs=1e-4)
+        assert g.rollout_finished == separate.finished
+        assert not g.finished
+        with_rollout += 1
+    assert with_rollout >= 2
+
+
+def test_final_ends_rollout(varied):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer) * 2
+    kwargs = dict(max_new_tokens=6, temperature=1.0, seed=5, stop=newline(6), rollout_tokens=10)
+    plain = generate(model, tokenizer, prompts, **kwargs)
+    texts = sorted({g.text for g in plain if g.stopped})
+    assert len(texts) >= 2
+    answers = set(texts[::2])  # options that "end the solution"
+    seen = []
+
+    def final(text):
+        seen.append(text)
+        return text in answers
+
+    gens = generate(model, tokenizer, prompts, final=final, **kwargs)
+    assert [g.token_ids for g in gens] == [g.token_ids for g in plain]  # options unchanged
+    stopped = [g for g in gens if g.stopped]
+    assert sorted(seen) == sorted(g.text for g in stopped)  # asked once per option, on its text
+    for g, p in zip(gens, plain):
+        if not g.stopped:
+            continue
+        if g.text in answers:
+            assert g.rollout == "" and g.rollout_tokens == 0 and not g.rollout_finished
+        else:
+            assert g.rollout_tokens > 0
+            assert (g.rollout, g.rollout_logprobs) == (p.rollout, p.rollout_logprobs)
+    every = generate(model, tokenizer, prompts, final=lambda text: True, **kwargs)
+    assert all(g.rollout_tokens == 0 and g.rollout == "" for g in every)
+    assert [g.token_ids for g in every] == [g.token_ids for g in plain]
+
+
+def test_rollout_needs_stop_rule(tiny_model):
+    model, tokenizer = tiny_model
+    with pytest.raises(ValueError, match="stop rule"):
+        generate(model, tokenizer, prompts_for(tokenizer)[:1], max_new_tokens=4, rollout_tokens=3)
+
+
+# ---------------------------------------------------------------- EOS, seeds, newline ids
+
+
+def test_eos_sets_finished(tiny_model, varied):
+    eos = tiny_model[1].eos_token_id
+    finished = 0
+    for (model, tokenizer), temperature in ((varied, 0.0), (tiny_model, 1.0)):
+        gens = generate(model, tokenizer, prompts_for(tokenizer) * 3, max_new_tokens=60,
+                        temperature=temperature, seed=2)
+        for g in gens:
+            if eos in g.token_ids:
+                assert g.token_ids.index(eos) == g.num_tokens - 1  # nothing after EOS
+                assert g.finished and "<|im_end|>" not in g.text
+                finished += 1
+            else:
+                assert not g.finished and g.num_tokens == 60
+    assert finished >= 2
+
+
+def test_eos_from_generation_config_sets_finished(tiny_model, monkeypatch):
+    """Greedy text of the tied tiny model starts with a newline: declare it an EOS id."""
+    model, tokenizer = tiny_model
+    nl = tokenizer.convert_tokens_to_ids("\n")
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, nl])
+    gens = generate(model, tokenizer, prompts_for(tokenizer)[:3], max_new_tokens=10)
+    for g in gens:
+        assert g.token_ids == [nl] and g.finished and g.num_tokens == 1
+
+
+def test_seeds_reproducible_and_distinct(tiny_model):
+    model, tokenizer = tiny_model
+    prompts = prompts_for(tokenizer)[:4]
+
+    def run(seed):
+        gens = generate(model, tokenizer, prompts, max_new_tokens=16, temperature=1.0, seed=seed)
+        return [g.token_ids for g in gens]
+
+    a, b, c = run(11), run(11), run(12)
+    assert a == b
+    assert a != c
+    assert sum(x != y for x, y in zip(a, c)) >= 2
+
+
+def test_newline_token_ids(tiny_model):
+    _, tokenizer = tiny_model
+    ids = newline_token_ids(tokenizer).tolist()
+    assert tokenizer.convert_tokens_to_ids("\n") in ids
+    for i in ids:
+        assert "\n" in tokenizer.decode([i])
+    for ch in "a1 .\t":
+        assert tokenizer.convert_tokens_to_ids(ch) not in ids
+
+
+def _char_tokenizer(shift: int):
+    """A char-level tokenizer whose "\\n" id depends on `shift`."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    chars = chars[shift:] + chars[:shift]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<pad>", "<unk>"] + chars)},
+                                      unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+
+
+def test_newline_token_ids_not_stale_for_a_new_tokenizer(monkeypatch):
+    """Regression: a cache keyed by id(tokenizer) handed a new tokenizer, which CPython often
+    puts at a freed tokenizer's address, the dead one's newline ids. Address reuse is
+    simulated deterministically by making every `id()` in pipeline.generation collide."""
+    import pipeline.generation as generation
+
+    monkeypatch.setattr(generation, "id", lambda obj: 1, raising=False)
+    for shift in (0, 7, 30):
+        tokenizer = _char_tokenizer(shift)
+        ids = newline_token_ids(tokenizer).tolist()
+        assert ids == [tokenizer.convert_tokens_to_ids("\n")], shift

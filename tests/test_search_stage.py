@@ -1,0 +1,306 @@
+"""pipeline.search_stage: the MCTS callbacks on the tiny model, the train/eval split of who may
+score with the verifier, shards, leaf weights and fused rollouts."""
+
+import inspect
+from dataclasses import fields
+
+import pytest
+import torch
+
+import pipeline.search_stage as ss
+from mcts import SearchParams
+from pipeline.compose import compose_config
+from pipeline.config import CriticWeights, MergeMethod, SearchConfig, Termination
+from pipeline.evaluate import render_prompts
+from pipeline.search_stage import (
+    LeafScorer,
+    SearchModels,
+    eval_search,
+    load_shards,
+    option_end,
+    run_search_stage,
+    search_params,
+    train_search,
+    weighted,
+)
+from pipeline.tasks import Problem, Task
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class SpyTask(Task):
+    """A verifier that logs its calls; "correct" = an even number of characters."""
+
+    def __init__(self, problems):
+        self.name = "spy"
+        self._train, self._heldout = list(problems), []
+        self.calls = []
+
+    def is_correct(self, problem, completion):
+        self.calls.append((problem.id, completion))
+        return rule(completion)
+
+
+def rule(text: str) -> bool:
+    return len(text) % 2 == 0
+
+
+def problems_(n: int) -> list[Problem]:
+    return [Problem(f"p{i}", f"What is {i} + 1?", str(i + 1), {}) for i in range(n)]
+
+
+@pytest.fixture
+def cfg(debug_overrides):
+    return compose_config(debug_overrides)
+
+
+@pytest.fixture
+def models(tiny_model):
+    model, tokenizer = tiny_model
+    return SearchModels(policy=model, tokenizer=tokenizer)
+
+
+def spy_search(monkeypatch):
+    """Wrap pipeline.search_stage.search: record its kwargs and, per round, generate calls."""
+    record = {"kwargs": [], "rounds": [], "generate": []}
+    real_search, real_generate = ss.search, ss.generate
+
+    def search(*args, **kwargs):
+        record["kwargs"].append(kwargs)
+        on_round = kwargs["on_round"]
+
+        def counted(n):
+            record["rounds"].append(len(record["generate"]))
+            on_round(n)
+
+        return real_search(*args, **dict(kwargs, on_round=counted))
+
+    def generate(model, tokenizer, prompts, **kwargs):
+        record["generate"].append((list(prompts), kwargs))
+        return real_generate(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(ss, "search", search)
+    monkeypatch.setattr(ss, "generate", generate)
+    return record
+
+
+# ---------------------------------------------------------------- who may use the verifier
+
+
+def test_eval_search_never_calls_a_reward_function(cfg, models, monkeypatch):
+    assert not {"task", "problems", "reward_fn"} & set(inspect.signature(eval_search).parameters)
+    cfg.search.max_depth = 1  # every child is terminal: exactly where a verifier could sneak in
+    cfg.search.simulations = 3
+    record = spy_search(monkeypatch)
+
+    def forbidden(self, requests):
+        raise AssertionError("terminal_reward called at evaluation time")
+
+    monkeypatch.setattr(LeafScorer, "terminal_reward", forbidden)
+    prompts = render_prompts(models.tokenizer, ["What is 1 + 1?", "What is 2 + 5?"])
+    trees, scorer = eval_search(prompts, cfg, models)
+    assert record["kwargs"] and all(k["terminal_reward_fn"] is None for k in record["kwargs"])
+    assert scorer.reward_fn is None
+    terminals = [(t, n) for t in trees for n in range(1, t.num_nodes) if t.terminal[n]]
+    assert terminals
+    for tree, node in terminals:
+        assert tree.terminal_reward[node] is None
+        assert tree.total[node] is not None  # scored by evaluate (critics / confidence)
+
+
+def test_train_search_calls_the_verifier_on_terminals_and_rollouts(cfg, models):
+    cfg.search.max_depth = 2
+    cfg.search.simulations = 4
+    problems = problems_(2)
+    task = SpyTask(problems)
+    prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+    trees, scorer = train_search(problems, task, prompts, cfg, models)
+    assert scorer.reward_fn is not None
+    calls = set(task.calls)
+    by_terminal = by_rollout = 0
+    for tree in trees:
+        pid = problems[tree.tree_index].id
+        for node in range(tree.num_nodes):
+            if tree.total[node] is None:
+                continue
+            steps = "".join(tree.steps(node))
+            if tree.terminal[node]:
+                expected = 1.0 if rule(steps) else 0.0
+                assert tree.terminal_reward[node] == expected == tree.total[node]
+                assert (pid, steps) in calls
+                by_terminal += 1
+            else:
+                assert tree.terminal_reward[node] is None
+                solution = steps + scorer.rollouts[(tree.tree_index, node)].text
+                assert (pid, solution) in calls
+                assert tree.rollout[node] == (1.0 if rule(solution) else 0.0)
+                by_rollout += 1
+    assert by_terminal >= 1 and by_rollout >= 1
+    assert {pid for pid, _ in task.calls} == {p.id for p in problems}
+
+
+# ---------------------------------------------------------------- shards
+
+
+def test_run_search_stage_writes_shards_and_resumes(cfg, models, tmp_path, monkeypatch):
+    cfg.search.trees_per_batch = 2
+    problems = problems_(4)
+    task = SpyTask(problems)
+    out = tmp_path / "iter_000" / "search"
+    summary = run_search_stage(cfg, 0, problems, task, models, out)
+    shards = sorted(p.name for p in out.iterdir())
+    assert shards == ["shard_0000.jsonl", "shard_0001.jsonl"]
+    rows = load_shards(out)
+    assert [r["problem_id"] for r in rows] == ["p0", "p1", "p2", "p3"]
+    for row, problem in zip(rows, problems):
+        assert {"problem_id", "prompt", "tree", "rollouts", "iteration", "solved"} <= set(row)
+        assert problem.question in row["prompt"] and row["iteration"] == 0
+        assert row["tree"]["prompt"] == row["prompt"] and row["tree"]["nodes"][0]["id"] == 0
+        assert all(k.isdigit() and int(k) < len(row["tree"]["nodes"]) for k in row["rollouts"])
+    assert summary["problems"] == 4 and summary["nodes"] == sum(len(r["tree"]["nodes"])
+                                                                 for r in rows)
+    first = (out / "shard_0000.jsonl").read_bytes()
+
+    searched = []
+    real_train_search = ss.train_search
+
+    def spy_train_search(shard, *args, **kwargs):
+        searched.append([p.id for p in shard])
+        return real_train_search(shard, *args, **kwargs)
+
+    monkeypatch.setattr(ss, "train_search", spy_train_search)
+    again = run_search_stage(cfg, 0, problems, task, models, out)
+    assert searched == []  # both shards exist: nothing is searched again
+    assert again["problems"] == 4 and (out / "shard_0000.jsonl").read_bytes() == first
+
+    # a killed writer leaves a temporary file: it is not a shard, and the shard is redone
+    (out / "shard_0001.jsonl").unlink()
+    (out / ".tmp-shard_0001.jsonl-k1ll3d").write_text('{"problem_id": "p2", "tree": {')
+    third = run_search_stage(cfg, 0, problems, task, models, out)
+    assert searched == [["p2", "p3"]]
+    assert third["problems"] == 4
+    assert [r["problem_id"] for r in load_shards(out)] == ["p0", "p1", "p2", "p3"]
+
+
+def test_shard_killed_mid_write_is_not_taken_as_complete(cfg, models, tmp_path, monkeypatch):
+    cfg.search.trees_per_batch = 2
+    problems = problems_(2)
+    task = SpyTask(problems)
+    out = tmp_path / "search"
+    real_rows = ss.shard_rows
+
+    def dying_rows(*args, **kwargs):
+        rows = real_rows(*args, **kwargs)
+        yield rows[0]
+        raise KeyboardInterrupt  # killed after the first row went to disk
+
+    monkeypatch.setattr(ss, "shard_rows", dying_rows)
+    with pytest.raises(KeyboardInterrupt):
+        run_search_stage(cfg, 0, problems, task, models, out)
+    assert not (out / "shard_0000.jsonl").exists()
+    assert load_shards(out) == []
+    monkeypatch.setattr(ss, "shard_rows", real_rows)
+    summary = run_search_stage(cfg, 0, problems, task, models, out)
+    assert summary["problems"] == 2 and [p.name for p in out.iterdir()] == ["shard_0000.jsonl"]
+
+
+# ---------------------------------------------------------------- weights and mappings
+
+
+@pytest.mark.parametrize("parts,weights,expected", [
+    # all four parts: (0.3*0.5 + 0.2*0.2 + 0.2*0.9 + 0.3*1.0) / 1.0
+    ({"value": 0.5, "prm": 0.2, "orm": 0.9, "rollout": 1.0}, (0.3, 0.2, 0.2, 0.3), 0.67),
+    # no PRM yet: its weight leaves the denominator: (0.3*0.5 + 0.2*0.9 + 0.3*1.0) / 0.8
+    ({"value": 0.5, "orm": 0.9, "rollout": 1.0}, (0.3, 0.2, 0.2, 0.3), 0.7875),
+    # rollout alone (iteration 0): its own value, whatever its weight
+    ({"rollout": 0.4}, (0.3, 0.2, 0.2, 0.3), 0.4),
+    ({"rollout": 0.25}, (0.0, 0.0, 0.0, 1.0), 0.25),
+    # only zero-weight parts: falls back to the rollout
+    ({"value": 0.9, "rollout": 0.6}, (1.0, 0.0, 0.0, 0.0), 0.9),
+    ({"value": 0.9, "rollout": 0.6}, (0.0, 1.0, 1.0, 0.0), 0.6),
+    ({"value": 0.9}, (0.0, 1.0, 1.0, 1.0), 0.0),
+    # clamped to [0, 1]
+    ({"value": 3.0, "rollout": 1.0}, (0.5, 0.0, 0.0, 0.5), 1.0),
+    ({"value": -2.0, "rollout": 0.0}, (0.5, 0.0, 0.0, 0.5), 0.0),
+])
+def test_weighted(parts, weights, expected):
+    w = CriticWeights(*weights)
+    assert weighted(parts, w) == pytest.approx(expected)
+
+
+def test_option_end_from_search_config():
+    s = SearchConfig(termination=Termination.step_marker, step_regex=r"Step \d+:",
+                     max_option_tokens=17)
+    end = option_end(s)
+    assert (end.kind, end.regex, end.max_tokens) == ("step_marker", r"Step \d+:", 17)
+    assert end.cut("Step 1: a\nStep 2: b") == "Step 1: a\n"
+    for kind in (Termination.newline, Termination.sentence, Termination.token_cap):
+        end = option_end(SearchConfig(termination=kind, max_option_tokens=5))
+        assert (end.kind, end.regex, end.max_tokens) == (kind.value, None, 5)
+
+
+def test_search_params_from_search_config():
+    s = SearchConfig(simulations=7, token_budget=300, c_puct=1.7, max_depth=5, c_min=1, c_max=4,
+                     root_c_min=2, root_c_max=6, alpha=2.5, merge=MergeMethod.edit,
+                     merge_threshold=0.8, merge_retries=3, virtual_loss=0.5, leaves_per_tree=3,
+                     seed=11)
+    p = search_params(s)
+    assert isinstance(p, SearchParams)
+    for f in fields(SearchParams):
+        assert getattr(p, f.name) == getattr(s, f.name), f.name
+    s.merge = MergeMethod.none
+    assert search_params(s).merge_threshold > 1  # nothing is ever similar enough: merging off
+    s.merge = MergeMethod.embedding
+    assert search_params(s).merge_threshold == 0.8
+
+
+# ---------------------------------------------------------------- fused rollouts
+
+
+def test_fused_rollouts_one_generate_call_per_round(cfg, models, monkeypatch):
+    cfg.search.simulations = 6
+    cfg.search.merge = MergeMethod.none  # no resampling rounds: one expansion call per round
+    assert cfg.search.rollout.enabled and cfg.search.rollout.model is None
+    record = spy_search(monkeypatch)
+    prompts = render_prompts(models.tokenizer, ["What is 1 + 1?", "What is 2 + 2?"])
+    trees, scorer = eval_search(prompts, cfg, models)
+    assert scorer.fused
+    calls, rounds = record["generate"], record["rounds"]
+    expansions = [c for c in calls if c[1].get("rollout_tokens", 0) > 0]
+    separate = [c for c in calls if not c[1].get("rollout_tokens", 0)]
+    # every expansion generates the option and its rollout together ...
+    assert expansions and all(c[1]["rollout_tokens"] == cfg.search.rollout.max_new_tokens
+                              for c in expansions)
+    # ... so the only separate rollout call is the roots' own evaluation, in the first round
+    assert len(separate) == 1 and sorted(separate[0][0]) == sorted(prompts)
+    per_round = [b - a for a, b in zip([0] + rounds, rounds)]
+    assert per_round[0] == 2 and all(n <= 1 for n in per_round[1:])
+    assert len(calls) == len(rounds) + 1 - per_round[1:].count(0)
+    # every evaluated non-root, non-terminal node got its rollout from its expansion
+    for tree in trees:
+        for node in range(1, tree.num_nodes):
+            if tree.total[node] is not None and not tree.terminal[node]:
+                assert scorer.rollouts[(tree.tree_index, node)].tokens > 0
+
+
+def test_separate_rollout_model_needs_more_calls(cfg, models, monkeypatch):
+    cfg.search.simulations = 6
+    cfg.search.merge = MergeMethod.none
+    separate_models = SearchModels(policy=models.policy, tokenizer=models.tokenizer,
+                                   rollout_model=models.policy,
+                                   rollout_tokenizer=models.tokenizer)
+    record = spy_search(monkeypatch)
+    prompts = render_prompts(models.tokenizer, ["What is 1 + 1?", "What is 2 + 2?"])
+    _, scorer = eval_search(prompts, cfg, separate_models)
+    assert not scorer.fused
+    calls = record["generate"]
+    assert all(not c[1].get("rollout_tokens") for c in calls)  # options only, no fused rollout
+    rollout_calls = [c for c in calls if "stop" not in c[1] or c[1]["stop"] is None]
+    assert len(rollout_calls) >= 2  # the roots' and later leaves' rollouts each cost a call
+    assert len(calls) > len(record["rounds"]) + 1
