@@ -71,7 +71,14 @@ def cmd_run(args: list[str]) -> int:
     multirun = "-m" in args or "--multirun" in args
     overrides = expand_model_shorthand([a for a in args if a not in ("-m", "--multirun")])
     if not multirun:
-        compose_config(overrides)  # refuse bad config with one line before Hydra starts
+        # Refuse bad config, data or model with one line before Hydra makes a run directory
+        # (later, a refused run would leave a manifest.json behind: a run that never ran).
+        from pipeline.models import resolve_model_path
+        from pipeline.tasks import make_task
+
+        cfg = compose_config(overrides)
+        make_task(cfg.task)
+        resolve_model_path(cfg.model)
     sys.argv = ["qstar"] + (["--multirun"] if multirun else []) + overrides
     _hydra_run()
     return 0

@@ -172,8 +172,8 @@ def run_loop(cfg: QstarConfig, run_dir: str | Path) -> RunStore:
 
     store = RunStore(run_dir)
     with store.lock():
+        loop = open_loop(cfg, store)  # refuses bad task/model input before the manifest exists
         store.set_info(iterations=cfg.iterations, config=to_dict(cfg))
-        loop = open_loop(cfg, store)
         try:
             run_iterations(loop)
         finally:

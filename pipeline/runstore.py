@@ -69,6 +69,9 @@ class RunStore:
     def set_info(self, **info) -> None:
         self.manifest.update(info)
         write_json(self.manifest_path, self.manifest)
+        # Every run and resume starts here: repair a metrics.jsonl that a kill between the two
+        # writes of `complete` left one stage behind the manifest.
+        self._write_metrics_jsonl()
 
     # --- paths ---
 

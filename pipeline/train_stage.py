@@ -255,9 +255,15 @@ def _phase_metrics(phase: str, history: list[dict], steps: int, seconds: float, 
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    """The newest complete TRL checkpoint. TRL writes a checkpoint in place and its
+    trainer_state.json last, so a folder without one was cut short by a kill: skip it."""
+    if not output_dir.is_dir():
+        return None
+    complete = [p for p in output_dir.glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1])))
 
 
 def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,

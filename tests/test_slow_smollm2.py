@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.compose import compose_config
 from pipeline.config import DecodeStrategy
@@ -83,3 +84,12 @@ def test_recorded_logprobs_match_teacher_forcing(smollm2):
         for g, f in zip(gens, forced):
             assert len(f) == g.num_tokens
             assert g.logprobs == pytest.approx(f, abs=2e-3)
+
+
+@pytest.fixture(autouse=True)
+def all_cores():
+    """SmolLM2 is big enough to use both cores (the tiny-model tests pin torch to one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
