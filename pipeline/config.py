@@ -6,7 +6,6 @@ qstar takes these dataclasses, never a DictConfig.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 
