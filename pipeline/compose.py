@@ -95,7 +95,15 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> QstarConfig:
                 f"{key} cannot change on resume: completed stages used {key}={old}; "
                 f"a resume may change only {', '.join(RESUMABLE)} (start a new run instead)")
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(base, *[_resume_override(item) for item in overrides])
     except OmegaConfBaseException as exc:
         raise ConfigError(one_line(exc)) from None
     return to_config(merged)
+
+
+def _resume_override(item: str):
+    """`cluster=ray` picks the group preset, as on `qstar run`; `key=value` sets one key."""
+    key, _, value = item.partition("=")
+    if key in RESUMABLE and value in group_options(key):
+        return OmegaConf.create({key: OmegaConf.load(CONF_DIR / key / f"{value}.yaml")})
+    return OmegaConf.from_dotlist([item])

@@ -176,3 +176,16 @@ def test_ray_cluster_runs_the_loop(tiny_model_dir, tmp_path, ray_session):
     store = run_loop(compose_config(overrides), tmp_path / "run")
     assert store.done(0, "eval")
     assert counts(tmp_path / "run")["trees_0"] == 4
+
+
+def test_resume_accepts_a_cluster_preset(reference_run, tmp_path):
+    import shutil
+
+    from pipeline.compose import load_run_config
+
+    reference, _ = reference_run
+    shutil.copytree(reference, tmp_path / "run")
+    cfg = load_run_config(tmp_path / "run", ["cluster=ray"])
+    assert cfg.cluster.kind.value == "ray" and cfg.cluster.search_workers == 2
+    with pytest.raises(ConfigError, match="task cannot change on resume"):
+        load_run_config(tmp_path / "run", ["task=jsonl"])
