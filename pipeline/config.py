@@ -201,7 +201,8 @@ class ClusterConfig:
 @dataclass
 class EvalConfig:
     decodes: list[str] = field(default_factory=lambda: ["greedy"])  # strategies run per iteration
-    output: str | None = None  # `qstar eval`: JSON path; None: eval/<time>.json
+    output: str | None = None  # `qstar eval`: JSON path; None: runs/eval/<time>-<strategy>.json
+    critics: str | None = None  # `qstar eval`: a run's iter_NNN/critics for ORM selection and MCTS
 
 
 @dataclass

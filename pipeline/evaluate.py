@@ -98,8 +98,8 @@ def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed
     if d.select == Selection.majority:
         return Decoded([majority_vote(g, extract) for g in groups], tokens)
     if orm_score is None:
-        raise QstarError("decode.select=orm needs a trained ORM: evaluate a run's iteration "
-                         "(critics.path=<run>/iter_NNN/critics) or use decode.select=majority")
+        raise QstarError("decode.select=orm needs a trained ORM: pass "
+                         "eval.critics=<run>/iter_NNN/critics, or use decode.select=majority")
     flat_p = [p for p, g in zip(prompts, groups) for _ in g]
     scores = orm_score(flat_p, [c for g in groups for c in g])
     chosen, k = [], 0
@@ -175,8 +175,19 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
 
     task = make_task(cfg.task)
     _, heldout = task.splits()
+    critics_dir = cfg.eval.critics
+    if critics_dir and not os.path.isfile(os.path.join(critics_dir, "orm", "meta.json")):
+        raise QstarError(f"eval.critics={critics_dir!r}: not a critics directory "
+                         "(expected <run>/iter_NNN/critics with value/, prm/, orm/)")
     model, tokenizer = load_model(cfg.model)
-    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, heldout)
+    critics = None
+    if critics_dir:
+        from pipeline.critics_stage import load_critic_set
+        from pipeline.models import resolve_model_path
+
+        critics = load_critic_set(critics_dir, resolve_model_path(cfg.model), model, tokenizer,
+                                  cfg.model, cfg.critics.score_batch_size)
+    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, heldout, critics=critics)
     print(format_table([result]))
     output = cfg.eval.output or default_output(result.strategy)
     write_json(output, {"summary": result.summary(), "config": to_dict(cfg), "rows": result.rows})

@@ -12,6 +12,7 @@ def write_plots(store: RunStore) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = policy_rows(store)
     if not rows:
@@ -46,6 +47,8 @@ def write_plots(store: RunStore) -> list[str]:
 
 
 def _save(fig, path) -> str:
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # policies and iterations
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
     return str(path)

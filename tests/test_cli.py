@@ -8,19 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.cli import main
 
 QSTAR = Path(sys.executable).parent / "qstar"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gsm_rows(n: int) -> list[str]:
@@ -180,3 +172,16 @@ def test_eval_prints_table_and_writes_json(capsys, debug_overrides, tmp_path, ex
     assert summary["tokens"] <= 4 * per_problem_cap
     assert result["config"]["decode"]["strategy"] == strategy
     assert str(output) in out.out
+
+
+def test_eval_with_a_missing_critics_dir_is_one_error_line(debug_overrides, tmp_path, capsys):
+    code = main(["eval", *debug_overrides, "decode=best_of_n", "decode.select=orm",
+                 f"eval.critics={tmp_path / 'nope'}", f"eval.output={tmp_path / 'o.json'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "eval.critics=" in err[0]
+
+
+def test_eval_orm_selection_without_critics_is_refused(debug_overrides, tmp_path, capsys):
+    code = main(["eval", *debug_overrides, "decode=best_of_n", "decode.select=orm",
+                 f"eval.output={tmp_path / 'o.json'}"])
+    assert code == 2 and "eval.critics=" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """pipeline.evaluate: voting, grading, and the rule that decoding never sees the gold answer."""
 
 import pytest
-import torch
 
 import pipeline.beam
 import pipeline.evaluate
@@ -12,14 +11,6 @@ from pipeline.config import DecodeConfig, DecodeStrategy, Selection
 from pipeline.errors import QstarError
 from pipeline.evaluate import Decoded, decode_best_of_n, evaluate, grade, majority_vote
 from pipeline.tasks import Problem, Task
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def before_bar(text):

@@ -5,7 +5,6 @@ import inspect
 from dataclasses import fields
 
 import pytest
-import torch
 
 import pipeline.search_stage as ss
 from mcts import SearchParams
@@ -24,14 +23,6 @@ from pipeline.search_stage import (
     weighted,
 )
 from pipeline.tasks import Problem, Task
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class SpyTask(Task):
