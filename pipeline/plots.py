@@ -12,7 +12,6 @@ def write_plots(store: RunStore) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     rows = policy_rows(store)
     if not rows:
