@@ -46,6 +46,8 @@ def write_plots(store: RunStore) -> list[str]:
 
 
 def _save(fig, path) -> str:
+    from matplotlib.ticker import MaxNLocator
+
     for ax in fig.axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # policies and iterations
     with atomic_path(path, suffix=".png") as tmp:
