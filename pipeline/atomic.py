@@ -28,6 +28,12 @@ def is_write_failure(exc: Exception) -> bool:
                                         and "I/O error" in str(exc))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -36,6 +42,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=suffix, dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; follow the user's umask
     except OSError as exc:
         raise cannot_write(path, exc) from exc
     try:
@@ -84,6 +91,7 @@ def atomic_dir(path: str | os.PathLike):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; follow the user's umask
     except OSError as exc:
         raise cannot_write(path, exc) from exc
     try:

@@ -1,0 +1,54 @@
+"""`qstar inspect --credit`: the per-token implicit reward map of a trained iteration."""
+
+import json
+
+import pytest
+from tiny import build_tiny_model
+
+from pipeline.cli import main
+from pipeline.runstore import RunStore
+
+
+def test_credit_map_compares_the_trained_policy_with_its_reference(tiny_model_dir, tmp_path, capsys):
+    trained = build_tiny_model(tmp_path / "policy_1", seed=1)  # a different policy than the base
+    store = RunStore(tmp_path / "run")
+    store.set_info(config={"model": {"name": str(tiny_model_dir), "dtype": "float32",
+                                     "device": "cpu", "cache_dir": str(tmp_path / "cache")},
+                           "train": {"beta": 0.1}})
+    store.complete(0, "train", {"policy_dir": str(trained)}, 1.0)
+    prompt = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    row = {"problem_id": "p/1", "question": "What is 2+3?", "prompt": prompt,
+           "tree": {"best_text": "2 + 3 = 5\nAnswer: 5", "nodes": []}}
+    search = store.stage_dir(0, "search")
+    search.mkdir(parents=True)
+    (search / "shard_0000.jsonl").write_text(json.dumps(row) + "\n")
+    assert main(["inspect", str(store.root), "--iter", "0", "--problem", "p/1", "--credit"]) == 0
+    page = (store.root / "inspect" / "credit_iter0_p_1.html").read_text()
+    assert page.count("<span title=") == len("2 + 3 = 5\nAnswer: 5")  # one span per character token
+    assert "rgba(0, 160, 0" in page and "rgba(220, 0, 0" in page  # credited and blamed tokens
+
+
+def test_credit_map_needs_a_trained_iteration(tiny_model_dir, tmp_path, capsys):
+    store = RunStore(tmp_path / "run")
+    store.set_info(config={"model": {"name": str(tiny_model_dir)}, "train": {"beta": 0.1}})
+    store.complete(0, "train", {"skipped": "no pairs", "policy_dir": str(tiny_model_dir)}, 0.0)
+    search = store.stage_dir(0, "search")
+    search.mkdir(parents=True)
+    (search / "shard_0000.jsonl").write_text(json.dumps(
+        {"problem_id": "p/1", "question": "q", "prompt": "p", "tree": {"best_text": "x"}}) + "\n")
+    assert main(["inspect", str(store.root), "--iter", "0", "--problem", "p/1", "--credit"]) == 2
+    assert "no trained policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_artifacts_follow_the_umask(tmp_path, umask):
+    import os
+
+    from pipeline.atomic import write_json
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
