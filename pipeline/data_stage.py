@@ -56,7 +56,6 @@ Lineage (extra key; `pipeline.train_stage` hands TRL only the columns it trains 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -243,12 +242,3 @@ def write_data(shard_rows: Iterable[dict], iteration: int, pairs: PairsConfig,
     write_jsonl(out_dir / "sft.jsonl", sft_rows)
     problems = len({str(r["problem_id"]) for r in shard_rows})
     return count_rows(dpo_rows, sft_rows, problems)
-
-
-def read_shards(search_dir: str | Path) -> list[dict]:
-    """Every row of search_dir/shard_*.jsonl, shards in name order (temporary files skipped)."""
-    rows = []
-    for path in sorted(Path(search_dir).glob("shard_*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return rows

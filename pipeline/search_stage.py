@@ -140,7 +140,7 @@ class LeafScorer:
 
     def _rollouts(self, requests: list[EvalRequest]) -> list[Rollout]:
         found = [self.pending.pop((r.tree_index, "".join(r.steps)), None) for r in requests]
-        missing = [i for i, ro in enumerate(found) if ro is None and not r_terminal(requests[i])]
+        missing = [i for i, ro in enumerate(found) if ro is None and not requests[i].terminal]
         if missing and self.cfg.search.rollout.enabled:
             fresh = self._generate_rollouts([requests[i] for i in missing])
             for i, ro in zip(missing, fresh):
@@ -171,10 +171,6 @@ class LeafScorer:
             return parts["orm"]
         # Evaluation before any critic is trained: the policy's confidence in its rollout.
         return math.exp(ro.mean_logprob) if ro.tokens else 0.5
-
-
-def r_terminal(request: EvalRequest) -> bool:
-    return request.terminal
 
 
 def weighted(parts: dict, w: CriticWeights) -> float:

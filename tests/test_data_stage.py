@@ -11,7 +11,8 @@ from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
 from mcts.tree import Tree
 from pipeline.atomic import read_jsonl
 from pipeline.config import PairsConfig
-from pipeline.data_stage import build_rows, read_shards, write_data
+from pipeline.data_stage import build_rows, write_data
+from pipeline.search_stage import load_shards
 
 GOLDEN = Path(__file__).parent / "golden"
 PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -219,7 +220,7 @@ def test_write_data_files_and_counts(tmp_path):
     search_dir.mkdir(parents=True)
     for i, row in enumerate(golden_shards()):
         (search_dir / f"shard_{i:03d}.jsonl").write_text(json.dumps(row) + "\n")
-    rows = read_shards(search_dir)
+    rows = load_shards(search_dir)
     assert [r["problem_id"] for r in rows] == ["p-mul", "p-add"]
     counts = write_data(rows, 0, PairsConfig(), tmp_path / "data")
     assert counts == {"problems": 2, "dpo": 5, "step_pairs": 3, "trajectory_pairs": 2,
