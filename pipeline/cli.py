@@ -70,18 +70,35 @@ def cmd_run(args: list[str]) -> int:
 
     multirun = "-m" in args or "--multirun" in args
     overrides = expand_model_shorthand([a for a in args if a not in ("-m", "--multirun")])
-    if not multirun:
-        # Refuse bad config, data or model with one line before Hydra makes a run directory
-        # (later, a refused run would leave a manifest.json behind: a run that never ran).
-        from pipeline.models import resolve_model_path
-        from pipeline.tasks import make_task
+    # Refuse bad config, data or model with one line before Hydra makes a run directory
+    # (later, a refused run would leave a manifest.json behind: a run that never ran).
+    from pipeline.models import resolve_model_path
+    from pipeline.tasks import make_task
 
-        cfg = compose_config(overrides)
+    for variant in sweep_variants(overrides) if multirun else [overrides]:
+        cfg = compose_config(variant)
         make_task(cfg.task)
         resolve_model_path(cfg.model)
     sys.argv = ["qstar"] + (["--multirun"] if multirun else []) + overrides
     _hydra_run()
     return 0
+
+
+def sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """Every value of every swept key (`key=a,b`) once, the other keys at their first value:
+    enough to refuse any bad value before the sweep starts, without the full product."""
+    def values(item: str) -> list[str]:
+        key, sep, value = item.partition("=")
+        if not sep or "," not in value or value.startswith(("[", "{", "range(", "choice(")):
+            return [item]
+        return [f"{key}={v}" for v in value.split(",")]
+
+    options = [values(item) for item in overrides]
+    first = [vals[0] for vals in options]
+    variants = [first]
+    for i, vals in enumerate(options):
+        variants += [first[:i] + [v] + first[i + 1:] for v in vals[1:]]
+    return variants
 
 
 def _hydra_run() -> None:

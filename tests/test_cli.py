@@ -185,3 +185,20 @@ def test_eval_orm_selection_without_critics_is_refused(debug_overrides, tmp_path
     code = main(["eval", *debug_overrides, "decode=best_of_n", "decode.select=orm",
                  f"eval.output={tmp_path / 'o.json'}"])
     assert code == 2 and "eval.critics=" in capsys.readouterr().err
+
+
+def test_sweep_variants_cover_every_value_once():
+    from pipeline.cli import sweep_variants
+
+    assert sweep_variants(["a=1,2", "b=x", "c=[1,2]", "d=3,4"]) == [
+        ["a=1", "b=x", "c=[1,2]", "d=3"], ["a=2", "b=x", "c=[1,2]", "d=3"],
+        ["a=1", "b=x", "c=[1,2]", "d=4"]]
+
+
+def test_a_bad_value_in_a_sweep_is_one_error_line_and_no_run_dir(debug_overrides, tmp_path,
+                                                                  capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "-m", *debug_overrides, "search.c_puct=1.0,-2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "search.c_puct" in err[0]
+    assert not (tmp_path / "runs").exists()
