@@ -3,7 +3,7 @@
 "From r to Q*": a DPO policy's log-likelihood equals its implicit reward up to the reference's
 log-likelihood, so likelihood search on a DPO policy is close to reward-guided search, and with
 many beams it over-optimises that reward. Each step samples options (lines) from every live
-beam, ranks all candidates by length-normalised log-prob, and keeps the best `decode.n`. The
+beam, ranks all candidates by length-normalised log-prob, and keeps the best `decode.beam_width`. The
 mean log-prob of the chosen beams goes into the result, to show that over-optimisation as the
 beam count grows.
 """
@@ -64,19 +64,19 @@ def decode_beam(cfg: QstarConfig, model, tokenizer, prompts: list[str], progress
         live = [(i, beam) for i, group in enumerate(beams) for beam in group if not beam.finished]
         if not live:
             break
-        options = generate(model, tokenizer, [prompts[i] + beam.text for i, beam in live for _ in range(d.n)],
+        options = generate(model, tokenizer, [prompts[i] + beam.text for i, beam in live for _ in range(d.beam_width)],
                            max_new_tokens=s.max_option_tokens, temperature=d.temperature,
                            top_p=d.top_p, stop=stop, batch_size=d.batch_size,
                            seed=cfg.seed + 100_003 * depth)
         tokens += sum(o.num_tokens for o in options)
         candidates = [[beam for beam in group if beam.finished] for group in beams]
         for k, option in enumerate(options):
-            i, beam = live[k // d.n]
+            i, beam = live[k // d.beam_width]
             candidates[i].append(extend(beam, option, depth + 1 >= s.max_depth, d.max_new_tokens))
-        beams = [best_beams(group, d.n) for group in candidates]
+        beams = [best_beams(group, d.beam_width) for group in candidates]
     chosen = [max(group, key=lambda b: (b.finished, b.score)) for group in beams]
     return Decoded([b.text for b in chosen], tokens, extra={
-        "beam_width": d.n,
+        "beam_width": d.beam_width,
         "beam_logprob_per_token": sum(b.score for b in chosen) / max(len(chosen), 1),
         "beam_logprob": sum(b.logprob for b in chosen) / max(len(chosen), 1),
     })

@@ -29,7 +29,13 @@ class DecodeStrategy(str, Enum):
 
 class Selection(str, Enum):
     majority = "majority"
-    orm = "orm"
+    orm = "orm"  # the candidate the ORM scores highest
+    orm_vote = "orm_vote"  # the answer whose candidates' ORM scores sum highest
+
+
+class SearchAlgorithm(str, Enum):
+    mcts = "mcts"  # option-level MCTS (AlphaLLM)
+    sample = "sample"  # search.simulations whole samples per problem, verified (STaR baseline)
 
 
 class Termination(str, Enum):
@@ -96,7 +102,8 @@ class TaskConfig:
 @dataclass
 class DecodeConfig:
     strategy: DecodeStrategy = DecodeStrategy.greedy
-    n: int = 8  # samples for best_of_n, beams for beam
+    n: int = 8  # samples per problem for best_of_n
+    beam_width: int = 3  # beams kept by beam (each samples beam_width options per step)
     select: Selection = Selection.majority
     temperature: float = 0.8
     top_p: float = 1.0
@@ -114,7 +121,8 @@ class RolloutConfig:
 
 @dataclass
 class SearchConfig:
-    simulations: int = 16  # per problem
+    algorithm: SearchAlgorithm = SearchAlgorithm.mcts
+    simulations: int = 16  # per problem (algorithm=sample: whole samples per problem)
     token_budget: int = 0  # generated tokens per problem; 0 = no cap
     c_puct: float = 1.0
     termination: Termination = Termination.newline
@@ -259,6 +267,7 @@ def validate(cfg: QstarConfig) -> QstarConfig:
              "need 1 <= min_digits <= max_digits", t.min_digits)
     d = cfg.decode
     _require(d.n >= 1, "decode.n", "must be >= 1", d.n)
+    _require(d.beam_width >= 1, "decode.beam_width", "must be >= 1", d.beam_width)
     _require(d.temperature > 0, "decode.temperature", "must be > 0", d.temperature)
     _require(0 < d.top_p <= 1, "decode.top_p", "must be in (0, 1]", d.top_p)
     _require(d.max_new_tokens >= 1, "decode.max_new_tokens", "must be >= 1", d.max_new_tokens)

@@ -24,6 +24,9 @@ class Decoded:
     completions: list[str]  # one final completion per problem
     tokens: int  # every token generated to get them (all samples, rollouts, options)
     extra: dict = field(default_factory=dict)
+    # Other selections from the same candidates (best-of-N: majority, orm, orm_vote), graded
+    # beside the chosen one so they compare on identical samples.
+    alternatives: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,23 +94,51 @@ def majority_vote(candidates: list[str], extract: Callable[[str], str | None]) -
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
 
 
+def orm_select(candidates: list[str], scores: list[float]) -> str:
+    """The candidate the ORM scores highest (ties: earliest)."""
+    return candidates[max(range(len(candidates)), key=lambda j: (scores[j], -j))]
+
+
+def orm_weighted_vote(candidates: list[str], scores: list[float],
+                      extract: Callable[[str], str | None]) -> str:
+    """The answer whose candidates' ORM scores sum highest; its best-scored candidate.
+
+    Votes weighted by the ORM: agreement still counts, but a confident ORM can outvote a weak
+    majority. No extracted answer: plain ORM selection.
+    """
+    answers = [extract(c) for c in candidates]
+    totals: dict[str, float] = {}
+    for a, score in zip(answers, scores):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + score
+    if not totals:
+        return orm_select(candidates, scores)
+    winner = max(totals, key=lambda a: (totals[a], -answers.index(a)))
+    mine = [j for j, a in enumerate(answers) if a == winner]
+    return candidates[max(mine, key=lambda j: (scores[j], -j))]
+
+
 def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
                      progress: str | None, extract: Callable[[str], str | None],
                      orm_score: Scorer | None = None) -> Decoded:
-    groups, tokens = sample_candidates(model, tokenizer, prompts, d, seed, progress)
-    if d.select == Selection.majority:
-        return Decoded([majority_vote(g, extract) for g in groups], tokens)
-    if orm_score is None:
-        raise QstarError("decode.select=orm needs a trained ORM: pass "
+    """n samples per prompt; every selection the critics allow is made from the same samples."""
+    if d.select != Selection.majority and orm_score is None:
+        raise QstarError(f"decode.select={d.select.value} needs a trained ORM: pass "
                          "eval.critics=<run>/iter_NNN/critics, or use decode.select=majority")
-    flat_p = [p for p, g in zip(prompts, groups) for _ in g]
-    scores = orm_score(flat_p, [c for g in groups for c in g])
-    chosen, k = [], 0
-    for g in groups:
-        best = max(range(len(g)), key=lambda j: scores[k + j])
-        chosen.append(g[best])
-        k += len(g)
-    return Decoded(chosen, tokens)
+    groups, tokens = sample_candidates(model, tokenizer, prompts, d, seed, progress)
+    picks = {Selection.majority.value: [majority_vote(g, extract) for g in groups]}
+    if orm_score is not None:
+        flat_p = [p for p, g in zip(prompts, groups) for _ in g]
+        scores = orm_score(flat_p, [c for g in groups for c in g])
+        by_group, k = [], 0
+        for g in groups:
+            by_group.append(list(scores[k:k + len(g)]))
+            k += len(g)
+        picks[Selection.orm.value] = [orm_select(g, s) for g, s in zip(groups, by_group)]
+        picks[Selection.orm_vote.value] = [orm_weighted_vote(g, s, extract)
+                                           for g, s in zip(groups, by_group)]
+    chosen = picks.pop(d.select.value)
+    return Decoded(chosen, tokens, extra={"select": d.select.value}, alternatives=picks)
 
 
 def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: str,
@@ -117,9 +148,15 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
         rows.append({"id": p.id, "correct": task.is_correct(p, completion),
                      "predicted": task.extract_answer(completion), "completion": completion})
     correct = sum(r["correct"] for r in rows)
+    extra = dict(decoded.extra)
+    if "select" in decoded.extra:  # best-of-N: every selection made from the same candidates
+        extra["accuracy_by_select"] = {decoded.extra["select"]: correct / max(len(rows), 1)}
+        for name, completions in decoded.alternatives.items():
+            hits = sum(task.is_correct(p, c) for p, c in zip(problems, completions))
+            extra["accuracy_by_select"][name] = hits / max(len(rows), 1)
     return EvalResult(strategy=strategy, accuracy=correct / max(len(rows), 1), correct=correct,
                       total=len(rows), tokens=decoded.tokens, seconds=seconds, rows=rows,
-                      extra=decoded.extra)
+                      extra=extra)
 
 
 def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task: Task,
@@ -159,6 +196,8 @@ def format_table(results: Sequence[EvalResult]) -> str:
     for r in results:
         lines.append(f"{r.strategy:<10} {r.accuracy:>8.3f} {r.correct:>4}/{r.total:<4} "
                      f"{r.tokens:>8} {r.seconds:>8.1f} {r.tokens_per_s:>7.1f}")
+        for name, accuracy in r.extra.get("accuracy_by_select", {}).items():
+            lines.append(f"  {name:<8} {accuracy:>8.3f}   (same samples, select={name})")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from mcts import EvalRequest, ExpandRequest, LeafEval, Option, SearchParams, Tree, search
 from mcts.options import OptionEnd, is_answer_line
 from pipeline.atomic import read_jsonl, write_jsonl
-from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchConfig
+from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
 from pipeline.errors import QstarError
 from pipeline.generation import generate
 from pipeline.progress import progress_bar
@@ -200,7 +200,40 @@ def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cf
         return 1.0 if task.is_correct(problems[tree_index], solution) else 0.0
 
     scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size)
+    if cfg.search.algorithm == SearchAlgorithm.sample:
+        return sample_trees(prompts, scorer, desc), scorer
     return _run(prompts, scorer, training=True, desc=desc), scorer
+
+
+def sample_trees(prompts: list[str], scorer: LeafScorer, desc: str | None) -> list[Tree]:
+    """The STaR baseline's search: `search.simulations` whole solutions per prompt, verified.
+
+    Each prompt becomes a depth-1 tree whose children are the complete samples (terminal,
+    visited once, valued by the verifier), so the data stage reads them like MCTS trees: the
+    SFT row is a verified sample, trajectory pairs are correct vs incorrect samples.
+    """
+    s, d = scorer.cfg.search, scorer.cfg.decode
+    start = time.perf_counter()
+    repeated = [p for p in prompts for _ in range(s.simulations)]
+    gens = generate(scorer.models.policy, scorer.models.tokenizer, repeated,
+                    max_new_tokens=d.max_new_tokens, temperature=s.temperature,
+                    batch_size=scorer.generation_batch, seed=s.seed, progress=desc)
+    trees = []
+    for i, prompt in enumerate(prompts):
+        tree = Tree(prompt, i)
+        for g in gens[i * s.simulations:(i + 1) * s.simulations]:
+            node = tree.add_node(0, g.text, g.num_tokens, g.logprob, terminal=True)
+            reward = scorer.reward_fn(i, g.text)
+            tree.total[node] = tree.terminal_reward[node] = reward
+            for n in (0, node):
+                tree.visits[n] += 1
+                tree.value_sum[n] += reward
+            tree.stats.tokens_generated += g.num_tokens
+            tree.stats.simulations += 1
+        tree.stats.seconds = time.perf_counter() - start
+        tree.stats.stop_reason = "simulations"
+        trees.append(tree)
+    return trees
 
 
 def eval_search(prompts: list[str], cfg: QstarConfig, models: SearchModels,

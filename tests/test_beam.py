@@ -32,7 +32,7 @@ def test_best_beams_rank_by_normalised_logprob_and_drop_repeats():
 @pytest.fixture
 def cfg():
     cfg = QstarConfig(seed=3)
-    cfg.decode.n, cfg.decode.max_new_tokens, cfg.decode.batch_size = 2, 24, 8
+    cfg.decode.beam_width, cfg.decode.max_new_tokens, cfg.decode.batch_size = 2, 24, 8
     cfg.search.max_depth, cfg.search.max_option_tokens = 3, 6
     return cfg
 
@@ -43,8 +43,8 @@ def test_decode_beam_gives_one_completion_per_prompt_and_counts_tokens(tiny_mode
     decoded = decode_beam(cfg, model, tokenizer, prompts, progress=None)
     assert len(decoded.completions) == 2 and all(isinstance(c, str) for c in decoded.completions)
     # the first step samples n options per prompt; every step at least one token per option
-    assert decoded.tokens >= len(prompts) * cfg.decode.n
-    assert decoded.tokens <= len(prompts) * cfg.decode.n ** 2 * cfg.search.max_depth * cfg.search.max_option_tokens
+    assert decoded.tokens >= len(prompts) * cfg.decode.beam_width
+    assert decoded.tokens <= len(prompts) * cfg.decode.beam_width ** 2 * cfg.search.max_depth * cfg.search.max_option_tokens
     assert decoded.extra["beam_width"] == 2
     assert decoded.extra["beam_logprob_per_token"] <= 0 and decoded.extra["beam_logprob"] <= 0
     assert decode_beam(cfg, model, tokenizer, prompts, progress=None).completions == decoded.completions

@@ -62,8 +62,31 @@ def test_best_of_n_selects_by_vote_or_orm(monkeypatch):
     out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, orm)
     assert out.completions == ["1|a", "7|c"]
     assert calls == [(["p1"] * 3 + ["p2"] * 3, groups[0] + groups[1])]
+    assert out.alternatives["majority"] == ["2|b", "5|a"]
+    # weighted vote: answer 2 sums 0.3 < answer 1's 0.9; answer 7 (0.8) beats 6 (0.3) and 5 (0)
+    assert out.alternatives["orm_vote"] == ["1|a", "7|c"]
     with pytest.raises(QstarError, match="ORM"):
         decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, None)
+
+
+def test_orm_weighted_vote_lets_agreement_outweigh_one_high_score():
+    candidates = ["4|a", "5|b", "5|c", "5|d", "-|e"]
+    scores = [0.9, 0.4, 0.35, 0.5, 1.0]
+    assert pipeline.evaluate.orm_weighted_vote(candidates, scores, before_bar) == "5|d"
+    assert pipeline.evaluate.orm_select(candidates, scores) == "-|e"
+    # nothing extracted anywhere: plain ORM selection
+    assert pipeline.evaluate.orm_weighted_vote(["-|a", "-|b"], [0.1, 0.7], before_bar) == "-|b"
+
+
+def test_grade_scores_every_selection_of_the_same_samples():
+    problems = [Problem("a", "q", "1", {}), Problem("b", "q", "2", {})]
+    decoded = Decoded(["Answer: 1", "Answer: 3"], 10, extra={"select": "orm_vote"},
+                      alternatives={"majority": ["Answer: 1", "Answer: 2"],
+                                    "orm": ["Answer: 0", "Answer: 3"]})
+    result = grade(SpyTask(problems, []), problems, decoded, "best_of_n", 1.0)
+    assert result.accuracy == 0.5
+    assert result.extra["accuracy_by_select"] == {"orm_vote": 0.5, "majority": 1.0, "orm": 0.0}
+    assert "majority" in pipeline.evaluate.format_table([result])
 
 
 # ---------------------------------------------------------------- grade

@@ -295,3 +295,31 @@ def test_separate_rollout_model_needs_more_calls(cfg, models, monkeypatch):
     rollout_calls = [c for c in calls if "stop" not in c[1] or c[1]["stop"] is None]
     assert len(rollout_calls) >= 2  # the roots' and later leaves' rollouts each cost a call
     assert len(calls) > len(record["rounds"]) + 1
+
+
+# ---------------------------------------------------------------- the STaR baseline's sampler
+
+
+def test_sample_algorithm_builds_verified_depth_one_trees(cfg, models, tmp_path):
+    from pipeline.config import SearchAlgorithm
+    from pipeline.data_stage import write_data
+    from pipeline.search_stage import shard_rows
+
+    cfg.search.algorithm = SearchAlgorithm.sample
+    cfg.search.simulations = 5
+    problems = problems_(3)
+    task = SpyTask(problems)
+    prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+    trees, scorer = train_search(problems, task, prompts, cfg, models)
+    assert len(task.calls) == 15  # every sample verified once, nothing else generated
+    for tree, problem in zip(trees, problems):
+        kids = tree.children[0]
+        assert len(kids) == 5 and all(tree.terminal[k] and tree.depth[k] == 1 for k in kids)
+        rewards = [1.0 if rule(tree.text[k]) else 0.0 for k in kids]
+        assert [tree.terminal_reward[k] for k in kids] == rewards
+        assert {(problem.id, tree.text[k]) for k in kids} <= set(task.calls)
+        assert tree.visits[0] == 5 and tree.q(0) == pytest.approx(sum(rewards) / 5)
+        assert tree.stats.total_tokens == sum(tree.num_tokens[k] for k in kids) > 0
+    counts = write_data(shard_rows(trees, scorer, problems, 0), 0, cfg.train.pairs, tmp_path)
+    solved = sum(any(tree.terminal_reward[k] == 1.0 for k in tree.children[0]) for tree in trees)
+    assert counts["sft"] == solved

@@ -1,0 +1,99 @@
+"""Ablations of evaluation-time MCTS at our scale (AlphaLLM's table 3).
+
+    python benchmarks/ablations.py [--run runs/bench/mcts_dpo] [--iteration 0]
+
+Takes a finished iteration of a `qstar run` (default: the one benchmarks/loop.py makes): its
+trained policy and the critics fitted on its trees, and runs `qstar eval decode=mcts` on the
+held-out set once with everything on and once per component switched off:
+- without importance branching: search.alpha=0 (every node gets c_min children),
+- without state merge: search.merge=none,
+- without the PRM: critics.trained_weights.prm=0,
+- without fast rollouts: search.rollout.enabled=false (leaves valued by the critics alone).
+Each eval writes its own JSON (an existing one is kept, so a killed benchmark resumes).
+Writes benchmarks/results/ablations.json and ablations.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.atomic import atomic_path, write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+QSTAR = str(Path(sys.executable).parent / "qstar")
+VARIANTS = {
+    "full": [],
+    "no_importance_branching": ["search.alpha=0"],
+    "no_state_merge": ["search.merge=none"],
+    "no_prm": ["critics.trained_weights.prm=0"],
+    "no_fast_rollout": ["search.rollout.enabled=false"],
+}
+
+
+def eval_variant(name: str, extra: list[str], policy: Path, critics: Path, out_dir: Path,
+                 overrides: list[str]) -> dict:
+    output = out_dir / f"{name}.json"
+    if not output.is_file():
+        command = [QSTAR, "eval", "decode=mcts", f"model={policy}", f"eval.critics={critics}",
+                   f"eval.output={output}", "progress=false", *overrides, *extra]
+        print("$", " ".join(command), flush=True)
+        env = dict(os.environ, WANDB_MODE="disabled")
+        if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
+            sys.exit(f"ablation {name} failed (rerun to resume)")
+    summary = json.loads(output.read_text())["summary"]
+    return {"overrides": extra, "accuracy": summary["accuracy"], "correct": summary["correct"],
+            "total": summary["total"], "tokens_per_problem": round(summary["tokens"] / summary["total"], 1),
+            "seconds": summary["seconds"]}
+
+
+def plot(result: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["variants"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, [result["variants"][n]["accuracy"] for n in names])
+    ax.set(ylabel="held-out accuracy", title="Evaluation-time MCTS ablations")
+    ax.tick_params(axis="x", labelrotation=20)
+    path = RESULTS / "ablations.png"
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench" / "mcts_dpo")
+    parser.add_argument("--iteration", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every eval")
+    args = parser.parse_args()
+    iteration = args.run.resolve() / f"iter_{args.iteration:03d}"
+    policy, critics = iteration / "train" / "policy", iteration / "critics"
+    for path in (policy / "meta.json", critics / "orm" / "meta.json"):
+        if not path.is_file():
+            sys.exit(f"{path} is missing: run benchmarks/loop.py (or qstar run) first")
+    out_dir = iteration / "ablations"
+    result = {"benchmark": "ablations", "run": str(args.run), "iteration": args.iteration,
+              "policy": str(policy), "critics": str(critics), "variants": {}}
+    for name, extra in VARIANTS.items():
+        result["variants"][name] = eval_variant(name, extra, policy, critics, out_dir,
+                                                args.overrides)
+    write_json(RESULTS / "ablations.json", result)
+    print(f"wrote {plot(result)}")
+    for name, v in result["variants"].items():
+        print(f"{name:<24} accuracy {v['accuracy']:.3f}  tokens/problem {v['tokens_per_problem']}")
+
+
+if __name__ == "__main__":
+    main()
