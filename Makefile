@@ -31,9 +31,12 @@ test-fast: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# Long on a CPU (see README "Results"); every step resumes where a killed run stopped.
 bench: install
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/search.py
+	$(PY) benchmarks/loop.py --iterations 3
+	$(PY) benchmarks/ablations.py
 
 lint: install
 	$(VENV)/bin/ruff check pipeline mcts critics tests benchmarks
