@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +102,23 @@ class RunStore:
 
     # --- lock ---
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete `.tmp-*` files and folders a killed writer left (pipeline.atomic names them so).
+
+        Called with the lock held, when no writer of this run can be alive.
+        """
+        stale = sorted(self.root.rglob(".tmp-*"), key=lambda p: len(p.parts))
+        removed = []
+        for path in stale:
+            if not path.exists():  # inside a folder removed just before
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
     @contextmanager
     def lock(self):
         """One process per run: a second `qstar resume` on a busy run is refused."""
@@ -118,6 +136,7 @@ class RunStore:
         handle.write(str(os.getpid()))
         handle.flush()
         try:
+            self.remove_stale_temporaries()
             yield self
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

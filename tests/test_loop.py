@@ -133,6 +133,27 @@ def test_lock_refuses_a_second_process(tmp_path):
         assert proc.returncode != 0 and "is in use by pid" in proc.stderr
 
 
+def test_lock_removes_what_a_killed_writer_left(tmp_path):
+    from pipeline.atomic import atomic_dir, write_json
+
+    store = RunStore(tmp_path)
+    search = tmp_path / "iter_000" / "search"
+    search.mkdir(parents=True)
+    (search / ".tmp-shard_0000.jsonl-abc").write_text('{"half": ')
+    (search / "shard_0001.jsonl").write_text("{}\n")
+    partial = tmp_path / "iter_000" / "train" / ".tmp-policy-xyz"
+    (partial / "sub").mkdir(parents=True)
+    (partial / "sub" / ".tmp-model.safetensors-1").write_text("x")
+    with store.lock():
+        assert not (search / ".tmp-shard_0000.jsonl-abc").exists() and not partial.exists()
+        assert (search / "shard_0001.jsonl").read_text() == "{}\n"
+        write_json(tmp_path / "a.json", {"ok": 1})  # writing under the lock still works
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    assert sorted(p.name for p in tmp_path.rglob(".tmp-*")) == []
+    assert (tmp_path / "d" / "f").read_text() == "y"
+
+
 def test_sweep_makes_one_run_per_value_and_inspect_compares_them(tiny_model_dir, tmp_path):
     env = dict(os.environ, QSTAR_PROGRESS="0", WANDB_MODE="disabled")
     args = [QSTAR, "run", "-m", "debug=default", f"model={tiny_model_dir}",
