@@ -27,6 +27,7 @@ class Decoded:
     # Other selections from the same candidates (best-of-N: majority, orm, orm_vote), graded
     # beside the chosen one so they compare on identical samples.
     alternatives: dict[str, list[str]] = field(default_factory=dict)
+    row_extra: list[dict] = field(default_factory=list)  # per problem, kept in the result rows
 
 
 @dataclass
@@ -127,26 +128,30 @@ def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed
                          "eval.critics=<run>/iter_NNN/critics, or use decode.select=majority")
     groups, tokens = sample_candidates(model, tokenizer, prompts, d, seed, progress)
     picks = {Selection.majority.value: [majority_vote(g, extract) for g in groups]}
+    row_extra = [{"candidates": g} for g in groups]
     if orm_score is not None:
         flat_p = [p for p, g in zip(prompts, groups) for _ in g]
         scores = orm_score(flat_p, [c for g in groups for c in g])
         by_group, k = [], 0
-        for g in groups:
-            by_group.append(list(scores[k:k + len(g)]))
+        for g, extra in zip(groups, row_extra):
+            by_group.append([float(x) for x in scores[k:k + len(g)]])
+            extra["orm_scores"] = by_group[-1]
             k += len(g)
         picks[Selection.orm.value] = [orm_select(g, s) for g, s in zip(groups, by_group)]
         picks[Selection.orm_vote.value] = [orm_weighted_vote(g, s, extract)
                                            for g, s in zip(groups, by_group)]
     chosen = picks.pop(d.select.value)
-    return Decoded(chosen, tokens, extra={"select": d.select.value}, alternatives=picks)
+    return Decoded(chosen, tokens, extra={"select": d.select.value}, alternatives=picks,
+                   row_extra=row_extra)
 
 
 def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: str,
           seconds: float) -> EvalResult:
     rows = []
-    for p, completion in zip(problems, decoded.completions):
+    for k, (p, completion) in enumerate(zip(problems, decoded.completions)):
         rows.append({"id": p.id, "correct": task.is_correct(p, completion),
-                     "predicted": task.extract_answer(completion), "completion": completion})
+                     "predicted": task.extract_answer(completion), "completion": completion,
+                     **(decoded.row_extra[k] if decoded.row_extra else {})})
     correct = sum(r["correct"] for r in rows)
     extra = dict(decoded.extra)
     if "select" in decoded.extra:  # best-of-N: every selection made from the same candidates

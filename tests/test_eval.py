@@ -63,6 +63,8 @@ def test_best_of_n_selects_by_vote_or_orm(monkeypatch):
     assert out.completions == ["1|a", "7|c"]
     assert calls == [(["p1"] * 3 + ["p2"] * 3, groups[0] + groups[1])]
     assert out.alternatives["majority"] == ["2|b", "5|a"]
+    assert out.row_extra == [{"candidates": groups[0], "orm_scores": [0.9, 0.1, 0.2]},
+                             {"candidates": groups[1], "orm_scores": [0.0, 0.3, 0.8]}]
     # weighted vote: answer 2 sums 0.3 < answer 1's 0.9; answer 7 (0.8) beats 6 (0.3) and 5 (0)
     assert out.alternatives["orm_vote"] == ["1|a", "7|c"]
     with pytest.raises(QstarError, match="ORM"):
@@ -82,8 +84,10 @@ def test_grade_scores_every_selection_of_the_same_samples():
     problems = [Problem("a", "q", "1", {}), Problem("b", "q", "2", {})]
     decoded = Decoded(["Answer: 1", "Answer: 3"], 10, extra={"select": "orm_vote"},
                       alternatives={"majority": ["Answer: 1", "Answer: 2"],
-                                    "orm": ["Answer: 0", "Answer: 3"]})
+                                    "orm": ["Answer: 0", "Answer: 3"]},
+                      row_extra=[{"candidates": ["Answer: 1"]}, {"candidates": ["Answer: 3"]}])
     result = grade(SpyTask(problems, []), problems, decoded, "best_of_n", 1.0)
+    assert [r["candidates"] for r in result.rows] == [["Answer: 1"], ["Answer: 3"]]
     assert result.accuracy == 0.5
     assert result.extra["accuracy_by_select"] == {"orm_vote": 0.5, "majority": 1.0, "orm": 0.0}
     assert "majority" in pipeline.evaluate.format_table([result])
