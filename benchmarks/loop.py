@@ -57,11 +57,17 @@ def run_loops(commands: dict[str, list[str]], parallel: bool) -> None:
         sys.exit(f"benchmark runs failed: {', '.join(failed)} (rerun to resume them)")
 
 
+def completed_iterations(store: RunStore, iterations: int) -> int:
+    return sum(store.done(i, "eval") for i in range(iterations))
+
+
 def policy_decodes(store: RunStore, iterations: int) -> list[dict]:
     """Per policy (0 = base): accuracy and tokens per problem for each decoding run on it."""
     stages = [(0, BASELINE)] + [(i, "eval") for i in range(iterations)]
     rows = []
     for policy, (i, stage) in enumerate(stages):
+        if not store.done(i, stage):
+            break
         decodes = {}
         for name, s in store.metrics(i, stage)["decodes"].items():
             per_problem = s["tokens"] / max(s["total"], 1)
@@ -73,29 +79,36 @@ def policy_decodes(store: RunStore, iterations: int) -> list[dict]:
     return rows
 
 
-def search_tokens(store: RunStore, iterations: int) -> list[int]:
-    return [store.metrics(i, "search")["tokens"] for i in range(iterations)]
+def loop_summary(store: RunStore, iterations: int) -> dict:
+    done = completed_iterations(store, iterations)
+    return {"policies": policy_decodes(store, iterations),
+            "search_tokens": [store.metrics(i, "search")["tokens"] for i in range(done)],
+            "search_seconds": [store.metrics(i, "search")["seconds"] for i in range(done)],
+            "dpo_pairs": [store.metrics(i, "train").get("pairs") for i in range(done)],
+            "sft_rows": [store.metrics(i, "train").get("sft_rows") for i in range(done)]}
 
 
 def summarize(mcts_dir: Path, star_dir: Path, iterations: int) -> dict:
-    mcts, star = RunStore(mcts_dir), RunStore(star_dir)
-    mcts_rows, star_rows = policy_decodes(mcts, iterations), policy_decodes(star, iterations)
+    """Everything the two runs have finished (a cut-short benchmark still reports)."""
+    mcts = loop_summary(RunStore(mcts_dir), iterations)
+    star = loop_summary(RunStore(star_dir), iterations)
+    mcts_rows, star_rows = mcts["policies"], star["policies"]
     greedy = [r["decodes"]["greedy"]["accuracy"] for r in mcts_rows]
+    star_greedy = [r["decodes"]["greedy"]["accuracy"] for r in star_rows]
+    both = min(len(greedy), len(star_greedy)) - 1
     return {
         "benchmark": "loop", "iterations": iterations,
         "runs": {"mcts_dpo": str(mcts_dir), "star": str(star_dir)},
-        "mcts_dpo": {"policies": mcts_rows, "search_tokens": search_tokens(mcts, iterations),
-                     "train": [mcts.metrics(i, "train").get("pairs") for i in range(iterations)]},
-        "star": {"policies": star_rows, "search_tokens": search_tokens(star, iterations),
-                 "train": [star.metrics(i, "train").get("sft_rows") for i in range(iterations)]},
+        "mcts_dpo": mcts, "star": star,
         "targets": {
-            "greedy_gain_iter2_vs_iter0": round(greedy[min(2, iterations)] - greedy[0], 3),
+            "greedy_gain_iter2_vs_iter0": (round(greedy[2] - greedy[0], 3)
+                                           if len(greedy) > 2 else None),
             "mcts_minus_best_of_n_majority": [
                 round(r["decodes"]["mcts"]["accuracy"]
                       - r["decodes"]["best_of_n:majority"]["accuracy"], 3)
                 if "best_of_n:majority" in r["decodes"] else None for r in mcts_rows],
-            "mcts_dpo_minus_star_greedy_final": round(
-                greedy[-1] - star_rows[-1]["decodes"]["greedy"]["accuracy"], 3),
+            "mcts_dpo_minus_star_greedy_by_policy": [
+                round(greedy[k] - star_greedy[k], 3) for k in range(1, both + 1)],
         },
     }
 
@@ -155,16 +168,19 @@ def main() -> None:
     parser.add_argument("--star-samples", type=int, default=8,
                         help="STaR samples per problem (8: close to MCTS's tokens per iteration)")
     parser.add_argument("--parallel", action="store_true", help="run both loops at once")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="report what the runs have finished; run nothing")
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for both runs")
     args = parser.parse_args()
     mcts_dir, star_dir = args.runs.resolve() / "mcts_dpo", args.runs.resolve() / "star"
-    run_loops({
-        "mcts_dpo": qstar_command(mcts_dir, args.iterations, [
-            "experiment=demo_cpu", f"eval.decodes=[{','.join(DECODES)}]", *args.overrides]),
-        "star": qstar_command(star_dir, args.iterations, [
-            "experiment=star_cpu", f"search.simulations={args.star_samples}",
-            "eval.decodes=[greedy]", *args.overrides]),
-    }, args.parallel)
+    if not args.summarize_only:
+        run_loops({
+            "mcts_dpo": qstar_command(mcts_dir, args.iterations, [
+                "experiment=demo_cpu", f"eval.decodes=[{','.join(DECODES)}]", *args.overrides]),
+            "star": qstar_command(star_dir, args.iterations, [
+                "experiment=star_cpu", f"search.simulations={args.star_samples}",
+                "eval.decodes=[greedy]", *args.overrides]),
+        }, args.parallel)
     result = summarize(mcts_dir, star_dir, args.iterations)
     write_json(RESULTS / "loop.json", result)
     for path in plot(result):
