@@ -178,6 +178,7 @@ class PairsConfig:
     margin: float = 0.2  # minimum Q gap between chosen and rejected
     max_per_problem: int = 8
     trajectory_pairs: bool = True
+    sft_from_rollouts: bool = True  # no verified terminal: SFT on a verified, finished fast rollout
 
 
 @dataclass

@@ -37,7 +37,9 @@ Selection rules
   incorrect terminals (terminal_reward < 1.0; most visited first, then lowest Q, lowest id), one
   pair per (correct, incorrect) couple. The verifier's reward is exact, so n_min and margin do
   not apply to them.
-- SFT: per problem, the correct terminal with the most visits (ties: highest Q, lowest id).
+- SFT: per problem, the correct terminal with the most visits (ties: highest Q, lowest id);
+  with no correct terminal (and pairs.sft_from_rollouts), the node whose fast rollout the
+  verifier accepted and that ended with EOS, by the same order: its steps plus the rollout.
 - Pairs are deduplicated on (prompt + chosen, prompt + rejected) over the whole call -- identical
   rows, and also a step pair between two terminal siblings that repeats, with a longer prompt,
   a trajectory pair (the DPO loss sees only the full sequences) -- then capped at
@@ -51,7 +53,8 @@ Lineage (extra key; `pipeline.train_stage` hands TRL only the columns it trains 
      "prefix_node": node whose steps end the prompt (0 = root),
      "node_ids": [chosen, rejected] (step: the sibling options; trajectory: the terminals)
                  or [terminal] for SFT,
-     "q", "visits", "terminal", "reward" (terminal_reward, None when not terminal): same order}
+     "q", "visits", "terminal", "reward" (terminal_reward, None when not terminal): same order,
+     SFT rows also "from_rollout": whether the completion ends with a verified fast rollout}
 """
 
 from __future__ import annotations
@@ -160,6 +163,38 @@ def best_verified(view: _TreeView) -> dict | None:
     return min(correct, key=_best_correct_key) if correct else None
 
 
+def best_verified_rollout(view: _TreeView, rollouts: dict) -> tuple[dict, str] | None:
+    """The node whose fast rollout the verifier accepted and that ended the solution (EOS), by
+    the same order as terminals (most visits, highest Q, lowest id), with the rollout's text."""
+    found = [n for n in view.nodes if not n["terminal"] and n["rollout"] == 1.0
+             and rollouts.get(str(n["id"]), {}).get("finished")]
+    if not found:
+        return None
+    node = min(found, key=_best_correct_key)
+    return node, rollouts[str(node["id"])]["text"]
+
+
+def sft_row(view: _TreeView, problem_id: str, iteration: int, rollouts: dict,
+            from_rollouts: bool) -> dict | None:
+    """The best verified trajectory; else (from_rollouts) the best verified rollout's solution."""
+    node = best_verified(view)
+    if node is not None:
+        completion, from_rollout = view.text_to(node["id"]), False
+    elif from_rollouts and (found := best_verified_rollout(view, rollouts)) is not None:
+        node, rollout_text = found
+        completion, from_rollout = view.text_to(node["id"]) + rollout_text, True
+    else:
+        return None
+    lineage = _lineage(iteration, problem_id, "sft", 0, [node])
+    lineage["from_rollout"] = from_rollout
+    return {"prompt": view.prompt, "completion": completion, "lineage": lineage}
+
+
+def _sft_rank(row: dict) -> tuple:
+    lin = row["lineage"]
+    return (lin["from_rollout"], -lin["visits"][0], -lin["q"][0], lin["node_ids"][0])
+
+
 def _pair_rank(row: dict, depth_of) -> tuple:
     lin = row["lineage"]
     return (-(lin["q"][0] - lin["q"][1]), KIND_ORDER[lin["kind"]], depth_of(row), lin["node_ids"])
@@ -183,7 +218,7 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
     seen_sft: set[tuple[str, str]] = set()
     for problem_id in sorted(by_problem):
         candidates: list[tuple[tuple, dict]] = []
-        best: tuple[tuple, _TreeView, dict] | None = None
+        best: tuple[tuple, dict] | None = None
         for order, row in enumerate(by_problem[problem_id]):
             view = _TreeView(row["tree"])
             found = step_pairs(view, problem_id, iteration, pairs)
@@ -191,11 +226,10 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
                 found += trajectory_pairs(view, problem_id, iteration)
             depth = lambda r, v=view: len(v.path(r["lineage"]["prefix_node"])) - 1  # noqa: E731
             candidates += [(_pair_rank(r, depth) + (order,), r) for r in found]
-            node = best_verified(view)
-            if node is not None:
-                key = _best_correct_key(node) + (order,)
-                if best is None or key < best[0]:
-                    best = (key, view, node)
+            sft = sft_row(view, problem_id, iteration, row.get("rollouts", {}),
+                          pairs.sft_from_rollouts)
+            if sft is not None and (best is None or _sft_rank(sft) + (order,) < best[0]):
+                best = (_sft_rank(sft) + (order,), sft)
         candidates.sort(key=lambda c: c[0])
         kept = 0
         for _, row in candidates:
@@ -210,9 +244,7 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
             dpo_rows.append(row)
             kept += 1
         if best is not None:
-            _, view, node = best
-            sft = {"prompt": view.prompt, "completion": view.text_to(node["id"]),
-                   "lineage": _lineage(iteration, problem_id, "sft", 0, [node])}
+            sft = best[1]
             key = (sft["prompt"], sft["completion"])
             if key not in seen_sft:
                 seen_sft.add(key)

@@ -269,7 +269,7 @@ def shard_rows(trees: list[Tree], scorer: LeafScorer, problems: Sequence[Problem
                iteration: int) -> list[dict]:
     rows = []
     for tree, problem in zip(trees, problems):
-        rollouts = {str(node): {"text": ro.text, "tokens": ro.tokens}
+        rollouts = {str(node): {"text": ro.text, "tokens": ro.tokens, "finished": ro.finished}
                     for (t, node), ro in scorer.rollouts.items() if t == tree.tree_index}
         solved = any(r == 1.0 for r in tree.terminal_reward if r is not None)
         rows.append({"problem_id": problem.id, "iteration": iteration, "question": problem.question,

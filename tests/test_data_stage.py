@@ -205,8 +205,25 @@ def test_sft_row_is_the_most_visited_correct_trajectory():
         "completion": "Step 1: add 2 and 3\nAnswer: 5\n",
         "lineage": {"iteration": 0, "problem_id": "p-add", "kind": "sft", "prefix_node": 0,
                     "node_ids": [3], "q": [1.0], "visits": [3], "terminal": [True],
-                    "reward": [1.0]},
+                    "reward": [1.0], "from_rollout": False},
     }]
+
+
+def test_sft_falls_back_to_a_verified_finished_rollout():
+    nodes = tree_mul()  # no correct terminal
+    nodes[4]["rollout"] = nodes[5]["rollout"] = nodes[2]["rollout"] = 1.0
+    row = shard_row("p-mul", "What is 4 * 5?", nodes)
+    row["rollouts"] = {"2": {"text": "Answer: 20\n", "tokens": 4, "finished": True},
+                       "4": {"text": "Answer: 20\n", "tokens": 4, "finished": False},  # cut short
+                       "5": {"text": "Step 3: 20\nAnswer: 20\n", "tokens": 9, "finished": True}}
+    _, sft = build_rows([row], 0, PairsConfig())
+    # node 2 (4 visits) beats node 5 (2 visits); node 4 has more visits than 5 but never finished
+    assert [r["completion"] for r in sft] == ["Step 1: 4 + 5 = 9\nAnswer: 20\n"]
+    assert sft[0]["lineage"]["from_rollout"] is True and sft[0]["lineage"]["node_ids"] == [2]
+    assert build_rows([row], 0, PairsConfig(sft_from_rollouts=False))[1] == []
+    # a verified terminal in another tree of the same problem wins over any rollout
+    _, sft = build_rows([row, shard_row("p-mul", "What is 4 * 5?", tree_add())], 0, PairsConfig())
+    assert sft[0]["lineage"]["from_rollout"] is False
 
 
 def test_order_is_deterministic():
