@@ -52,8 +52,9 @@ class MergeMethod(str, Enum):
 
 
 class BestPath(str, Enum):
-    visits = "visits"
-    q = "q"
+    visits = "visits"  # follow the most-visited child
+    q = "q"  # follow the highest-Q child
+    vote = "vote"  # evaluation: the answer most visits back, over every solution in the tree
 
 
 class TrainMode(str, Enum):

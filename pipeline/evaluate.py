@@ -192,7 +192,7 @@ def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts
         return decode_beam(cfg, model, tokenizer, prompts, progress)
     from pipeline.search_stage import decode_mcts
 
-    return decode_mcts(cfg, model, tokenizer, prompts, critics, progress)
+    return decode_mcts(cfg, model, tokenizer, prompts, critics, progress, extract)
 
 
 def format_table(results: Sequence[EvalResult]) -> str:

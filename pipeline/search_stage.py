@@ -23,7 +23,7 @@ from pathlib import Path
 from mcts import EvalRequest, ExpandRequest, LeafEval, Option, SearchParams, Tree, search
 from mcts.options import OptionEnd, is_answer_line
 from pipeline.atomic import read_jsonl, write_jsonl
-from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
+from pipeline.config import BestPath, CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
 from pipeline.errors import QstarError
 from pipeline.generation import generate
 from pipeline.progress import progress_bar
@@ -254,15 +254,52 @@ def completion_of(tree: Tree, scorer: LeafScorer, mode: str) -> str:
     return text
 
 
+def tree_solutions(tree: Tree, scorer: LeafScorer) -> list[tuple[str, int]]:
+    """Every whole solution the search wrote, with its node's visits: terminal nodes, and
+    evaluated nodes whose rollout ended the solution."""
+    found = []
+    for node in range(1, tree.num_nodes):
+        if tree.terminal[node]:
+            found.append((tree.trajectory_text(tree.path(node)), tree.visits[node]))
+            continue
+        rollout = scorer.rollouts.get((tree.tree_index, node))
+        if rollout is not None and rollout.finished:
+            found.append((tree.trajectory_text(tree.path(node)) + rollout.text, tree.visits[node]))
+    return found
+
+
+def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None]) -> str:
+    """Self-consistency over the tree: the answer whose solutions' visits sum highest (ties:
+    first found), as its most-visited solution. No answer anywhere: the most-visited path."""
+    weight: dict[str, int] = {}
+    best: dict[str, tuple[int, str]] = {}
+    for text, visits in tree_solutions(tree, scorer):
+        answer = extract(text)
+        if answer is None:
+            continue
+        weight[answer] = weight.get(answer, 0) + max(visits, 1)
+        if answer not in best or visits > best[answer][0]:
+            best[answer] = (visits, text)
+    if not weight:
+        return completion_of(tree, scorer, "visits")
+    return best[max(weight, key=weight.get)][1]
+
+
 def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
-                progress: str | None):
+                progress: str | None, extract: Callable[[str], str | None]):
+    """One completion per prompt from an evaluation-time search (`search.best_path` picks it);
+    `extract` reads answers for best_path=vote and never sees gold."""
     from pipeline.evaluate import Decoded
 
     models = SearchModels(policy=model, tokenizer=tokenizer, critics=critics)
     trees, scorer = eval_search(prompts, cfg, models, desc=progress)
-    mode = cfg.search.best_path.value
-    return Decoded([completion_of(t, scorer, mode) for t in trees],
-                   sum(t.stats.total_tokens for t in trees))
+    mode = cfg.search.best_path
+    if mode == BestPath.vote:
+        completions = [vote_completion(t, scorer, extract) for t in trees]
+    else:
+        completions = [completion_of(t, scorer, mode.value) for t in trees]
+    return Decoded(completions, sum(t.stats.total_tokens for t in trees),
+                   extra={"best_path": mode.value})
 
 
 def shard_rows(trees: list[Tree], scorer: LeafScorer, problems: Sequence[Problem],

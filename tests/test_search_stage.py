@@ -323,3 +323,30 @@ def test_sample_algorithm_builds_verified_depth_one_trees(cfg, models, tmp_path)
     counts = write_data(shard_rows(trees, scorer, problems, 0), 0, cfg.train.pairs, tmp_path)
     solved = sum(any(tree.terminal_reward[k] == 1.0 for k in tree.children[0]) for tree in trees)
     assert counts["sft"] == solved
+
+
+# ---------------------------------------------------------------- best_path=vote
+
+
+def test_vote_completion_weighs_answers_by_visits_over_the_whole_tree():
+    from types import SimpleNamespace
+
+    from mcts import Tree
+    from pipeline.search_stage import Rollout, vote_completion
+
+    tree = Tree("P:")
+    a = tree.add_node(0, "x\n", 2, -1.0, terminal=False)
+    b = tree.add_node(0, "y\n", 2, -1.0, terminal=False)
+    t1 = tree.add_node(a, "Answer: 3\n", 3, -1.0, terminal=True)
+    t2 = tree.add_node(b, "Answer: 4\n", 3, -1.0, terminal=True)
+    for node, visits in ((a, 5), (b, 4), (t1, 3), (t2, 2)):
+        tree.visits[node] = visits
+    rollouts = {(0, b): Rollout("Answer: 4\n", 3, -0.1, finished=True),
+                (0, a): Rollout("Answer: 4", 3, -0.1, finished=False)}  # cut short: not counted
+    scorer = SimpleNamespace(rollouts=rollouts)
+    extract = lambda text: text.rsplit("Answer: ", 1)[1].strip() if "Answer: " in text else None  # noqa: E731
+    # answer 3: node t1 (3 visits); answer 4: t2 (2) + b's finished rollout (4) = 6
+    assert vote_completion(tree, scorer, extract) == "y\nAnswer: 4\n"
+    # the most-visited path (a -> t1) would have answered 3
+    assert ss.completion_of(tree, scorer, "visits") == "x\nAnswer: 3\n"
+    assert vote_completion(tree, scorer, lambda text: None) == "x\nAnswer: 3\n"
