@@ -325,9 +325,11 @@ def test_partial_temp_files_are_never_taken_for_complete(reference, tmp_path, ca
     (partial_policy / "config.json").write_text("{")
     assert main(["resume", str(run)]) == 0, capsys.readouterr().err
     assert_complete_like(run, reference)
-    # The resumed search redid shard 1 (the same trees: seeded) and never read the temp file.
+    # The resumed search redid shard 1 (the same trees: seeded); the temps were deleted when
+    # the resume took the run's lock, before anything could read them.
     assert trees_of(search / "shard_0001.jsonl") == trees_of(full_shard.decode())
-    assert partial_shard.read_bytes() == full_shard[: len(full_shard) // 2]
+    assert not partial_shard.exists() and not half_manifest.exists() and not partial_policy.exists()
+    assert list(run.rglob(".tmp-*")) == []
 
 
 def test_metrics_jsonl_follows_the_manifest_after_a_kill_between_the_two_writes(
