@@ -9,6 +9,8 @@ held-out set once with everything on and once per component switched off:
 - without state merge: search.merge=none,
 - without the PRM: critics.trained_weights.prm=0,
 - without fast rollouts: search.rollout.enabled=false (leaves valued by the critics alone).
+And one addition: the answer voted over the tree's solutions (search.best_path=vote) instead
+of the most-visited path's.
 Each eval writes its own JSON (an existing one is kept, so a killed benchmark resumes).
 Writes benchmarks/results/ablations.json and ablations.png.
 """
@@ -35,6 +37,7 @@ VARIANTS = {
     "no_state_merge": ["search.merge=none"],
     "no_prm": ["critics.trained_weights.prm=0"],
     "no_fast_rollout": ["search.rollout.enabled=false"],
+    "answer_by_vote": ["search.best_path=vote"],  # an addition, not an ablation: same trees
 }
 
 

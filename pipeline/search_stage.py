@@ -23,7 +23,14 @@ from pathlib import Path
 from mcts import EvalRequest, ExpandRequest, LeafEval, Option, SearchParams, Tree, search
 from mcts.options import OptionEnd, is_answer_line
 from pipeline.atomic import read_jsonl, write_jsonl
-from pipeline.config import BestPath, CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
+from pipeline.config import (
+    BestPath,
+    CriticWeights,
+    MergeMethod,
+    QstarConfig,
+    SearchAlgorithm,
+    SearchConfig,
+)
 from pipeline.errors import QstarError
 from pipeline.generation import generate
 from pipeline.progress import progress_bar
