@@ -143,7 +143,7 @@ def test_bad_data_file(make, data_dir, debug_overrides, tmp_path, capsys):
     assert not run.exists()  # refused before Hydra made a run directory
 
 
-@pytest.mark.parametrize("overrides,needle", [
+UNKNOWN_INPUT = [
     (["task.kind=foo"], "Invalid value 'foo', expected one of [arithmetic, reasoning_gym, jsonl, hf]"),
     (["task=foo"], "Could not find 'task/foo'"),
     (["task=reasoning_gym", "task.name=no_such_generator"],
@@ -152,13 +152,7 @@ def test_bad_data_file(make, data_dir, debug_overrides, tmp_path, capsys):
     (["model=nobody-qstar/no-such-model"], "model.name='nobody-qstar/no-such-model': not a local "
                                           "directory, not in the Hugging Face cache"),
     (["model=.no-such-dir"], "model.name='.no-such-dir': no such directory"),
-])
-def test_unknown_task_model_or_generator(overrides, needle, debug_overrides, tmp_path, capsys):
-    run = tmp_path / "run"
-    rc, out, err = cli(["run", *debug_overrides, *overrides, f"hydra.run.dir={run}"], capsys)
-    line = the_error_line(rc, out, err)
-    assert needle in line, line
-    assert not run.exists()
+]
 
 
 def test_model_directory_without_config(debug_overrides, tmp_path, capsys):
@@ -172,7 +166,7 @@ def test_model_directory_without_config(debug_overrides, tmp_path, capsys):
 # ---------------------------------------------------------------- qstar run: config values
 
 
-@pytest.mark.parametrize("overrides,needle", [
+INVALID_VALUES = [
     (["search.simulations=-1"], "config key search.simulations=-1 is invalid: must be >= 1"),
     (["search.simulations=0"], "config key search.simulations=0 is invalid: must be >= 1"),
     (["search.c_min=4", "search.c_max=3"], "config key search.c_min=4 is invalid: need 1 <= c_min <= c_max"),
@@ -189,12 +183,19 @@ def test_model_directory_without_config(debug_overrides, tmp_path, capsys):
      "critics.trained_weights=[0.0, 0.0, 0.0, 0.0] is invalid"),
     (["critics.weights.value=-1"], "critics.weights=[-1.0, 0.0, 0.0, 1.0] is invalid"),
     (["decode.n=0"], "config key decode.n=0 is invalid: must be >= 1"),
+    (["decode.beam_width=0"], "config key decode.beam_width=0 is invalid: must be >= 1"),
+    (["search.algorithm=greedy"], "Invalid value 'greedy', expected one of [mcts, sample]"),
+    (["search.best_path=longest"], "Invalid value 'longest', expected one of [visits, q, vote]"),
     (["search.simulations=many"], "Value 'many' of type 'str' could not be converted to Integer"),
     (["search.no_such_key=1"], "Key 'no_such_key' not in 'SearchConfig'"),
     (["eval.decodes=[greedy,telepathy]"], "eval.decodes='telepathy' is invalid"),
     (["task=jsonl"], "task.path"),
-])
-def test_invalid_config_value(overrides, needle, debug_overrides, tmp_path, capsys):
+]
+
+
+@pytest.mark.parametrize("overrides,needle", UNKNOWN_INPUT + INVALID_VALUES)
+def test_bad_run_input_is_one_line_and_makes_no_run(overrides, needle, debug_overrides, tmp_path,
+                                                    capsys):
     run = tmp_path / "run"
     rc, out, err = cli(["run", *debug_overrides, *overrides, f"hydra.run.dir={run}"], capsys)
     line = the_error_line(rc, out, err)
