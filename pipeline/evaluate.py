@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -81,15 +80,27 @@ def sample_candidates(model, tokenizer, prompts: list[str], d: DecodeConfig, see
     return groups, sum(g.num_tokens for g in gens)
 
 
+def weighted_vote(candidates: Sequence[str], weights: Sequence[float],
+                  extract: Callable[[str], str | None]) -> int | None:
+    """Index of the winning candidate: the answer whose candidates' weights sum highest (ties:
+    the answer seen first), then its highest-weighted candidate (ties: earliest). None when no
+    candidate has an answer. Majority vote is every weight 1."""
+    answers = [extract(c) for c in candidates]
+    totals: dict[str, float] = {}
+    for answer, weight in zip(answers, weights, strict=True):
+        if answer is not None:
+            totals[answer] = totals.get(answer, 0.0) + weight
+    if not totals:
+        return None
+    winner = max(totals, key=totals.get)  # dicts keep insertion order: ties go to the first seen
+    mine = [j for j, a in enumerate(answers) if a == winner]
+    return max(mine, key=lambda j: (weights[j], -j))
+
+
 def majority_vote(candidates: list[str], extract: Callable[[str], str | None]) -> str:
     """The first candidate whose extracted answer is the most common one (ties: earliest)."""
-    answers = [extract(c) for c in candidates]
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return candidates[0]
-    best = max(counts.values())
-    winner = next(a for a in answers if a is not None and counts[a] == best)
-    return candidates[answers.index(winner)]
+    best = weighted_vote(candidates, [1.0] * len(candidates), extract)
+    return candidates[0 if best is None else best]
 
 
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
@@ -102,21 +113,10 @@ def orm_select(candidates: list[str], scores: list[float]) -> str:
 
 def orm_weighted_vote(candidates: list[str], scores: list[float],
                       extract: Callable[[str], str | None]) -> str:
-    """The answer whose candidates' ORM scores sum highest; its best-scored candidate.
-
-    Votes weighted by the ORM: agreement still counts, but a confident ORM can outvote a weak
-    majority. No extracted answer: plain ORM selection.
-    """
-    answers = [extract(c) for c in candidates]
-    totals: dict[str, float] = {}
-    for a, score in zip(answers, scores):
-        if a is not None:
-            totals[a] = totals.get(a, 0.0) + score
-    if not totals:
-        return orm_select(candidates, scores)
-    winner = max(totals, key=lambda a: (totals[a], -answers.index(a)))
-    mine = [j for j, a in enumerate(answers) if a == winner]
-    return candidates[max(mine, key=lambda j: (scores[j], -j))]
+    """Votes weighted by the ORM: agreement still counts, but a confident ORM can outvote a weak
+    majority. No extracted answer: plain ORM selection."""
+    best = weighted_vote(candidates, scores, extract)
+    return orm_select(candidates, scores) if best is None else candidates[best]
 
 
 def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,

@@ -276,20 +276,13 @@ def tree_solutions(tree: Tree, scorer: LeafScorer) -> list[tuple[str, int]]:
 
 
 def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None]) -> str:
-    """Self-consistency over the tree: the answer whose solutions' visits sum highest (ties:
-    first found), as its most-visited solution. No answer anywhere: the most-visited path."""
-    weight: dict[str, int] = {}
-    best: dict[str, tuple[int, str]] = {}
-    for text, visits in tree_solutions(tree, scorer):
-        answer = extract(text)
-        if answer is None:
-            continue
-        weight[answer] = weight.get(answer, 0) + max(visits, 1)
-        if answer not in best or visits > best[answer][0]:
-            best[answer] = (visits, text)
-    if not weight:
-        return completion_of(tree, scorer, "visits")
-    return best[max(weight, key=weight.get)][1]
+    """Self-consistency over the tree: the answer whose solutions' visits sum highest, as its
+    most-visited solution. No answer anywhere: the most-visited path."""
+    from pipeline.evaluate import weighted_vote  # pipeline.evaluate imports this module lazily
+
+    solutions = tree_solutions(tree, scorer)
+    best = weighted_vote([text for text, _ in solutions], [v for _, v in solutions], extract)
+    return completion_of(tree, scorer, "visits") if best is None else solutions[best][0]
 
 
 def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
