@@ -8,8 +8,8 @@ Two real `qstar` runs on SmolLM2 arithmetic (same training problems, same held-o
    decoding, with the tokens it generated (best-of-N is also selected by the ORM and by an
    ORM-weighted vote on the same samples once critics exist).
 2. STaR: `qstar run experiment=star_cpu iterations=3` (best-of-N samples, verifier filter, SFT)
-   with `search.simulations` samples per problem, so its generated tokens per iteration are
-   close to the MCTS loop's; both token counts are reported.
+   with --star-samples samples per problem (8: about the MCTS loop's tokens in iteration 0);
+   both loops' generated tokens per iteration are reported beside their accuracy.
 A killed benchmark resumes its runs (`qstar resume`). --parallel runs both loops at once with
 one torch thread each (two cores). Writes benchmarks/results/loop.json, curve.png and
 decoding.png.
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--star-samples", type=int, default=8,
-                        help="STaR samples per problem (8: close to MCTS's tokens per iteration)")
+                        help="STaR samples per problem (8: about MCTS's tokens in iteration 0)")
     parser.add_argument("--parallel", action="store_true", help="run both loops at once")
     parser.add_argument("--summarize-only", action="store_true",
                         help="report what the runs have finished; run nothing")
