@@ -23,20 +23,33 @@ LOSSES = ("mse", "bce")
 
 
 class ScalarHead(nn.Module):
-    def __init__(self, hidden_size: int, width: int = WIDTH):
+    """An MLP on the features; the last `linear_features` columns, if any, add a linear term
+    beside it instead (the ORM's prompt state: a per-problem offset that cannot reorder the
+    answers to one problem, which the MLP ranks from the other columns alone)."""
+
+    def __init__(self, hidden_size: int, width: int = WIDTH, linear_features: int = 0):
         super().__init__()
-        self.hidden_size, self.width = hidden_size, width
+        if not 0 <= linear_features < hidden_size:
+            raise ValueError(f"linear_features={linear_features} must be in [0, {hidden_size})")
+        self.hidden_size, self.width, self.linear_features = hidden_size, width, linear_features
         self.register_buffer("feature_mean", torch.zeros(hidden_size))
         self.register_buffer("feature_std", torch.ones(hidden_size))
-        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, 1))
-        # Zero output layer: an untrained head says 0.5 (or its bias) for every text.
+        mlp_in = hidden_size - linear_features
+        self.net = nn.Sequential(nn.Linear(mlp_in, width), nn.GELU(), nn.Linear(width, 1))
+        # Zero output layers: an untrained head says 0.5 (or its bias) for every text.
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
+        if linear_features:
+            self.linear = nn.Linear(linear_features, 1, bias=False)
+            nn.init.zeros_(self.linear.weight)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits, shape (n,)."""
         x = (features - self.feature_mean) / self.feature_std
-        return self.net(x).squeeze(-1)
+        if not self.linear_features:
+            return self.net(x).squeeze(-1)
+        split = self.hidden_size - self.linear_features
+        return (self.net(x[:, :split]) + self.linear(x[:, split:])).squeeze(-1)
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
@@ -65,19 +78,20 @@ def _one_thread():
 
 
 def train_head(features: torch.Tensor, targets, loss: str, lr: float, epochs: int,
-               batch_size: int, seed: int) -> tuple[ScalarHead, list[float]]:
+               batch_size: int, seed: int, linear_features: int = 0) -> tuple[ScalarHead, list[float]]:
     """Fit a head on (n, hidden) features and n targets in [0, 1]; returns the head and the
     mean training loss of each epoch. With no examples the head stays at 0.5."""
     with _one_thread():
-        return _train_head(features, targets, _loss_fn(loss), lr, epochs, batch_size, seed)
+        return _train_head(features, targets, _loss_fn(loss), lr, epochs, batch_size, seed,
+                           linear_features)
 
 
 def _train_head(features: torch.Tensor, targets, loss_of, lr: float, epochs: int,
-                batch_size: int, seed: int) -> tuple[ScalarHead, list[float]]:
+                batch_size: int, seed: int, linear_features: int) -> tuple[ScalarHead, list[float]]:
     features = features.float()
     y = torch.as_tensor(targets, dtype=torch.float32)
     torch.manual_seed(seed)
-    head = ScalarHead(features.shape[1])
+    head = ScalarHead(features.shape[1], linear_features=linear_features)
     if len(y) == 0:
         return head, []
     head.feature_mean.copy_(features.mean(0))
@@ -116,7 +130,8 @@ def save_head(head: ScalarHead, directory: str | os.PathLike, meta: dict) -> Non
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     _replace_into(directory / "head.safetensors", lambda p: save_file(tensors, str(p)))
-    meta = {**meta, "hidden_size": head.hidden_size, "width": head.width}
+    meta = {**meta, "hidden_size": head.hidden_size, "width": head.width,
+            "linear_features": head.linear_features}
     text = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
     _replace_into(directory / "meta.json", lambda p: p.write_text(text, encoding="utf-8"))
 
@@ -128,7 +143,8 @@ def read_meta(directory: str | os.PathLike) -> dict:
 def load_head(directory: str | os.PathLike) -> tuple[ScalarHead, dict]:
     directory = Path(directory)
     meta = read_meta(directory)
-    head = ScalarHead(meta["hidden_size"], meta["width"])
+    # heads saved before linear_features existed have none
+    head = ScalarHead(meta["hidden_size"], meta["width"], meta.get("linear_features", 0))
     head.load_state_dict(load_file(str(directory / "head.safetensors")))
     head.eval()
     return head, meta

@@ -57,7 +57,29 @@ def test_save_and_load_round_trip_with_safetensors(tmp_path):
     assert sorted(p.name for p in (tmp_path / "orm").iterdir()) == ["head.safetensors", "meta.json"]
     assert set(load_file(str(tmp_path / "orm" / "head.safetensors"))) == set(head.state_dict())
     meta = json.loads((tmp_path / "orm" / "meta.json").read_text())
-    assert meta == {"kind": "orm", "note": "x", "hidden_size": 16, "width": 256}
+    assert meta == {"kind": "orm", "note": "x", "hidden_size": 16, "width": 256, "linear_features": 0}
     loaded, loaded_meta = load_head(tmp_path / "orm")
     assert isinstance(loaded, ScalarHead) and loaded_meta == meta
     assert torch.equal(loaded.predict(x), head.predict(x))
+
+
+def test_linear_columns_shift_a_problem_but_never_reorder_its_answers(tmp_path):
+    """The ORM's prompt state enters linearly: same prompt columns -> same offset for every
+    answer, so answers to one problem are ranked by the other columns alone."""
+    g = torch.Generator().manual_seed(0)
+    answers, prompt_a, prompt_b = torch.randn(6, 4, generator=g), torch.randn(8, generator=g), \
+        torch.randn(8, generator=g)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    x = torch.cat([answers, prompt_a.expand(6, 8)], dim=1)
+    head, losses = train_head(x, y, "bce", lr=3e-2, epochs=20, batch_size=3, seed=0, linear_features=8)
+    assert losses[-1] < losses[0] and head.linear.weight.abs().sum() > 0
+    logits_a = head(x)
+    logits_b = head(torch.cat([answers, prompt_b.expand(6, 8)], dim=1))
+    offset = logits_b - logits_a
+    assert not torch.allclose(offset, torch.zeros(6), atol=1e-4)  # the prompt matters ...
+    assert torch.allclose(offset, offset[0].expand(6), atol=1e-5)  # ... by one shift per problem
+    save_head(head, tmp_path / "orm", {})
+    loaded, meta = load_head(tmp_path / "orm")
+    assert meta["linear_features"] == 8 and torch.equal(loaded(x), logits_a.detach())
+    with pytest.raises(ValueError, match="linear_features=12 must be in"):
+        ScalarHead(12, linear_features=12)
