@@ -2,7 +2,7 @@
 their metrics, and the DPO implicit reward. Takes models and plain values; no pipeline imports."""
 
 from critics.critic_set import CriticSet, Scorer
-from critics.features import hidden_features
+from critics.features import LOGPROB_STATS, Features, backbone_features
 from critics.heads import ScalarHead, load_head, save_head, train_head
 from critics.implicit import (
     completion_tokens,
@@ -11,24 +11,25 @@ from critics.implicit import (
     option_rewards,
     token_rewards,
 )
-from critics.targets import KINDS, Example, critic_examples, split_by_problem, state_text
+from critics.targets import KINDS, Example, critic_examples, split_by_problem
 
 __all__ = [
     "KINDS",
+    "LOGPROB_STATS",
     "CriticSet",
     "Example",
+    "Features",
     "ScalarHead",
     "Scorer",
+    "backbone_features",
     "completion_tokens",
     "credit_map_html",
     "critic_examples",
-    "hidden_features",
     "implicit_reward",
     "load_head",
     "option_rewards",
     "save_head",
     "split_by_problem",
-    "state_text",
     "token_rewards",
     "train_head",
 ]

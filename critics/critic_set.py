@@ -9,12 +9,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from critics.features import hidden_features
+from critics.features import LOGPROB_STATS, Features, backbone_features
 from critics.heads import ScalarHead, load_head, read_meta, save_head
-from critics.targets import KINDS, state_text
+from critics.targets import KINDS
 
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
+# What a head reads (critics.orm_features; value and PRM: hidden). confidence: the completion's
+# log-prob statistics, then the prompt's hidden state as a linear per-problem term.
+FEATURES = ("hidden", "confidence")
 
 
 def backbone_of(directory: str | os.PathLike) -> str:
@@ -22,14 +26,30 @@ def backbone_of(directory: str | os.PathLike) -> str:
     return read_meta(Path(directory) / KINDS[0])["backbone"]
 
 
+def feature_width(features: str, hidden_size: int) -> int:
+    return len(LOGPROB_STATS) + hidden_size if features == "confidence" else hidden_size
+
+
+def linear_features(features: str, hidden_size: int) -> int:
+    """How many trailing feature columns a head of this kind takes linearly."""
+    return hidden_size if features == "confidence" else 0
+
+
 class CriticSet:
     def __init__(self, model, tokenizer, heads: dict[str, ScalarHead], max_length: int,
-                 batch_size: int, meta: dict[str, dict] | None = None):
-        hidden = model.config.hidden_size
+                 batch_size: int, meta: dict[str, dict] | None = None,
+                 features: dict[str, str] | None = None):
+        """`features[kind]`: what each head reads, "hidden" (the default) or "confidence"."""
+        self.features = {kind: "hidden" for kind in heads} | (features or {})
         for kind, head in heads.items():
-            if head.hidden_size != hidden:
+            if self.features[kind] not in FEATURES:
+                raise ValueError(f"critic head {kind!r} reads unknown features "
+                                 f"{self.features[kind]!r}; allowed: {', '.join(FEATURES)}")
+            width = feature_width(self.features[kind], model.config.hidden_size)
+            if (head.hidden_size, head.linear_features) != (
+                    width, linear_features(self.features[kind], model.config.hidden_size)):
                 raise ValueError(f"critic head {kind!r} expects features of size {head.hidden_size}, "
-                                 f"the backbone gives {hidden}: it was trained on another backbone")
+                                 f"the backbone gives {width}: it was trained on another backbone")
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.max_length, self.batch_size = max_length, batch_size
         self.meta = meta or {kind: {} for kind in heads}
@@ -42,23 +62,35 @@ class CriticSet:
         for kind in KINDS:
             heads[kind], meta[kind] = load_head(Path(directory) / kind)
         max_length = meta[KINDS[0]]["max_length"]
-        return cls(model, tokenizer, heads, max_length, batch_size, meta)
+        # Heads saved before ORM features were configurable have no "features": they read hidden.
+        features = {kind: meta[kind].get("features", "hidden") for kind in KINDS}
+        return cls(model, tokenizer, heads, max_length, batch_size, meta, features)
 
     def save(self, directory: str | os.PathLike) -> None:
         for kind, head in self.heads.items():
             save_head(head, Path(directory) / kind, {**self.meta[kind], "kind": kind,
-                                                     "max_length": self.max_length})
+                                                     "max_length": self.max_length,
+                                                     "features": self.features[kind]})
 
-    def score(self, texts: Sequence[str], kinds: Sequence[str] = KINDS) -> dict[str, np.ndarray]:
-        """Scores in [0, 1] per kind, one per text (texts as `state_text` builds them)."""
-        features = hidden_features(self.model, self.tokenizer, texts, self.batch_size,
-                                   self.max_length)
-        return {kind: self.heads[kind].predict(features).numpy() for kind in kinds}
+    def score(self, prompts: Sequence[str], completions: Sequence[str],
+              kinds: Sequence[str] = KINDS) -> dict[str, np.ndarray]:
+        """Scores in [0, 1] per kind, one per prompt + completion."""
+        logprobs = any(self.features[kind] == "confidence" for kind in kinds)
+        found = backbone_features(self.model, self.tokenizer, prompts, completions,
+                                  self.batch_size, self.max_length, logprobs=logprobs)
+        return {kind: self.heads[kind].predict(pick(found, self.features[kind])).numpy()
+                for kind in kinds}
 
     def orm_scorer(self) -> Scorer:
         """For best-of-N selection: the ORM score of each prompt + completion."""
         def orm(prompts: list[str], completions: list[str]) -> list[float]:
-            texts = [state_text(p, [c]) for p, c in zip(prompts, completions, strict=True)]
-            return self.score(texts, ("orm",))["orm"].tolist()
+            return self.score(prompts, completions, ("orm",))["orm"].tolist()
 
         return orm
+
+
+def pick(found: Features, features: str):
+    """The feature matrix a head reads."""
+    if features == "confidence":
+        return torch.cat([found.logprob, found.prompt_hidden], dim=1)
+    return found.hidden

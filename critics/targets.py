@@ -1,7 +1,7 @@
 """Critic training examples from search trees.
 
-A critic reads plain text: the tree's chat-templated prompt followed by the option texts from
-the root to the node. Targets (all in [0, 1]):
+A critic reads plain text: the tree's chat-templated prompt followed by the completion, the
+option texts from the root to the node (and, for an ORM rollout example, the rollout). Targets (all in [0, 1]):
 - value: every visited non-root node -> its Q (mean backed-up value).
 - prm: every evaluated non-root node -> the share of its terminal descendants (itself included)
   the verifier rewarded 1.0; a node with no verified terminal below it uses its rollout score.
@@ -21,14 +21,14 @@ KINDS = ("value", "prm", "orm")
 
 @dataclass(frozen=True)
 class Example:
-    text: str
+    prompt: str
+    completion: str
     target: float
     problem_id: str
 
-
-def state_text(prompt: str, steps: Sequence[str]) -> str:
-    """What every critic reads, in training and at search time alike."""
-    return prompt + "".join(steps)
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
 
 
 def verified_counts(tree: Tree) -> tuple[list[int], list[int]]:
@@ -48,15 +48,16 @@ def tree_examples(tree: Tree, problem_id: str) -> dict[str, list[Example]]:
     examples: dict[str, list[Example]] = {kind: [] for kind in KINDS}
     correct, verified = verified_counts(tree)
     for node in range(1, tree.num_nodes):
-        text = state_text(tree.prompt, tree.steps(node))
+        state = (tree.prompt, "".join(tree.steps(node)))
         if tree.visits[node] > 0:
-            examples["value"].append(Example(text, tree.q(node), problem_id))
+            examples["value"].append(Example(*state, tree.q(node), problem_id))
         if verified[node]:
-            examples["prm"].append(Example(text, correct[node] / verified[node], problem_id))
+            examples["prm"].append(Example(*state, correct[node] / verified[node], problem_id))
         elif tree.total[node] is not None:
-            examples["prm"].append(Example(text, tree.rollout[node], problem_id))
+            examples["prm"].append(Example(*state, tree.rollout[node], problem_id))
         if tree.terminal[node] and tree.terminal_reward[node] is not None:
-            examples["orm"].append(Example(text, float(tree.terminal_reward[node] == 1.0), problem_id))
+            examples["orm"].append(Example(*state, float(tree.terminal_reward[node] == 1.0),
+                                           problem_id))
     return examples
 
 
@@ -67,8 +68,9 @@ def rollout_examples(tree: Tree, rollouts: dict, problem_id: str) -> list[Exampl
     for node_key, rollout in sorted(rollouts.items(), key=lambda item: int(item[0])):
         node = int(node_key)
         if rollout["text"] and not tree.terminal[node] and tree.total[node] is not None:
-            text = state_text(tree.prompt, tree.steps(node)) + rollout["text"]
-            found.append(Example(text, float(tree.rollout[node] == 1.0), problem_id))
+            completion = "".join(tree.steps(node)) + rollout["text"]
+            found.append(Example(tree.prompt, completion, float(tree.rollout[node] == 1.0),
+                                 problem_id))
     return found
 
 

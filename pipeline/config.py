@@ -33,6 +33,12 @@ class Selection(str, Enum):
     orm_vote = "orm_vote"  # the answer whose candidates' ORM scores sum highest
 
 
+class OrmFeatures(str, Enum):
+    # the backbone LM's log-prob statistics of the completion + a per-problem term from the prompt
+    confidence = "confidence"
+    hidden = "hidden"  # the backbone's last hidden state, as the value and PRM heads read
+
+
 class SearchAlgorithm(str, Enum):
     mcts = "mcts"  # option-level MCTS (AlphaLLM)
     sample = "sample"  # search.simulations whole samples per problem, verified (STaR baseline)
@@ -159,6 +165,7 @@ class CriticWeights:
 class CriticsConfig:
     enabled: bool = True
     backbone: str | None = None  # None: the iteration's policy checkpoint
+    orm_features: OrmFeatures = OrmFeatures.confidence  # measured better at best-of-N selection
     weights: CriticWeights = field(default_factory=CriticWeights)
     trained_weights: CriticWeights = field(
         default_factory=lambda: CriticWeights(value=0.3, prm=0.2, orm=0.2, rollout=0.3)

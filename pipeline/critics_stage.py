@@ -1,7 +1,8 @@
 """The critics stage: value, PRM and ORM heads trained on one iteration's search trees.
 
 Features come from one frozen backbone (the iteration's policy unless critics.backbone names
-another), computed once per distinct text; the heads train on them in milliseconds. Problems
+another), computed once per distinct text; the heads train on them in milliseconds. Value and
+PRM read the last hidden state; the ORM reads what critics.orm_features names. Problems
 are split into train and held-out, so the held-out metrics judge critics on unseen problems.
 """
 
@@ -23,8 +24,8 @@ from critics import (
     split_by_problem,
     train_head,
 )
-from critics.critic_set import backbone_of
-from critics.features import hidden_features
+from critics.critic_set import backbone_of, linear_features, pick
+from critics.features import backbone_features
 from critics.metrics import accuracy, auc, expected_calibration_error, mse, precision_recall
 from critics.targets import cap_state_examples, heldout_problems
 from pipeline.atomic import atomic_dir, write_json
@@ -60,15 +61,22 @@ def heldout_metrics(scores, targets) -> dict:
     return found
 
 
-def _rows_of(features: torch.Tensor, index: dict[str, int], examples: Sequence[Example]):
-    return features[torch.tensor([index[e.text] for e in examples], dtype=torch.long)]
+def _rows_of(features: torch.Tensor, index: dict[tuple[str, str], int], examples: Sequence[Example]):
+    return features[torch.tensor([index[e.prompt, e.completion] for e in examples], dtype=torch.long)]
+
+
+def head_features(cfg: CriticsConfig) -> dict[str, str]:
+    return {"value": "hidden", "prm": "hidden", "orm": cfg.orm_features.value}
 
 
 def fit_and_judge(kind: str, train: list[Example], heldout: list[Example], features: torch.Tensor,
-                  index: dict[str, int], cfg: CriticsConfig) -> tuple[ScalarHead, dict]:
-    """One head trained on `train`, with its training losses and held-out metrics."""
+                  index: dict[tuple[str, str], int], cfg: CriticsConfig,
+                  linear: int = 0) -> tuple[ScalarHead, dict]:
+    """One head trained on `train`, with its training losses and held-out metrics; `linear`:
+    trailing feature columns the head takes linearly (ScalarHead)."""
     head, losses = train_head(_rows_of(features, index, train), [e.target for e in train],
-                              LOSS[kind], cfg.learning_rate, cfg.epochs, cfg.batch_size, cfg.seed)
+                              LOSS[kind], cfg.learning_rate, cfg.epochs, cfg.batch_size, cfg.seed,
+                              linear)
     scores = head.predict(_rows_of(features, index, heldout)).numpy()
     return head, {"train_examples": len(train), "heldout_examples": len(heldout),
                   "trained": bool(train), "loss": LOSS[kind],
@@ -92,24 +100,32 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
         model, tokenizer = load_model(replace(model_cfg or ModelConfig(), name=backbone))
     examples = cap_state_examples(critic_examples(rows), cfg.max_state_texts, cfg.seed)
     problem_ids = sorted({str(row["problem_id"]) for row in rows})
-    texts = sorted({e.text for kind in KINDS for e in examples[kind]})  # value and PRM share most
+    # value and PRM share most texts: one backbone pass per distinct (prompt, completion)
+    states = sorted({(e.prompt, e.completion) for kind in KINDS for e in examples[kind]})
+    uses = head_features(cfg)
     feature_start = time.perf_counter()
-    features = hidden_features(model, tokenizer, texts, cfg.score_batch_size, cfg.max_length)
+    found = backbone_features(model, tokenizer, [p for p, _ in states], [c for _, c in states],
+                              cfg.score_batch_size, cfg.max_length,
+                              logprobs="confidence" in uses.values())
     feature_seconds = time.perf_counter() - feature_start
-    index = {text: i for i, text in enumerate(texts)}
+    index = {state: i for i, state in enumerate(states)}
     heads, meta, metrics = {}, {}, {}
     for kind in KINDS:
         train, heldout = split_by_problem(examples[kind], cfg.heldout_fraction, cfg.seed, problem_ids)
-        heads[kind], metrics[kind] = fit_and_judge(kind, train, heldout, features, index, cfg)
+        heads[kind], metrics[kind] = fit_and_judge(
+            kind, train, heldout, pick(found, uses[kind]), index, cfg,
+            linear_features(uses[kind], model.config.hidden_size))
+        metrics[kind]["features"] = uses[kind]
         meta[kind] = {"backbone": backbone, "examples": {"train": len(train), "heldout": len(heldout)},
                       "metrics": metrics[kind], "config": to_dict(cfg)}
     result = {**metrics, "backbone": backbone, "problems": len(problem_ids),
               "heldout_problems": sorted(heldout_problems(problem_ids, cfg.heldout_fraction, cfg.seed)),
-              "texts": len(texts),
+              "texts": len(states),
               "seconds": {"features": round(feature_seconds, 3),
                           "total": round(time.perf_counter() - start, 3)},
-              "features_per_s": round(len(texts) / feature_seconds, 1) if texts else None}
+              "features_per_s": round(len(states) / feature_seconds, 1) if states else None}
     with atomic_dir(out_dir) as tmp:
-        CriticSet(model, tokenizer, heads, cfg.max_length, cfg.score_batch_size, meta).save(tmp)
+        CriticSet(model, tokenizer, heads, cfg.max_length, cfg.score_batch_size, meta,
+                  uses).save(tmp)
         write_json(tmp / "metrics.json", result)
     return result

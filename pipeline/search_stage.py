@@ -126,9 +126,10 @@ class LeafScorer:
 
     def evaluate(self, requests: list[EvalRequest]) -> list[LeafEval]:
         rollouts = self._rollouts(requests)
-        texts = [r.prompt + "".join(r.steps) for r in requests]
-        full = [t + ro.text for t, ro in zip(texts, rollouts)]
-        scores = self._critic_scores(texts, full)
+        prompts = [r.prompt for r in requests]
+        states = ["".join(r.steps) for r in requests]
+        full = [state + ro.text for state, ro in zip(states, rollouts)]
+        scores = self._critic_scores(prompts, states, full)
         results = []
         for i, (r, ro) in enumerate(zip(requests, rollouts)):
             self.rollouts[(r.tree_index, r.node_id)] = ro
@@ -163,12 +164,13 @@ class LeafScorer:
         return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished)
                 for g in gens]
 
-    def _critic_scores(self, texts: list[str], full: list[str]) -> dict:
+    def _critic_scores(self, prompts: list[str], states: list[str], full: list[str]) -> dict:
+        """Value and PRM on each leaf's steps; the ORM on its steps plus its rollout."""
         critics = self.models.critics
         if critics is None:
             return {}
-        state = critics.score(texts, kinds=("value", "prm"))
-        outcome = critics.score(full, kinds=("orm",))
+        state = critics.score(prompts, states, kinds=("value", "prm"))
+        outcome = critics.score(prompts, full, kinds=("orm",))
         return {"value": state["value"], "prm": state["prm"], "orm": outcome["orm"]}
 
     def _rollout_reward(self, r: EvalRequest, ro: Rollout, parts: dict) -> float:

@@ -1,72 +1,126 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from tiny import build_tiny_model
 
-from critics import KINDS, CriticSet, hidden_features, train_head
+from critics import KINDS, LOGPROB_STATS, CriticSet, backbone_features, train_head
+from critics.critic_set import linear_features, pick
 from critics.features import encode_left_padded
 from mcts import SearchParams, search
 from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
 from pipeline.atomic import write_jsonl
-from pipeline.config import CriticsConfig, ModelConfig
+from pipeline.config import CriticsConfig, ModelConfig, OrmFeatures
 from pipeline.critics_stage import load_critic_set, train_critics
 from pipeline.search_stage import load_shards
 
-TEXTS = ["Q: 1 + 1?\nA: 2\n", "a", "What is 12 + 30?\nStep 1: add the two numbers\nAnswer: 42\n",
-         "<|im_start|>user\nhi<|im_end|>\n", "Step 2: carry the 3 to the next column\n"]
+# (prompt, completion) pairs as critics read them
+STATES = [("Q: 1 + 1?\n", "A: 2\n"), ("a", ""),
+          ("What is 12 + 30?\n", "Step 1: add the two numbers\nAnswer: 42\n"),
+          ("<|im_start|>user\nhi<|im_end|>\n", "<|im_start|>assistant\nhello"),
+          ("", "Step 2: carry the 3 to the next column\n")]
+PROMPTS, COMPLETIONS = [p for p, _ in STATES], [c for _, c in STATES]
+
+
+def _features(model, tokenizer, states, batch_size=4, max_length=64, logprobs=True):
+    return backbone_features(model, tokenizer, [p for p, _ in states], [c for _, c in states],
+                             batch_size, max_length, logprobs=logprobs)
 
 
 def test_batched_features_equal_one_by_one(tiny_model):
     model, tokenizer = tiny_model
-    batched = hidden_features(model, tokenizer, TEXTS, batch_size=4, max_length=64)
-    alone = torch.cat([hidden_features(model, tokenizer, [t], 1, 64) for t in TEXTS])
-    assert batched.shape == (len(TEXTS), model.config.hidden_size)
-    assert torch.allclose(batched, alone, atol=1e-5)
+    batched = _features(model, tokenizer, STATES)
+    alone = [_features(model, tokenizer, [state], batch_size=1) for state in STATES]
+    assert batched.hidden.shape == (len(STATES), model.config.hidden_size)
+    assert batched.logprob.shape == (len(STATES), len(LOGPROB_STATS))
+    assert torch.allclose(batched.hidden, torch.cat([a.hidden for a in alone]), atol=1e-5)
+    assert torch.allclose(batched.logprob, torch.cat([a.logprob for a in alone]), atol=1e-4)
 
 
-def test_a_base_model_gives_the_causal_lms_features(tiny_model, tiny_model_dir):
+def test_logprob_features_are_the_completion_tokens_log_probs(tiny_model):
+    model, tokenizer = tiny_model
+    prompt, completion = STATES[2]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    by_hand = torch.tensor([logp[len(prompt_ids) - 1 + k, t] for k, t in enumerate(completion_ids)])
+    got = _features(model, tokenizer, [STATES[2]]).logprob[0]
+    assert dict(zip(LOGPROB_STATS, got.tolist())) == pytest.approx(
+        {"mean": by_hand.mean().item(), "min": by_hand.min().item(),
+         "sum": by_hand.sum().item(), "tokens": len(completion_ids)}, abs=1e-4)
+    assert _features(model, tokenizer, [STATES[1]]).logprob[0].tolist() == [0, 0, 0, 0]  # none
+
+
+def test_prompt_hidden_is_the_prompts_own_last_state(tiny_model):
+    model, tokenizer = tiny_model
+    both = _features(model, tokenizer, STATES[:4])
+    alone = _features(model, tokenizer, [(prompt, "") for prompt, _ in STATES[:4]])
+    assert torch.allclose(both.prompt_hidden, alone.hidden, atol=1e-5)
+    assert not torch.allclose(both.prompt_hidden[0], both.hidden[0], atol=1e-3)
+
+
+def test_a_base_model_gives_the_causal_lms_hidden_features(tiny_model, tiny_model_dir):
     from transformers import AutoModel
 
     model, tokenizer = tiny_model
     base = AutoModel.from_pretrained(tiny_model_dir).eval()
-    assert torch.allclose(hidden_features(base, tokenizer, TEXTS, 4, 64),
-                          hidden_features(model, tokenizer, TEXTS, 4, 64), atol=1e-6)
+    assert torch.allclose(_features(base, tokenizer, STATES, logprobs=False).hidden,
+                          _features(model, tokenizer, STATES).hidden, atol=1e-6)
+    with pytest.raises(ValueError, match="orm_features=confidence needs a causal LM"):
+        _features(base, tokenizer, STATES, logprobs=True)
 
 
 def test_long_texts_keep_their_tail(tiny_model):
     model, tokenizer = tiny_model
-    long = "x" * 50 + "Answer: 42\n"  # one token per character
-    cut = hidden_features(model, tokenizer, [long], 1, max_length=11)
-    assert torch.allclose(cut, hidden_features(model, tokenizer, ["Answer: 42\n"], 1, 64), atol=1e-5)
-    assert encode_left_padded(tokenizer, [long], 11)[0].shape == (1, 11)
+    long = ("x" * 50, "Answer: 42\n")  # one token per character
+    cut = _features(model, tokenizer, [long], batch_size=1, max_length=11)
+    assert torch.allclose(cut.hidden, _features(model, tokenizer, [("", "Answer: 42\n")]).hidden,
+                          atol=1e-5)
+    assert cut.logprob[0, LOGPROB_STATS.index("tokens")] == 10  # the first kept token: no predictor
+    assert encode_left_padded(tokenizer, [long[0]], [long[1]], 11).input_ids.shape == (1, 11)
 
 
-def _critic_set(model, tokenizer, batch_size):
-    features = hidden_features(model, tokenizer, TEXTS, 8, 64)
-    targets = torch.linspace(0, 1, len(TEXTS))
-    heads = {kind: train_head(features, targets, "bce", 1e-2, 20, 2, seed=i)[0]
+def _critic_set(model, tokenizer, batch_size, orm_features="hidden"):
+    found = _features(model, tokenizer, STATES, batch_size=8)
+    targets = torch.linspace(0, 1, len(STATES))
+    uses = {"value": "hidden", "prm": "hidden", "orm": orm_features}
+    heads = {kind: train_head(pick(found, uses[kind]), targets, "bce", 1e-2, 20, 2, seed=i,
+                              linear_features=linear_features(uses[kind], 32))[0]
              for i, kind in enumerate(KINDS)}
-    return CriticSet(model, tokenizer, heads, max_length=64, batch_size=batch_size)
+    return CriticSet(model, tokenizer, heads, max_length=64, batch_size=batch_size, features=uses)
 
 
-def test_batched_scores_equal_one_by_one(tiny_model):
-    critics = _critic_set(*tiny_model, batch_size=3)
-    batched = critics.score(TEXTS)
+@pytest.mark.parametrize("orm_features", ["hidden", "confidence"])
+def test_batched_scores_equal_one_by_one(tiny_model, orm_features):
+    critics = _critic_set(*tiny_model, batch_size=3, orm_features=orm_features)
+    batched = critics.score(PROMPTS, COMPLETIONS)
     assert set(batched) == set(KINDS)
     assert np.ptp(batched["orm"]) > 1e-3  # trained heads: the scores differ between texts
-    for i, text in enumerate(TEXTS):
-        alone = critics.score([text])
+    for i, (prompt, completion) in enumerate(STATES):
+        alone = critics.score([prompt], [completion])
         for kind in KINDS:
             assert alone[kind][0] == pytest.approx(batched[kind][i], abs=1e-5)
-    assert set(critics.score(TEXTS[:2], ("prm",))) == {"prm"}
+    assert set(critics.score(PROMPTS[:2], COMPLETIONS[:2], ("prm",))) == {"prm"}
 
 
 def test_orm_scorer_scores_prompt_plus_completion(tiny_model):
-    critics = _critic_set(*tiny_model, batch_size=4)
-    got = critics.orm_scorer()(["Q: 1 + 1?\n", "a"], ["A: 2\n", ""])
-    assert got == pytest.approx(critics.score(TEXTS[:2], ("orm",))["orm"].tolist(), abs=1e-6)
+    critics = _critic_set(*tiny_model, batch_size=4, orm_features="confidence")
+    got = critics.orm_scorer()(PROMPTS[:2], COMPLETIONS[:2])
+    assert got == pytest.approx(critics.score(PROMPTS[:2], COMPLETIONS[:2], ("orm",))["orm"].tolist(),
+                                abs=1e-6)
+
+
+def test_an_orm_head_must_match_the_features_it_reads(tiny_model):
+    model, tokenizer = tiny_model
+    hidden_head = _critic_set(model, tokenizer, 4).heads["orm"]
+    with pytest.raises(ValueError, match="expects features of size 32, the backbone gives 36"):
+        CriticSet(model, tokenizer, {"orm": hidden_head}, 64, 4, features={"orm": "confidence"})
+    with pytest.raises(ValueError, match="unknown features 'entropy'; allowed: hidden, confidence"):
+        CriticSet(model, tokenizer, {"orm": hidden_head}, 64, 4, features={"orm": "entropy"})
 
 
 def test_heads_from_another_backbone_are_refused(tiny_model):
@@ -103,7 +157,9 @@ def test_train_critics_end_to_end(tiny_model_dir, tmp_path):
         assert sorted(p.name for p in (out / kind).iterdir()) == ["head.safetensors", "meta.json"]
         meta = json.loads((out / kind / "meta.json").read_text())
         assert meta["kind"] == kind and meta["backbone"] == str(tiny_model_dir)
-        assert meta["hidden_size"] == 32 and meta["max_length"] == 128
+        assert meta["features"] == ("confidence" if kind == "orm" else "hidden")  # the default
+        assert meta["hidden_size"] == (4 + 32 if kind == "orm" else 32) and meta["max_length"] == 128
+        assert meta["linear_features"] == (32 if kind == "orm" else 0)
         assert meta["examples"]["train"] > 0 and meta["examples"]["heldout"] > 0
         assert meta["config"]["epochs"] == 10 and meta["metrics"]["trained"]
         m = metrics[kind]
@@ -118,13 +174,30 @@ def test_critic_set_loads_and_scores_what_train_critics_wrote(tiny_model, tiny_m
     rows = _shard_rows(num_problems=3, simulations=6)
     train_critics(rows, str(tiny_model_dir), CFG, tmp_path / "critics", model, tokenizer)
     critics = CriticSet.load(tmp_path / "critics", model, tokenizer, batch_size=4)
-    scores = critics.score(TEXTS)
+    scores = critics.score(PROMPTS, COMPLETIONS)
     for kind in KINDS:
-        assert scores[kind].shape == (len(TEXTS),)
+        assert scores[kind].shape == (len(STATES),)
         assert ((scores[kind] >= 0) & (scores[kind] <= 1)).all()
     critics.save(tmp_path / "again")
-    again = CriticSet.load(tmp_path / "again", model, tokenizer, batch_size=4).score(TEXTS)
+    again = CriticSet.load(tmp_path / "again", model, tokenizer, batch_size=4).score(PROMPTS, COMPLETIONS)
     assert all(np.array_equal(again[k], scores[k]) for k in KINDS)
+
+
+def test_heads_saved_before_orm_features_existed_read_hidden_states(tiny_model, tiny_model_dir,
+                                                                    tmp_path):
+    model, tokenizer = tiny_model
+    cfg = replace(CFG, orm_features=OrmFeatures.hidden)
+    train_critics(_shard_rows(num_problems=2, simulations=4), str(tiny_model_dir), cfg,
+                  tmp_path / "critics", model, tokenizer)
+    scores = CriticSet.load(tmp_path / "critics", model, tokenizer).score(PROMPTS, COMPLETIONS)
+    for kind in KINDS:  # as a run from before the key wrote them
+        meta_path = tmp_path / "critics" / kind / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["features"]
+        meta_path.write_text(json.dumps(meta))
+    old = CriticSet.load(tmp_path / "critics", model, tokenizer)
+    assert old.features == {kind: "hidden" for kind in KINDS}
+    assert np.array_equal(old.score(PROMPTS, COMPLETIONS)["orm"], scores["orm"])
 
 
 def test_too_few_examples_skip_metrics_with_a_reason(tiny_model, tiny_model_dir, tmp_path):
@@ -136,7 +209,7 @@ def test_too_few_examples_skip_metrics_with_a_reason(tiny_model, tiny_model_dir,
     assert metrics["orm"]["skipped"]["auc"] == "no held-out examples"
     nothing = train_critics([], str(tiny_model_dir), CFG, tmp_path / "none", model, tokenizer)
     assert not nothing["value"]["trained"] and nothing["texts"] == 0
-    scores = CriticSet.load(tmp_path / "none", model, tokenizer).score(["x"])
+    scores = CriticSet.load(tmp_path / "none", model, tokenizer).score(["x"], [""])
     assert scores["orm"][0] == pytest.approx(0.5)  # untrained heads say 0.5
 
 
@@ -152,4 +225,4 @@ def test_load_critic_set_shares_the_policy_only_when_it_is_the_backbone(tiny_mod
     next_policy = str(build_tiny_model(tmp_path / "policy_1", seed=1))
     apart = load_critic_set(tmp_path / "own", next_policy, model, tokenizer, ModelConfig(), 4)
     assert apart.model is not model
-    assert np.allclose(apart.score(TEXTS)["value"], shared.score(TEXTS)["value"], atol=1e-5)
+    assert np.allclose(apart.score(PROMPTS, COMPLETIONS)["value"], shared.score(PROMPTS, COMPLETIONS)["value"], atol=1e-5)

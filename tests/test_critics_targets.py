@@ -1,6 +1,6 @@
 import pytest
 
-from critics.targets import critic_examples, heldout_problems, split_by_problem, state_text
+from critics.targets import critic_examples, heldout_problems, split_by_problem
 from mcts.tree import Tree
 
 PROMPT = "<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n"
@@ -28,7 +28,7 @@ def _hand_built_tree() -> dict:
 
 
 def _targets(examples):
-    return {e.text[len(PROMPT):]: e.target for e in examples}
+    return {e.completion: e.target for e in examples}
 
 
 def test_critic_examples_give_exact_targets():
@@ -46,11 +46,8 @@ def test_critic_examples_give_exact_targets():
         "Add them.\nAnswer: 3\n": 1.0, "Add them.\nAnswer: 4\n": 0.0,
         "Add them.\nAnswer: 3.0?\n": 0.0}
     assert {e.problem_id for kind in examples for e in examples[kind]} == {"p1"}
-    assert all(e.text.startswith(PROMPT) for kind in examples for e in examples[kind])
-
-
-def test_state_text_is_prompt_then_steps():
-    assert state_text("P:", ["a\n", "b\n"]) == "P:a\nb\n"
+    assert all(e.prompt == PROMPT and e.text == PROMPT + e.completion
+               for kind in examples for e in examples[kind])
 
 
 def test_heldout_problems_are_seeded_and_never_everything():
