@@ -37,6 +37,8 @@ bench: install
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/loop.py --iterations 3
 	$(PY) benchmarks/ablations.py
+	$(PY) benchmarks/beam_widths.py
+	$(PY) benchmarks/orm_features.py
 
 lint: install
 	$(VENV)/bin/ruff check pipeline mcts critics tests benchmarks
