@@ -78,13 +78,15 @@ def plot(result: dict) -> Path:
     rows = [result["widths"][str(w)] for w in widths]
     fig, left = plt.subplots(figsize=(6, 3.5))
     left.plot(widths, [r["accuracy"] for r in rows], "o-", color="C0", label="held-out accuracy")
-    left.set(xlabel="beam width", ylabel="held-out accuracy", xscale="log", xticks=widths,
-             xticklabels=[str(w) for w in widths], title="Likelihood beam search as beams grow")
+    left.set(xlabel="beam width", ylabel="held-out accuracy", xscale="log",
+             title="Likelihood beam search as beams grow")
+    left.set_xticks(widths, [str(w) for w in widths], minor=False)
+    left.set_xticks([], minor=True)
     right = left.twinx()
     right.plot(widths, [r["implicit_reward"] for r in rows], "s--", color="C1",
                label="implicit reward")
     right.set_ylabel("beta * log(pi / pi_ref), summed")
-    fig.legend(loc="lower right")
+    fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.15))
     path = RESULTS / "beam_widths.png"
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
