@@ -68,7 +68,8 @@ def _logprob_stats(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, count
         return torch.zeros(len(LOGPROB_STATS))
     logits = lm_head(hidden[-count - 1:-1]).float()
     logp = torch.log_softmax(logits, -1).gather(-1, input_ids[-count:, None]).squeeze(-1)
-    return torch.stack([logp.mean(), logp.min(), logp.sum(), torch.tensor(float(count))]).cpu()
+    stats = torch.stack([logp.mean(), logp.min(), logp.sum()]).cpu()  # the model may be on a GPU
+    return torch.cat([stats, torch.tensor([float(count)])])
 
 
 @torch.no_grad()
