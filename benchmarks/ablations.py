@@ -18,19 +18,16 @@ Writes benchmarks/results/ablations.json and ablations.png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qstar_eval import RESULTS, qstar_eval  # noqa: E402
+
 from pipeline.atomic import atomic_path, write_json  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-QSTAR = str(Path(sys.executable).parent / "qstar")
 VARIANTS = {
     "full": [],
     "no_importance_branching": ["search.alpha=0"],
@@ -43,15 +40,8 @@ VARIANTS = {
 
 def eval_variant(name: str, extra: list[str], policy: Path, critics: Path, out_dir: Path,
                  overrides: list[str]) -> dict:
-    output = out_dir / f"{name}.json"
-    if not output.is_file():
-        command = [QSTAR, "eval", "decode=mcts", f"model={policy}", f"eval.critics={critics}",
-                   f"eval.output={output}", "progress=false", *overrides, *extra]
-        print("$", " ".join(command), flush=True)
-        env = dict(os.environ, WANDB_MODE="disabled")
-        if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
-            sys.exit(f"ablation {name} failed (rerun to resume)")
-    summary = json.loads(output.read_text())["summary"]
+    summary = qstar_eval(["decode=mcts", f"model={policy}", f"eval.critics={critics}",
+                          *overrides, *extra], out_dir / f"{name}.json", f"ablation {name}")["summary"]
     return {"overrides": extra, "accuracy": summary["accuracy"], "correct": summary["correct"],
             "total": summary["total"], "tokens_per_problem": round(summary["tokens"] / summary["total"], 1),
             "seconds": summary["seconds"]}

@@ -17,30 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.atomic import atomic_path, write_json  # noqa: E402
+from qstar_eval import RESULTS, qstar_eval  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-QSTAR = str(Path(sys.executable).parent / "qstar")
+from pipeline.atomic import atomic_path, write_json  # noqa: E402
 
 
 def eval_width(width: int, policy: Path, out_dir: Path, overrides: list[str]) -> dict:
-    output = out_dir / f"width_{width}.json"
-    if not output.is_file():
-        command = [QSTAR, "eval", "decode=beam", f"decode.beam_width={width}", f"model={policy}",
-                   f"eval.output={output}", "progress=false", *overrides]
-        print("$", " ".join(command), flush=True)
-        env = dict(os.environ, WANDB_MODE="disabled")
-        if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
-            sys.exit(f"beam width {width} failed (rerun to resume)")
-    return json.loads(output.read_text())
+    return qstar_eval(["decode=beam", f"decode.beam_width={width}", f"model={policy}", *overrides],
+                      out_dir / f"width_{width}.json", f"beam width {width}")
 
 
 def implicit_rewards(results: dict[int, dict], policy: Path, reference: str, beta: float,

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qstar_eval import RESULTS, qstar_eval  # noqa: E402
+
 from pipeline.atomic import write_json  # noqa: E402
 from pipeline.config import OrmFeatures  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
-QSTAR = str(Path(sys.executable).parent / "qstar")
 
 
 def refit_critics(run: Path, iteration: int, features: OrmFeatures, out: Path) -> dict:
@@ -49,14 +46,8 @@ def refit_critics(run: Path, iteration: int, features: OrmFeatures, out: Path) -
 
 
 def eval_best_of_n(policy: Path, critics: Path, output: Path) -> dict:
-    if not output.is_file():
-        command = [QSTAR, "eval", "decode=best_of_n", f"model={policy}", f"eval.critics={critics}",
-                   f"eval.output={output}", "progress=false"]
-        print("$", " ".join(command), flush=True)
-        env = dict(os.environ, WANDB_MODE="disabled")
-        if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
-            sys.exit(f"eval with {critics} failed (rerun to resume)")
-    return json.loads(output.read_text())["summary"]
+    return qstar_eval(["decode=best_of_n", f"model={policy}", f"eval.critics={critics}"], output,
+                      f"eval with {critics}")["summary"]
 
 
 def main() -> None:
