@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qstar_eval import RESULTS, qstar_eval  # noqa: E402
+from qstar_eval import RESULTS, qstar_eval, save_figure  # noqa: E402
 
-from pipeline.atomic import atomic_path, write_json  # noqa: E402
+from pipeline.atomic import write_json  # noqa: E402
 
 VARIANTS = {
     "full": [],
@@ -58,11 +58,7 @@ def plot(result: dict) -> Path:
     ax.bar(names, [result["variants"][n]["accuracy"] for n in names])
     ax.set(ylabel="held-out accuracy", title="Evaluation-time MCTS ablations")
     ax.tick_params(axis="x", labelrotation=20)
-    path = RESULTS / "ablations.png"
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, "ablations.png")
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qstar_eval import RESULTS, qstar_eval  # noqa: E402
+from qstar_eval import RESULTS, qstar_eval, save_figure  # noqa: E402
 
-from pipeline.atomic import atomic_path, write_json  # noqa: E402
+from pipeline.atomic import write_json  # noqa: E402
 
 
 def eval_width(width: int, policy: Path, out_dir: Path, overrides: list[str]) -> dict:
@@ -77,11 +77,7 @@ def plot(result: dict) -> Path:
                label="implicit reward")
     right.set_ylabel("beta * log(pi / pi_ref), summed")
     fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.15))
-    path = RESULTS / "beam_widths.png"
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, "beam_widths.png")
 
 
 def main() -> None:

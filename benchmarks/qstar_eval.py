@@ -24,3 +24,16 @@ def qstar_eval(args: list[str], output: Path, what: str) -> dict:
         if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
             sys.exit(f"{what} failed (rerun to resume)")
     return json.loads(output.read_text())
+
+
+def save_figure(fig, name: str) -> Path:
+    """Write a matplotlib figure to benchmarks/results/NAME atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.atomic import atomic_path
+
+    path = RESULTS / name
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
