@@ -1,7 +1,8 @@
 """Critic training examples from search trees.
 
 A critic reads plain text: the tree's chat-templated prompt followed by the completion, the
-option texts from the root to the node (and, for an ORM rollout example, the rollout). Targets (all in [0, 1]):
+option texts from the root to the node (and, for an ORM rollout example, the rollout).
+Targets (all in [0, 1]):
 - value: every visited non-root node -> its Q (mean backed-up value).
 - prm: every evaluated non-root node -> the share of its terminal descendants (itself included)
   the verifier rewarded 1.0; a node with no verified terminal below it uses its rollout score.
