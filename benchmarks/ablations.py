@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from qstar_eval import RESULTS, qstar_eval, save_figure  # noqa: E402
 
-from pipeline.atomic import write_json  # noqa: E402
+from pipeline.run.atomic import write_json  # noqa: E402
 
 VARIANTS = {
     "full": [],

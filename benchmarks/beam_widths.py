@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from qstar_eval import RESULTS, qstar_eval, save_figure  # noqa: E402
 
-from pipeline.atomic import write_json  # noqa: E402
+from pipeline.run.atomic import write_json  # noqa: E402
 
 
 def eval_width(width: int, policy: Path, out_dir: Path, overrides: list[str]) -> dict:
@@ -39,10 +39,10 @@ def implicit_rewards(results: dict[int, dict], policy: Path, reference: str, bet
     from critics.implicit import implicit_reward
     from pipeline.compose import compose_config
     from pipeline.config import replace_model_name
-    from pipeline.evaluate import render_prompts
-    from pipeline.generation import completion_logprobs
-    from pipeline.models import load_model
+    from pipeline.lm.generation import completion_logprobs
+    from pipeline.lm.models import load_model
     from pipeline.tasks import make_task
+    from pipeline.tasks.prompt import render_prompts
 
     cfg = compose_config(["progress=false", *overrides])
     _, heldout = make_task(cfg.task).splits()

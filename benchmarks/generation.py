@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("QSTAR_PROGRESS", "0")
 
-from pipeline.atomic import write_json  # noqa: E402
 from pipeline.config import ModelConfig, TaskConfig  # noqa: E402
-from pipeline.evaluate import render_prompts  # noqa: E402
-from pipeline.generation import generate, plain_generate_tokens  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from pipeline.lm.generation import generate, plain_generate_tokens  # noqa: E402
+from pipeline.lm.models import load_model  # noqa: E402
+from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.tasks import make_task  # noqa: E402
+from pipeline.tasks.prompt import render_prompts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

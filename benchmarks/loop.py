@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.atomic import atomic_path, write_json  # noqa: E402
-from pipeline.runstore import BASELINE, RunStore  # noqa: E402
+from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
+from pipeline.run.store import BASELINE, RunStore  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QSTAR = str(Path(sys.executable).parent / "qstar")

@@ -24,16 +24,15 @@ sys.path.insert(0, str(ROOT))
 
 from qstar_eval import RESULTS, qstar_eval  # noqa: E402
 
-from pipeline.atomic import write_json  # noqa: E402
 from pipeline.config import OrmFeatures  # noqa: E402
+from pipeline.run.atomic import write_json  # noqa: E402
 
 
 def refit_critics(run: Path, iteration: int, features: OrmFeatures, out: Path) -> dict:
     from pipeline.compose import load_run_config
-    from pipeline.critics_stage import train_critics
-    from pipeline.models import resolve_model_path
-    from pipeline.runstore import RunStore
-    from pipeline.search_stage import load_shards
+    from pipeline.lm.models import resolve_model_path
+    from pipeline.run.store import RunStore, load_shards
+    from pipeline.stages.critics import train_critics
 
     if not (out / "metrics.json").is_file():
         cfg = load_run_config(run, [])

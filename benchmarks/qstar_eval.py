@@ -30,7 +30,7 @@ def save_figure(fig, name: str) -> Path:
     """Write a matplotlib figure to benchmarks/results/NAME atomically and close it."""
     import matplotlib.pyplot as plt
 
-    from pipeline.atomic import atomic_path
+    from pipeline.run.atomic import atomic_path
 
     path = RESULTS / name
     with atomic_path(path, suffix=".png") as tmp:

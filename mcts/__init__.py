@@ -2,7 +2,7 @@
 
 from mcts.options import OptionEnd, is_answer_line, newline, sentence_end, step_marker, token_cap
 from mcts.search import SearchParams, search
-from mcts.tree import Tree, TreeStats
+from mcts.tree import NO_PARENT, ROOT_INDEX, Tree, TreeStats, highest_q, most_visited
 from mcts.types import (
     EvalRequest,
     EvaluateFn,
@@ -15,6 +15,8 @@ from mcts.types import (
 )
 
 __all__ = [
+    "NO_PARENT",
+    "ROOT_INDEX",
     "EvalRequest",
     "EvaluateFn",
     "ExpandFn",
@@ -27,7 +29,9 @@ __all__ = [
     "TerminalRewardFn",
     "Tree",
     "TreeStats",
+    "highest_q",
     "is_answer_line",
+    "most_visited",
     "newline",
     "search",
     "sentence_end",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from mcts.branching import branching_bounds, importance, num_children
 from mcts.merge import split_duplicates, text_similarity
 from mcts.selection import SelectChildFn, priors_from_logprobs, puct_select_child
-from mcts.tree import Tree
+from mcts.tree import ROOT_INDEX, Tree
 from mcts.types import (
     EvalRequest,
     EvaluateFn,
@@ -112,7 +112,8 @@ def search(
         leaves = [leaf for tree in active for leaf in _select_leaves(tree, params, select_child_fn)]
         _expand(leaves, expand_fn, similarity, params)
         # Roots are evaluated once, with the first children, so that v(root) exists for I(root).
-        new_nodes = [(t, 0) for t in active if t.total[0] is None and not t.terminal[0]]
+        new_nodes = [(t, ROOT_INDEX) for t in active
+                     if t.total[ROOT_INDEX] is None and not t.terminal[ROOT_INDEX]]
         new_nodes += [(leaf.tree, child) for leaf in leaves for child in leaf.new_children]
         _evaluate(new_nodes, evaluate_fn, terminal_reward_fn, params.seed)
         for leaf in leaves:
@@ -150,7 +151,7 @@ def _select_leaf(
 ) -> _Leaf | None:
     """Descend by the selection rule until a terminal node or a node that wants children.
     None when the descent ends at a childless node already being expanded this round."""
-    node = 0
+    node = ROOT_INDEX
     while True:
         if tree.terminal[node]:
             return _Leaf(tree, node, 0)
@@ -302,16 +303,9 @@ def _backup_leaf(leaf: _Leaf) -> None:
     """Each new child counts one visit; a revisited terminal backs up its stored value again."""
     tree = leaf.tree
     if leaf.num_new == 0 and tree.total[leaf.node] is not None:
-        _backup(tree, leaf.node, tree.total[leaf.node])
+        tree.backup(leaf.node, tree.total[leaf.node])
     for child in leaf.new_children:
-        _backup(tree, child, tree.total[child])
-
-
-def _backup(tree: Tree, node: int, value: float) -> None:
-    for n in tree.path(node):
-        tree.visits[n] += 1
-        tree.value_sum[n] += value
-        tree.minmax.update(tree.q(n))
+        tree.backup(child, tree.total[child])
 
 
 def _update_branching(leaf: _Leaf, params: SearchParams) -> None:

@@ -1,7 +1,7 @@
 """Selection rules: small pure functions so a variant can be swapped in.
 
 PUCT score = q_norm(child) + c_puct * prior(child) * sqrt(N(parent)) / (1 + N(child)).
-Q is normalised by the min/max Q seen in the tree (MuZero's MinMaxStats), so c_puct means the
+Q is normalised by the min/max Q seen in the tree (`Tree.minmax`, MuZero's MinMaxStats), so c_puct means the
 same thing whatever range the critics' values live in.
 """
 
@@ -9,29 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from mcts.tree import Tree
-
-
-@dataclass
-class MinMaxStats:
-    """The min and max Q seen in one tree; None until the first backup."""
-
-    minimum: float | None = None
-    maximum: float | None = None
-
-    def update(self, q: float) -> None:
-        self.minimum = q if self.minimum is None else min(self.minimum, q)
-        self.maximum = q if self.maximum is None else max(self.maximum, q)
-
-    def normalize(self, q: float) -> float:
-        # No spread yet: every Q is as good as every other, so sit in the middle.
-        if self.minimum is None or self.maximum is None or self.maximum <= self.minimum:
-            return 0.5
-        return (q - self.minimum) / (self.maximum - self.minimum)
+from mcts.tree import Tree
 
 
 def priors_from_logprobs(logprobs: Sequence[float], num_tokens: Sequence[int]) -> list[float]:
@@ -84,4 +63,4 @@ def puct_select_child(tree: Tree, node: int, c_puct: float, virtual_loss: float)
     return best
 
 
-SelectChildFn = Callable[["Tree", int, float, float], int]  # (tree, node, c_puct, virtual_loss) -> child
+SelectChildFn = Callable[[Tree, int, float, float], int]  # (tree, node, c_puct, virtual_loss) -> child

@@ -1,16 +1,37 @@
-"""The search tree as parallel lists indexed by node id (root = 0), like mctx's Tree of arrays.
+"""The search tree as parallel lists indexed by node id (root = ROOT_INDEX), like mctx's Tree of
+arrays.
 
 Lists instead of node objects keep the tree one flat JSON record and make each per-node
-quantity easy to scan; append-only, so a node id never changes.
+quantity easy to scan; append-only, so a node id never changes. Visits, value sums and the
+min/max Q have one writer, `Tree.backup`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from mcts.selection import MinMaxStats
-
 JSON_VERSION = 1
+ROOT_INDEX = 0  # the root's node id
+NO_PARENT = -1  # the root's parent
+
+
+@dataclass
+class MinMaxStats:
+    """The min and max Q seen in one tree; None until the first backup."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def update(self, q: float) -> None:
+        self.minimum = q if self.minimum is None else min(self.minimum, q)
+        self.maximum = q if self.maximum is None else max(self.maximum, q)
+
+    def normalize(self, q: float) -> float:
+        # No spread yet: every Q is as good as every other, so sit in the middle.
+        if self.minimum is None or self.maximum is None or self.maximum <= self.minimum:
+            return 0.5
+        return (q - self.minimum) / (self.maximum - self.minimum)
 
 
 @dataclass
@@ -35,7 +56,7 @@ class Tree:
         self.stats = TreeStats()
         self.minmax = MinMaxStats()
         # Per node, indexed by node id; shape [num_nodes] unless noted.
-        self.parent: list[int] = []  # -1 for the root
+        self.parent: list[int] = []  # NO_PARENT for the root
         self.children: list[list[int]] = []  # [num_nodes][num_children], in creation order
         self.depth: list[int] = []  # root = 0; a node's depth = number of options from the root
         self.text: list[str] = []  # the option text ("" for the root)
@@ -55,7 +76,7 @@ class Tree:
         self.expand_target: list[int] = []  # n(s): children wanted; 0 = never expanded
         self.expand_requests: list[int] = []  # expand requests made for this node (seeds resamples)
         self.pending: list[int] = []  # selections in flight through this node (virtual loss); transient
-        self.add_node(parent=-1, text="", num_tokens=0, logprob=0.0, terminal=False)
+        self.add_node(parent=NO_PARENT, text="", num_tokens=0, logprob=0.0, terminal=False)
 
     # --- building ---
 
@@ -67,7 +88,7 @@ class Tree:
         node = self.num_nodes
         self.parent.append(parent)
         self.children.append([])
-        self.depth.append(0 if parent < 0 else self.depth[parent] + 1)
+        self.depth.append(0 if parent == NO_PARENT else self.depth[parent] + 1)
         self.text.append(text)
         self.num_tokens.append(num_tokens)
         self.logprob.append(logprob)
@@ -83,9 +104,17 @@ class Tree:
         self.expand_target.append(0)
         self.expand_requests.append(0)
         self.pending.append(0)
-        if parent >= 0:
+        if parent != NO_PARENT:
             self.children[parent].append(node)
         return node
+
+    def backup(self, node: int, value: float) -> None:
+        """One visit of value `value` along the path root..node; the tree's only writer of
+        visits, value sums and min/max Q."""
+        for n in self.path(node):
+            self.visits[n] += 1
+            self.value_sum[n] += value
+            self.minmax.update(self.q(n))
 
     # --- reading ---
 
@@ -96,7 +125,7 @@ class Tree:
     def path(self, node: int) -> list[int]:
         """Node ids from the root to `node`, both included."""
         ids = []
-        while node >= 0:
+        while node != NO_PARENT:
             ids.append(node)
             node = self.parent[node]
         return ids[::-1]
@@ -122,18 +151,16 @@ class Tree:
     def has_expandable(self) -> bool:
         return any(self.wants_children(n) for n in range(self.num_nodes))
 
-    def best_trajectory(self, mode: str = "visits") -> list[int]:
-        """Node ids root..leaf following the most-visited child (mode="visits") or the highest-Q
-        visited child (mode="q") at each level; ties go to the first child."""
-        if mode not in ("visits", "q"):
-            raise ValueError(f"unknown best_trajectory mode {mode!r}; allowed: visits, q")
-        node, ids = 0, [0]
+    def best_trajectory(self, rule: PathRule | None = None) -> list[int]:
+        """Node ids root..leaf following, at each level, the visited child that `rule` ranks
+        highest (default `most_visited`; `highest_q`); ties go to the first child."""
+        rule = rule or most_visited
+        node, ids = ROOT_INDEX, [ROOT_INDEX]
         while True:
             candidates = [c for c in self.children[node] if self.visits[c] > 0]
             if not candidates:
                 return ids
-            key = self.visits.__getitem__ if mode == "visits" else self.q
-            node = max(candidates, key=key)  # max keeps the first of equals
+            node = max(candidates, key=lambda c: rule(self, c))  # max keeps the first of equals
             ids.append(node)
 
     def trajectory_text(self, ids: list[int]) -> str:
@@ -142,7 +169,7 @@ class Tree:
     # --- JSON (never pickle) ---
 
     def to_json(self) -> dict:
-        best_visits, best_q = self.best_trajectory("visits"), self.best_trajectory("q")
+        best_visits, best_q = self.best_trajectory(most_visited), self.best_trajectory(highest_q)
         return {
             "version": JSON_VERSION,
             "prompt": self.prompt,
@@ -199,3 +226,14 @@ class Tree:
                          "terminal_reward", "merges", "expand_target", "expand_requests"):
                 getattr(tree, name)[n] = row[name]
         return tree
+
+
+PathRule = Callable[[Tree, int], float]  # (tree, child) -> rank among its visited siblings
+
+
+def most_visited(tree: Tree, node: int) -> float:
+    return tree.visits[node]
+
+
+def highest_q(tree: Tree, node: int) -> float:
+    return tree.q(node)

@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
+from pipeline.errors import QstarError
+
+# The commands import their modules (torch, transformers, Hydra, Ray behind them) inside the
+# function that needs them, so `qstar --help` and a refused argument answer at once.
+
 USAGE = """usage:
   qstar run [KEY=VALUE ...] [-m]        a new self-play run (Hydra overrides; -m sweeps)
   qstar resume RUN_DIR [iterations=N]   continue a stopped or finished run
@@ -37,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     _quiet_libraries()
-    from pipeline.errors import QstarError
-
     try:
         if command == "run":
             return cmd_run(rest)
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_eval(overrides: list[str]) -> int:
     from pipeline.compose import compose_config
-    from pipeline.evaluate import run_eval
+    from pipeline.stages.eval import run_eval
 
     run_eval(compose_config(overrides))
     return 0
@@ -72,7 +75,7 @@ def cmd_run(args: list[str]) -> int:
     overrides = expand_model_shorthand([a for a in args if a not in ("-m", "--multirun")])
     # Refuse bad config, data or model with one line before Hydra makes a run directory
     # (later, a refused run would leave a manifest.json behind: a run that never ran).
-    from pipeline.models import resolve_model_path
+    from pipeline.lm.models import resolve_model_path
     from pipeline.tasks import make_task
 
     for variant in sweep_variants(overrides) if multirun else [overrides]:
@@ -106,7 +109,6 @@ def _hydra_run() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from pipeline.compose import CONF_DIR, to_config
-    from pipeline.errors import QstarError
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def entry(dcfg) -> None:
@@ -122,7 +124,6 @@ def _hydra_run() -> None:
 
 
 def cmd_resume(args: list[str]) -> int:
-    from pipeline.errors import QstarError
     from pipeline.loop import resume_run
 
     if not args:
@@ -132,7 +133,7 @@ def cmd_resume(args: list[str]) -> int:
 
 
 def cmd_inspect(args: list[str]) -> int:
-    from pipeline.inspect_run import inspect_main
+    from pipeline.report.inspect import inspect_main
 
     return inspect_main(args)
 

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import QstarConfig, validate
 from pipeline.errors import ConfigError
+from pipeline.run.store import RunStore
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ConfigStore.instance().store(name="qstar_schema", node=QstarConfig)
@@ -79,8 +80,6 @@ RESUMABLE = ("iterations", "progress", "cluster", "tracking")
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> QstarConfig:
     """The config a run recorded in its manifest, plus the few overrides a resume allows."""
-    from pipeline.runstore import RunStore
-
     stored = RunStore(run_dir).manifest.get("config")
     if not stored:
         raise ConfigError(f"{run_dir}/manifest.json records no config; cannot resume it")

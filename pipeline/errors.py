@@ -7,3 +7,15 @@ class QstarError(Exception):
 
 class ConfigError(QstarError):
     """An invalid config value; the message names the key and what is allowed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type when the message is empty)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def last_line(exc: BaseException) -> str:
+    """The last non-empty line: Ray wraps a worker's traceback, whose last line says what failed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

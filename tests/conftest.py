@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     from pipeline.config import ModelConfig
-    from pipeline.models import load_model
+    from pipeline.lm.models import load_model
 
     return load_model(ModelConfig(name=str(tiny_model_dir)))
 

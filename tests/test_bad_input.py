@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import atomic
 from pipeline.cli import main
 from pipeline.errors import QstarError
+from pipeline.run import atomic
 
 QSTAR = str(Path(sys.executable).parent / "qstar")
 
@@ -73,7 +73,7 @@ def a_run(tmp_path, debug_overrides) -> Path:
     """A run directory as `qstar run` leaves it before its first stage (a valid manifest)."""
     from pipeline.compose import compose_config
     from pipeline.config import to_dict
-    from pipeline.runstore import RunStore
+    from pipeline.run.store import RunStore
 
     run = tmp_path / "run"
     store = RunStore(run)
@@ -278,7 +278,7 @@ def test_unknown_command(capsys):
 
 
 class FullDisk:
-    """`open` for pipeline.atomic whose files take `room` bytes, then fail with ENOSPC."""
+    """`open` for pipeline.run.atomic whose files take `room` bytes, then fail with ENOSPC."""
 
     def __init__(self, room: int = 64):
         self.room = room
@@ -398,7 +398,7 @@ def test_script_disk_full_while_saving_weights(tmp_path):
     code = (
         "import resource, sys, torch\n"
         "from safetensors.torch import save_file\n"
-        "from pipeline.atomic import atomic_dir\n"
+        "from pipeline.run.atomic import atomic_dir\n"
         "from pipeline.errors import QstarError\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
         "try:\n"

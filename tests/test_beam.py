@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.beam import Beam, best_beams, decode_beam, extend
 from pipeline.config import QstarConfig
-from pipeline.generation import Generation, chat_prompt
+from pipeline.decoding.beam import Beam, best_beams, decode_beam, extend
+from pipeline.lm.generation import Generation, chat_prompt
 
 
 def _option(text: str, logprobs: list[float], finished: bool = False) -> Generation:

@@ -6,7 +6,7 @@ import pytest
 from tiny import build_tiny_model
 
 from pipeline.cli import main
-from pipeline.runstore import RunStore
+from pipeline.run.store import RunStore
 
 
 def test_credit_map_compares_the_trained_policy_with_its_reference(tiny_model_dir, tmp_path, capsys):
@@ -44,7 +44,7 @@ def test_credit_map_needs_a_trained_iteration(tiny_model_dir, tmp_path, capsys):
 def test_artifacts_follow_the_umask(tmp_path, umask):
     import os
 
-    from pipeline.atomic import write_json
+    from pipeline.run.atomic import write_json
 
     old = os.umask(umask)
     try:

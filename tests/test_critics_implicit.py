@@ -10,8 +10,8 @@ from critics.implicit import (
     token_rewards,
 )
 from pipeline.config import ModelConfig
-from pipeline.generation import completion_logprobs
-from pipeline.models import load_model
+from pipeline.lm.generation import completion_logprobs
+from pipeline.lm.models import load_model
 
 
 @pytest.fixture(scope="module")

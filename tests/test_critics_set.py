@@ -11,10 +11,10 @@ from critics.critic_set import linear_features, pick
 from critics.features import encode_left_padded
 from mcts import SearchParams, search
 from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
-from pipeline.atomic import write_jsonl
 from pipeline.config import CriticsConfig, ModelConfig, OrmFeatures
-from pipeline.critics_stage import load_critic_set, train_critics
-from pipeline.search_stage import load_shards
+from pipeline.run.atomic import write_jsonl
+from pipeline.run.store import load_shards
+from pipeline.stages.critics import load_critic_set, train_critics
 
 # (prompt, completion) pairs as critics read them
 STATES = [("Q: 1 + 1?\n", "A: 2\n"), ("a", ""),

@@ -9,10 +9,10 @@ import pytest
 from mcts import SearchParams, search
 from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
 from mcts.tree import Tree
-from pipeline.atomic import read_jsonl
 from pipeline.config import PairsConfig
-from pipeline.data_stage import build_rows, write_data
-from pipeline.search_stage import load_shards
+from pipeline.run.atomic import read_jsonl
+from pipeline.run.store import load_shards
+from pipeline.stages.data import build_rows, write_data
 
 GOLDEN = Path(__file__).parent / "golden"
 PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"

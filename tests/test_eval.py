@@ -1,16 +1,22 @@
-"""pipeline.evaluate: voting, grading, and the rule that decoding never sees the gold answer."""
+"""pipeline.decoding and pipeline.stages.eval: voting, grading, and the rule that decoding never sees the gold answer."""
 
 import pytest
 
-import pipeline.beam
-import pipeline.evaluate
-import pipeline.generation
-import pipeline.search_stage
+import pipeline.decoding.beam
+import pipeline.decoding.best_of_n
+import pipeline.decoding.sampling
+import pipeline.decoding.tree_search
+import pipeline.decoding.voting
+import pipeline.lm.generation
+import pipeline.stages.eval
 from pipeline.compose import compose_config
 from pipeline.config import DecodeConfig, DecodeStrategy, Selection
+from pipeline.decoding.base import Decoded
+from pipeline.decoding.best_of_n import decode_best_of_n
+from pipeline.decoding.voting import majority_vote
 from pipeline.errors import QstarError
-from pipeline.evaluate import Decoded, decode_best_of_n, evaluate, grade, majority_vote
-from pipeline.tasks import Problem, Task
+from pipeline.stages.eval import evaluate, grade
+from pipeline.tasks.base import Problem, Task
 
 
 def before_bar(text):
@@ -45,7 +51,7 @@ def test_majority_vote_uses_the_passed_extractor():
 
 def test_best_of_n_selects_by_vote_or_orm(monkeypatch):
     groups = [["1|a", "2|b", "2|c"], ["5|a", "6|b", "7|c"]]
-    monkeypatch.setattr(pipeline.evaluate, "sample_candidates",
+    monkeypatch.setattr(pipeline.decoding.best_of_n, "sample_candidates",
                         lambda *a, **k: (groups, 42))
     d = DecodeConfig(strategy=DecodeStrategy.best_of_n, n=3)
     out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar)
@@ -74,10 +80,10 @@ def test_best_of_n_selects_by_vote_or_orm(monkeypatch):
 def test_orm_weighted_vote_lets_agreement_outweigh_one_high_score():
     candidates = ["4|a", "5|b", "5|c", "5|d", "-|e"]
     scores = [0.9, 0.4, 0.35, 0.5, 1.0]
-    assert pipeline.evaluate.orm_weighted_vote(candidates, scores, before_bar) == "5|d"
-    assert pipeline.evaluate.orm_select(candidates, scores) == "-|e"
+    assert pipeline.decoding.voting.orm_weighted_vote(candidates, scores, before_bar) == "5|d"
+    assert pipeline.decoding.voting.orm_select(candidates, scores) == "-|e"
     # nothing extracted anywhere: plain ORM selection
-    assert pipeline.evaluate.orm_weighted_vote(["-|a", "-|b"], [0.1, 0.7], before_bar) == "-|b"
+    assert pipeline.decoding.voting.orm_weighted_vote(["-|a", "-|b"], [0.1, 0.7], before_bar) == "-|b"
 
 
 def test_grade_scores_every_selection_of_the_same_samples():
@@ -90,7 +96,7 @@ def test_grade_scores_every_selection_of_the_same_samples():
     assert [r["candidates"] for r in result.rows] == [["Answer: 1"], ["Answer: 3"]]
     assert result.accuracy == 0.5
     assert result.extra["accuracy_by_select"] == {"orm_vote": 0.5, "majority": 1.0, "orm": 0.0}
-    assert "majority" in pipeline.evaluate.format_table([result])
+    assert "majority" in pipeline.stages.eval.format_table([result])
 
 
 # ---------------------------------------------------------------- grade
@@ -160,23 +166,24 @@ def test_decoding_never_sees_gold(tiny_model, debug_overrides, monkeypatch, stra
                 for i in range(3)]
     log, prompts_seen = [], []
     task = SpyTask(problems, log)
-    real_generate = pipeline.generation.generate
+    real_generate = pipeline.lm.generation.generate
 
     def spy_generate(model, tokenizer, prompts, **kwargs):
         log.append(("generate",))
         prompts_seen.extend(prompts)
         return real_generate(model, tokenizer, prompts, **kwargs)
 
-    for module in (pipeline.generation, pipeline.evaluate, pipeline.search_stage, pipeline.beam):
+    for module in (pipeline.lm.generation, pipeline.decoding.sampling,
+                   pipeline.decoding.tree_search, pipeline.decoding.beam):
         monkeypatch.setattr(module, "generate", spy_generate)
-    real_decode = pipeline.evaluate.decode
+    real_decode = pipeline.stages.eval.decode
 
     def spy_decode(*args, **kwargs):
         out = real_decode(*args, **kwargs)
         log.append(("decoded",))
         return out
 
-    monkeypatch.setattr(pipeline.evaluate, "decode", spy_decode)
+    monkeypatch.setattr(pipeline.stages.eval, "decode", spy_decode)
 
     result = evaluate(cfg, strategy, model, tokenizer, task, problems)
 

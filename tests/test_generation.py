@@ -1,4 +1,4 @@
-"""pipeline.generation: batched greedy/sampled generation, stop rules, fused rollouts.
+"""pipeline.lm.generation: batched greedy/sampled generation, stop rules, fused rollouts.
 
 The session tiny model (tied embeddings) mostly repeats its last token, so greedy output from a
 chat prompt is a run of newlines. The `varied` model below (untied, wider init) gives greedy
@@ -13,14 +13,14 @@ import torch
 
 from mcts.options import newline, sentence_end, step_marker, token_cap
 from pipeline.config import ModelConfig
-from pipeline.generation import (
+from pipeline.lm.generation import (
     chat_prompt,
     completion_logprobs,
     eos_token_ids,
     generate,
     newline_token_ids,
 )
-from pipeline.models import load_model
+from pipeline.lm.models import load_model
 
 QUESTIONS = [
     "What is 2+3?",
@@ -375,8 +375,8 @@ def _char_tokenizer(shift: int):
 def test_newline_token_ids_not_stale_for_a_new_tokenizer(monkeypatch):
     """Regression: a cache keyed by id(tokenizer) handed a new tokenizer, which CPython often
     puts at a freed tokenizer's address, the dead one's newline ids. Address reuse is
-    simulated deterministically by making every `id()` in pipeline.generation collide."""
-    import pipeline.generation as generation
+    simulated deterministically by making every `id()` in pipeline.lm.generation collide."""
+    import pipeline.lm.generation as generation
 
     monkeypatch.setattr(generation, "id", lambda obj: 1, raising=False)
     for shift in (0, 7, 30):

@@ -14,7 +14,7 @@ from pipeline import loop as loop_module
 from pipeline.compose import compose_config
 from pipeline.errors import ConfigError, QstarError
 from pipeline.loop import resume_run, run_loop
-from pipeline.runstore import STAGES, RunStore
+from pipeline.run.store import STAGES, RunStore
 
 QSTAR = str(Path(sys.executable).parent / "qstar")
 
@@ -72,29 +72,29 @@ def test_crash_in_any_stage_then_resume_matches_uninterrupted(stage, reference_r
                                                               monkeypatch):
     reference, overrides = reference_run
     run = tmp_path / "run"
-    real = loop_module.STAGE_FUNCTIONS[stage]
+    real = loop_module.STAGE_RUNNERS[stage]
 
     def crash(loop, i):
         if stage == "search":  # crash after the first shard is written
             jobs_seen = []
-            original = loop.cluster.search_shards
+            original = loop.cluster.map_actors
 
-            def one_then_die(jobs):
+            def one_then_die(worker_cls, jobs, *args, **kwargs):
                 jobs_seen.extend(jobs)
-                original(jobs[:1])
+                original(worker_cls, jobs[:1], *args, **kwargs)
                 raise RuntimeError("killed mid-search")
 
-            loop.cluster.search_shards = one_then_die
+            loop.cluster.map_actors = one_then_die
             real(loop, i)
         raise RuntimeError(f"killed in {stage}")
 
-    monkeypatch.setitem(loop_module.STAGE_FUNCTIONS, stage, crash)
+    monkeypatch.setitem(loop_module.STAGE_RUNNERS, stage, crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_loop(compose_config(overrides), run)
     assert not RunStore(run).done(0, stage)
     if stage == "search":
         assert len(list((run / "iter_000/search").glob("shard_*.jsonl"))) == 1
-    monkeypatch.setitem(loop_module.STAGE_FUNCTIONS, stage, real)
+    monkeypatch.setitem(loop_module.STAGE_RUNNERS, stage, real)
     resume_run(str(run), [])
     assert counts(run) == counts(reference)
 
@@ -127,14 +127,14 @@ def test_manifest_from_another_version_is_refused(tmp_path):
 def test_lock_refuses_a_second_process(tmp_path):
     store = RunStore(tmp_path)
     with store.lock():
-        code = ("from pipeline.runstore import RunStore\n"
+        code = ("from pipeline.run.store import RunStore\n"
                 f"with RunStore({str(tmp_path)!r}).lock(): pass\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert proc.returncode != 0 and "is in use by pid" in proc.stderr
 
 
 def test_lock_removes_what_a_killed_writer_left(tmp_path):
-    from pipeline.atomic import atomic_dir, write_json
+    from pipeline.run.atomic import atomic_dir, write_json
 
     store = RunStore(tmp_path)
     search = tmp_path / "iter_000" / "search"

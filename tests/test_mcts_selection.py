@@ -3,13 +3,12 @@ import math
 import pytest
 
 from mcts.selection import (
-    MinMaxStats,
     effective_q,
     priors_from_logprobs,
     puct_score,
     puct_select_child,
 )
-from mcts.tree import Tree
+from mcts.tree import MinMaxStats, Tree
 
 
 def test_minmax_empty_and_flat_give_half():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mcts import SearchParams, Tree, search
+from mcts import SearchParams, Tree, highest_q, most_visited, search
 from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
 
 
@@ -34,20 +34,20 @@ def test_paths_steps_and_q():
 
 def test_best_trajectory_by_visits_and_by_q():
     tree = _hand_tree()
-    assert tree.best_trajectory("visits") == [0, 1, 3]
-    assert tree.best_trajectory("q") == [0, 2, 5]
+    assert tree.best_trajectory() == tree.best_trajectory(most_visited) == [0, 1, 3]
+    assert tree.best_trajectory(highest_q) == [0, 2, 5]
     assert tree.trajectory_text([0, 2, 5]) == "b\nAnswer: 2\n"
     tree.visits[2] = 3  # a tie in visits goes to the first child
-    assert tree.best_trajectory("visits")[1] == 1
-    with pytest.raises(ValueError, match="visits, q"):
-        tree.best_trajectory("value")
+    assert tree.best_trajectory(most_visited)[1] == 1
+    # any rule is a function of (tree, child): fewest tokens first
+    assert tree.best_trajectory(lambda t, c: -t.num_tokens[c])[1] in tree.children[0]
 
 
 def test_best_trajectory_skips_unvisited_children():
     tree = _hand_tree()
     tree.add_node(3, "e\n", 1, 0.0, False)
-    assert tree.best_trajectory("q") == [0, 2, 5]
-    assert tree.best_trajectory("visits") == [0, 1, 3]
+    assert tree.best_trajectory(highest_q) == [0, 2, 5]
+    assert tree.best_trajectory(most_visited) == [0, 1, 3]
 
 
 def test_hand_tree_json_round_trip():

@@ -1,4 +1,4 @@
-"""pipeline.models: resolving names to checkpoints, the atomic GGUF conversion, loading."""
+"""pipeline.lm.models: resolving names to checkpoints, the atomic GGUF conversion, loading."""
 
 import importlib.util
 import json
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import models
 from pipeline.config import ModelConfig
 from pipeline.errors import QstarError
-from pipeline.models import embedded_gguf, hub_reachable, load_model, resolve_model_path
+from pipeline.lm import models
+from pipeline.lm.models import embedded_gguf, hub_reachable, load_model, resolve_model_path
 
 EMBEDDED_NAME = "smollm2-135m"
 

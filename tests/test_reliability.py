@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.atomic import read_jsonl
-from pipeline.runstore import BASELINE, STAGES, RunStore
+from pipeline.run.atomic import read_jsonl
+from pipeline.run.store import BASELINE, STAGES, RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 QSTAR = str(Path(sys.executable).parent / "qstar")
@@ -52,7 +52,7 @@ def teach_tiny_model(source: Path, target: Path, steps: int = 60) -> Path:
     """Copy the tiny model and fit it (a few seconds) to answer 'Answer: 5' or 'Answer: 6'."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tasks import to_messages
+    from pipeline.tasks.prompt import to_messages
 
     shutil.copytree(source, target)
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -209,8 +209,8 @@ def assert_complete_like(run: Path, reference: dict) -> None:
         AutoTokenizer.from_pretrained(policy)
         assert json.loads((policy / "meta.json").read_text())["rows"]["dpo"] == counts(run)["dpo"]
     # A killed writer may leave `.tmp-*` behind; no reader may take one for complete.
-    from pipeline.search_stage import load_shards
-    from pipeline.train_stage import _last_checkpoint
+    from pipeline.run.store import load_shards
+    from pipeline.stages.train import _last_checkpoint
 
     assert len(load_shards(run / "iter_000/search")) == 4
     trainer = run / "iter_000/train/trainer/dpo"
@@ -410,9 +410,9 @@ def ray_overrides(debug_overrides, *extra) -> list[str]:
 
 def test_ray_search_actor_and_critic_task_killed_mid_batch_are_retried(
         debug_overrides, tmp_path, monkeypatch, ray_session, one_thread):
-    from pipeline import critics_stage
     from pipeline import loop as loop_module
     from pipeline.compose import compose_config
+    from pipeline.stages import critics as critics_stage
 
     search_died, critics_died = tmp_path / "search-died", tmp_path / "critics-died"
     monkeypatch.setattr(loop_module, "make_task", faulty_make_task(search_died, always=False))
@@ -504,8 +504,8 @@ def test_trust_remote_code_is_off_unless_set_and_passed_through(tiny_model_dir, 
 
     from pipeline.compose import compose_config
     from pipeline.config import ModelConfig, TrainConfig
-    from pipeline.models import load_model
-    from pipeline.train_stage import _load_model
+    from pipeline.lm.models import load_model
+    from pipeline.stages.train import _load_model
 
     assert compose_config([]).model.trust_remote_code is False
     assert compose_config(["model=cuda_bf16"]).model.trust_remote_code is False

@@ -1,28 +1,31 @@
-"""pipeline.search_stage: the MCTS callbacks on the tiny model, the train/eval split of who may
+"""pipeline.stages.search and pipeline.decoding.tree_search: the MCTS callbacks on the tiny model, the train/eval split of who may
 score with the verifier, shards, leaf weights and fused rollouts."""
 
 import inspect
+import time
 from dataclasses import fields
 
 import pytest
 
-import pipeline.search_stage as ss
+import pipeline.decoding.mcts as dm
+import pipeline.decoding.tree_search as ts
+import pipeline.stages.search as ss
 from mcts import SearchParams
 from pipeline.compose import compose_config
 from pipeline.config import CriticWeights, MergeMethod, SearchConfig, Termination
-from pipeline.evaluate import render_prompts
-from pipeline.search_stage import (
+from pipeline.decoding.tree_search import (
     LeafScorer,
     SearchModels,
     eval_search,
-    load_shards,
     option_end,
-    run_search_stage,
     search_params,
     train_search,
     weighted,
 )
-from pipeline.tasks import Problem, Task
+from pipeline.run.store import load_shards
+from pipeline.stages.search import SearchWorker, shard_jobs, summarize_search
+from pipeline.tasks.base import Problem, Task
+from pipeline.tasks.prompt import render_prompts
 
 
 class SpyTask(Task):
@@ -46,6 +49,17 @@ def problems_(n: int) -> list[Problem]:
     return [Problem(f"p{i}", f"What is {i} + 1?", str(i + 1), {}) for i in range(n)]
 
 
+def run_search_stage(cfg, iteration, problems, task, models, out):
+    """The search stage's shard loop in-process, with models already loaded."""
+    out.mkdir(parents=True, exist_ok=True)
+    worker = SearchWorker(cfg)
+    worker.models, worker.loaded = models, ("tiny", None)
+    start = time.perf_counter()
+    for job in shard_jobs(problems, task, iteration, out, cfg.search.trees_per_batch, "tiny", None):
+        worker.run(job)
+    return summarize_search(load_shards(out), time.perf_counter() - start)
+
+
 @pytest.fixture
 def cfg(debug_overrides):
     return compose_config(debug_overrides)
@@ -58,9 +72,9 @@ def models(tiny_model):
 
 
 def spy_search(monkeypatch):
-    """Wrap pipeline.search_stage.search: record its kwargs and, per round, generate calls."""
+    """Wrap pipeline.decoding.tree_search.search: record its kwargs and, per round, generate calls."""
     record = {"kwargs": [], "rounds": [], "generate": []}
-    real_search, real_generate = ss.search, ss.generate
+    real_search, real_generate = ts.search, ts.generate
 
     def search(*args, **kwargs):
         record["kwargs"].append(kwargs)
@@ -76,8 +90,8 @@ def spy_search(monkeypatch):
         record["generate"].append((list(prompts), kwargs))
         return real_generate(model, tokenizer, prompts, **kwargs)
 
-    monkeypatch.setattr(ss, "search", search)
-    monkeypatch.setattr(ss, "generate", generate)
+    monkeypatch.setattr(ts, "search", search)
+    monkeypatch.setattr(ts, "generate", generate)
     return record
 
 
@@ -302,8 +316,8 @@ def test_separate_rollout_model_needs_more_calls(cfg, models, monkeypatch):
 
 def test_sample_algorithm_builds_verified_depth_one_trees(cfg, models, tmp_path):
     from pipeline.config import SearchAlgorithm
-    from pipeline.data_stage import write_data
-    from pipeline.search_stage import shard_rows
+    from pipeline.stages.data import write_data
+    from pipeline.stages.search import shard_rows
 
     cfg.search.algorithm = SearchAlgorithm.sample
     cfg.search.simulations = 5
@@ -332,7 +346,8 @@ def test_vote_completion_weighs_answers_by_visits_over_the_whole_tree():
     from types import SimpleNamespace
 
     from mcts import Tree
-    from pipeline.search_stage import Rollout, vote_completion
+    from pipeline.decoding.mcts import vote_completion
+    from pipeline.decoding.tree_search import Rollout
 
     tree = Tree("P:")
     a = tree.add_node(0, "x\n", 2, -1.0, terminal=False)
@@ -348,5 +363,5 @@ def test_vote_completion_weighs_answers_by_visits_over_the_whole_tree():
     # answer 3: node t1 (3 visits); answer 4: t2 (2) + b's finished rollout (4) = 6
     assert vote_completion(tree, scorer, extract) == "y\nAnswer: 4\n"
     # the most-visited path (a -> t1) would have answered 3
-    assert ss.completion_of(tree, scorer, "visits") == "x\nAnswer: 3\n"
+    assert dm.completion_of(tree, scorer) == "x\nAnswer: 3\n"
     assert vote_completion(tree, scorer, lambda text: None) == "x\nAnswer: 3\n"

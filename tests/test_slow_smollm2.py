@@ -14,10 +14,11 @@ import torch
 
 from pipeline.compose import compose_config
 from pipeline.config import DecodeStrategy
-from pipeline.evaluate import evaluate, render_prompts
-from pipeline.generation import completion_logprobs, generate
-from pipeline.models import load_model, resolve_model_path
+from pipeline.lm.generation import completion_logprobs, generate
+from pipeline.lm.models import load_model, resolve_model_path
+from pipeline.stages.eval import evaluate
 from pipeline.tasks import make_task
+from pipeline.tasks.prompt import render_prompts
 
 pytestmark = pytest.mark.slow
 

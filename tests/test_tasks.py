@@ -10,17 +10,13 @@ import pytest
 
 from pipeline.config import TaskConfig, TaskKind
 from pipeline.errors import QstarError
-from pipeline.tasks import (
-    SYSTEM_PROMPT,
-    ArithmeticTask,
-    HFTask,
-    JsonlTask,
-    ReasoningGymTask,
-    extract_answer,
-    make_task,
-    math_equal,
-    to_messages,
-)
+from pipeline.tasks import make_task
+from pipeline.tasks.answers import extract_answer, math_equal
+from pipeline.tasks.arithmetic import ArithmeticTask
+from pipeline.tasks.hf import HFTask
+from pipeline.tasks.jsonl import JsonlTask
+from pipeline.tasks.prompt import SYSTEM_PROMPT, to_messages
+from pipeline.tasks.reasoning_gym import ReasoningGymTask
 
 GSM8K = Path(__file__).parents[2] / "shared/data/gsm8k"
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="no GSM8K copy")

@@ -1,8 +1,8 @@
 """wandb offline tracking (the CLI default) logs stage metrics into the run directory."""
 
 from pipeline.compose import compose_config
-from pipeline.runstore import RunStore
-from pipeline.tracking import Tracker, flatten
+from pipeline.run.store import RunStore
+from pipeline.run.tracking import Tracker, flatten
 
 
 def test_flatten_keeps_numbers_under_stage_prefixes():

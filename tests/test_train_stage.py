@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from pipeline.atomic import write_jsonl
 from pipeline.config import ModelConfig, TrainConfig, TrainMode
 from pipeline.errors import QstarError
-from pipeline.train_stage import _EosAwareCollator, train_policy
+from pipeline.run.atomic import write_jsonl
+from pipeline.stages.train import _EosAwareCollator, train_policy
 
 PROMPT = "<|im_start|>user\nWhat is {} + {}?<|im_end|>\n<|im_start|>assistant\n"
 

@@ -28,9 +28,11 @@ from critics.critic_set import backbone_of, linear_features, pick
 from critics.features import backbone_features
 from critics.metrics import accuracy, auc, expected_calibration_error, mse, precision_recall
 from critics.targets import cap_state_examples, heldout_problems
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.config import CriticsConfig, ModelConfig, to_dict
-from pipeline.models import load_model
+from pipeline.config import CriticsConfig, ModelConfig, QstarConfig, to_dict
+from pipeline.lm.models import load_model
+from pipeline.run.atomic import atomic_dir, write_json
+from pipeline.run.store import load_shards
+from pipeline.stages.base import Loop
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
 
@@ -44,6 +46,16 @@ def load_critic_set(critics_dir: str | Path, policy_dir: str, model, tokenizer,
     if Path(backbone).resolve() != Path(policy_dir).resolve():
         model, tokenizer = load_model(replace(model_cfg, name=backbone))
     return CriticSet.load(critics_dir, model, tokenizer, batch_size)
+
+
+def load_critics(critics_dir: Path | None, policy_dir: str, model, tokenizer,
+                 cfg: QstarConfig) -> CriticSet | None:
+    """critics_i for scoring (None before any exist); they share the policy's weights when their
+    backbone is the policy."""
+    if critics_dir is None:
+        return None
+    return load_critic_set(critics_dir, policy_dir=policy_dir, model=model, tokenizer=tokenizer,
+                           model_cfg=cfg.model, batch_size=cfg.critics.score_batch_size)
 
 
 def heldout_metrics(scores, targets) -> dict:
@@ -129,3 +141,13 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
                   uses).save(tmp)
         write_json(tmp / "metrics.json", result)
     return result
+
+
+def run(loop: Loop, i: int) -> dict:
+    """critics_{i+1}: heads fitted on iteration i's trees, on policy_i's features."""
+    if not loop.cfg.critics.enabled:
+        return {"skipped": "critics.enabled=false"}
+    rows = load_shards(loop.store.stage_dir(i, "search"))
+    return loop.cluster.run_task(train_critics, rows, loop.policy(i), loop.cfg.critics,
+                                 loop.store.stage_dir(i, "critics"), model_cfg=loop.cfg.model,
+                                 num_gpus=loop.cfg.cluster.worker_num_gpus)

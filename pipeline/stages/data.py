@@ -11,7 +11,7 @@ Row formats (TRL's *standard*, non-conversational formats)
 Why text, not TRL's conversational format: a step pair continues a *partial* assistant message
 (the problem plus the steps written so far), which the conversational format cannot express
 without closing the assistant turn. `tree["prompt"]` is already the chat-templated prompt opened
-for the assistant (`pipeline.generation.chat_prompt`), and the search generated every option
+for the assistant (`pipeline.lm.generation.chat_prompt`), and the search generated every option
 from exactly `tree["prompt"] + "".join(steps so far)`, so the text format reproduces the context
 the policy saw, token for token:
 
@@ -22,7 +22,7 @@ the policy saw, token for token:
 - SFT: prompt = tree prompt; completion = the whole trajectory.
 
 EOS: rows carry no EOS text. For SFT rows and DPO pairs TRL appends the tokenizer's EOS to the
-completions; `pipeline.train_stage` keeps that EOS only where the solution ends there (the node
+completions; `pipeline.stages.train` keeps that EOS only where the solution ends there (the node
 is terminal in the tree, `lineage["terminal"]`) and removes it from non-terminal step options, so
 a step pair never teaches the policy to stop after an intermediate step.
 
@@ -48,7 +48,7 @@ Selection rules
   (prompt, completion).
 - Order: problems sorted by problem_id; within a problem, the rank above. Same input, same bytes.
 
-Lineage (extra key; `pipeline.train_stage` hands TRL only the columns it trains on):
+Lineage (extra key; `pipeline.stages.train` hands TRL only the columns it trains on):
     {"iteration", "problem_id", "kind": "step" | "trajectory" | "sft",
      "prefix_node": node whose steps end the prompt (0 = root),
      "node_ids": [chosen, rejected] (step: the sibling options; trajectory: the terminals)
@@ -62,8 +62,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.atomic import write_jsonl
 from pipeline.config import PairsConfig
+from pipeline.run.atomic import write_jsonl
+from pipeline.run.store import load_shards
+from pipeline.stages.base import Loop
 
 EPS = 1e-9  # tolerance for the margin test: Q values are sums of floats
 KIND_ORDER = {"trajectory": 0, "step": 1}
@@ -274,3 +276,9 @@ def write_data(shard_rows: Iterable[dict], iteration: int, pairs: PairsConfig,
     write_jsonl(out_dir / "sft.jsonl", sft_rows)
     problems = len({str(r["problem_id"]) for r in shard_rows})
     return count_rows(dpo_rows, sft_rows, problems)
+
+
+def run(loop: Loop, i: int) -> dict:
+    """DPO pairs and SFT rows from iteration i's trees."""
+    rows = load_shards(loop.store.stage_dir(i, "search"))
+    return write_data(rows, i, loop.cfg.train.pairs, loop.store.stage_dir(i, "data"))

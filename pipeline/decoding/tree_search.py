@@ -1,4 +1,4 @@
-"""The search stage: option-level MCTS (mcts/) driven by the policy, rollouts and critics.
+"""Option-level MCTS (mcts/) driven by the policy, rollouts and critics.
 
 `mcts.search` is pure; this module supplies its callbacks:
 - expand: one batched `generate` call samples every requested option of every tree. When the
@@ -18,23 +18,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from mcts import EvalRequest, ExpandRequest, LeafEval, Option, SearchParams, Tree, search
 from mcts.options import OptionEnd, is_answer_line
-from pipeline.atomic import read_jsonl, write_jsonl
-from pipeline.config import (
-    BestPath,
-    CriticWeights,
-    MergeMethod,
-    QstarConfig,
-    SearchAlgorithm,
-    SearchConfig,
-)
-from pipeline.errors import QstarError
-from pipeline.generation import generate
-from pipeline.progress import progress_bar
-from pipeline.tasks import Problem, Task
+from mcts.search import SearchParams, search
+from mcts.tree import Tree
+from mcts.types import EvalRequest, ExpandRequest, LeafEval, Option
+from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
+from pipeline.lm.embedding import cosine_similarity_fn
+from pipeline.lm.generation import generate
+from pipeline.run.progress import progress_bar
+from pipeline.tasks.base import Problem, Task
 
 RewardFn = Callable[[int, str], float]  # (tree index, full solution text) -> reward in [0, 1]
 
@@ -59,8 +52,6 @@ def similarity_fn(s: SearchConfig):
     """None: mcts' default edit-distance ratio. `embedding`: MiniLM cosine, offline."""
     if s.merge != MergeMethod.embedding:
         return None
-    from pipeline.embedding import cosine_similarity_fn
-
     return cosine_similarity_fn()
 
 
@@ -250,106 +241,3 @@ def eval_search(prompts: list[str], cfg: QstarConfig, models: SearchModels,
     """Evaluation-time search: prompts only; critics (or policy confidence) score everything."""
     scorer = LeafScorer(cfg, models, reward_fn=None, generation_batch=cfg.decode.batch_size)
     return _run(prompts, scorer, training=False, desc=desc), scorer
-
-
-def completion_of(tree: Tree, scorer: LeafScorer, mode: str) -> str:
-    """The best trajectory's text, finished by its leaf's rollout when it stops short."""
-    path = tree.best_trajectory(mode)
-    text = tree.trajectory_text(path)
-    leaf = path[-1]
-    if not tree.terminal[leaf]:
-        rollout = scorer.rollouts.get((tree.tree_index, leaf))
-        text += rollout.text if rollout else ""
-    return text
-
-
-def tree_solutions(tree: Tree, scorer: LeafScorer) -> list[tuple[str, int]]:
-    """Every whole solution the search wrote, with its node's visits: terminal nodes, and
-    evaluated nodes whose rollout ended the solution."""
-    found = []
-    for node in range(1, tree.num_nodes):
-        if tree.terminal[node]:
-            found.append((tree.trajectory_text(tree.path(node)), tree.visits[node]))
-            continue
-        rollout = scorer.rollouts.get((tree.tree_index, node))
-        if rollout is not None and rollout.finished:
-            found.append((tree.trajectory_text(tree.path(node)) + rollout.text, tree.visits[node]))
-    return found
-
-
-def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None]) -> str:
-    """Self-consistency over the tree: the answer whose solutions' visits sum highest, as its
-    most-visited solution. No answer anywhere: the most-visited path."""
-    from pipeline.evaluate import weighted_vote  # pipeline.evaluate imports this module lazily
-
-    solutions = tree_solutions(tree, scorer)
-    best = weighted_vote([text for text, _ in solutions], [v for _, v in solutions], extract)
-    return completion_of(tree, scorer, "visits") if best is None else solutions[best][0]
-
-
-def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
-                progress: str | None, extract: Callable[[str], str | None]):
-    """One completion per prompt from an evaluation-time search (`search.best_path` picks it);
-    `extract` reads answers for best_path=vote and never sees gold."""
-    from pipeline.evaluate import Decoded
-
-    models = SearchModels(policy=model, tokenizer=tokenizer, critics=critics)
-    trees, scorer = eval_search(prompts, cfg, models, desc=progress)
-    mode = cfg.search.best_path
-    if mode == BestPath.vote:
-        completions = [vote_completion(t, scorer, extract) for t in trees]
-    else:
-        completions = [completion_of(t, scorer, mode.value) for t in trees]
-    return Decoded(completions, sum(t.stats.total_tokens for t in trees),
-                   extra={"best_path": mode.value})
-
-
-def shard_rows(trees: list[Tree], scorer: LeafScorer, problems: Sequence[Problem],
-               iteration: int) -> list[dict]:
-    rows = []
-    for tree, problem in zip(trees, problems):
-        rollouts = {str(node): {"text": ro.text, "tokens": ro.tokens, "finished": ro.finished}
-                    for (t, node), ro in scorer.rollouts.items() if t == tree.tree_index}
-        solved = any(r == 1.0 for r in tree.terminal_reward if r is not None)
-        rows.append({"problem_id": problem.id, "iteration": iteration, "question": problem.question,
-                     "prompt": tree.prompt, "solved": solved, "tree": tree.to_json(),
-                     "rollouts": rollouts})
-    return rows
-
-
-def run_search_stage(cfg: QstarConfig, iteration: int, problems: Sequence[Problem], task: Task,
-                     models: SearchModels, out_dir: Path) -> dict:
-    """Search every training problem, one shard per `trees_per_batch`; finished shards are kept."""
-    from pipeline.evaluate import render_prompts
-
-    if not problems:
-        raise QstarError("the search stage has no training problems (task.num_train)")
-    size = cfg.search.trees_per_batch
-    shards = [list(problems[i:i + size]) for i in range(0, len(problems), size)]
-    start = time.perf_counter()
-    for k, shard in enumerate(shards):
-        path = out_dir / f"shard_{k:04d}.jsonl"
-        if path.exists():
-            continue  # written atomically: it exists only if it is complete
-        prompts = render_prompts(models.tokenizer, [p.question for p in shard])
-        desc = f"iter {iteration} search {k + 1}/{len(shards)}" if cfg.progress else None
-        trees, scorer = train_search(shard, task, prompts, cfg, models, desc=desc)
-        write_jsonl(path, shard_rows(trees, scorer, shard, iteration))
-    return summarize_search(load_shards(out_dir), time.perf_counter() - start)
-
-
-def load_shards(search_dir: Path) -> list[dict]:
-    rows = []
-    for path in sorted(Path(search_dir).glob("shard_*.jsonl")):
-        rows.extend(read_jsonl(path))
-    return rows
-
-
-def summarize_search(rows: list[dict], seconds: float) -> dict:
-    stats = [r["tree"]["stats"] for r in rows]
-    tokens = sum(s["tokens_generated"] + s["evaluator_tokens"] for s in stats)
-    return {"problems": len(rows), "solved": sum(r["solved"] for r in rows),
-            "solve_rate": sum(r["solved"] for r in rows) / max(len(rows), 1),
-            "nodes": sum(len(r["tree"]["nodes"]) for r in rows),
-            "merges": sum(s["merges"] for s in stats), "tokens": tokens,
-            "seconds": round(seconds, 2)}

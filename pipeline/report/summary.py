@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.runstore import BASELINE, RunStore
+from pipeline.run.store import BASELINE, RunStore
 
 
 def _value(metrics: dict | None, *path):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.atomic import atomic_path
-from pipeline.runstore import RunStore
-from pipeline.summary import policy_rows
+from pipeline.report.summary import policy_rows
+from pipeline.run.atomic import atomic_path
+from pipeline.run.store import RunStore
 
 
 def write_plots(store: RunStore) -> list[str]:

@@ -6,7 +6,7 @@ import os
 import uuid
 
 from pipeline.config import QstarConfig, to_dict
-from pipeline.runstore import RunStore
+from pipeline.run.store import RunStore
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:
@@ -48,11 +48,6 @@ class Tracker:
             data = flatten(metrics, stage)
             data.update({f"{stage}/seconds": seconds, "iteration": iteration})
             self.run.log(data)
-
-    def plot(self) -> None:
-        from pipeline.plots import write_plots
-
-        write_plots(self.store)
 
     def finish(self) -> None:
         if self.run is not None:

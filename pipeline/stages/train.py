@@ -1,6 +1,6 @@
 """Train stage: TRL DPO and/or SFT on the data stage's rows -> the next iteration's policy.
 
-`train_policy` fine-tunes policy_i on `data_dir/{dpo,sft}.jsonl` (see pipeline.data_stage for the
+`train_policy` fine-tunes policy_i on `data_dir/{dpo,sft}.jsonl` (see pipeline.stages.data for the
 row formats) and saves policy_{i+1} into `out_dir/policy`. TRL does the training; this module
 only builds its configs and datasets:
 
@@ -60,9 +60,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.config import ModelConfig, TrainConfig, TrainMode, to_dict
 from pipeline.errors import QstarError
+from pipeline.lm.models import load_tokenizer
+from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
+from pipeline.stages.base import Loop
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -280,8 +282,6 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     """
     from transformers import PrinterCallback, set_seed
 
-    from pipeline.models import load_tokenizer
-
     policy_dir, data_dir, out_dir = str(policy_dir), Path(data_dir), Path(out_dir)
     model_cfg = model_cfg or ModelConfig(name=policy_dir)
     final = out_dir / "policy"
@@ -378,3 +378,13 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
             for ckpt in phase_dir.glob("checkpoint-*"):
                 shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
+
+
+def run(loop: Loop, i: int) -> dict:
+    """policy_{i+1}: policy_i fine-tuned on iteration i's rows."""
+    loop.free_model()  # free the driver's copy while TRL trains
+    report_to = loop.tracker.report_to if loop.cluster.ray is None else "none"
+    return loop.cluster.run_task(
+        train_policy, loop.policy(i), loop.store.stage_dir(i, "data"), loop.cfg.train,
+        loop.store.stage_dir(i, "train"), report_to=report_to, model_cfg=loop.cfg.model,
+        num_gpus=loop.cfg.cluster.worker_num_gpus)

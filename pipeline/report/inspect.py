@@ -6,10 +6,10 @@ import argparse
 import html
 from pathlib import Path
 
-from pipeline.atomic import write_text
 from pipeline.errors import QstarError
-from pipeline.runstore import RunStore, is_run_dir
-from pipeline.summary import policy_rows
+from pipeline.report.summary import policy_rows
+from pipeline.run.atomic import write_text
+from pipeline.run.store import RunStore, is_run_dir, load_shards
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -59,8 +59,6 @@ def _overrides(run: Path) -> str:
 
 
 def find_tree(store: RunStore, iteration: int, problem: str) -> dict:
-    from pipeline.search_stage import load_shards
-
     search_dir = store.stage_dir(iteration, "search")
     rows = load_shards(search_dir)
     if not rows:
@@ -136,7 +134,7 @@ def inspect_main(args: list[str]) -> int:
     out = root / "inspect"
     safe = opts.problem.replace("/", "_").replace(":", "_")
     if opts.credit:
-        from pipeline.credit import write_credit_map
+        from pipeline.report.credit import write_credit_map  # loads torch: only for --credit
 
         path = write_credit_map(store, opts.iter, row, out / f"credit_iter{opts.iter}_{safe}.html")
         print(f"wrote {path}")

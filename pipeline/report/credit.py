@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from critics.implicit import completion_tokens, credit_map_html, implicit_reward
-from pipeline.atomic import write_text
 from pipeline.config import ModelConfig, replace_model_name
 from pipeline.errors import QstarError
-from pipeline.generation import completion_logprobs
-from pipeline.models import load_model, resolve_model_path
-from pipeline.runstore import RunStore
+from pipeline.lm.generation import completion_logprobs
+from pipeline.lm.models import load_model, resolve_model_path
+from pipeline.run.atomic import write_text
+from pipeline.run.store import RunStore
 
 
 def write_credit_map(store: RunStore, iteration: int, row: dict, out: Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.progress import progress_bar
+from pipeline.run.progress import progress_bar
 
 
 class StopRule(Protocol):

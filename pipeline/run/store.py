@@ -15,8 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.atomic import write_json, write_jsonl
 from pipeline.errors import QstarError
+from pipeline.run.atomic import read_jsonl, write_json, write_jsonl
 
 MANIFEST_VERSION = 1
 STAGES = ("search", "critics", "data", "train", "eval")  # per iteration, in order
@@ -103,7 +103,7 @@ class RunStore:
     # --- lock ---
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete `.tmp-*` files and folders a killed writer left (pipeline.atomic names them so).
+        """Delete `.tmp-*` files and folders a killed writer left (pipeline.run.atomic names them so).
 
         Called with the lock held, when no writer of this run can be alive.
         """
@@ -145,3 +145,11 @@ class RunStore:
 
 def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "manifest.json").is_file()
+
+
+def load_shards(search_dir: Path) -> list[dict]:
+    """Every tree row of a search stage's shards, in shard order."""
+    rows = []
+    for path in sorted(Path(search_dir).glob("shard_*.jsonl")):
+        rows.extend(read_jsonl(path))
+    return rows

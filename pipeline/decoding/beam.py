@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from mcts.options import is_answer_line, newline
 from pipeline.config import QstarConfig
-from pipeline.generation import Generation, generate
-from pipeline.progress import progress_bar
+from pipeline.decoding.base import Decoded
+from pipeline.lm.generation import Generation, generate
+from pipeline.run.progress import progress_bar
 
 
 @dataclass
@@ -54,8 +55,6 @@ def best_beams(candidates: list[Beam], width: int) -> list[Beam]:
 
 def decode_beam(cfg: QstarConfig, model, tokenizer, prompts: list[str], progress: str | None):
     """One completion per prompt: its best finished beam. Counts every sampled token."""
-    from pipeline.evaluate import Decoded  # pipeline.evaluate imports this module lazily
-
     d, s = cfg.decode, cfg.search
     stop = newline(s.max_option_tokens)
     beams = [[Beam()] for _ in prompts]

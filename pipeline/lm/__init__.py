@@ -1,0 +1,2 @@
+"""The language model: loading and conversion, batched generation, sentence embeddings."""
+

@@ -1,0 +1,2 @@
+"""Looking at runs: `qstar inspect`, iteration tables, plots, credit maps."""
+

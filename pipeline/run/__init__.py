@@ -1,0 +1,2 @@
+"""Running a loop: run directory and manifest, atomic writes, workers, tracking, progress bars."""
+

@@ -1,0 +1,97 @@
+"""GSM8K-format rows (`question`, `answer` ending in `#### <answer>`): parsing, bad-row policy,
+seeded splits, math-verify grading. Shared by task=jsonl and task=hf."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterable
+
+from pipeline.config import TaskConfig
+from pipeline.errors import QstarError
+from pipeline.tasks.answers import _clean, math_equal
+from pipeline.tasks.base import Problem, Task, _too_few
+
+
+class _BadRow(Exception):
+    pass
+
+
+def _seeded_order(problems: list[Problem], seed: int) -> list[Problem]:
+    """A shuffle fixed by seed and question text only, not by row order."""
+    return sorted(problems,
+                  key=lambda p: hashlib.sha256(f"{seed}\0{p.question}".encode()).hexdigest())
+
+
+class MathTask(Task):
+    """GSM8K-format rows (`question`, `answer` ending in `#### <number>`), math-verify grading."""
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        self.skipped_rows = 0
+
+    def _problem(self, pid: str, row) -> Problem:
+        if isinstance(row, _BadRow):  # a line that is not JSON
+            raise row
+        if not isinstance(row, dict):
+            raise _BadRow("not a JSON object")
+        fields = (self.cfg.question_field, self.cfg.answer_field)
+        for key, field in zip(("task.question_field", "task.answer_field"), fields, strict=True):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise _BadRow(f"missing text field {field!r} ({key})")
+        question, solution = row[self.cfg.question_field], row[self.cfg.answer_field]
+        if "####" not in solution or not solution.rsplit("####", 1)[1].strip():
+            raise _BadRow(f"field {self.cfg.answer_field!r} has no final '#### <answer>'")
+        gold = _clean(solution.rsplit("####", 1)[1])
+        return Problem(pid, question.strip(), gold, {"solution": solution})
+
+    def _read(self, rows: Iterable[tuple[str, str, object]]) -> list[Problem]:
+        """rows: (id, where for errors, row). Bad rows raise or, if configured, are counted."""
+        problems, seen = [], set()
+        for pid, where, row in rows:
+            try:
+                problem = self._problem(pid, row)
+            except _BadRow as e:
+                if not self.cfg.skip_bad_rows:
+                    raise QstarError(f"{where}: {e} (task.skip_bad_rows=true skips such rows)") \
+                        from None
+                self.skipped_rows += 1
+                continue
+            if problem.question not in seen:
+                seen.add(problem.question)
+                problems.append(problem)
+        return problems
+
+    def _warn_skipped(self, source: str) -> None:
+        if self.skipped_rows:
+            print(f"warning: skipped {self.skipped_rows} bad rows in {source} "
+                  f"(task.skip_bad_rows=true)", file=sys.stderr)
+
+    def _split_one(self, problems: list[Problem],
+                   where: str) -> tuple[list[Problem], list[Problem]]:
+        """One pool: a seeded order, held-out first, then train."""
+        if not problems:
+            raise QstarError(f"{where} has no usable rows")
+        if len(problems) < self.cfg.num_train + self.cfg.num_heldout:
+            raise _too_few(len(problems), self.cfg, where)
+        ordered = _seeded_order(problems, self.cfg.seed)
+        h = self.cfg.num_heldout
+        return ordered[h : h + self.cfg.num_train], ordered[:h]
+
+    def _split_two(self, train: list[Problem], test: list[Problem], train_where: str,
+                   test_where: str) -> tuple[list[Problem], list[Problem]]:
+        """Separate pools: train drops every question the test pool also has."""
+        test_questions = {p.question for p in test}
+        train = [p for p in train if p.question not in test_questions]
+        for pool, where, key, n in ((train, train_where, "task.num_train", self.cfg.num_train),
+                                    (test, test_where, "task.num_heldout", self.cfg.num_heldout)):
+            if not pool:
+                raise QstarError(f"{where} has no usable rows")
+            if n > len(pool):
+                raise QstarError(f"{key}={n} is larger than the {len(pool)} distinct problems in "
+                                 f"{where}")
+        return (_seeded_order(train, self.cfg.seed)[: self.cfg.num_train],
+                _seeded_order(test, self.cfg.seed)[: self.cfg.num_heldout])
+
+    def grade(self, problem: Problem, answer: str) -> bool:
+        return math_equal(problem.answer, answer)
