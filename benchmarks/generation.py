@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("QSTAR_PROGRESS", "0")
 
 from pipeline.config import ModelConfig, TaskConfig  # noqa: E402
 from pipeline.lm.generation import generate, plain_generate_tokens  # noqa: E402

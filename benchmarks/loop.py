@@ -43,7 +43,7 @@ def qstar_command(run_dir: Path, iterations: int, overrides: list[str]) -> list[
 
 
 def run_loops(commands: dict[str, list[str]], parallel: bool) -> None:
-    env = dict(os.environ, QSTAR_PROGRESS="0", WANDB_MODE="disabled")
+    env = dict(os.environ, WANDB_MODE="disabled")
     if parallel:
         env["OMP_NUM_THREADS"] = "1"  # two processes, two cores
     procs = {}

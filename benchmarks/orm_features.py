@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 from qstar_eval import RESULTS, qstar_eval  # noqa: E402
 
-from pipeline.config import OrmFeatures  # noqa: E402
+from critics.critic_set import FeatureSet  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 
 
-def refit_critics(run: Path, iteration: int, features: OrmFeatures, out: Path) -> dict:
+def refit_critics(run: Path, iteration: int, features: FeatureSet, out: Path) -> dict:
     from pipeline.compose import load_run_config
     from pipeline.lm.models import resolve_model_path
     from pipeline.run.store import RunStore, load_shards
@@ -62,7 +62,7 @@ def main() -> None:
         if not (policy / "meta.json").is_file():
             sys.exit(f"{policy / 'meta.json'} is missing: run benchmarks/loop.py (or qstar run) first")
         found = result["iterations"][str(i)] = {"policy": f"policy {i + 1}"}
-        for features in OrmFeatures:
+        for features in FeatureSet:
             where = iteration / "orm_features" / features.value
             orm = refit_critics(run, i, features, where / "critics")
             summary = eval_best_of_n(policy, where / "critics", where / "best_of_n.json")
@@ -70,7 +70,7 @@ def main() -> None:
                                      **summary["accuracy_by_select"]}
         write_json(RESULTS / "orm_features.json", result)
     for i, found in result["iterations"].items():
-        for features in OrmFeatures:
+        for features in FeatureSet:
             r = found[features.value]
             print(f"iteration {i} ({found['policy']}), orm_features={features.value:<10}: ORM AUC "
                   f"{r['orm_auc']:.3f}  best-of-N majority {r['majority']:.2f}  ORM {r['orm']:.2f}  "

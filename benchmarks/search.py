@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("QSTAR_PROGRESS", "0")
 
 from pipeline.compose import compose_config  # noqa: E402
 from pipeline.decoding.tree_search import SearchModels, train_search  # noqa: E402

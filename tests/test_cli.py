@@ -128,7 +128,7 @@ def test_invalid_hub_id_is_one_error_line(capsys, debug_overrides):
 def test_console_script_exit_code_and_single_error_line(tmp_path, tiny_model_dir):
     missing = tmp_path / "missing-model"
     data = write_lines(tmp_path / "data.jsonl", gsm_rows(2))  # skips importing reasoning-gym
-    env = dict(os.environ, QSTAR_PROGRESS="0", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([str(QSTAR), "eval", "debug=default", f"model={missing}",
                            f"model.cache_dir={tmp_path / 'cache'}", "task=jsonl",
                            f"task.path={data}", "task.num_train=1", "task.num_heldout=1"],

@@ -7,11 +7,11 @@ import torch
 from tiny import build_tiny_model
 
 from critics import KINDS, LOGPROB_STATS, CriticSet, backbone_features, train_head
-from critics.critic_set import linear_features, pick
+from critics.critic_set import FeatureSet, linear_features, pick
 from critics.features import encode_left_padded
 from mcts import SearchParams, search
 from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
-from pipeline.config import CriticsConfig, ModelConfig, OrmFeatures
+from pipeline.config import CriticsConfig, ModelConfig
 from pipeline.run.atomic import write_jsonl
 from pipeline.run.store import load_shards
 from pipeline.stages.critics import load_critic_set, train_critics
@@ -186,7 +186,7 @@ def test_critic_set_loads_and_scores_what_train_critics_wrote(tiny_model, tiny_m
 def test_heads_saved_before_orm_features_existed_read_hidden_states(tiny_model, tiny_model_dir,
                                                                     tmp_path):
     model, tokenizer = tiny_model
-    cfg = replace(CFG, orm_features=OrmFeatures.hidden)
+    cfg = replace(CFG, orm_features=FeatureSet.hidden)
     train_critics(_shard_rows(num_problems=2, simulations=4), str(tiny_model_dir), cfg,
                   tmp_path / "critics", model, tokenizer)
     scores = CriticSet.load(tmp_path / "critics", model, tokenizer).score(PROMPTS, COMPLETIONS)

@@ -155,7 +155,7 @@ def test_lock_removes_what_a_killed_writer_left(tmp_path):
 
 
 def test_sweep_makes_one_run_per_value_and_inspect_compares_them(tiny_model_dir, tmp_path):
-    env = dict(os.environ, QSTAR_PROGRESS="0", WANDB_MODE="disabled")
+    env = dict(os.environ, WANDB_MODE="disabled")
     args = [QSTAR, "run", "-m", "debug=default", f"model={tiny_model_dir}",
             f"model.cache_dir={tmp_path / 'cache'}", "search.c_puct=0.5,2.0",
             "eval.decodes=[greedy]", "critics.enabled=false"]

@@ -104,7 +104,7 @@ def run_overrides(model: Path, data: Path, root: Path) -> list[str]:
 
 
 def qstar_env(**extra) -> dict:
-    env = dict(os.environ, QSTAR_PROGRESS="0", WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.update(extra)
     return env
@@ -505,7 +505,7 @@ def test_trust_remote_code_is_off_unless_set_and_passed_through(tiny_model_dir, 
     from pipeline.compose import compose_config
     from pipeline.config import ModelConfig, TrainConfig
     from pipeline.lm.models import load_model
-    from pipeline.stages.train import _load_model
+    from pipeline.stages.trl_trainers import load_policy_for_training as _load_model
 
     assert compose_config([]).model.trust_remote_code is False
     assert compose_config(["model=cuda_bf16"]).model.trust_remote_code is False

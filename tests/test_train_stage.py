@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from pipeline.config import ModelConfig, TrainConfig, TrainMode
 from pipeline.errors import QstarError
 from pipeline.run.atomic import write_jsonl
-from pipeline.stages.train import _EosAwareCollator, train_policy
+from pipeline.stages.train import train_policy
+from pipeline.stages.trl_trainers import EosAwareCollator
 
 PROMPT = "<|im_start|>user\nWhat is {} + {}?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -186,7 +187,7 @@ def test_eos_kept_only_where_the_solution_ends():
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     eos = 9
-    collate = _EosAwareCollator(DataCollatorForPreference(pad_token_id=0), eos)
+    collate = EosAwareCollator(DataCollatorForPreference(pad_token_id=0), eos)
     step = {"prompt_ids": [1, 2], "chosen_ids": [3, 4, eos], "rejected_ids": [5, eos],
             "chosen_eos": False, "rejected_eos": True, "lineage": {"kind": "step"}}
     whole = {"prompt_ids": [1], "chosen_ids": [6, eos], "rejected_ids": [7, eos],

@@ -82,7 +82,6 @@ class LeafScorer:
     models: SearchModels
     reward_fn: RewardFn | None  # training only: the verifier on a full solution
     generation_batch: int = 64
-    tokens: int = 0
     pending: dict = field(default_factory=dict)  # (tree, prefix text) -> Rollout from expansion
     rollouts: dict = field(default_factory=dict)  # (tree, node) -> Rollout, kept for the record
 

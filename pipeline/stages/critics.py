@@ -24,7 +24,7 @@ from critics import (
     split_by_problem,
     train_head,
 )
-from critics.critic_set import backbone_of, linear_features, pick
+from critics.critic_set import FeatureSet, backbone_of, linear_features, pick
 from critics.features import backbone_features
 from critics.metrics import accuracy, auc, expected_calibration_error, mse, precision_recall
 from critics.targets import cap_state_examples, heldout_problems
@@ -78,7 +78,7 @@ def _rows_of(features: torch.Tensor, index: dict[tuple[str, str], int], examples
 
 
 def head_features(cfg: CriticsConfig) -> dict[str, str]:
-    return {"value": "hidden", "prm": "hidden", "orm": cfg.orm_features.value}
+    return {"value": FeatureSet.hidden, "prm": FeatureSet.hidden, "orm": cfg.orm_features}
 
 
 def fit_and_judge(kind: str, train: list[Example], heldout: list[Example], features: torch.Tensor,
@@ -118,7 +118,7 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     feature_start = time.perf_counter()
     found = backbone_features(model, tokenizer, [p for p, _ in states], [c for _, c in states],
                               cfg.score_batch_size, cfg.max_length,
-                              logprobs="confidence" in uses.values())
+                              logprobs=FeatureSet.confidence in uses.values())
     feature_seconds = time.perf_counter() - feature_start
     index = {state: i for i, state in enumerate(states)}
     heads, meta, metrics = {}, {}, {}
@@ -127,7 +127,7 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
         heads[kind], metrics[kind] = fit_and_judge(
             kind, train, heldout, pick(found, uses[kind]), index, cfg,
             linear_features(uses[kind], model.config.hidden_size))
-        metrics[kind]["features"] = uses[kind]
+        metrics[kind]["features"] = uses[kind].value
         meta[kind] = {"backbone": backbone, "examples": {"train": len(train), "heldout": len(heldout)},
                       "metrics": metrics[kind], "config": to_dict(cfg)}
     result = {**metrics, "backbone": backbone, "problems": len(problem_ids),

@@ -4,8 +4,8 @@
 row formats) and saves policy_{i+1} into `out_dir/policy`. TRL does the training; this module
 only builds its configs and datasets:
 
-- DPO: `trl.DPOTrainer` with beta, loss_type (comma-separated for a weighted-equal mix, e.g.
-  "sigmoid,sft"), learning rate, epochs, batch size, gradient accumulation and max_length from
+- DPO: `trl.DPOTrainer` with beta, loss_type (a list: several are mixed with equal weights, e.g.
+  `train.loss_type=[sigmoid,sft]`), learning rate, epochs, batch size, gradient accumulation and max_length from
   TrainConfig. Reference = the starting policy with `precompute_ref_log_probs=True`: TRL runs one
   no-grad pass of the *untrained* model over the pairs before training, stores the reference
   log-probs as dataset columns and sets `ref_model=None`, so no second model is held during
@@ -55,73 +55,24 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ModelConfig, TrainConfig, TrainMode, to_dict
-from pipeline.errors import QstarError
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.stages.base import Loop
+from pipeline.stages.trl_trainers import (
+    dpo_trainer,
+    load_policy_for_training,
+    quiet_unless,
+    sft_trainer,
+)
 
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
 FIRST_LAST_KEYS = ("loss", "logps/chosen", "logps/rejected")
-
-
-@dataclass
-class _EosAwareCollator:
-    """TRL's preference collator, after removing the EOS TRL appended to a completion that is not
-    the end of a solution (a non-terminal step option)."""
-
-    inner: Any  # trl DataCollatorForPreference
-    eos_token_id: int
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = []
-        for ex in examples:
-            item = {k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids",
-                                       "ref_chosen_logps", "ref_rejected_logps") if k in ex}
-            for side in ("chosen", "rejected"):
-                ids = list(item[f"{side}_ids"])
-                if not ex[f"{side}_eos"] and len(ids) > 1 and ids[-1] == self.eos_token_id:
-                    item[f"{side}_ids"] = ids[:-1]
-            batch.append(item)
-        return self.inner(batch)
-
-
-def _quiet() -> bool:
-    return os.environ.get("QSTAR_PROGRESS", "1") == "0"
-
-
-@contextmanager
-def _quiet_when_progress_off():
-    """QSTAR_PROGRESS=0: no datasets/transformers/TRL progress bars and no per-step log prints
-    (the metrics keep everything); the global switches are restored afterwards."""
-    if not _quiet():
-        yield
-        return
-    import datasets
-    import transformers
-
-    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
-    tqdm_env = os.environ.get("TQDM_DISABLE")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"  # TRL's reference log-prob pass reads it
-    try:
-        yield
-    finally:
-        if bars[0]:
-            datasets.enable_progress_bars()
-        if bars[1]:
-            transformers.utils.logging.enable_progress_bar()
-        if tqdm_env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 _PHASES = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"], TrainMode.dpo_then_sft: ["dpo", "sft"]}
@@ -144,94 +95,6 @@ def _read_rows(path: Path) -> list[dict]:
 def _iteration_of(rows: list[dict]) -> int | None:
     found = {r.get("lineage", {}).get("iteration") for r in rows} - {None}
     return found.pop() if len(found) == 1 else None
-
-
-def _lora_config(cfg: TrainConfig):
-    try:
-        import peft
-    except ImportError as exc:
-        raise QstarError("train.lora=true needs peft: pip install 'qstar[lora]'") from exc
-    return peft.LoraConfig(task_type="CAUSAL_LM", **LORA)
-
-
-def _common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, report_to: str,
-                 save_steps: int) -> dict:
-    cuda = model_cfg.device.startswith("cuda")
-    return dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cuda and model_cfg.dtype == "bfloat16",
-        fp16=cuda and model_cfg.dtype == "float16",
-        use_cpu=not cuda,
-        activation_checkpointing=cuda,  # TRL defaults to on; the new name avoids a warning
-        dataloader_pin_memory=cuda,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=1,
-        report_to=report_to,
-        disable_tqdm=_quiet(),
-    )
-
-
-def _load_model(path: str, cfg: TrainConfig, model_cfg: ModelConfig):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.float32
-    if cfg.lora and model_cfg.device.startswith("cuda") and model_cfg.dtype != "float32":
-        dtype = getattr(torch, model_cfg.dtype)  # frozen base in half precision, adapter in fp32
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                    trust_remote_code=model_cfg.trust_remote_code)
-    except OSError as exc:
-        raise QstarError(f"cannot load the policy at {path}: {str(exc).splitlines()[0]}") from exc
-
-
-def _run_dpo(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks):
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    dataset = Dataset.from_list([{
-        "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-        "chosen_eos": bool(r.get("lineage", {}).get("terminal", [True, True])[0]),
-        "rejected_eos": bool(r.get("lineage", {}).get("terminal", [True, True])[1]),
-    } for r in rows])
-    args = DPOConfig(
-        **_common_args(cfg, model_cfg, output_dir, report_to, save_steps),
-        beta=cfg.beta,
-        loss_type=[t.strip() for t in cfg.loss_type.split(",") if t.strip()],
-        precompute_ref_log_probs=True,
-        remove_unused_columns=False,  # the collator reads chosen_eos / rejected_eos
-    )
-    collator = _EosAwareCollator(
-        DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
-                                  truncation_mode=args.truncation_mode),
-        tokenizer.eos_token_id,
-    )
-    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      data_collator=collator, callbacks=callbacks,
-                      peft_config=_lora_config(cfg) if cfg.lora else None)
-
-
-def _run_sft(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
-                                 for r in rows])
-    args = SFTConfig(**_common_args(cfg, model_cfg, output_dir, report_to, save_steps),
-                     packing=False)
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      callbacks=callbacks, peft_config=_lora_config(cfg) if cfg.lora else None)
 
 
 def _phase_metrics(phase: str, history: list[dict], steps: int, seconds: float, rows: int) -> dict:
@@ -272,15 +135,16 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                  out_dir: str | Path, report_to: str = "none", *,
                  model_cfg: ModelConfig | None = None, iteration: int | None = None,
                  save_steps: int = 10, keep_checkpoints: bool = False,
-                 callbacks: list | None = None) -> dict:
+                 callbacks: list | None = None, progress: bool = False) -> dict:
     """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl; returns the metrics.
 
     The next iteration's policy is metrics["policy_dir"]: out_dir/policy after training, or
     `policy_dir` itself when there was nothing to train on (metrics["skipped"] says why).
     model_cfg gives device, dtype and trust_remote_code (its name is ignored: the weights come
     from policy_dir). callbacks: extra transformers TrainerCallbacks for every phase.
+    progress=False: no library progress bars and no per-step log prints (the metrics keep all).
     """
-    from transformers import PrinterCallback, set_seed
+    from transformers import set_seed  # heavy: loaded when a stage trains
 
     policy_dir, data_dir, out_dir = str(policy_dir), Path(data_dir), Path(out_dir)
     model_cfg = model_cfg or ModelConfig(name=policy_dir)
@@ -297,47 +161,81 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                                "sft_rows": len(rows["sft"])}
     wanted = [p for p in _PHASES[mode] if rows[p]]
     tokenizer = load_tokenizer(model_cfg, policy_dir) if wanted else None
-    phases, too_long = [], {}
+    phases = _drop_long_prompts(rows, wanted, tokenizer, cfg.max_length, metrics)
+    if not phases:
+        reason = _nothing_to_train(mode, data_dir, cfg.max_length, metrics)
+        return {**metrics, "skipped": reason, "policy_dir": policy_dir, "steps": 0, "seconds": 0.0}
+
+    set_seed(cfg.seed)
+    model = load_policy_for_training(policy_dir, cfg, model_cfg)
+    use_cache = getattr(model.config, "use_cache", None)
+    start = time.perf_counter()
+    phase_args = dict(cfg=cfg, model_cfg=model_cfg, out_dir=out_dir, report_to=report_to,
+                      save_steps=save_steps, callbacks=callbacks, progress=progress)
+    model, trainer, histories = _train_phases(model, tokenizer, rows, phases, metrics,
+                                              **phase_args)
+    metrics["steps"] = sum(metrics[f"{p}/steps"] for p in phases)
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    metrics["loss"] = metrics.get(f"{phases[-1]}/loss_last")
+    metrics["policy_dir"] = str(final)
+    if use_cache is not None:
+        model.config.use_cache = use_cache  # as loaded: training may have switched it off
+    meta = {"source_policy": policy_dir, "iteration": iteration, "data_dir": str(data_dir),
+            "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]}, "metrics": metrics,
+            "config": to_dict(cfg), "model": to_dict(model_cfg)}
+    _save_policy(final, model, tokenizer, trainer, cfg.lora, meta)
+    _keep_logs(out_dir, histories, keep_checkpoints)
+    return metrics
+
+
+def _drop_long_prompts(rows: dict, wanted: list[str], tokenizer, max_length: int,
+                       metrics: dict) -> list[str]:
+    """Drop rows whose prompt leaves no room for a completion (TRL would drop them silently);
+    the phases that still have rows."""
+    phases = []
     for phase in wanted:
-        fitting = [r for r in rows[phase]
-                   if len(tokenizer(r["prompt"])["input_ids"]) < cfg.max_length]
-        too_long[phase] = len(rows[phase]) - len(fitting)
-        metrics[f"{phase}/rows_too_long"] = too_long[phase]  # TRL would drop them: no completion left
+        fitting = [r for r in rows[phase] if len(tokenizer(r["prompt"])["input_ids"]) < max_length]
+        metrics[f"{phase}/rows_too_long"] = len(rows[phase]) - len(fitting)
         rows[phase] = fitting
         if fitting:
             phases.append(phase)
     metrics["phases"] = phases
-    if not phases:
-        names = {"dpo": "DPO pairs", "sft": "SFT rows"}
-        what = " or ".join(names[p] for p in _PHASES[mode])
-        reason = f"no {what} in {data_dir}"
-        if any(too_long.values()):
-            reason = (f"every one of the {sum(too_long.values())} {what} has a prompt of "
-                      f"train.max_length={cfg.max_length} tokens or more")
-        return {**metrics, "skipped": reason, "policy_dir": policy_dir, "steps": 0, "seconds": 0.0}
+    return phases
 
-    set_seed(cfg.seed)
-    model = _load_model(policy_dir, cfg, model_cfg)
-    use_cache = getattr(model.config, "use_cache", None)
-    runners = {"dpo": _run_dpo, "sft": _run_sft}
-    start = time.perf_counter()
-    histories = {}
-    trainer = None
+
+def _nothing_to_train(mode: TrainMode, data_dir: Path, max_length: int, metrics: dict) -> str:
+    names = {"dpo": "DPO pairs", "sft": "SFT rows"}
+    what = " or ".join(names[p] for p in _PHASES[mode])
+    too_long = sum(metrics.get(f"{p}/rows_too_long", 0) for p in _PHASES[mode])
+    if too_long:
+        return (f"every one of the {too_long} {what} has a prompt of "
+                f"train.max_length={max_length} tokens or more")
+    return f"no {what} in {data_dir}"
+
+
+def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict, *,
+                  cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path, report_to: str,
+                  save_steps: int, callbacks: list | None, progress: bool):
+    """Each phase (DPO, then SFT) continues from the previous one's model; resumes from the
+    newest complete checkpoint. Returns the trained model, the last trainer, the histories."""
+    from transformers import PrinterCallback  # heavy: loaded when a stage trains
+
+    runners = {"dpo": dpo_trainer, "sft": sft_trainer}
+    histories, trainer = {}, None
     for phase in phases:
         output_dir = out_dir / "trainer" / phase
         phase_start = time.perf_counter()
         trainer = None  # let the previous phase's optimizer state go before the next one
         _free_memory()
-        with _quiet_when_progress_off():
+        with quiet_unless(progress):
             trainer = runners[phase](model, tokenizer, rows[phase], cfg, model_cfg, output_dir,
-                                     report_to, save_steps, callbacks)
-            if _quiet():
+                                     report_to, save_steps, callbacks, progress)
+            if not progress:
                 trainer.remove_callback(PrinterCallback)
             trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
-        seconds = time.perf_counter() - phase_start
         histories[phase] = trainer.state.log_history
         metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,
-                                      seconds, len(trainer.train_dataset)))
+                                      time.perf_counter() - phase_start, len(trainer.train_dataset)))
         if phase == "dpo" and "dpo/rewards/chosen" in metrics:
             # rewards/chosen = beta * (log pi - log pi_ref) of the chosen completions: their
             # log-probability change against the reference at the last step (r -> Q*: it falls)
@@ -345,25 +243,14 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
         model = trainer.model
         if cfg.lora:
             model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
-    metrics["steps"] = sum(metrics[f"{p}/steps"] for p in phases)
-    metrics["seconds"] = round(time.perf_counter() - start, 3)
-    metrics["loss"] = metrics.get(f"{phases[-1]}/loss_last")
-    metrics["policy_dir"] = str(final)
+    return model, trainer, histories
 
-    meta = {
-        "source_policy": policy_dir,
-        "iteration": iteration,
-        "data_dir": str(data_dir),
-        "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]},
-        "metrics": metrics,
-        "config": to_dict(cfg),
-        "model": to_dict(model_cfg),
-    }
-    if use_cache is not None:
-        model.config.use_cache = use_cache  # as loaded: training may have switched it off
+
+def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict) -> None:
+    """The next policy, its tokenizer and meta.json, in one atomic rename (the commit point)."""
     with atomic_dir(final) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        if cfg.lora:
+        if lora:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         else:
@@ -371,13 +258,15 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
         for leftover in ("training_args.bin", "README.md"):
             (tmp / leftover).unlink(missing_ok=True)
         write_json(tmp / "meta.json", meta)
+
+
+def _keep_logs(out_dir: Path, histories: dict, keep_checkpoints: bool) -> None:
     for phase, history in histories.items():
         phase_dir = out_dir / "trainer" / phase
         write_json(phase_dir / "log_history.json", history)
         if not keep_checkpoints:
             for ckpt in phase_dir.glob("checkpoint-*"):
                 shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
 
 
 def run(loop: Loop, i: int) -> dict:
@@ -387,4 +276,4 @@ def run(loop: Loop, i: int) -> dict:
     return loop.cluster.run_task(
         train_policy, loop.policy(i), loop.store.stage_dir(i, "data"), loop.cfg.train,
         loop.store.stage_dir(i, "train"), report_to=report_to, model_cfg=loop.cfg.model,
-        num_gpus=loop.cfg.cluster.worker_num_gpus)
+        progress=loop.cfg.progress, num_gpus=loop.cfg.cluster.worker_num_gpus)

@@ -1,0 +1,157 @@
+"""TRL trainers for the train stage: their configs, datasets and the EOS-aware DPO collator.
+
+TRL does the training; this module only builds `trl.DPOTrainer` / `trl.SFTTrainer` from
+TrainConfig (see pipeline/stages/train.py for the whole stage and its metrics).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.errors import QstarError
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+@dataclass
+class EosAwareCollator:
+    """TRL's preference collator, after removing the EOS TRL appended to a completion that is not
+    the end of a solution (a non-terminal step option)."""
+
+    inner: Any  # trl DataCollatorForPreference
+    eos_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = []
+        for ex in examples:
+            item = {k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids",
+                                       "ref_chosen_logps", "ref_rejected_logps") if k in ex}
+            for side in ("chosen", "rejected"):
+                ids = list(item[f"{side}_ids"])
+                if not ex[f"{side}_eos"] and len(ids) > 1 and ids[-1] == self.eos_token_id:
+                    item[f"{side}_ids"] = ids[:-1]
+            batch.append(item)
+        return self.inner(batch)
+
+
+@contextmanager
+def quiet_unless(progress: bool):
+    """progress=False: no datasets/transformers/TRL progress bars (the metrics keep everything);
+    the global switches are restored afterwards."""
+    if progress:
+        yield
+        return
+    import datasets  # heavy: loaded when a stage trains
+    import transformers
+
+    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's reference log-prob pass reads it
+    try:
+        yield
+    finally:
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            transformers.utils.logging.enable_progress_bar()
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
+
+
+def lora_config(cfg: TrainConfig):
+    try:
+        import peft
+    except ImportError as exc:
+        raise QstarError("train.lora=true needs peft: pip install 'qstar[lora]'") from exc
+    return peft.LoraConfig(task_type="CAUSAL_LM", **LORA)
+
+
+def common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, report_to: str,
+                 save_steps: int, progress: bool) -> dict:
+    cuda = model_cfg.device.startswith("cuda")
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cuda and model_cfg.dtype == "bfloat16",
+        fp16=cuda and model_cfg.dtype == "float16",
+        use_cpu=not cuda,
+        activation_checkpointing=cuda,  # TRL defaults to on; the new name avoids a warning
+        dataloader_pin_memory=cuda,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        report_to=report_to,
+        disable_tqdm=not progress,
+    )
+
+
+def load_policy_for_training(path: str, cfg: TrainConfig, model_cfg: ModelConfig):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32
+    if cfg.lora and model_cfg.device.startswith("cuda") and model_cfg.dtype != "float32":
+        dtype = getattr(torch, model_cfg.dtype)  # frozen base in half precision, adapter in fp32
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                    trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as exc:
+        raise QstarError(f"cannot load the policy at {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks,
+             progress):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    dataset = Dataset.from_list([{
+        "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+        "chosen_eos": bool(r.get("lineage", {}).get("terminal", [True, True])[0]),
+        "rejected_eos": bool(r.get("lineage", {}).get("terminal", [True, True])[1]),
+    } for r in rows])
+    args = DPOConfig(
+        **common_args(cfg, model_cfg, output_dir, report_to, save_steps, progress),
+        beta=cfg.beta,
+        loss_type=[loss.value for loss in cfg.loss_type],
+        precompute_ref_log_probs=True,
+        remove_unused_columns=False,  # the collator reads chosen_eos / rejected_eos
+    )
+    collator = EosAwareCollator(
+        DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
+                                  truncation_mode=args.truncation_mode),
+        tokenizer.eos_token_id,
+    )
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      data_collator=collator, callbacks=callbacks,
+                      peft_config=lora_config(cfg) if cfg.lora else None)
+
+
+def sft_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks,
+             progress):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                 for r in rows])
+    args = SFTConfig(**common_args(cfg, model_cfg, output_dir, report_to, save_steps, progress),
+                     packing=False)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      callbacks=callbacks, peft_config=lora_config(cfg) if cfg.lora else None)
