@@ -110,7 +110,14 @@ def test_every_module_says_what_it_is_for_and_sizes_hold():
 def test_readme_layout_matches_the_tree():
     readme = (REPO / "README.md").read_text()
     block = readme.split("## How it fits together", 1)[1].split("```")[1]
-    listed = set(re.findall(r"^\s*((?:pipeline|mcts|critics)(?:/\w+)?)/", block, re.M))
+    listed, top = set(), None
+    for line in block.splitlines():
+        entry = re.match(r"^(\s*)(\w+)/\s", line + " ")
+        if entry and not entry.group(1):
+            top = entry.group(2)
+            listed.add(top)
+        elif entry and top:
+            listed.add(f"{top}/{entry.group(2)}")
     packages = {str(p.parent.relative_to(REPO)) for root in ROOTS
                 for p in (REPO / root).rglob("__init__.py")}
     assert listed == packages
