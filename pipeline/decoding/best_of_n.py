@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from critics.critic_set import Scorer
 from pipeline.config import DecodeConfig, Selection
 from pipeline.decoding.base import Decoded
 from pipeline.decoding.sampling import sample_candidates
 from pipeline.decoding.voting import majority_vote, orm_select, orm_weighted_vote
 from pipeline.errors import QstarError
-
-Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
 
 
 def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
