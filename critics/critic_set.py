@@ -22,10 +22,10 @@ Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions)
 class FeatureSet(str, Enum):
     """What a head reads (critics.orm_features; value and PRM read hidden)."""
 
-    hidden = "hidden"  # the backbone's last hidden state
     # the completion's token log-prob statistics (MLP), then the prompt's last hidden state as a
     # linear per-problem term that cannot reorder the answers to one problem
     confidence = "confidence"
+    hidden = "hidden"  # the backbone's last hidden state
 
 
 def backbone_of(directory: str | os.PathLike) -> str:
