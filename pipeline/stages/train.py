@@ -10,6 +10,7 @@ only builds its configs and datasets:
   no-grad pass of the *untrained* model over the pairs before training, stores the reference
   log-probs as dataset columns and sets `ref_model=None`, so no second model is held during
   training. (With LoRA the reference is the base model with the adapter disabled.)
+  `train.reference=base`: policy_0 is the reference in every iteration (pipeline.stages.reference).
 - EOS: TRL appends the tokenizer's EOS to every DPO completion. A step option that is not
   terminal in the tree does not end the solution, so a thin collator (TRL's own
   `DataCollatorForPreference`, wrapped) removes that EOS token from non-terminal completions,
@@ -31,13 +32,13 @@ only builds its configs and datasets:
   checkpoint are loaded after it); a phase that had finished resumes at its last step and trains
   no more (dpo_then_sft killed during SFT keeps its DPO result).
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
-  `out_dir/policy` (atomic). meta.json: source_policy, iteration, data_dir, rows {dpo, sft},
+  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir, rows {dpo, sft},
   metrics, config (TrainConfig), model (ModelConfig). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
   keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
-    mode, phases, policy_dir, source_policy, iteration, pairs (DPO rows in the file), sft_rows,
+    mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration, pairs (DPO rows in the file), sft_rows,
     steps, seconds, loss (last logged loss of the last phase), skipped (only when nothing trained),
     <phase>/rows (rows trained on), <phase>/rows_too_long (prompt alone >= max_length tokens:
     dropped, as TRL would), <phase>/steps, <phase>/seconds (reference pass included),
@@ -57,14 +58,16 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ModelConfig, TrainConfig, TrainMode, to_dict
+from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.stages.base import Loop
+from pipeline.stages.reference import training_reference
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -195,7 +198,8 @@ def _load_model(path: str, cfg: TrainConfig, model_cfg: ModelConfig):
         raise QstarError(f"cannot load the policy at {path}: {str(exc).splitlines()[0]}") from exc
 
 
-def _run_dpo(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks):
+def _run_dpo(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks,
+             ref_model=None):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -217,9 +221,11 @@ def _run_dpo(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save
                                   truncation_mode=args.truncation_mode),
         tokenizer.eos_token_id,
     )
-    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      data_collator=collator, callbacks=callbacks,
-                      peft_config=_lora_config(cfg) if cfg.lora else None)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
+                         peft_config=_lora_config(cfg) if cfg.lora else None)
+    trainer.ref_model = None  # its log-probs are dataset columns now (precomputed): free it
+    return trainer
 
 
 def _run_sft(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks):
@@ -272,7 +278,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                  out_dir: str | Path, report_to: str = "none", *,
                  model_cfg: ModelConfig | None = None, iteration: int | None = None,
                  save_steps: int = 10, keep_checkpoints: bool = False,
-                 callbacks: list | None = None) -> dict:
+                 callbacks: list | None = None, reference_dir: str | None = None) -> dict:
     """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl; returns the metrics.
 
     The next iteration's policy is metrics["policy_dir"]: out_dir/policy after training, or
@@ -319,7 +325,9 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     set_seed(cfg.seed)
     model = _load_model(policy_dir, cfg, model_cfg)
     use_cache = getattr(model.config, "use_cache", None)
-    runners = {"dpo": _run_dpo, "sft": _run_sft}
+    metrics["reference"] = reference_dir = (reference_dir or policy_dir) if "dpo" in phases else None
+    ref_model = reference_dir and training_reference(reference_dir, policy_dir, cfg, model_cfg)
+    runners = {"dpo": partial(_run_dpo, ref_model=ref_model), "sft": _run_sft}
     start = time.perf_counter()
     histories = {}
     trainer = None
@@ -352,6 +360,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
 
     meta = {
         "source_policy": policy_dir,
+        "reference": metrics["reference"],  # the implicit reward's pi_ref (None: no DPO phase)
         "iteration": iteration,
         "data_dir": str(data_dir),
         "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]},
@@ -384,7 +393,8 @@ def run(loop: Loop, i: int) -> dict:
     """policy_{i+1}: policy_i fine-tuned on iteration i's rows."""
     loop.free_model()  # free the driver's copy while TRL trains
     report_to = loop.tracker.report_to if loop.cluster.ray is None else "none"
+    reference = loop.base_policy if loop.cfg.train.reference == Reference.base else loop.policy(i)
     return loop.cluster.run_task(
         train_policy, loop.policy(i), loop.store.stage_dir(i, "data"), loop.cfg.train,
         loop.store.stage_dir(i, "train"), report_to=report_to, model_cfg=loop.cfg.model,
-        num_gpus=loop.cfg.cluster.worker_num_gpus)
+        reference_dir=reference, num_gpus=loop.cfg.cluster.worker_num_gpus)
