@@ -41,7 +41,7 @@ from pipeline.lm.models import load_model
 from pipeline.run.atomic import atomic_dir, write_json
 from pipeline.run.store import load_shards
 from pipeline.stages.base import Loop
-from pipeline.stages.reference import dpo_reference, load_implicit
+from pipeline.stages.reference import dpo_reference, implicit_critic
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
 
@@ -127,7 +127,8 @@ def implicit_metrics(heldout: Sequence[Example], reference: tuple[str, float] | 
         return {"skipped": f"{policy_dir} was not trained by DPO: no reference"}
     if Path(backbone).resolve() != Path(policy_dir).resolve():
         policy, tokenizer = load_model(replace(model_cfg, name=policy_dir))
-    critic = load_implicit(policy_dir, policy, tokenizer, model_cfg, batch_size)
+    critic = implicit_critic(reference, policy, tokenizer, model_cfg, batch_size,
+                             f"{policy_dir}/meta.json")
     rewards = critic.of_texts([e.prompt for e in heldout], [e.completion for e in heldout])
     targets = [e.target for e in heldout]
     return {"reference": reference[0], "beta": reference[1], "heldout_examples": len(heldout),

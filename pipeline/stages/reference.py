@@ -40,12 +40,19 @@ def load_implicit(policy_dir: str, model, tokenizer, model_cfg: ModelConfig,
     found = dpo_reference(policy_dir)
     if found is None:
         return None
-    reference, beta = found
+    return implicit_critic(found, model, tokenizer, model_cfg, batch_size,
+                           str(Path(policy_dir) / "meta.json"))
+
+
+def implicit_critic(reference: tuple[str, float], model, tokenizer, model_cfg: ModelConfig,
+                    batch_size: int, where: str) -> ImplicitCritic:
+    """The implicit reward of `model` against (reference path, beta); `where` names the
+    reference's source in the one-line error when it cannot be loaded."""
+    path, beta = reference
     try:
-        ref_model, _ = load_model(replace(model_cfg, name=reference))
+        ref_model, _ = load_model(replace(model_cfg, name=path))
     except QstarError as exc:
-        raise QstarError(f"{Path(policy_dir) / 'meta.json'}: reference={reference!r} cannot be "
-                         f"loaded ({exc})") from None
+        raise QstarError(f"{where}: reference={path!r} cannot be loaded ({exc})") from None
     return ImplicitCritic(model, ref_model, tokenizer, beta, completion_logprobs, token_logprobs,
                           batch_size)
 
