@@ -101,3 +101,34 @@ def test_heads_fitted_for_other_features_say_which(tiny_model, tiny_model_dir, t
         load_critic_set(tmp_path / "critics", str(tiny_model_dir), model, tokenizer, ModelConfig(), 4)
     assert "\n" not in str(exc.value) and "'orm' expects features of size 36" in str(exc.value)
     assert "'hidden' features" in str(exc.value)
+
+
+def test_the_implicit_reward_is_a_leaf_value_part_in_search(debug_overrides, tiny_model, tmp_path):
+    from critics import ImplicitCritic, implicit_score
+    from pipeline.compose import compose_config
+    from pipeline.decoding.tree_search import SearchModels, eval_search
+    from pipeline.lm.generation import completion_logprobs, token_logprobs
+    from pipeline.lm.models import load_model
+    from pipeline.tasks.prompt import render_prompts
+
+    model, tokenizer = tiny_model
+    reference, _ = load_model(ModelConfig(name=str(build_tiny_model(tmp_path / "ref", seed=3))))
+    cfg = compose_config([*debug_overrides, "critics.weights.rollout=0",
+                          "critics.weights.implicit=1", "search.simulations=4"])
+    critic = ImplicitCritic(model, reference, tokenizer, 0.5, completion_logprobs, token_logprobs)
+    models = SearchModels(policy=model, tokenizer=tokenizer, implicit=critic)
+    prompts = render_prompts(tokenizer, ["What is 1 + 1?", "What is 2 + 5?"])
+    trees, scorer = eval_search(prompts, cfg, models)
+    checked = 0
+    for tree in trees:
+        for node in range(1, tree.num_nodes):
+            text = tree.text[node]
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if tree.total[node] is None or len(ids) != tree.num_tokens[node]:  # EOS: not in text
+                continue
+            before = tree.prompt + "".join(tree.steps(tree.parent[node]))
+            ref = completion_logprobs(reference, tokenizer, [before], [text])[0]
+            expected = implicit_score(0.5 * (tree.logprob[node] - sum(ref)))
+            assert tree.total[node] == pytest.approx(expected, abs=1e-4)  # the only part
+            checked += 1
+    assert checked >= 2
