@@ -132,3 +132,30 @@ def test_the_implicit_reward_is_a_leaf_value_part_in_search(debug_overrides, tin
             assert tree.total[node] == pytest.approx(expected, abs=1e-4)  # the only part
             checked += 1
     assert checked >= 2
+
+
+def test_plots_show_dpo_rewards_and_within_problem_auc_per_iteration(tmp_path):
+    from pipeline.report.plots import write_plots
+    from pipeline.report.summary import policy_rows
+    from pipeline.run.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    store.complete(0, "baseline", {"decodes": {"greedy": {"accuracy": 0.2}}}, 1.0)
+    for k, (chosen, rejected) in enumerate(((0.1, -0.3), (-0.2, -0.9))):
+        store.complete(k, "critics", {"orm": {"auc": 0.7, "within_problem_auc": 0.6 + k / 10},
+                                      "value": {"within_problem_auc": 0.55},
+                                      "implicit": {"skipped": "no reference"} if k == 0 else
+                                      {"within_problem_auc": 0.8}}, 1.0)
+        store.complete(k, "train", {"source_policy": f"p{k}", "reference": "p0",
+                                    "dpo/rewards/chosen": chosen, "dpo/rewards/rejected": rejected,
+                                    "dpo/logps/chosen_change": chosen / 0.1}, 1.0)
+        store.complete(k, "eval", {"decodes": {"greedy": {"accuracy": 0.3}}}, 1.0)
+    rows = policy_rows(store)
+    assert [r.get("reference") for r in rows] == [None, "previous", "base"]
+    assert rows[2]["within_auc"] == {"value": 0.55, "prm": None, "orm": 0.7, "implicit": 0.8}
+    assert rows[1]["within_auc"]["implicit"] is None
+    assert (rows[2]["chosen_reward"], rows[2]["rejected_reward"]) == (-0.2, -0.9)
+    written = write_plots(store)
+    for name in ("dpo_rewards.png", "within_problem_auc.png"):
+        path = tmp_path / "run" / "plots" / name
+        assert str(path) in written and path.stat().st_size > 1000
