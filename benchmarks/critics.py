@@ -15,6 +15,8 @@ on the same test samples, and what scoring with trained critics costs the search
    this process, once scored by its trained critics and once without any: same policy, same
    problems, same search settings; tokens/s with critics divided by tokens/s without.
 Each finished part is kept beside the run, so a killed benchmark resumes where it stopped.
+`--runs runs/bench/mcts_dpo` reuses the loop benchmark's run (benchmarks/loop.py: the same
+demo loop, 3 iterations, best-of-8 among its decodes): only part 3 is then new work.
 Writes benchmarks/results/critics.json (--smoke: the run directory's critics.json).
 """
 
@@ -33,8 +35,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("QSTAR_PROGRESS", "0")
 
-from pipeline.compose import compose_config  # noqa: E402
-from pipeline.errors import QstarError  # noqa: E402
+from pipeline.compose import load_run_config  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
 
@@ -128,11 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     iterations = 1 if args.smoke else args.iterations
     overrides = [*(SMOKE if args.smoke else FULL), *args.overrides]
-    try:
-        cfg = compose_config([*overrides, f"iterations={iterations}"])  # the run's config
-    except QstarError as exc:
-        sys.exit(f"error: {exc}")
     store = run_loop(args.runs, iterations, overrides)
+    cfg = load_run_config(args.runs, [])  # what the run ran with (a resumed run: its own config)
     result = {
         "benchmark": "critics", "smoke": args.smoke, "run": str(args.runs),
         "iterations": iterations, "overrides": overrides,
