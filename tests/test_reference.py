@@ -159,3 +159,12 @@ def test_plots_show_dpo_rewards_and_within_problem_auc_per_iteration(tmp_path):
     for name in ("dpo_rewards.png", "within_problem_auc.png"):
         path = tmp_path / "run" / "plots" / name
         assert str(path) in written and path.stat().st_size > 1000
+
+
+def test_eval_select_implicit_without_a_reference_is_one_line(debug_overrides, capsys):
+    from test_cli import assert_one_error_line
+
+    from pipeline.cli import main
+
+    rc = main(["eval", *debug_overrides, "decode=best_of_n", "decode.select=implicit"])
+    assert_one_error_line(capsys, rc, "decode.select=implicit needs a policy trained by DPO")

@@ -15,11 +15,12 @@ from pipeline.errors import QstarError
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
 
 
-def _needs(d: DecodeConfig, orm_score, implicit) -> None:
-    if d.select in (Selection.orm, Selection.orm_vote) and orm_score is None:
+def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool) -> None:
+    """Refuse a selection whose critic is missing, with one line saying what to pass."""
+    if d.select in (Selection.orm, Selection.orm_vote) and not has_orm:
         raise QstarError(f"decode.select={d.select.value} needs a trained ORM: pass "
                          "eval.critics=<run>/iter_NNN/critics, or use decode.select=majority")
-    if d.select == Selection.implicit and implicit is None:
+    if d.select == Selection.implicit and not has_implicit:
         raise QstarError("decode.select=implicit needs a policy trained by DPO (its meta.json "
                          "names the reference): use model=<run>/iter_NNN/train/policy")
 
@@ -37,7 +38,7 @@ def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed
                      orm_score: Scorer | None = None, implicit=None) -> Decoded:
     """n samples per prompt; every selection the critics allow is made from the same samples.
     `implicit`: a critics.ImplicitCritic for the policy (None: no DPO reference)."""
-    _needs(d, orm_score, implicit)
+    check_selection(d, orm_score is not None, implicit is not None)
     gens = sample_generations(model, tokenizer, prompts, d, seed, progress)
     groups = [[g.text for g in group] for group in gens]
     flat_p = [p for p, g in zip(prompts, groups) for _ in g]

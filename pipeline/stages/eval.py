@@ -15,13 +15,14 @@ from pathlib import Path
 from pipeline.config import DecodeStrategy, QstarConfig, to_dict
 from pipeline.decoding import decode
 from pipeline.decoding.base import Decoded
+from pipeline.decoding.best_of_n import check_selection
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import write_json
 from pipeline.run.store import BASELINE
 from pipeline.stages.base import Loop
 from pipeline.stages.critics import load_critic_set, load_critics
-from pipeline.stages.reference import load_implicit
+from pipeline.stages.reference import dpo_reference, load_implicit
 from pipeline.tasks import make_task
 from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.prompt import render_prompts
@@ -115,6 +116,9 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     if critics_dir and not os.path.isfile(os.path.join(critics_dir, "orm", "meta.json")):
         raise QstarError(f"eval.critics={critics_dir!r}: not a critics directory "
                          "(expected <run>/iter_NNN/critics with value/, prm/, orm/)")
+    if cfg.decode.strategy == DecodeStrategy.best_of_n:  # refuse before loading anything
+        check_selection(cfg.decode, bool(critics_dir),
+                        dpo_reference(resolve_model_path(cfg.model)) is not None)
     model, tokenizer = load_model(cfg.model)
     critics = None
     if critics_dir:
