@@ -36,6 +36,7 @@ bench: install
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/loop.py --iterations 3
+	$(PY) benchmarks/critics.py --runs runs/bench/mcts_dpo  # reuses the loop run
 	$(PY) benchmarks/ablations.py
 	$(PY) benchmarks/beam_widths.py
 	$(PY) benchmarks/orm_features.py

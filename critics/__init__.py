@@ -5,9 +5,11 @@ from critics.critic_set import CriticSet, Scorer
 from critics.features import LOGPROB_STATS, Features, backbone_features
 from critics.heads import ScalarHead, load_head, save_head, train_head
 from critics.implicit import (
+    ImplicitCritic,
     completion_tokens,
     credit_map_html,
     implicit_reward,
+    implicit_score,
     option_rewards,
     token_rewards,
 )
@@ -19,6 +21,7 @@ __all__ = [
     "CriticSet",
     "Example",
     "Features",
+    "ImplicitCritic",
     "ScalarHead",
     "Scorer",
     "backbone_features",
@@ -26,6 +29,7 @@ __all__ = [
     "credit_map_html",
     "critic_examples",
     "implicit_reward",
+    "implicit_score",
     "load_head",
     "option_rewards",
     "save_head",

@@ -8,9 +8,12 @@ the caller provides as `logprob_fn(model, tokenizer, prompts, completions) -> pe
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 LogprobFn = Callable[..., list[list[float]]]  # (model, tokenizer, prompts, completions)
+TokenLogprobFn = Callable[..., list[list[float]]]  # (model, tokenizer, prompts, token_ids)
 
 
 def token_rewards(policy_logprobs: Sequence[Sequence[float]],
@@ -34,6 +37,44 @@ def option_rewards(policy, reference, tokenizer, prompt: str, steps: Sequence[st
     prefixes = [prompt + "".join(steps[:k]) for k in range(len(steps))]
     rewards = implicit_reward(policy, reference, tokenizer, prefixes, list(steps), beta, logprob_fn)
     return [sum(r) for r in rewards]
+
+
+def implicit_score(reward: float) -> float:
+    """The reward as a leaf-value part in [0, 1]: sigmoid(reward), DPO's own link (sigmoid of a
+    reward difference is the preference probability); 0 reward -> 0.5."""
+    if reward >= 0:
+        return 1.0 / (1.0 + math.exp(-reward))
+    return math.exp(reward) / (1.0 + math.exp(reward))
+
+
+@dataclass
+class ImplicitCritic:
+    """A DPO policy's implicit reward as a critic. `reference` is the model DPO trained the policy
+    against (the pipeline reads it from the policy's meta.json); both share `tokenizer`."""
+
+    policy: object
+    reference: object
+    tokenizer: object
+    beta: float
+    logprob_fn: LogprobFn  # teacher-forced log-probs of completion texts
+    token_logprob_fn: TokenLogprobFn  # teacher-forced log-probs of given token ids
+    batch_size: int = 16
+
+    def of_tokens(self, prompts: Sequence[str], token_ids: Sequence[Sequence[int]],
+                  policy_logprobs: Sequence[Sequence[float]]) -> list[float]:
+        """Summed reward of tokens the policy generated after each prompt: log pi from the
+        generation pass, log pi_ref from one batched teacher-forced forward of the reference."""
+        ref = self.token_logprob_fn(self.reference, self.tokenizer, prompts, token_ids,
+                                    self.batch_size)
+        return [self.beta * (sum(pol) - sum(r)) for pol, r in zip(policy_logprobs, ref, strict=True)]
+
+    def of_texts(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """Summed reward of completion texts (both models teacher-forced)."""
+        return [sum(r) for r in implicit_reward(self.policy, self.reference, self.tokenizer,
+                                                prompts, completions, self.beta, self._texts)]
+
+    def _texts(self, model, tokenizer, prompts, completions) -> list[list[float]]:
+        return self.logprob_fn(model, tokenizer, prompts, completions, self.batch_size)
 
 
 def completion_tokens(tokenizer, completion: str) -> list[str]:

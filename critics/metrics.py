@@ -70,3 +70,17 @@ def precision_recall(scores, targets, threshold: float = 0.5) -> tuple[float | N
     precision = hits / int(called.sum()) if called.any() else None
     recall = hits / int(good.sum()) if good.any() else None
     return precision, recall
+
+
+def within_problem_auc(scores, targets, problems) -> tuple[float | None, int]:
+    """The AUC of right against wrong completions of one problem (targets >= 0.5 are right),
+    averaged over the problems that have both; and how many problems that is. This is what
+    best-of-N selection and search need: across-problem AUC also rewards telling easy problems
+    from hard ones, which ranks no answer to any one problem."""
+    s, t = _arrays(scores, targets)
+    groups = np.asarray(problems, dtype=object)
+    if groups.shape != s.shape:
+        raise ValueError(f"problems {groups.shape} and scores {s.shape} must be equal 1-d shapes")
+    found = [auc(s[groups == g], t[groups == g]) for g in dict.fromkeys(groups.tolist())]
+    found = [a for a in found if a is not None]
+    return (float(np.mean(found)) if found else None), len(found)

@@ -50,6 +50,7 @@ class LeafEval:
     prm: float = 0.0
     orm: float = 0.0
     rollout: float = 0.0
+    implicit: float = 0.0  # sigmoid of the option's DPO implicit reward (a part of `total` only)
     tokens: int = 0  # tokens the evaluator generated (fast rollouts), counted in the budget
 
 

@@ -33,6 +33,9 @@ class Selection(str, Enum):
     majority = "majority"
     orm = "orm"  # the candidate the ORM scores highest
     orm_vote = "orm_vote"  # the answer whose candidates' ORM scores sum highest
+    # the candidate whose summed DPO implicit reward beta * sum(log pi - log pi_ref) is highest;
+    # pi_ref is the reference recorded in the policy's meta.json (README "The implicit reward")
+    implicit = "implicit"
 
 
 class SearchAlgorithm(str, Enum):
@@ -57,6 +60,11 @@ class BestPath(str, Enum):
     visits = "visits"  # follow the most-visited child
     q = "q"  # follow the highest-Q child
     vote = "vote"  # evaluation: the answer most visits back, over every solution in the tree
+
+
+class Reference(str, Enum):
+    previous = "previous"  # policy_i, the policy DPO starts from (the DPO paper's choice)
+    base = "base"  # policy_0, the run's base model, in every iteration
 
 
 class TrainMode(str, Enum):
@@ -177,6 +185,9 @@ class CriticWeights:
     prm: float = 0.0  # PRM head on the last step
     orm: float = 0.0  # ORM head on the state plus its rollout
     rollout: float = 1.0  # verifier on training problems / ORM on the rollout at eval time
+    # sigmoid of the option's DPO implicit reward beta * sum(log pi - log pi_ref); needs a policy
+    # trained by DPO (policy_0 has no reference: the part is absent, not 0)
+    implicit: float = 0.0
 
 
 @dataclass
@@ -218,6 +229,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # device steps per optimizer step
     max_length: int = 384  # tokens of prompt + completion; rows whose prompt alone is longer drop
     lora: bool = False  # train a LoRA adapter (peft) and merge it, instead of every weight
+    # DPO's reference model pi_ref, recorded in the new policy's meta.json (the implicit reward's
+    # reference at search and evaluation time): previous (policy_i) | base (policy_0)
+    reference: Reference = Reference.previous
     pairs: PairsConfig = field(default_factory=PairsConfig)
     seed: int = 0  # seeds the trainer (data order, dropout)
 
@@ -347,7 +361,7 @@ def _validate_search(s: SearchConfig) -> None:
 def _validate_learning(cfg: QstarConfig) -> None:
     for name in ("weights", "trained_weights"):
         w = getattr(cfg.critics, name)
-        parts = [w.value, w.prm, w.orm, w.rollout]
+        parts = [w.value, w.prm, w.orm, w.rollout, w.implicit]
         _require(all(p >= 0 for p in parts) and sum(parts) > 0, f"critics.{name}",
                  "weights must be >= 0 and sum to more than 0", parts)
     _require(0 < cfg.critics.heldout_fraction < 1, "critics.heldout_fraction",

@@ -7,6 +7,7 @@ from critics.metrics import (
     expected_calibration_error,
     mse,
     precision_recall,
+    within_problem_auc,
 )
 
 
@@ -46,3 +47,30 @@ def test_accuracy_mse_precision_recall_by_hand():
 def test_shapes_must_match():
     with pytest.raises(ValueError, match="equal 1-d shapes"):
         auc([0.1, 0.2], [1])
+
+
+def test_within_problem_auc_by_hand():
+    # a: the right answer scores highest -> 1.0
+    # b: right {0.3, 0.6} vs wrong {0.6, 0.1}: 0.3>0.6 no, 0.3>0.1 yes, 0.6=0.6 half, 0.6>0.1 yes
+    #    -> 2.5 / 4 = 0.625;  c: only right answers -> no AUC, not counted
+    scores = [0.9, 0.2, 0.5, 0.3, 0.6, 0.6, 0.1, 0.7, 0.4]
+    targets = [1, 0, 0, 1, 1, 0, 0, 1, 1]
+    problems = ["a", "a", "a", "b", "b", "b", "b", "c", "c"]
+    assert within_problem_auc(scores, targets, problems) == (pytest.approx(0.8125), 2)
+
+
+def test_within_problem_auc_ignores_telling_problems_apart():
+    # the easy problem's answers all score high, the hard one's low: across problems that looks
+    # like skill (6 of 9 pairs ordered), within each problem it ranks 0 and 1 -> 0.5
+    scores = [0.8, 0.9, 0.85, 0.1, 0.2, 0.15]
+    targets = [1, 0, 1, 0, 1, 0]
+    problems = ["easy"] * 3 + ["hard"] * 3
+    assert auc(scores, targets) == pytest.approx(6 / 9)
+    assert within_problem_auc(scores, targets, problems) == (pytest.approx(0.5), 2)
+
+
+def test_within_problem_auc_without_a_mixed_problem_is_none():
+    assert within_problem_auc([0.1, 0.9], [1, 1], ["a", "b"]) == (None, 0)
+    assert within_problem_auc([], [], []) == (None, 0)
+    with pytest.raises(ValueError, match="problems"):
+        within_problem_auc([0.1, 0.9], [1, 0], ["a"])

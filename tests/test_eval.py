@@ -15,6 +15,7 @@ from pipeline.decoding.base import Decoded
 from pipeline.decoding.best_of_n import decode_best_of_n
 from pipeline.decoding.voting import majority_vote
 from pipeline.errors import QstarError
+from pipeline.lm.generation import Generation
 from pipeline.stages.eval import evaluate, grade
 from pipeline.tasks.base import Problem, Task
 
@@ -51,8 +52,8 @@ def test_majority_vote_uses_the_passed_extractor():
 
 def test_best_of_n_selects_by_vote_or_orm(monkeypatch):
     groups = [["1|a", "2|b", "2|c"], ["5|a", "6|b", "7|c"]]
-    monkeypatch.setattr(pipeline.decoding.best_of_n, "sample_candidates",
-                        lambda *a, **k: (groups, 42))
+    gens = [[Generation(c, [0] * 7, [-1.0] * 7, True, False) for c in g] for g in groups]
+    monkeypatch.setattr(pipeline.decoding.best_of_n, "sample_generations", lambda *a, **k: gens)
     d = DecodeConfig(strategy=DecodeStrategy.best_of_n, n=3)
     out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar)
     assert out.completions == ["2|b", "5|a"] and out.tokens == 42
@@ -75,6 +76,32 @@ def test_best_of_n_selects_by_vote_or_orm(monkeypatch):
     assert out.alternatives["orm_vote"] == ["1|a", "7|c"]
     with pytest.raises(QstarError, match="ORM"):
         decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, None)
+
+
+def test_best_of_n_selects_by_the_summed_implicit_reward(monkeypatch):
+    groups = [["1|a", "2|b", "2|c"], ["5|a", "6|b", "7|c"]]
+    gens = [[Generation(c, [k, k + 1], [-0.5, -0.25 * k], True, False) for k, c in enumerate(g)]
+            for g in groups]
+    monkeypatch.setattr(pipeline.decoding.best_of_n, "sample_generations", lambda *a, **k: gens)
+    rewards = {"1|a": -0.2, "2|b": 0.4, "2|c": 0.1, "5|a": 0.3, "6|b": 0.3, "7|c": -1.0}
+    calls = []
+
+    class FakeImplicit:
+        def of_tokens(self, prompts, token_ids, logprobs):
+            calls.append((prompts, token_ids, logprobs))
+            return [rewards[c] for g in groups for c in g]
+
+    d = DecodeConfig(strategy=DecodeStrategy.best_of_n, n=3, select=Selection.implicit)
+    out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, None, FakeImplicit())
+    assert out.completions == ["2|b", "5|a"]  # highest reward; the 0.3 tie goes to the earliest
+    assert out.extra == {"select": "implicit"} and out.alternatives == {"majority": ["2|b", "5|a"]}
+    # pi's log-probs and the exact token ids come from the sampling pass, not a re-tokenization
+    assert calls == [(["p1"] * 3 + ["p2"] * 3, [[0, 1], [1, 2], [2, 3]] * 2,
+                      [[-0.5, 0.0], [-0.5, -0.25], [-0.5, -0.5]] * 2)]
+    assert out.row_extra[1]["implicit_rewards"] == [0.3, 0.3, -1.0]
+    assert out.tokens == 12
+    with pytest.raises(QstarError, match="decode.select=implicit needs a policy trained by DPO"):
+        decode_best_of_n(None, None, ["p1"], d, 0, None, before_bar, None, None)
 
 
 def test_orm_weighted_vote_lets_agreement_outweigh_one_high_score():

@@ -18,8 +18,10 @@ from pipeline.decoding.sampling import decode_greedy, decode_sample
 
 
 def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts: list[str],
-           critics, progress: str | None, extract: Callable[[str], str | None]) -> Decoded:
-    """One completion per prompt. `extract` reads answers for voting; it never sees gold."""
+           critics, progress: str | None, extract: Callable[[str], str | None],
+           implicit=None) -> Decoded:
+    """One completion per prompt. `extract` reads answers for voting; it never sees gold.
+    `implicit`: the policy's DPO implicit reward (critics.ImplicitCritic), if it has one."""
     d, seed = cfg.decode, cfg.seed
     if strategy == DecodeStrategy.greedy:
         return decode_greedy(model, tokenizer, prompts, d, seed, progress)
@@ -27,7 +29,8 @@ def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts
         return decode_sample(model, tokenizer, prompts, d, seed, progress)
     if strategy == DecodeStrategy.best_of_n:
         orm = critics.orm_scorer() if critics is not None else None
-        return decode_best_of_n(model, tokenizer, prompts, d, seed, progress, extract, orm)
+        return decode_best_of_n(model, tokenizer, prompts, d, seed, progress, extract, orm,
+                                implicit)
     if strategy == DecodeStrategy.beam:
         return decode_beam(cfg, model, tokenizer, prompts, progress)
-    return decode_mcts(cfg, model, tokenizer, prompts, critics, progress, extract)
+    return decode_mcts(cfg, model, tokenizer, prompts, critics, progress, extract, implicit)

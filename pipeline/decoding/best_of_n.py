@@ -1,5 +1,6 @@
-"""decode=best_of_n: n samples per prompt, selected by majority vote, ORM argmax or ORM-weighted
-vote (`decode.select`); every selection the critics allow is graded on the same samples."""
+"""decode=best_of_n: n samples per prompt, selected by majority vote, ORM argmax, ORM-weighted
+vote or the policy's summed DPO implicit reward (`decode.select`); every selection the critics
+allow is graded on the same samples."""
 
 from __future__ import annotations
 
@@ -8,32 +9,54 @@ from collections.abc import Callable
 from critics.critic_set import Scorer
 from pipeline.config import DecodeConfig, Selection
 from pipeline.decoding.base import Decoded
-from pipeline.decoding.sampling import sample_candidates
+from pipeline.decoding.sampling import sample_generations
 from pipeline.decoding.voting import majority_vote, orm_select, orm_weighted_vote
 from pipeline.errors import QstarError
 
 
-def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
-                     progress: str | None, extract: Callable[[str], str | None],
-                     orm_score: Scorer | None = None) -> Decoded:
-    """n samples per prompt; every selection the critics allow is made from the same samples."""
-    if d.select != Selection.majority and orm_score is None:
+def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool) -> None:
+    """Refuse a selection whose critic is missing, with one line saying what to pass."""
+    if d.select in (Selection.orm, Selection.orm_vote) and not has_orm:
         raise QstarError(f"decode.select={d.select.value} needs a trained ORM: pass "
                          "eval.critics=<run>/iter_NNN/critics, or use decode.select=majority")
-    groups, tokens = sample_candidates(model, tokenizer, prompts, d, seed, progress)
+    if d.select == Selection.implicit and not has_implicit:
+        raise QstarError("decode.select=implicit needs a policy trained by DPO (its meta.json "
+                         "names the reference): use model=<run>/iter_NNN/train/policy")
+
+
+def _per_group(flat: list[float], groups: list[list]) -> list[list[float]]:
+    found, k = [], 0
+    for g in groups:
+        found.append([float(x) for x in flat[k:k + len(g)]])
+        k += len(g)
+    return found
+
+
+def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
+                     progress: str | None, extract: Callable[[str], str | None],
+                     orm_score: Scorer | None = None, implicit=None) -> Decoded:
+    """n samples per prompt; every selection the critics allow is made from the same samples.
+    `implicit`: a critics.ImplicitCritic for the policy (None: no DPO reference)."""
+    check_selection(d, orm_score is not None, implicit is not None)
+    gens = sample_generations(model, tokenizer, prompts, d, seed, progress)
+    groups = [[g.text for g in group] for group in gens]
+    flat_p = [p for p, g in zip(prompts, groups) for _ in g]
     picks = {Selection.majority.value: [majority_vote(g, extract) for g in groups]}
     row_extra = [{"candidates": g} for g in groups]
     if orm_score is not None:
-        flat_p = [p for p, g in zip(prompts, groups) for _ in g]
-        scores = orm_score(flat_p, [c for g in groups for c in g])
-        by_group, k = [], 0
-        for g, extra in zip(groups, row_extra):
-            by_group.append([float(x) for x in scores[k:k + len(g)]])
-            extra["orm_scores"] = by_group[-1]
-            k += len(g)
+        by_group = _per_group(orm_score(flat_p, [c for g in groups for c in g]), groups)
+        for extra, scores in zip(row_extra, by_group):
+            extra["orm_scores"] = scores
         picks[Selection.orm.value] = [orm_select(g, s) for g, s in zip(groups, by_group)]
         picks[Selection.orm_vote.value] = [orm_weighted_vote(g, s, extract)
                                            for g, s in zip(groups, by_group)]
+    if implicit is not None:  # log pi from the sampling pass, log pi_ref in one batched forward
+        flat = [g for group in gens for g in group]
+        rewards = implicit.of_tokens(flat_p, [g.token_ids for g in flat], [g.logprobs for g in flat])
+        by_group = _per_group(rewards, groups)
+        for extra, scores in zip(row_extra, by_group):
+            extra["implicit_rewards"] = scores
+        picks[Selection.implicit.value] = [orm_select(g, s) for g, s in zip(groups, by_group)]
     chosen = picks.pop(d.select.value)
-    return Decoded(chosen, tokens, extra={"select": d.select.value}, alternatives=picks,
-                   row_extra=row_extra)
+    return Decoded(chosen, sum(g.num_tokens for group in gens for g in group),
+                   extra={"select": d.select.value}, alternatives=picks, row_extra=row_extra)

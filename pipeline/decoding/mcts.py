@@ -46,10 +46,10 @@ def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str
 
 
 def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
-                progress: str | None, extract: Callable[[str], str | None]):
+                progress: str | None, extract: Callable[[str], str | None], implicit=None):
     """One completion per prompt from an evaluation-time search (`search.best_path` picks it);
     `extract` reads answers for best_path=vote and never sees gold."""
-    models = SearchModels(policy=model, tokenizer=tokenizer, critics=critics)
+    models = SearchModels(policy=model, tokenizer=tokenizer, critics=critics, implicit=implicit)
     trees, scorer = eval_search(prompts, cfg, models, desc=progress)
     mode = cfg.search.best_path
     if mode == BestPath.vote:

@@ -4,9 +4,10 @@
 - expand: one batched `generate` call samples every requested option of every tree. When the
   rollout policy is the policy itself, each row continues greedily past its option boundary,
   so the new node's fast rollout comes from the same KV cache (no second prefill).
-- evaluate: a leaf's value is the weighted mean of V(s), PRM(s), ORM(rollout) and the rollout's
-  reward: the verifier on training problems, the ORM (or, before any critic exists, the
-  policy's own confidence) at evaluation time.
+- evaluate: a leaf's value is the weighted mean of V(s), PRM(s), ORM(rollout), the rollout's
+  reward (the verifier on training problems, the ORM, or before any critic exists, the
+  policy's own confidence, at evaluation time) and, for a DPO policy, sigmoid of its option's
+  implicit reward (`critics.trained_weights.implicit`; pipeline.stages.reference).
 
 Gold answers reach the search only through `train_search`, which takes the task's problems.
 `eval_search` takes prompt strings alone; it has no path to a verifier.
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from critics.implicit import implicit_score
 from mcts.options import OptionEnd, is_answer_line
 from mcts.search import SearchParams, search
 from mcts.tree import Tree
@@ -72,6 +74,7 @@ class SearchModels:
     critics: object | None = None  # critics.CriticSet
     rollout_model: object | None = None  # None: the policy rolls out (fused with expansion)
     rollout_tokenizer: object | None = None
+    implicit: object | None = None  # critics.ImplicitCritic: the policy's DPO reward, if it has one
 
 
 @dataclass
@@ -84,6 +87,7 @@ class LeafScorer:
     generation_batch: int = 64
     pending: dict = field(default_factory=dict)  # (tree, prefix text) -> Rollout from expansion
     rollouts: dict = field(default_factory=dict)  # (tree, node) -> Rollout, kept for the record
+    implicit: dict = field(default_factory=dict)  # (tree, steps text) -> the option's implicit reward
 
     @property
     def fused(self) -> bool:
@@ -98,12 +102,24 @@ class LeafScorer:
                         stop=option_end(s), batch_size=self.generation_batch,
                         rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
                         final=is_answer_line, seed=requests[0].seed if requests else 0)
+        self._implicit_rewards(requests, prompts, gens)
         options, k = [], 0
         for r in requests:
             mine = gens[k:k + r.num_options]
             k += r.num_options
             options.append([self._option(r, g) for g in mine if g.text.strip()])
         return options
+
+    def _implicit_rewards(self, requests: list[ExpandRequest], prompts: list[str], gens) -> None:
+        """Each new option's implicit reward, when it is a leaf-value part: log pi from this
+        generation pass, log pi_ref from one batched forward of the reference."""
+        if self.models.implicit is None or self.weights().implicit <= 0:
+            return
+        rewards = self.models.implicit.of_tokens(prompts, [g.token_ids for g in gens],
+                                                 [g.logprobs for g in gens])
+        owners = [r for r in requests for _ in range(r.num_options)]
+        for r, g, reward in zip(owners, gens, rewards, strict=True):
+            self.implicit[(r.tree_index, "".join(r.steps) + g.text)] = reward
 
     def _option(self, request: ExpandRequest, g) -> Option:
         terminal = g.finished or is_answer_line(g.text)
@@ -125,6 +141,9 @@ class LeafScorer:
             self.rollouts[(r.tree_index, r.node_id)] = ro
             parts = {kind: float(values[i]) for kind, values in scores.items()}
             parts["rollout"] = self._rollout_reward(r, ro, parts)
+            reward = self.implicit.pop((r.tree_index, states[i]), None)
+            if reward is not None:
+                parts["implicit"] = implicit_score(reward)
             results.append(LeafEval(total=weighted(parts, self.weights()), tokens=ro.tokens,
                                     **parts))
         return results

@@ -29,7 +29,7 @@ def majority_vote(candidates: list[str], extract: Callable[[str], str | None]) -
 
 
 def orm_select(candidates: list[str], scores: list[float]) -> str:
-    """The candidate the ORM scores highest (ties: earliest)."""
+    """The candidate scored highest (ORM, or summed implicit reward; ties: earliest)."""
     return candidates[max(range(len(candidates)), key=lambda j: (scores[j], -j))]
 
 

@@ -285,3 +285,29 @@ def completion_logprobs(model, tokenizer, prompts: Sequence[str], completions: S
         for row, c in enumerate(c_ids):
             results.append(token_logp[row, width - 1 - len(c):].tolist() if c else [])
     return results
+
+
+@torch.no_grad()
+def token_logprobs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence[Sequence[int]],
+                   batch_size: int = 16) -> list[list[float]]:
+    """Teacher-forced log-probs of given token ids after each (text) prompt: the exact tokens a
+    `generate` call produced (its `Generation.token_ids`), not a re-tokenization of their text,
+    which can differ at BPE boundaries (a generated "\\n" "\\n" re-tokenizes as one "\\n\\n").
+    One padded forward per batch; position ids count real tokens, as in generation."""
+    results: list[list[float]] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(zip(prompts[start:start + batch_size], token_ids[start:start + batch_size],
+                         strict=True))
+        seqs = [tokenizer(p, add_special_tokens=False).input_ids + list(ids) for p, ids in chunk]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                       position_ids=positions.to(model.device)).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(2, input_ids[:, 1:, None].to(model.device)).squeeze(2).cpu()
+        for row, (_, ids) in enumerate(chunk):
+            results.append(picked[row, width - 1 - len(ids):].tolist() if len(ids) else [])
+    return results

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.report.summary import policy_rows
+from pipeline.report.summary import CRITICS, policy_rows
 from pipeline.run.atomic import atomic_path
 from pipeline.run.store import RunStore
 
@@ -41,8 +41,47 @@ def write_plots(store: RunStore) -> list[str]:
             ax.set(xlabel="iteration + 1", title=title)
             ax.legend()
             written.append(_save(fig, out / name))
+    for draw in (_dpo_rewards, _within_problem_auc):
+        path = draw(plt, trained, out)
+        if path:
+            written.append(path)
     plt.close("all")
     return written
+
+
+def _lines(plt, series: dict[str, list[tuple]], title: str, ylabel: str, path):
+    """One line per non-empty series of (policy, value) points; None when all are empty."""
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series.items():
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set(xlabel="iteration + 1", ylabel=ylabel, title=title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _points(rows: list[dict], get) -> list[tuple]:
+    return [(r["policy"], get(r)) for r in rows if get(r) is not None]
+
+
+def _dpo_rewards(plt, rows: list[dict], out):
+    """DPO's implicit rewards of chosen and rejected (last step) and the chosen log-prob change
+    against the reference: "From r to Q*" predicts the chosen likelihood falls."""
+    references = sorted({r["reference"] for r in rows if r.get("reference")})
+    return _lines(plt, {"chosen reward": _points(rows, lambda r: r.get("chosen_reward")),
+                        "rejected reward": _points(rows, lambda r: r.get("rejected_reward")),
+                        "chosen log-prob change": _points(rows, lambda r: r.get("chosen_dlogp"))},
+                  f"DPO implicit rewards (reference: {', '.join(references) or '?'})",
+                  "beta * log(pi / pi_ref); log-prob change", out / "dpo_rewards.png")
+
+
+def _within_problem_auc(plt, rows: list[dict], out):
+    series = {kind: _points(rows, lambda r, k=kind: (r.get("within_auc") or {}).get(k))
+              for kind in CRITICS}
+    return _lines(plt, series, "Within-problem AUC (held-out completions)", "AUC",
+                  out / "within_problem_auc.png")
 
 
 def _save(fig, path) -> str:

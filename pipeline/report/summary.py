@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pipeline.run.store import BASELINE, RunStore
 
+CRITICS = ("value", "prm", "orm", "implicit")  # within-problem AUC per critic, in the critics metrics
+
 
 def _value(metrics: dict | None, *path):
     for key in path:
@@ -29,6 +31,10 @@ def policy_rows(store: RunStore) -> list[dict]:
             "sft_rows": _value(data, "sft"),
             "dpo_margin": _value(train, "dpo/rewards/margins"),
             "chosen_dlogp": _value(train, "dpo/logps/chosen_change"),
+            "chosen_reward": _value(train, "dpo/rewards/chosen"),
+            "rejected_reward": _value(train, "dpo/rewards/rejected"),
+            "reference": _reference_kind(train),
+            "within_auc": {kind: _value(critics, kind, "within_problem_auc") for kind in CRITICS},
             "orm_auc": _value(critics, "orm", "auc"),
             "prm_auc": _value(critics, "prm", "auc"),
             "value_ece": _value(critics, "value", "ece"),
@@ -38,6 +44,14 @@ def policy_rows(store: RunStore) -> list[dict]:
         })
         k += 1
     return rows
+
+
+def _reference_kind(train: dict | None) -> str | None:
+    """previous: DPO trained against the policy it started from; base: against another (policy_0)."""
+    reference = _value(train, "reference")
+    if reference is None:
+        return None
+    return "previous" if reference == _value(train, "source_policy") else "base"
 
 
 def _accuracies(metrics: dict | None) -> dict:

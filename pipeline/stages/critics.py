@@ -26,13 +26,22 @@ from critics import (
 )
 from critics.critic_set import FeatureSet, backbone_of, linear_features, pick
 from critics.features import backbone_features
-from critics.metrics import accuracy, auc, expected_calibration_error, mse, precision_recall
+from critics.metrics import (
+    accuracy,
+    auc,
+    expected_calibration_error,
+    mse,
+    precision_recall,
+    within_problem_auc,
+)
 from critics.targets import cap_state_examples, heldout_problems
 from pipeline.config import CriticsConfig, ModelConfig, QstarConfig, to_dict
+from pipeline.errors import QstarError
 from pipeline.lm.models import load_model
 from pipeline.run.atomic import atomic_dir, write_json
 from pipeline.run.store import load_shards
 from pipeline.stages.base import Loop
+from pipeline.stages.reference import dpo_reference, implicit_critic
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
 
@@ -45,7 +54,10 @@ def load_critic_set(critics_dir: str | Path, policy_dir: str, model, tokenizer,
     backbone = backbone_of(critics_dir)
     if Path(backbone).resolve() != Path(policy_dir).resolve():
         model, tokenizer = load_model(replace(model_cfg, name=backbone))
-    return CriticSet.load(critics_dir, model, tokenizer, batch_size)
+    try:
+        return CriticSet.load(critics_dir, model, tokenizer, batch_size)
+    except ValueError as exc:  # heads fitted for other features: one line, which ones
+        raise QstarError(f"{critics_dir}: {exc}") from None
 
 
 def load_critics(critics_dir: Path | None, policy_dir: str, model, tokenizer,
@@ -97,8 +109,35 @@ def fit_and_judge(kind: str, train: list[Example], heldout: list[Example], featu
                   **heldout_metrics(scores, [e.target for e in heldout])}
 
 
+def within_problem(scores, heldout: Sequence[Example]) -> dict:
+    """Within-problem AUC of scores on held-out completions, with why it is missing if it is."""
+    found, problems = within_problem_auc(scores, [e.target for e in heldout],
+                                         [e.problem_id for e in heldout])
+    out = {"within_problem_auc": found, "within_problem_problems": problems}
+    if found is None:
+        out["within_problem_skipped"] = "no held-out problem has right and wrong completions"
+    return out
+
+
+def implicit_metrics(heldout: Sequence[Example], reference: tuple[str, float] | None, policy,
+                     tokenizer, policy_dir: str, backbone: str, model_cfg: ModelConfig,
+                     batch_size: int) -> dict:
+    """The policy's implicit reward (summed over each held-out completion) as a critic of it."""
+    if reference is None:
+        return {"skipped": f"{policy_dir} was not trained by DPO: no reference"}
+    if Path(backbone).resolve() != Path(policy_dir).resolve():
+        policy, tokenizer = load_model(replace(model_cfg, name=policy_dir))
+    critic = implicit_critic(reference, policy, tokenizer, model_cfg, batch_size,
+                             f"{policy_dir}/meta.json")
+    rewards = critic.of_texts([e.prompt for e in heldout], [e.completion for e in heldout])
+    targets = [e.target for e in heldout]
+    return {"reference": reference[0], "beta": reference[1], "heldout_examples": len(heldout),
+            "auc": auc(rewards, targets), **within_problem(rewards, heldout)}
+
+
 def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out_dir: Path,
-                  model=None, tokenizer=None, model_cfg: ModelConfig | None = None) -> dict:
+                  model=None, tokenizer=None, model_cfg: ModelConfig | None = None,
+                  reference: tuple[str, float] | None = None) -> dict:
     """Train the three heads on the trees in `rows`, write `out_dir/{value,prm,orm}/`
     (head.safetensors + meta.json) and `out_dir/metrics.json` in one atomic rename, and return
     the metrics: per kind, example counts, train losses and held-out metrics.
@@ -122,14 +161,21 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     feature_seconds = time.perf_counter() - feature_start
     index = {state: i for i, state in enumerate(states)}
     heads, meta, metrics = {}, {}, {}
+    splits = {kind: split_by_problem(examples[kind], cfg.heldout_fraction, cfg.seed, problem_ids)
+              for kind in KINDS}
+    completions = splits["orm"][1]  # held-out right and wrong completions: within-problem AUC
     for kind in KINDS:
-        train, heldout = split_by_problem(examples[kind], cfg.heldout_fraction, cfg.seed, problem_ids)
+        train, heldout = splits[kind]
         heads[kind], metrics[kind] = fit_and_judge(
             kind, train, heldout, pick(found, uses[kind]), index, cfg,
             linear_features(uses[kind], model.config.hidden_size))
         metrics[kind]["features"] = uses[kind].value
+        metrics[kind].update(within_problem(heads[kind].predict(
+            _rows_of(pick(found, uses[kind]), index, completions)).numpy(), completions))
         meta[kind] = {"backbone": backbone, "examples": {"train": len(train), "heldout": len(heldout)},
                       "metrics": metrics[kind], "config": to_dict(cfg)}
+    metrics["implicit"] = implicit_metrics(completions, reference, model, tokenizer, policy_dir,
+                                           backbone, model_cfg or ModelConfig(), cfg.score_batch_size)
     result = {**metrics, "backbone": backbone, "problems": len(problem_ids),
               "heldout_problems": sorted(heldout_problems(problem_ids, cfg.heldout_fraction, cfg.seed)),
               "texts": len(states),
@@ -150,4 +196,5 @@ def run(loop: Loop, i: int) -> dict:
     rows = load_shards(loop.store.stage_dir(i, "search"))
     return loop.cluster.run_task(train_critics, rows, loop.policy(i), loop.cfg.critics,
                                  loop.store.stage_dir(i, "critics"), model_cfg=loop.cfg.model,
+                                 reference=dpo_reference(loop.policy(i)),
                                  num_gpus=loop.cfg.cluster.worker_num_gpus)

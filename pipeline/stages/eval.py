@@ -15,12 +15,14 @@ from pathlib import Path
 from pipeline.config import DecodeStrategy, QstarConfig, to_dict
 from pipeline.decoding import decode
 from pipeline.decoding.base import Decoded
+from pipeline.decoding.best_of_n import check_selection
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import write_json
 from pipeline.run.store import BASELINE
 from pipeline.stages.base import Loop
 from pipeline.stages.critics import load_critic_set, load_critics
+from pipeline.stages.reference import dpo_reference, load_implicit
 from pipeline.tasks import make_task
 from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.prompt import render_prompts
@@ -67,13 +69,14 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
 
 
 def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task: Task,
-             problems: Sequence[Problem], critics=None) -> EvalResult:
-    """Decode the held-out problems with `strategy`, then grade. `critics` serve ORM/MCTS."""
+             problems: Sequence[Problem], critics=None, implicit=None) -> EvalResult:
+    """Decode the held-out problems with `strategy`, then grade. `critics` serve ORM/MCTS;
+    `implicit` (the policy's DPO implicit reward) serves best-of-N selection and MCTS."""
     prompts = render_prompts(tokenizer, [p.question for p in problems])
     progress = f"eval {strategy.value}" if cfg.progress else None
     start = time.perf_counter()
     decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress,
-                     task.extract_answer)
+                     task.extract_answer, implicit)
     return grade(task, problems, decoded, strategy.value, time.perf_counter() - start)
 
 
@@ -88,6 +91,19 @@ def format_table(results: Sequence[EvalResult]) -> str:
     return "\n".join(lines)
 
 
+def implicit_for(cfg: QstarConfig, strategies: Sequence[str], policy_dir: str, model,
+                 tokenizer):
+    """The policy's implicit reward where a strategy uses it (best-of-N grades every selection;
+    MCTS with an implicit weight), else None; loads the policy's DPO reference."""
+    w = cfg.critics
+    wanted = (DecodeStrategy.best_of_n.value in strategies or
+              (DecodeStrategy.mcts.value in strategies and
+               max(w.weights.implicit, w.trained_weights.implicit) > 0))
+    if not wanted:
+        return None
+    return load_implicit(policy_dir, model, tokenizer, cfg.model, cfg.critics.score_batch_size)
+
+
 def default_output(strategy: str) -> str:
     return os.path.join("runs", "eval", time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{strategy}.json")
 
@@ -100,12 +116,18 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     if critics_dir and not os.path.isfile(os.path.join(critics_dir, "orm", "meta.json")):
         raise QstarError(f"eval.critics={critics_dir!r}: not a critics directory "
                          "(expected <run>/iter_NNN/critics with value/, prm/, orm/)")
+    if cfg.decode.strategy == DecodeStrategy.best_of_n:  # refuse before loading anything
+        check_selection(cfg.decode, bool(critics_dir),
+                        dpo_reference(resolve_model_path(cfg.model)) is not None)
     model, tokenizer = load_model(cfg.model)
     critics = None
     if critics_dir:
         critics = load_critic_set(critics_dir, resolve_model_path(cfg.model), model, tokenizer,
                                   cfg.model, cfg.critics.score_batch_size)
-    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, heldout, critics=critics)
+    implicit = implicit_for(cfg, [cfg.decode.strategy.value], resolve_model_path(cfg.model),
+                            model, tokenizer)
+    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, heldout, critics=critics,
+                      implicit=implicit)
     print(format_table([result]))
     output = cfg.eval.output or default_output(result.strategy)
     write_json(output, {"summary": result.summary(), "config": to_dict(cfg), "rows": result.rows})
@@ -117,10 +139,11 @@ def evaluate_policy(loop: Loop, policy_dir: str, critics_dir: Path | None, out_d
     """Every strategy in `eval.decodes` on the held-out problems; one JSON per strategy."""
     model, tokenizer = loop.model(policy_dir)
     critics = load_critics(critics_dir, policy_dir, model, tokenizer, loop.cfg)
+    implicit = implicit_for(loop.cfg, loop.cfg.eval.decodes, policy_dir, model, tokenizer)
     results = {}
     for name in loop.cfg.eval.decodes:
         result = evaluate(loop.cfg, DecodeStrategy(name), model, tokenizer, loop.task,
-                          loop.heldout, critics=critics)
+                          loop.heldout, critics=critics, implicit=implicit)
         results[name] = result.summary()
         write_json(out_dir / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
     metrics = {"policy_dir": policy_dir, "decodes": results}

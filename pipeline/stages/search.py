@@ -23,6 +23,7 @@ from pipeline.run.atomic import write_jsonl
 from pipeline.run.store import load_shards
 from pipeline.stages.base import Loop
 from pipeline.stages.critics import load_critics
+from pipeline.stages.reference import load_implicit
 from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.prompt import render_prompts
 
@@ -56,7 +57,13 @@ class SearchWorker:
             if self.cfg.search.rollout.model:
                 rollout_model, rollout_tokenizer = load_model(
                     replace_model_name(self.cfg.model, self.cfg.search.rollout.model))
-            self.models = SearchModels(model, tokenizer, critics, rollout_model, rollout_tokenizer)
+            w = self.cfg.critics
+            implicit = None
+            if max(w.weights.implicit, w.trained_weights.implicit) > 0:
+                implicit = load_implicit(policy_dir, model, tokenizer, self.cfg.model,
+                                         self.cfg.critics.score_batch_size)
+            self.models = SearchModels(model, tokenizer, critics, rollout_model, rollout_tokenizer,
+                                       implicit)
             self.loaded = (policy_dir, critics_dir)
         return self.models
 

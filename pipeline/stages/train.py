@@ -10,6 +10,7 @@ only builds its configs and datasets:
   no-grad pass of the *untrained* model over the pairs before training, stores the reference
   log-probs as dataset columns and sets `ref_model=None`, so no second model is held during
   training. (With LoRA the reference is the base model with the adapter disabled.)
+  `train.reference=base`: policy_0 is the reference in every iteration (pipeline.stages.reference).
 - EOS: TRL appends the tokenizer's EOS to every DPO completion. A step option that is not
   terminal in the tree does not end the solution, so a thin collator (TRL's own
   `DataCollatorForPreference`, wrapped) removes that EOS token from non-terminal completions,
@@ -31,13 +32,13 @@ only builds its configs and datasets:
   checkpoint are loaded after it); a phase that had finished resumes at its last step and trains
   no more (dpo_then_sft killed during SFT keeps its DPO result).
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
-  `out_dir/policy` (atomic). meta.json: source_policy, iteration, data_dir, rows {dpo, sft},
+  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir, rows {dpo, sft},
   metrics, config (TrainConfig), model (ModelConfig). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
   keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
-    mode, phases, policy_dir, source_policy, iteration, pairs (DPO rows in the file), sft_rows,
+    mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration, pairs (DPO rows in the file), sft_rows,
     steps, seconds, loss (last logged loss of the last phase), skipped (only when nothing trained),
     <phase>/rows (rows trained on), <phase>/rows_too_long (prompt alone >= max_length tokens:
     dropped, as TRL would), <phase>/steps, <phase>/seconds (reference pass included),
@@ -55,13 +56,15 @@ import json
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ModelConfig, TrainConfig, TrainMode, to_dict
+from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.stages.base import Loop
+from pipeline.stages.reference import training_reference
 from pipeline.stages.trl_trainers import (
     dpo_trainer,
     load_policy_for_training,
@@ -135,7 +138,8 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                  out_dir: str | Path, report_to: str = "none", *,
                  model_cfg: ModelConfig | None = None, iteration: int | None = None,
                  save_steps: int = 10, keep_checkpoints: bool = False,
-                 callbacks: list | None = None, progress: bool = False) -> dict:
+                 callbacks: list | None = None, progress: bool = False,
+                 reference_dir: str | None = None) -> dict:
     """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl; returns the metrics.
 
     The next iteration's policy is metrics["policy_dir"]: out_dir/policy after training, or
@@ -169,9 +173,12 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     set_seed(cfg.seed)
     model = load_policy_for_training(policy_dir, cfg, model_cfg)
     use_cache = getattr(model.config, "use_cache", None)
+    metrics["reference"] = reference_dir = (reference_dir or policy_dir) if "dpo" in phases else None
+    ref_model = reference_dir and training_reference(reference_dir, policy_dir, cfg, model_cfg)
     start = time.perf_counter()
     phase_args = dict(cfg=cfg, model_cfg=model_cfg, out_dir=out_dir, report_to=report_to,
-                      save_steps=save_steps, callbacks=callbacks, progress=progress)
+                      save_steps=save_steps, callbacks=callbacks, progress=progress,
+                      ref_model=ref_model)
     model, trainer, histories = _train_phases(model, tokenizer, rows, phases, metrics,
                                               **phase_args)
     metrics["steps"] = sum(metrics[f"{p}/steps"] for p in phases)
@@ -180,7 +187,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     metrics["policy_dir"] = str(final)
     if use_cache is not None:
         model.config.use_cache = use_cache  # as loaded: training may have switched it off
-    meta = {"source_policy": policy_dir, "iteration": iteration, "data_dir": str(data_dir),
+    meta = {"source_policy": policy_dir, "reference": metrics["reference"], "iteration": iteration, "data_dir": str(data_dir),
             "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]}, "metrics": metrics,
             "config": to_dict(cfg), "model": to_dict(model_cfg)}
     _save_policy(final, model, tokenizer, trainer, cfg.lora, meta)
@@ -215,12 +222,12 @@ def _nothing_to_train(mode: TrainMode, data_dir: Path, max_length: int, metrics:
 
 def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict, *,
                   cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path, report_to: str,
-                  save_steps: int, callbacks: list | None, progress: bool):
+                  save_steps: int, callbacks: list | None, progress: bool, ref_model=None):
     """Each phase (DPO, then SFT) continues from the previous one's model; resumes from the
     newest complete checkpoint. Returns the trained model, the last trainer, the histories."""
     from transformers import PrinterCallback  # heavy: loaded when a stage trains
 
-    runners = {"dpo": dpo_trainer, "sft": sft_trainer}
+    runners = {"dpo": partial(dpo_trainer, ref_model=ref_model), "sft": sft_trainer}
     histories, trainer = {}, None
     for phase in phases:
         output_dir = out_dir / "trainer" / phase
@@ -273,7 +280,9 @@ def run(loop: Loop, i: int) -> dict:
     """policy_{i+1}: policy_i fine-tuned on iteration i's rows."""
     loop.free_model()  # free the driver's copy while TRL trains
     report_to = loop.tracker.report_to if loop.cluster.ray is None else "none"
+    reference = loop.base_policy if loop.cfg.train.reference == Reference.base else loop.policy(i)
     return loop.cluster.run_task(
         train_policy, loop.policy(i), loop.store.stage_dir(i, "data"), loop.cfg.train,
         loop.store.stage_dir(i, "train"), report_to=report_to, model_cfg=loop.cfg.model,
-        progress=loop.cfg.progress, num_gpus=loop.cfg.cluster.worker_num_gpus)
+        progress=loop.cfg.progress, reference_dir=reference,
+        num_gpus=loop.cfg.cluster.worker_num_gpus)

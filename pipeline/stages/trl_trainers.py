@@ -117,7 +117,7 @@ def load_policy_for_training(path: str, cfg: TrainConfig, model_cfg: ModelConfig
 
 
 def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks,
-             progress):
+                progress, ref_model=None):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -139,9 +139,11 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
                                   truncation_mode=args.truncation_mode),
         tokenizer.eos_token_id,
     )
-    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      data_collator=collator, callbacks=callbacks,
-                      peft_config=lora_config(cfg) if cfg.lora else None)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
+                         peft_config=lora_config(cfg) if cfg.lora else None)
+    trainer.ref_model = None  # its log-probs are dataset columns now (precomputed): free it
+    return trainer
 
 
 def sft_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks,

@@ -1,0 +1,75 @@
+"""The DPO reference pi_ref: chosen for training (`train.reference`), recorded in the trained
+policy's meta.json, and read back wherever the policy's implicit reward
+beta * (log pi - log pi_ref) is a critic (search leaves, best-of-N selection, critic metrics).
+
+At evaluation time the reference of policy_{i+1} is the one its DPO phase trained against:
+policy_i with `train.reference=previous` (the default), policy_0 with `train.reference=base`.
+The base model, and a policy no DPO phase trained, have no reference and no implicit reward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from critics import ImplicitCritic
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.errors import QstarError
+from pipeline.lm.generation import completion_logprobs, token_logprobs
+from pipeline.lm.models import load_model
+
+
+def dpo_reference(policy_dir: str) -> tuple[str, float] | None:
+    """(reference, beta) of a policy trained by DPO, from its meta.json. None for the base model
+    and for a policy no DPO phase trained. Policies saved before `reference` was recorded were
+    trained against their source policy (the only choice then)."""
+    path = Path(policy_dir) / "meta.json"
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if "dpo" not in meta.get("metrics", {}).get("phases", []):
+        return None
+    return meta.get("reference") or meta["source_policy"], float(meta["config"]["beta"])
+
+
+def load_implicit(policy_dir: str, model, tokenizer, model_cfg: ModelConfig,
+                  batch_size: int) -> ImplicitCritic | None:
+    """The policy's implicit reward as a critic (None without a DPO reference); `model` is the
+    loaded policy, the reference is loaded beside it."""
+    found = dpo_reference(policy_dir)
+    if found is None:
+        return None
+    return implicit_critic(found, model, tokenizer, model_cfg, batch_size,
+                           str(Path(policy_dir) / "meta.json"))
+
+
+def implicit_critic(reference: tuple[str, float], model, tokenizer, model_cfg: ModelConfig,
+                    batch_size: int, where: str) -> ImplicitCritic:
+    """The implicit reward of `model` against (reference path, beta); `where` names the
+    reference's source in the one-line error when it cannot be loaded."""
+    path, beta = reference
+    try:
+        ref_model, _ = load_model(replace(model_cfg, name=path))
+    except QstarError as exc:
+        raise QstarError(f"{where}: reference={path!r} cannot be loaded ({exc})") from None
+    return ImplicitCritic(model, ref_model, tokenizer, beta, completion_logprobs, token_logprobs,
+                          batch_size)
+
+
+def training_reference(reference_dir: str, policy_dir: str, cfg: TrainConfig,
+                       model_cfg: ModelConfig):
+    """TRL DPOTrainer's ref_model: None when the reference is the starting policy (TRL's
+    reference pass then runs the untrained model itself), else the reference, loaded once for
+    that pass (the train stage frees it before training)."""
+    if Path(reference_dir).resolve() == Path(policy_dir).resolve():
+        return None
+    import torch  # heavy: only the train stage's worker needs it here
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32,
+                                                    trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as exc:
+        raise QstarError(f"train.reference={cfg.reference.value}: cannot load the reference model "
+                         f"at {reference_dir} ({str(exc).splitlines()[0]})") from None

@@ -1,0 +1,48 @@
+"""benchmarks/critics.py --smoke on the tiny model: the run, the metrics it collects, the search
+speed ratio, and a rerun that resumes instead of redoing anything."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_critics", REPO / "benchmarks" / "critics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    args = ["--smoke", "--runs", str(runs), f"model={tiny_model_dir}",
+            f"model.cache_dir={tmp_path / 'cache'}"]
+    published = bench.RESULTS / "critics.json"
+    before = published.stat().st_mtime_ns if published.is_file() else None
+    result = bench.main(args)
+    assert json.loads((runs / "critics.json").read_text()) == json.loads(json.dumps(result))
+    assert (published.stat().st_mtime_ns if published.is_file() else None) == before  # untouched
+    assert set(result["within_problem_auc"]) == {"value", "prm", "orm", "implicit"}
+    assert all(len(v) == 1 for v in result["within_problem_auc"].values())
+    assert result["within_problem_auc"]["implicit"] == [None]  # policy_0 has no DPO reference
+    [row] = result["best_of_n_on_test"]
+    assert row["policy"] == 1 and row["n"] == 2 and row["problems"] == 4
+    assert row["majority"] is not None and row["orm"] is not None and row["orm_vote"] is not None
+    search = result["search"]
+    with_, without = search["with_critics"], search["without_critics"]
+    assert with_["tokens"] > 0 and without["tokens"] > 0
+    assert result["search_tok_s_ratio_with_critics"] == pytest.approx(
+        with_["tokens_per_s"] / without["tokens_per_s"], abs=1e-3)
+
+    # a rerun resumes: the run is complete and both search halves are kept
+    def no_search(*a, **k):
+        raise AssertionError("a finished half was searched again")
+
+    import pipeline.decoding.tree_search as ts
+
+    monkeypatch.setattr(ts, "train_search", no_search)
+    again = bench.main(args)
+    assert again["search"] == search
