@@ -51,6 +51,11 @@ class Termination(str, Enum):
     token_cap = "token_cap"
 
 
+class Widening(str, Enum):
+    puct = "puct"  # an expanded node's next child competes with its children under PUCT
+    first = "first"  # a node below its child target is widened before any descent (old rule)
+
+
 class MergeMethod(str, Enum):
     none = "none"
     edit = "edit"
@@ -146,6 +151,7 @@ class SearchConfig:
     merge_retries: int = 1
     virtual_loss: float = 1.0
     leaves_per_tree: int = 2  # leaves gathered per tree per round (virtual loss)
+    widening: Widening = Widening.puct  # when a node below its importance target n(s) gets a child
     trees_per_batch: int = 16
     temperature: float = 0.8
     best_path: BestPath = BestPath.visits
