@@ -293,6 +293,7 @@ def _evaluate(
 
 
 def _eval_request(tree: Tree, node: int, seed: int) -> EvalRequest:
+    path = tree.path(node)
     return EvalRequest(
         tree_index=tree.tree_index,
         node_id=node,
@@ -300,6 +301,8 @@ def _eval_request(tree: Tree, node: int, seed: int) -> EvalRequest:
         steps=tree.steps(node),
         terminal=tree.terminal[node],
         seed=derive_seed(seed, tree.tree_index, node, 0),
+        logprob=sum(tree.logprob[n] for n in path),
+        num_tokens=sum(tree.num_tokens[n] for n in path),
     )
 
 

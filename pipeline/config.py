@@ -161,10 +161,13 @@ class SearchConfig:
 
 @dataclass
 class CriticWeights:
-    value: float = 0.0
-    prm: float = 0.0
-    orm: float = 0.0
-    rollout: float = 1.0  # verifier on training problems / ORM on the rollout at eval time
+    """Weights of the leaf value's parts (README, "Leaf value"); the leaf value is their
+    weighted mean over the parts that exist, so only ratios matter."""
+
+    value: float = 0.0  # V(s): the value head on the leaf's steps
+    prm: float = 0.0  # PRM(s): the process reward head on the leaf's steps
+    orm: float = 0.2  # ORM on steps + fast rollout; before critics: the policy's confidence in it
+    rollout: float = 0.8  # the verifier on steps + fast rollout; training problems only
 
 
 @dataclass
@@ -172,8 +175,8 @@ class CriticsConfig:
     enabled: bool = True
     backbone: str | None = None  # None: the iteration's policy checkpoint
     orm_features: OrmFeatures = OrmFeatures.confidence  # measured better at best-of-N selection
-    weights: CriticWeights = field(default_factory=CriticWeights)
-    trained_weights: CriticWeights = field(
+    weights: CriticWeights = field(default_factory=CriticWeights)  # before any critic is trained
+    trained_weights: CriticWeights = field(  # once the iteration's critics exist
         default_factory=lambda: CriticWeights(value=0.3, prm=0.2, orm=0.2, rollout=0.3)
     )
     learning_rate: float = 1e-3  # heads only (frozen backbone): measured to need 1e-3 x 30 epochs

@@ -193,7 +193,9 @@ def test_an_expansion_backs_up_one_visit_valued_by_the_mean_of_its_children():
     def critic(requests):
         return [LeafEval(total=values.get(r.node_id, 0.5)) for r in requests]
 
-    policy = lambda rs: [[Option(f"s{i}\n", -1.0, 2, False) for i in range(r.num_options)] for r in rs]
+    def policy(requests):
+        return [[Option(f"s{i}\n", -1.0, 2, False) for i in range(r.num_options)] for r in requests]
+
     tree = search(["p"], policy, critic, SearchParams(simulations=1, merge_threshold=2.0))[0]
     assert len(tree.children[0]) == 3  # root_c_min children, one simulation
     assert tree.visits[0] == 1 and tree.value_sum[0] == pytest.approx(0.5)  # mean(0.2, 0.9, 0.4)

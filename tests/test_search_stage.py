@@ -226,10 +226,12 @@ def test_shard_killed_mid_write_is_not_taken_as_complete(cfg, models, tmp_path, 
     # rollout alone (iteration 0): its own value, whatever its weight
     ({"rollout": 0.4}, (0.3, 0.2, 0.2, 0.3), 0.4),
     ({"rollout": 0.25}, (0.0, 0.0, 0.0, 1.0), 0.25),
-    # only zero-weight parts: falls back to the rollout
+    # a zero-weight part does not count while another part has weight
     ({"value": 0.9, "rollout": 0.6}, (1.0, 0.0, 0.0, 0.0), 0.9),
-    ({"value": 0.9, "rollout": 0.6}, (0.0, 1.0, 1.0, 0.0), 0.6),
-    ({"value": 0.9}, (0.0, 1.0, 1.0, 1.0), 0.0),
+    # only zero-weight parts exist (weights {rollout: 1} at evaluation): their plain mean
+    ({"value": 0.9, "rollout": 0.6}, (0.0, 1.0, 1.0, 0.0), 0.75),
+    ({"value": 0.9}, (0.0, 1.0, 1.0, 1.0), 0.9),
+    ({}, (0.3, 0.2, 0.2, 0.3), 0.0),
     # clamped to [0, 1]
     ({"value": 3.0, "rollout": 1.0}, (0.5, 0.0, 0.0, 0.5), 1.0),
     ({"value": -2.0, "rollout": 0.0}, (0.5, 0.0, 0.0, 0.5), 0.0),
