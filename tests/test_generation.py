@@ -346,6 +346,26 @@ def test_seeds_reproducible_and_distinct(tiny_model):
     assert sum(x != y for x, y in zip(a, c)) >= 2
 
 
+def test_per_row_seeds_make_samples_independent_of_batching(varied):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    seeds = [101, 7, 101, 55, 3, 9]
+
+    def run(rows, batch_size):
+        gens = generate(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=12,
+                        temperature=1.0, stop=newline(12), seeds=[seeds[i] for i in rows],
+                        batch_size=batch_size)
+        return {i: g.token_ids for i, g in zip(rows, gens)}
+
+    together = run(range(6), 32)
+    for i in range(6):
+        assert run([i], 1)[i] == together[i]  # alone = batched with the others
+    assert run([4, 1, 0], 2) == {i: together[i] for i in (4, 1, 0)}  # order, batch size
+    assert together[0] != together[1]
+    with pytest.raises(ValueError, match="seeds"):
+        generate(model, tokenizer, prompts, max_new_tokens=2, seeds=[1])
+
+
 def test_newline_token_ids(tiny_model):
     _, tokenizer = tiny_model
     ids = newline_token_ids(tokenizer).tolist()

@@ -268,6 +268,32 @@ def test_search_params_from_search_config():
     assert search_params(s).merge_threshold == 0.8
 
 
+# ---------------------------------------------------------------- seeds
+
+
+def test_expand_honours_each_requests_seed(cfg, models):
+    """The same request alone or batched with others (first or not) gives the same options."""
+    from mcts.types import ExpandRequest
+
+    cfg.search.temperature = 1.0
+    prompts = render_prompts(models.tokenizer, ["What is 1 + 1?", "What is 7 * 3?", "Hi"])
+    mine = ExpandRequest(0, 0, prompts[0], [], num_options=3, seed=1234)
+    others = [ExpandRequest(1, 0, prompts[1], [], 2, seed=99),
+              ExpandRequest(2, 4, prompts[2], [], 4, seed=5)]
+    scorer = LeafScorer(cfg, models, reward_fn=None)
+
+    def same(a, b):  # log-probs differ by float noise from the padding, nothing else
+        assert [(o.text, o.num_tokens, o.terminal) for o in a] == \
+            [(o.text, o.num_tokens, o.terminal) for o in b]
+        assert [o.logprob for o in a] == pytest.approx([o.logprob for o in b], abs=1e-4)
+
+    alone = scorer.expand([mine])[0]
+    same(alone, scorer.expand(others + [mine])[-1])
+    same(alone, scorer.expand([mine] + others[::-1])[0])
+    reseeded = ExpandRequest(0, 0, prompts[0], [], num_options=3, seed=4321)
+    assert [o.text for o in scorer.expand([reseeded])[0]] != [o.text for o in alone]
+
+
 # ---------------------------------------------------------------- fused rollouts
 
 

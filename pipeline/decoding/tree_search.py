@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +38,12 @@ RewardFn = Callable[[int, str], float]  # (tree index, full solution text) -> re
 def option_end(s: SearchConfig) -> OptionEnd:
     return OptionEnd(kind=s.termination.value, regex=s.step_regex if s.termination.value ==
                      "step_marker" else None, max_tokens=s.max_option_tokens)
+
+
+def option_seed(request_seed: int, k: int) -> int:
+    """The sampling seed of a request's k-th option: a function of the request alone, so the
+    options do not depend on which other requests share the generate call."""
+    return zlib.crc32(f"{request_seed}:{k}".encode())
 
 
 def search_params(s: SearchConfig) -> SearchParams:
@@ -100,7 +107,8 @@ class LeafScorer:
                         max_new_tokens=s.max_option_tokens, temperature=s.temperature,
                         stop=option_end(s), batch_size=self.generation_batch,
                         rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
-                        final=is_answer_line, seed=requests[0].seed if requests else 0)
+                        final=is_answer_line,
+                        seeds=[option_seed(r.seed, k) for r in requests for k in range(r.num_options)])
         options, k = [], 0
         for r in requests:
             mine = gens[k:k + r.num_options]
