@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from mcts.options import word_starts
 from pipeline.run.progress import progress_bar
 
 
@@ -231,15 +232,30 @@ def _row_ends(row: _Row, rule: _Rule, eos: bool, newline: bool) -> bool:
         return n - 1 - row.boundary >= rule.rollout_tokens
     if rule.stop is None:
         return n >= rule.option_cap
-    at_boundary = newline if rule.newline_ids is not None else rule.stop.ends(_text(rule, row))
+    # Newline fast path: decode only at a newline token (leading newlines are not an end).
+    at_boundary = (newline or rule.newline_ids is None) and rule.stop.ends(_text(rule, row))
     if not (at_boundary or n >= rule.option_cap):
         return False
-    row.boundary = n - 1
-    return rule.rollout_tokens == 0 or bool(rule.final(rule.stop.cut(_text(rule, row))))
+    row.boundary = n - 1 if at_boundary else _last_word_end(rule.tokenizer, row.tokens)
+    option = rule.stop.cut(_text(rule, row, row.boundary + 1))
+    return rule.rollout_tokens == 0 or bool(rule.final(option))
 
 
-def _text(rule: _Rule, row: _Row) -> str:
-    return rule.tokenizer.decode(row.tokens, skip_special_tokens=True)
+def _last_word_end(tokenizer, tokens: list[int]) -> int:
+    """The option cap: index of the last token before a word starts, so the cap never cuts a
+    word (the tokens after it go to the rollout, or are dropped). One word longer than the cap
+    is cut at the cap."""
+    pieces = tokenizer.batch_decode([[t] for t in tokens], skip_special_tokens=True)
+    if pieces[-1][-1:].isspace():
+        return len(tokens) - 1
+    for k in range(len(tokens) - 1, 0, -1):
+        if word_starts(pieces[k], pieces[k - 1]):
+            return k - 1
+    return len(tokens) - 1
+
+
+def _text(rule: _Rule, row: _Row, length: int | None = None) -> str:
+    return rule.tokenizer.decode(row.tokens[:length], skip_special_tokens=True)
 
 
 def _row_result(tokenizer, row: _Row, stop: StopRule | None) -> Generation:
