@@ -1,12 +1,15 @@
 """State merge: a new option that says what a sibling already says is a duplicate.
 
 Duplicates waste the branching budget on one state; the search resamples them and then drops
-what is still duplicated.
+what is still duplicated. Two options whose numbers or final answers differ are different states
+however alike their text ("Answer: 46" vs "Answer: 47" has difflib ratio 0.9): the similarity
+threshold only judges options that agree on both.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 
 from mcts.types import SimilarityFn
@@ -14,6 +17,37 @@ from mcts.types import SimilarityFn
 
 def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
+
+
+# A number as written in a step: optional sign, digits with thousands commas, optional decimals.
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# The final answer of a step: after "Answer:" or "####", or inside \boxed{...}.
+_ANSWER = re.compile(r"(?:answer:|####)\s*(.*)|\\boxed\{([^{}]*)\}", re.IGNORECASE)
+
+
+def numbers(text: str) -> list[str]:
+    """The numbers in the text, in order, normalised ("1,200" -> "1200", "3.50" -> "3.5")."""
+    found = []
+    for raw in _NUMBER.findall(text):
+        n = raw.replace(",", "")
+        if "." in n:
+            n = n.rstrip("0").rstrip(".")
+        found.append(n)
+    return found
+
+
+def answer(text: str) -> str | None:
+    """The final answer the text states (whitespace-normalised, lower case); None if it has none."""
+    m = _ANSWER.search(text)
+    if m is None:
+        return None
+    found = m.group(1) if m.group(1) is not None else m.group(2)
+    return normalize_whitespace(found.strip(" *")).lower()  # "**Answer:** 4" as "Answer: 4"
+
+
+def content_key(text: str) -> tuple[str | None, tuple[str, ...]]:
+    """What two duplicates must share: the same answer and the same number sequence."""
+    return answer(text), tuple(numbers(text))
 
 
 def text_similarity(a: str, b: str) -> float:
@@ -24,7 +58,10 @@ def text_similarity(a: str, b: str) -> float:
 def is_duplicate(
     text: str, siblings: Sequence[str], similarity: SimilarityFn, threshold: float
 ) -> bool:
-    return any(similarity(text, other) >= threshold for other in siblings)
+    """A sibling with the same answer and numbers (`content_key`) and similarity >= threshold."""
+    key = content_key(text)
+    return any(content_key(other) == key and similarity(text, other) >= threshold
+               for other in siblings)
 
 
 def split_duplicates(

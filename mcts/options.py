@@ -2,7 +2,14 @@
 
 Pure text predicates for the generation layer: while decoding an option it asks `ends(text)`
 on the text generated so far, and keeps `cut(text)` as the option (tokens past the boundary
-are discarded). `max_tokens` caps every kind; for "token_cap" it is the only end.
+are discarded). `max_tokens` caps every kind; for "token_cap" it is the only end. At the cap
+the generation layer backs the option off to its last word boundary (`word_starts`), so a cap
+never cuts a word.
+
+Real boundaries only: leading whitespace is never an option's end (an option that would be
+just "\n" is not an option: the newline joins the next step's text), and a boundary newline
+takes the whole run of newlines after it ("\n\n" is one BPE token in SmolLM2; cutting after
+its first newline would drop the second from the text while the token stays).
 """
 
 from __future__ import annotations
@@ -43,12 +50,15 @@ class OptionEnd:
 
     def _boundary(self, text: str) -> int | None:
         """Index just past the option's last character, or None if the option goes on."""
+        content = len(text) - len(text.lstrip())  # leading whitespace never ends an option
         if self.kind == "newline":
-            i = text.find("\n")
-            return None if i < 0 else i + 1
+            i = text.find("\n", content)
+            return None if i < 0 else _newline_run_end(text, i + 1)
         if self.kind == "sentence":
-            m = _SENTENCE_END.search(text)
-            return None if m is None else m.end()
+            m = _SENTENCE_END.search(text, content)
+            if m is None:
+                return None
+            return _newline_run_end(text, m.end()) if text[m.end() - 1] == "\n" else m.end()
         if self.kind == "step_marker":
             return self._next_marker(text)
         return None  # token_cap: the caller stops at max_tokens
@@ -60,6 +70,19 @@ class OptionEnd:
             if m.start() > own_start:
                 return m.start()
         return None
+
+
+def _newline_run_end(text: str, end: int) -> int:
+    """Past the newlines that directly follow a boundary at `end`."""
+    while end < len(text) and text[end] == "\n":
+        end += 1
+    return end
+
+
+def word_starts(piece: str, previous: str) -> bool:
+    """Does a token whose text is `piece`, after one whose text is `previous`, start a new word
+    (so an option may end just before it)? Yes after whitespace, or if it starts with whitespace."""
+    return piece[:1].isspace() or previous[-1:].isspace()
 
 
 def newline(max_tokens: int = 128) -> OptionEnd:

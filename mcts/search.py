@@ -9,10 +9,19 @@ All trees advance together in rounds, because batched generation is where the ti
 3. evaluate: one evaluate_fn call for all new children (and, in training, one
    terminal_reward_fn call for the terminal ones). Each root is evaluated once, in the first
    round, with steps=[]: its value is v(root) for branching, not backed up.
-4. back up each new child's value along its path; undo the virtual loss; update each expanded
+4. back up: one simulation is one visit along its path (standard MCTS). Each new child gets its
+   own first visit with its own value; the path root..expanded node gets ONE visit, valued by the
+   mean of the new children's values. Then undo the virtual loss and update each expanded
    node's importance-based child target n(s).
 
 A selection that reaches a terminal node backs up its stored value again without generating.
+So the root's visits equal the simulations, and every other node's visits are its own first
+visit plus the simulations that ended at or below it.
+
+Widening (`widening`): a node never expanded is a leaf and is expanded. A node that has
+children but wants more (n(s) above its child count) is widened only when the child not yet
+sampled wins PUCT against the existing ones ("puct": no visits, its parent's Q, prior 1/(k+1));
+"first" widens before descending, whatever the children's values (the old rule).
 """
 
 from __future__ import annotations
@@ -22,10 +31,17 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from mcts.branching import branching_bounds, importance, num_children
 from mcts.merge import split_duplicates, text_similarity
-from mcts.selection import SelectChildFn, priors_from_logprobs, puct_select_child
+from mcts.selection import (
+    SelectChildFn,
+    priors_from_logprobs,
+    puct_child_score,
+    puct_select_child,
+    puct_widen_score,
+)
 from mcts.tree import ROOT_INDEX, Tree
 from mcts.types import (
     EvalRequest,
@@ -37,6 +53,13 @@ from mcts.types import (
     SimilarityFn,
     TerminalRewardFn,
 )
+
+
+class Widening(str, Enum):
+    """When a node below its importance target n(s) gets another child."""
+
+    puct = "puct"  # its next child competes with its children under PUCT (no visits, parent's Q)
+    first = "first"  # it is widened before any descent (the rule before one-visit backups)
 
 
 @dataclass
@@ -54,6 +77,7 @@ class SearchParams:
     merge_retries: int = 1  # extra expand rounds to resample duplicates, then drop them
     virtual_loss: float = 1.0  # visits of value 0 added per in-flight selection through a node
     leaves_per_tree: int = 2  # leaves gathered per tree per round
+    widening: Widening = Widening.puct  # more children for an expanded node
     seed: int = 0
 
 
@@ -69,6 +93,7 @@ def validate_params(params: SearchParams) -> None:
         (params.merge_retries >= 0, "merge_retries must be >= 0"),
         (params.virtual_loss >= 0, "virtual_loss must be >= 0"),
         (params.leaves_per_tree >= 1, "leaves_per_tree must be >= 1"),
+        (params.widening in Widening.__members__, f"widening must be one of {', '.join(Widening.__members__)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -155,11 +180,20 @@ def _select_leaf(
     while True:
         if tree.terminal[node]:
             return _Leaf(tree, node, 0)
-        if node not in expanding and tree.wants_children(node):
+        if node not in expanding and tree.wants_children(node) and _widen(tree, node, params):
             return _Leaf(tree, node, _children_to_request(tree, node, params))
         if not tree.children[node]:
             return None
         node = select_child_fn(tree, node, params.c_puct, params.virtual_loss)
+
+
+def _widen(tree: Tree, node: int, params: SearchParams) -> bool:
+    """Should a node that wants children get them now, rather than descend to a child?"""
+    if not tree.children[node] or params.widening == Widening.first:
+        return True
+    best_child = max(puct_child_score(tree, node, c, params.c_puct, params.virtual_loss)
+                     for c in tree.children[node])
+    return puct_widen_score(tree, node, params.c_puct, params.virtual_loss) > best_child
 
 
 def _children_to_request(tree: Tree, node: int, params: SearchParams) -> int:
@@ -265,6 +299,7 @@ def _evaluate(
 
 
 def _eval_request(tree: Tree, node: int, seed: int) -> EvalRequest:
+    path = tree.path(node)
     return EvalRequest(
         tree_index=tree.tree_index,
         node_id=node,
@@ -272,6 +307,8 @@ def _eval_request(tree: Tree, node: int, seed: int) -> EvalRequest:
         steps=tree.steps(node),
         terminal=tree.terminal[node],
         seed=derive_seed(seed, tree.tree_index, node, 0),
+        logprob=sum(tree.logprob[n] for n in path),
+        num_tokens=sum(tree.num_tokens[n] for n in path),
     )
 
 
@@ -300,12 +337,23 @@ def _finite(name: str, x: float) -> float:
 
 
 def _backup_leaf(leaf: _Leaf) -> None:
-    """Each new child counts one visit; a revisited terminal backs up its stored value again."""
-    tree = leaf.tree
-    if leaf.num_new == 0 and tree.total[leaf.node] is not None:
-        tree.backup(leaf.node, tree.total[leaf.node])
+    """One simulation = one visit along root..leaf.node.
+
+    Expansion: each new child gets its own first visit (its value, on itself only); the path
+    gets one visit valued by the MEAN of the new children. Not the max: the max of k noisy
+    critic values grows with k, so a node would look better for having more children (the
+    breadth bias this rule removes); the mean is the node's value if its next step is drawn
+    from the children as sampled. No child survived (dead end, or only duplicates): the node's
+    own value. A revisited terminal node backs up its stored value again.
+    """
+    tree, node = leaf.tree, leaf.node
     for child in leaf.new_children:
-        tree.backup(child, tree.total[child])
+        tree.backup(child, tree.total[child], path=False)
+    if leaf.new_children:
+        values = [tree.total[c] for c in leaf.new_children]
+        tree.backup(node, sum(values) / len(values))
+    elif tree.total[node] is not None or tree.children[node]:
+        tree.backup(node, tree.node_value(node))
 
 
 def _update_branching(leaf: _Leaf, params: SearchParams) -> None:

@@ -41,23 +41,33 @@ def effective_q(tree: Tree, node: int, virtual_loss: float) -> float | None:
     return tree.value_sum[node] / visits if visits > 0 else None
 
 
+def puct_child_score(tree: Tree, node: int, child: int, c_puct: float, virtual_loss: float) -> float:
+    """PUCT score of one child of `node`; an unvisited child is assumed as good as its parent."""
+    q = effective_q(tree, child, virtual_loss)
+    q_norm = tree.minmax.normalize(q) if q is not None else _parent_norm(tree, node, virtual_loss)
+    return puct_score(q_norm, tree.prior[child], effective_visits(tree, node, virtual_loss),
+                      effective_visits(tree, child, virtual_loss), c_puct)
+
+
+def puct_widen_score(tree: Tree, node: int, c_puct: float, virtual_loss: float) -> float:
+    """PUCT score of the child not sampled yet (progressive widening as one more action): no
+    visits, Q assumed as good as the parent's (the unvisited-child rule), and the prior it would
+    get among k+1 siblings if the policy rated it like the others, 1/(k+1)."""
+    prior = 1.0 / (len(tree.children[node]) + 1)
+    return puct_score(_parent_norm(tree, node, virtual_loss), prior,
+                      effective_visits(tree, node, virtual_loss), 0.0, c_puct)
+
+
+def _parent_norm(tree: Tree, node: int, virtual_loss: float) -> float:
+    parent_q = effective_q(tree, node, virtual_loss)
+    return tree.minmax.normalize(parent_q) if parent_q is not None else 0.5
+
+
 def puct_select_child(tree: Tree, node: int, c_puct: float, virtual_loss: float) -> int:
     """The child with the highest PUCT score; ties go to the lowest index (first child)."""
-    parent_q = effective_q(tree, node, virtual_loss)
-    parent_norm = tree.minmax.normalize(parent_q) if parent_q is not None else 0.5
-    parent_visits = effective_visits(tree, node, virtual_loss)
     best, best_score = -1, -math.inf
     for child in tree.children[node]:
-        q = effective_q(tree, child, virtual_loss)
-        # An unvisited child is assumed to be as good as its parent.
-        q_norm = tree.minmax.normalize(q) if q is not None else parent_norm
-        score = puct_score(
-            q_norm,
-            tree.prior[child],
-            parent_visits,
-            effective_visits(tree, child, virtual_loss),
-            c_puct,
-        )
+        score = puct_child_score(tree, node, child, c_puct, virtual_loss)
         if score > best_score:
             best, best_score = child, score
     return best

@@ -36,7 +36,7 @@ class MinMaxStats:
 
 @dataclass
 class TreeStats:
-    simulations: int = 0  # selections resolved: expansions plus revisits of terminal nodes
+    simulations: int = 0  # selections resolved (expansions, revisits of terminal nodes) = root visits
     tokens_generated: int = 0  # option tokens from expand_fn, duplicates included
     evaluator_tokens: int = 0  # LeafEval.tokens summed (fast rollouts)
     merges: int = 0  # duplicate options seen (each resampled or dropped)
@@ -108,10 +108,10 @@ class Tree:
             self.children[parent].append(node)
         return node
 
-    def backup(self, node: int, value: float) -> None:
-        """One visit of value `value` along the path root..node; the tree's only writer of
-        visits, value sums and min/max Q."""
-        for n in self.path(node):
+    def backup(self, node: int, value: float, *, path: bool = True) -> None:
+        """One visit of value `value` along the path root..node (path=False: on `node` alone,
+        a new child's first visit); the tree's only writer of visits, value sums and min/max Q."""
+        for n in self.path(node) if path else [node]:
             self.visits[n] += 1
             self.value_sum[n] += value
             self.minmax.update(self.q(n))

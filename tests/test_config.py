@@ -145,7 +145,7 @@ def test_debug_group_shrinks_sizes():
     (["train.beta=0"], "train.beta"),
     (["train.beta=-0.5"], "train.beta"),
     (["iterations=0"], "iterations"),
-    (["critics.weights.rollout=0"], "critics.weights"),
+    (["critics.weights.rollout=0", "critics.weights.orm=0"], "critics.weights"),
     (["critics.trained_weights.value=0", "critics.trained_weights.prm=0",
       "critics.trained_weights.orm=0", "critics.trained_weights.rollout=0"],
      "critics.trained_weights"),

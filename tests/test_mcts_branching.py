@@ -35,21 +35,40 @@ def _distinct_policy(requests):
             for r in requests]
 
 
-def _search_with_root_children(values):
+def _search_with_root_children(values, simulations=6, widening="first"):
     """Root value 0.5; the k-th child of the root is worth values[k]; deeper nodes 0.5."""
-    def critic(requests):
-        return [LeafEval(total=values[r.node_id - 1] if len(r.steps) == 1 else 0.5) for r in requests]
+    order: list[str] = []  # root children's texts in creation order
 
-    params = SearchParams(simulations=6, root_c_min=2, root_c_max=4, alpha=4.0, merge_threshold=1.01,
-                          leaves_per_tree=1)
+    def critic(requests):
+        for r in requests:
+            if len(r.steps) == 1 and r.steps[0] not in order:
+                order.append(r.steps[0])
+        return [LeafEval(total=values[order.index(r.steps[0])] if len(r.steps) == 1 else 0.5)
+                for r in requests]
+
+    params = SearchParams(simulations=simulations, root_c_min=2, root_c_max=4, alpha=4.0,
+                          merge_threshold=1.01, leaves_per_tree=1, widening=widening)
     return search(["p"], _distinct_policy, critic, params)[0]
 
 
-def test_disagreeing_children_get_a_sibling():
+@pytest.mark.parametrize("widening", ["first", "puct"])
+def test_disagreeing_children_get_a_sibling(widening):
     # I(root) = |0 - 0.5| = 0.5 -> n = floor(2) + 1 = 3 > 2 children: the root asks for one more
-    tree = _search_with_root_children([0.0, 1.0, 0.5, 0.5])
+    tree = _search_with_root_children([0.0, 1.0, 0.5, 0.5], simulations=12, widening=widening)
     assert tree.expand_target[0] == 3
     assert len(tree.children[0]) == 3
+
+
+def test_puct_widening_first_exploits_a_good_child_then_widens():
+    # After round 1 the root wants a 3rd child. "first" samples it at once; "puct" first
+    # descends to the child worth 1.0 (its PUCT score 1.25 beats the new child's 0.5 + 1/3).
+    first = _search_with_root_children([0.0, 1.0, 0.5, 0.5], simulations=2, widening="first")
+    assert len(first.children[0]) == 3 and first.children[2] == []
+    puct = _search_with_root_children([0.0, 1.0, 0.5, 0.5], simulations=2, widening="puct")
+    assert len(puct.children[0]) == 2 and len(puct.children[2]) >= 2
+    # the new child's exploration term grows with the parent's visits, so it is sampled later
+    later = _search_with_root_children([0.0, 1.0, 0.5, 0.5], simulations=12, widening="puct")
+    assert len(later.children[0]) == 3
 
 
 def test_agreeing_children_get_none():

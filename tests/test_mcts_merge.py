@@ -71,3 +71,34 @@ def test_custom_similarity_fn_is_used():
                   similarity_fn=lambda a, b: 0.0)[0]
     assert len(tree.children[0]) == 3
     assert tree.stats.merges == 0
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Answer: 46", "Answer: 47"),  # difflib ratio 0.900
+    ("12 + 34 = 46", "12 + 34 = 47"),  # 0.917
+    ("So the total is 1,200 apples.\n", "So the total is 1,300 apples.\n"),
+    ("Answer: apple", "Answer: apply"),  # answers differ without numbers
+    ("The sum is \\boxed{12}", "The sum is \\boxed{13}"),
+])
+def test_different_numbers_or_answers_are_never_duplicates(a, b):
+    assert text_similarity(a, b) >= 0.9  # the threshold alone would merge them
+    assert split_duplicates([b], [a], text_similarity, 0.9) == ([0], [])
+    assert split_duplicates([a, b], [], lambda x, y: 1.0, 0.9) == ([0, 1], [])  # any similarity_fn
+
+
+def test_same_numbers_still_merge_by_similarity():
+    keep, dups = split_duplicates(["12 + 34 = 46 \n", "1,200.50 left"], ["12 + 34 = 46", "1200.5 left"],
+                                  text_similarity, 0.9)
+    assert (keep, dups) == ([], [0, 1])
+    keep, dups = split_duplicates(["Add 12 and 34 now."], ["We add 12 to 34."], text_similarity, 0.9)
+    assert keep == [0]  # same numbers, text not alike enough
+
+
+def test_content_key():
+    from mcts.merge import answer, content_key, numbers
+
+    assert numbers("-3 + 1,000 = 997.0") == ["-3", "1000", "997"]
+    assert answer("**Answer:**  46 \n") == answer("Answer:  46 \n") == "46"
+    assert answer("#### 12") == "12"
+    assert answer("no answer here") is None
+    assert content_key("Answer: 5") == ("5", ("5",))

@@ -70,3 +70,21 @@ def test_dataclass_from_config_values():
 )
 def test_is_answer_line(text, expected):
     assert is_answer_line(text) is expected
+
+
+def test_a_boundary_newline_takes_the_whole_run_and_leading_whitespace_is_no_end():
+    for end in (newline(), sentence_end()):
+        assert end.cut("= 46\n\nNext") == "= 46\n\n"  # "\n\n" is one BPE token: keep both
+        assert not end.ends("\n\n")  # nothing written yet: not an option
+        assert not end.ends("\n\nAnswer: 4")
+        assert end.cut("\n\nAnswer: 4\nmore") == "\n\nAnswer: 4\n"
+    assert sentence_end().cut("So x = 4.\n\nThen") == "So x = 4.\n\n"
+    assert sentence_end().cut("So x = 4. Then") == "So x = 4. "
+
+
+def test_word_starts():
+    from mcts.options import word_starts
+
+    assert word_starts(" from", "7") and word_starts("1", " ") and word_starts("\n", "x")
+    assert not word_starts("impl", " uns") and not word_starts("2", "1")
+    assert not word_starts(",", " sides")

@@ -61,11 +61,12 @@ def test_one_expand_call_per_round_plus_retries_and_one_evaluate_call():
         round_calls = policy.calls[previous[0]:expands]
         attempts = [{r.attempt for r in call} for call in round_calls]
         assert attempts == [{k} for k in range(len(round_calls))]  # one call, then one per retry round
-        assert 1 <= len(round_calls) <= 1 + params.merge_retries
-        assert evaluates - previous[1] == 1
+        assert len(round_calls) <= 1 + params.merge_retries
+        # a round of terminal revisits only generates nothing; any other evaluates once
+        assert evaluates - previous[1] == (1 if round_calls else 0)
         previous = (expands, evaluates)
     assert {r.tree_index for r in policy.calls[0]} == {0, 1, 2}
-    assert len({r.tree_index for r in critic.calls[-1]}) >= 2
+    assert max(len({r.tree_index for r in call}) for call in critic.calls) >= 2
 
 
 def test_virtual_loss_spreads_one_trees_leaves_in_a_round():
@@ -155,17 +156,51 @@ def test_requests_carry_the_path_and_no_answer_key():
     assert [r.steps for r in root_evals] == [[], [], []]  # roots are evaluated once, in round 1
 
 
-def test_backup_counts_one_visit_per_new_child_and_terminal_revisit():
-    trees, _, _, _, _ = _run(SearchParams(simulations=12))
+def _expansions(policy, tree_index):
+    """node id -> simulations that expanded it (first samplings; merge resamples excluded)."""
+    counts = {}
+    for call in policy.calls:
+        for r in call:
+            if r.tree_index == tree_index and r.attempt == 0:
+                counts[r.node_id] = counts.get(r.node_id, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("widening", ["puct", "first"])
+@pytest.mark.parametrize("verifier", [True, False])
+def test_one_simulation_is_one_visit_along_its_path(widening, verifier):
+    params = SearchParams(simulations=14, seed=5, widening=widening)
+    trees, policy, _, _, _ = _run(params, verifier)
     for tree in trees:
-        # every node's visits = the visits of its children + its own backups
+        assert tree.visits[0] == tree.stats.simulations  # the root: one visit per simulation
+        expanded = _expansions(policy, tree.tree_index)
         for node in range(tree.num_nodes):
-            below = sum(tree.visits[c] for c in tree.children[node])
-            own = tree.visits[node] - below
-            assert own >= (0 if node == 0 else 1)
-            if node and not tree.terminal[node]:
-                assert own == 1  # only its creation; non-terminals are never revisited
+            # visits = own first visit + simulations ending here + those passing to a child
+            first = 0 if node == 0 else 1
+            passing = sum(tree.visits[c] - 1 for c in tree.children[node])
+            own = tree.visits[node] - first - passing
+            if tree.terminal[node]:
+                assert own >= 0  # revisits of a terminal node
+            else:
+                assert own == expanded.get(node, 0)
+            assert tree.visits[node] >= first
         assert all(p == 0 for p in tree.pending)  # virtual loss undone
+
+
+def test_an_expansion_backs_up_one_visit_valued_by_the_mean_of_its_children():
+    values = {1: 0.2, 2: 0.9, 3: 0.4}
+
+    def critic(requests):
+        return [LeafEval(total=values.get(r.node_id, 0.5)) for r in requests]
+
+    def policy(requests):
+        return [[Option(f"s{i}\n", -1.0, 2, False) for i in range(r.num_options)] for r in requests]
+
+    tree = search(["p"], policy, critic, SearchParams(simulations=1, merge_threshold=2.0))[0]
+    assert len(tree.children[0]) == 3  # root_c_min children, one simulation
+    assert tree.visits[0] == 1 and tree.value_sum[0] == pytest.approx(0.5)  # mean(0.2, 0.9, 0.4)
+    assert [tree.visits[c] for c in tree.children[0]] == [1, 1, 1]
+    assert [tree.value_sum[c] for c in tree.children[0]] == [0.2, 0.9, 0.4]
 
 
 def test_depth_cap_makes_nodes_terminal():

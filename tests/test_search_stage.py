@@ -11,6 +11,7 @@ import pipeline.decoding.mcts as dm
 import pipeline.decoding.tree_search as ts
 import pipeline.stages.search as ss
 from mcts import SearchParams
+from mcts.search import Widening
 from pipeline.compose import compose_config
 from pipeline.config import CriticWeights, MergeMethod, SearchConfig, Termination
 from pipeline.decoding.tree_search import (
@@ -226,10 +227,12 @@ def test_shard_killed_mid_write_is_not_taken_as_complete(cfg, models, tmp_path, 
     # rollout alone (iteration 0): its own value, whatever its weight
     ({"rollout": 0.4}, (0.3, 0.2, 0.2, 0.3), 0.4),
     ({"rollout": 0.25}, (0.0, 0.0, 0.0, 1.0), 0.25),
-    # only zero-weight parts: falls back to the rollout
+    # a zero-weight part does not count while another part has weight
     ({"value": 0.9, "rollout": 0.6}, (1.0, 0.0, 0.0, 0.0), 0.9),
-    ({"value": 0.9, "rollout": 0.6}, (0.0, 1.0, 1.0, 0.0), 0.6),
-    ({"value": 0.9}, (0.0, 1.0, 1.0, 1.0), 0.0),
+    # only zero-weight parts exist (weights {rollout: 1} at evaluation): their plain mean
+    ({"value": 0.9, "rollout": 0.6}, (0.0, 1.0, 1.0, 0.0), 0.75),
+    ({"value": 0.9}, (0.0, 1.0, 1.0, 1.0), 0.9),
+    ({}, (0.3, 0.2, 0.2, 0.3), 0.0),
     # clamped to [0, 1]
     ({"value": 3.0, "rollout": 1.0}, (0.5, 0.0, 0.0, 0.5), 1.0),
     ({"value": -2.0, "rollout": 0.0}, (0.5, 0.0, 0.0, 0.5), 0.0),
@@ -254,6 +257,7 @@ def test_search_params_from_search_config():
     s = SearchConfig(simulations=7, token_budget=300, c_puct=1.7, max_depth=5, c_min=1, c_max=4,
                      root_c_min=2, root_c_max=6, alpha=2.5, merge=MergeMethod.edit,
                      merge_threshold=0.8, merge_retries=3, virtual_loss=0.5, leaves_per_tree=3,
+                     widening=Widening.first,
                      seed=11)
     p = search_params(s)
     assert isinstance(p, SearchParams)
@@ -263,6 +267,32 @@ def test_search_params_from_search_config():
     assert search_params(s).merge_threshold > 1  # nothing is ever similar enough: merging off
     s.merge = MergeMethod.embedding
     assert search_params(s).merge_threshold == 0.8
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def test_expand_honours_each_requests_seed(cfg, models):
+    """The same request alone or batched with others (first or not) gives the same options."""
+    from mcts.types import ExpandRequest
+
+    cfg.search.temperature = 1.0
+    prompts = render_prompts(models.tokenizer, ["What is 1 + 1?", "What is 7 * 3?", "Hi"])
+    mine = ExpandRequest(0, 0, prompts[0], [], num_options=3, seed=1234)
+    others = [ExpandRequest(1, 0, prompts[1], [], 2, seed=99),
+              ExpandRequest(2, 4, prompts[2], [], 4, seed=5)]
+    scorer = LeafScorer(cfg, models, reward_fn=None)
+
+    def same(a, b):  # log-probs differ by float noise from the padding, nothing else
+        assert [(o.text, o.num_tokens, o.terminal) for o in a] == \
+            [(o.text, o.num_tokens, o.terminal) for o in b]
+        assert [o.logprob for o in a] == pytest.approx([o.logprob for o in b], abs=1e-4)
+
+    alone = scorer.expand([mine])[0]
+    same(alone, scorer.expand(others + [mine])[-1])
+    same(alone, scorer.expand([mine] + others[::-1])[0])
+    reseeded = ExpandRequest(0, 0, prompts[0], [], num_options=3, seed=4321)
+    assert [o.text for o in scorer.expand([reseeded])[0]] != [o.text for o in alone]
 
 
 # ---------------------------------------------------------------- fused rollouts

@@ -4,10 +4,13 @@
 - expand: one batched `generate` call samples every requested option of every tree. When the
   rollout policy is the policy itself, each row continues greedily past its option boundary,
   so the new node's fast rollout comes from the same KV cache (no second prefill).
-- evaluate: a leaf's value is the weighted mean of V(s), PRM(s), ORM(rollout), the rollout's
-  reward (the verifier on training problems, the ORM, or before any critic exists, the
-  policy's own confidence, at evaluation time) and, for a DPO policy, sigmoid of its option's
-  implicit reward (`critics.trained_weights.implicit`; pipeline.stages.reference).
+- evaluate: ONE leaf value for training and evaluation (README, "Leaf value"): the weighted mean
+  of the parts that exist: V(s), PRM(s), the ORM on s + its fast rollout (before any critic
+  exists: the policy's confidence in s + rollout, exp(mean token log-prob)), on training
+  problems only the verifier on s + rollout (the `rollout` slot), and, for a DPO policy, sigmoid
+  of its option's implicit reward (`critics.trained_weights.implicit`; pipeline.stages.reference).
+  Terminal nodes are leaves like any other (their rollout is empty); at training the verifier
+  alone scores them.
 
 Gold answers reach the search only through `train_search`, which takes the task's problems.
 `eval_search` takes prompt strings alone; it has no path to a verifier.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +43,12 @@ def option_end(s: SearchConfig) -> OptionEnd:
                      "step_marker" else None, max_tokens=s.max_option_tokens)
 
 
+def option_seed(request_seed: int, k: int) -> int:
+    """The sampling seed of a request's k-th option: a function of the request alone, so the
+    options do not depend on which other requests share the generate call."""
+    return zlib.crc32(f"{request_seed}:{k}".encode())
+
+
 def search_params(s: SearchConfig) -> SearchParams:
     return SearchParams(
         simulations=s.simulations, token_budget=s.token_budget, c_puct=s.c_puct,
@@ -46,7 +56,7 @@ def search_params(s: SearchConfig) -> SearchParams:
         root_c_max=s.root_c_max, alpha=s.alpha,
         merge_threshold=s.merge_threshold if s.merge != MergeMethod.none else 2.0,
         merge_retries=s.merge_retries, virtual_loss=s.virtual_loss,
-        leaves_per_tree=s.leaves_per_tree, seed=s.seed,
+        leaves_per_tree=s.leaves_per_tree, widening=s.widening, seed=s.seed,
     )
 
 
@@ -101,7 +111,8 @@ class LeafScorer:
                         max_new_tokens=s.max_option_tokens, temperature=s.temperature,
                         stop=option_end(s), batch_size=self.generation_batch,
                         rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
-                        final=is_answer_line, seed=requests[0].seed if requests else 0)
+                        final=is_answer_line,
+                        seeds=[option_seed(r.seed, k) for r in requests for k in range(r.num_options)])
         self._implicit_rewards(requests, prompts, gens)
         options, k = [], 0
         for r in requests:
@@ -140,7 +151,10 @@ class LeafScorer:
         for i, (r, ro) in enumerate(zip(requests, rollouts)):
             self.rollouts[(r.tree_index, r.node_id)] = ro
             parts = {kind: float(values[i]) for kind, values in scores.items()}
-            parts["rollout"] = self._rollout_reward(r, ro, parts)
+            if "orm" not in parts:  # no critics yet: the policy's own outcome score
+                parts["orm"] = confidence(r, ro)
+            if self.reward_fn is not None:  # training only: the verifier on s + rollout
+                parts["rollout"] = self.reward_fn(r.tree_index, states[i] + ro.text)
             reward = self.implicit.pop((r.tree_index, states[i]), None)
             if reward is not None:
                 parts["implicit"] = implicit_score(reward)
@@ -157,6 +171,8 @@ class LeafScorer:
 
     def _rollouts(self, requests: list[EvalRequest]) -> list[Rollout]:
         found = [self.pending.pop((r.tree_index, "".join(r.steps)), None) for r in requests]
+        # A terminal node (answer, EOS, or the depth cap) ends the solution: no rollout after it.
+        found = [None if r.terminal else ro for r, ro in zip(requests, found)]
         missing = [i for i, ro in enumerate(found) if ro is None and not requests[i].terminal]
         if missing and self.cfg.search.rollout.enabled:
             fresh = self._generate_rollouts([requests[i] for i in missing])
@@ -182,21 +198,29 @@ class LeafScorer:
         outcome = critics.score(prompts, full, kinds=("orm",))
         return {"value": state["value"], "prm": state["prm"], "orm": outcome["orm"]}
 
-    def _rollout_reward(self, r: EvalRequest, ro: Rollout, parts: dict) -> float:
-        if self.reward_fn is not None:  # training: the verifier on the rolled-out solution
-            return self.reward_fn(r.tree_index, "".join(r.steps) + ro.text)
-        if "orm" in parts:  # evaluation: the ORM on the rollout
-            return parts["orm"]
-        # Evaluation before any critic is trained: the policy's confidence in its rollout.
-        return math.exp(ro.mean_logprob) if ro.tokens else 0.5
+
+
+def confidence(r: EvalRequest, ro: Rollout) -> float:
+    """The policy's confidence in the leaf's solution so far, steps root..node plus the fast
+    rollout: exp(mean token log-prob). Terminal and non-terminal alike (a terminal's rollout is
+    empty); 0.5 only for a text with no tokens at all (the root without a rollout)."""
+    tokens = r.num_tokens + ro.tokens
+    if tokens == 0:
+        return 0.5
+    return math.exp((r.logprob + ro.mean_logprob * ro.tokens) / tokens)
 
 
 def weighted(parts: dict, w: CriticWeights) -> float:
-    """Weighted mean over the parts that exist (a missing critic does not drag values to 0)."""
+    """Weighted mean over the parts that exist (a missing part, such as the verifier at
+    evaluation time or a critic not trained yet, leaves the denominator). When every existing
+    part has weight 0 (e.g. weights {rollout: 1} at evaluation), the plain mean of the parts."""
     pairs = [(getattr(w, kind), value) for kind, value in parts.items()]
     total_weight = sum(weight for weight, _ in pairs)
     if total_weight <= 0:
-        return float(parts.get("rollout", 0.0))
+        pairs = [(1.0, value) for _, value in pairs]
+        total_weight = float(len(pairs))
+    if total_weight <= 0:
+        return 0.0
     return min(1.0, max(0.0, sum(weight * v for weight, v in pairs) / total_weight))
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from mcts.options import word_starts
 from pipeline.run.progress import progress_bar
 
 
@@ -99,8 +100,12 @@ def _length_sorted_batches(prompts: Sequence[str], batch_size: int) -> list[list
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop: StopRule | None = None,
              rollout_tokens: int = 0, final=None, batch_size: int = 32,
-             seed: int | None = None, progress: str | None = None) -> list[Generation]:
+             seed: int | None = None, seeds: Sequence[int] | None = None,
+             progress: str | None = None) -> list[Generation]:
     """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
+
+    Randomness: `seeds` (one per prompt) gives each row its own generator, so a row's sample
+    does not depend on the other prompts or on the batching; else `seed` seeds each batch.
 
     With `stop`, `max_new_tokens` caps the option. With `rollout_tokens` > 0 each row then goes
     on greedily, up to that many tokens, as the fast rollout of the new node (unless
@@ -112,13 +117,18 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                  newline_token_ids(tokenizer).to(model.device) if stop is not None and
                  stop.kind == "newline" else None, max_new_tokens, rollout_tokens,
                  final or (lambda text: False))
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     results: list[Generation | None] = [None] * len(prompts)
     for b, rows in enumerate(progress_bar(_length_sorted_batches(prompts, batch_size),
                                           desc=progress, unit="batch")):
-        if seed is not None:
+        generators = None
+        if seeds is not None:
+            generators = [torch.Generator().manual_seed(int(seeds[i]) % 2**63) for i in rows]
+        elif seed is not None:
             torch.manual_seed(seed + b)
         for i, row in zip(rows, _decode_batch(model, tokenizer, [prompts[i] for i in rows], rule,
-                                              temperature, top_p)):
+                                              temperature, top_p, generators)):
             results[i] = row
     return results
 
@@ -162,9 +172,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature: float,
-                  top_p: float) -> list[Generation]:
+                  top_p: float, generators: list | None = None) -> list[Generation]:
     """KV-cached decoding that drops each row from the batch (and the cache) once it stops,
-    so a batch costs the sum of its rows' lengths, not batch size x the longest row."""
+    so a batch costs the sum of its rows' lengths, not batch size x the longest row.
+    `generators` (one per row): each live row draws its uniform from its own generator."""
     from transformers import DynamicCache
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -176,7 +187,7 @@ def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
     for _ in range(rule.option_cap + rule.rollout_tokens):
-        uniform = torch.rand(len(prompts))[live]  # one draw per original row and step
+        uniform = _uniforms(len(prompts), live, generators)
         in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=logits.device)
         sampled = _sample(logits, temperature, top_p, uniform)
         chosen = torch.where(in_rollout, logits.argmax(dim=-1), sampled)
@@ -203,6 +214,14 @@ def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature
     return [_row_result(tokenizer, row, rule.stop) for row in rows]
 
 
+def _uniforms(num_rows: int, live: list[int], generators: list | None) -> torch.Tensor:
+    """One uniform per live row for this step: from each row's own generator, or one draw per
+    original row from the global generator (so a row's draw ignores which rows still run)."""
+    if generators is None:
+        return torch.rand(num_rows)[live]
+    return torch.cat([torch.rand(1, generator=generators[r]) for r in live])
+
+
 def _row_ends(row: _Row, rule: _Rule, eos: bool, newline: bool) -> bool:
     """Update the row after its newest token; True when it stops generating."""
     if eos:
@@ -213,15 +232,30 @@ def _row_ends(row: _Row, rule: _Rule, eos: bool, newline: bool) -> bool:
         return n - 1 - row.boundary >= rule.rollout_tokens
     if rule.stop is None:
         return n >= rule.option_cap
-    at_boundary = newline if rule.newline_ids is not None else rule.stop.ends(_text(rule, row))
+    # Newline fast path: decode only at a newline token (leading newlines are not an end).
+    at_boundary = (newline or rule.newline_ids is None) and rule.stop.ends(_text(rule, row))
     if not (at_boundary or n >= rule.option_cap):
         return False
-    row.boundary = n - 1
-    return rule.rollout_tokens == 0 or bool(rule.final(rule.stop.cut(_text(rule, row))))
+    row.boundary = n - 1 if at_boundary else _last_word_end(rule.tokenizer, row.tokens)
+    option = rule.stop.cut(_text(rule, row, row.boundary + 1))
+    return rule.rollout_tokens == 0 or bool(rule.final(option))
 
 
-def _text(rule: _Rule, row: _Row) -> str:
-    return rule.tokenizer.decode(row.tokens, skip_special_tokens=True)
+def _last_word_end(tokenizer, tokens: list[int]) -> int:
+    """The option cap: index of the last token before a word starts, so the cap never cuts a
+    word (the tokens after it go to the rollout, or are dropped). One word longer than the cap
+    is cut at the cap."""
+    pieces = tokenizer.batch_decode([[t] for t in tokens], skip_special_tokens=True)
+    if pieces[-1][-1:].isspace():
+        return len(tokens) - 1
+    for k in range(len(tokens) - 1, 0, -1):
+        if word_starts(pieces[k], pieces[k - 1]):
+            return k - 1
+    return len(tokens) - 1
+
+
+def _text(rule: _Rule, row: _Row, length: int | None = None) -> str:
+    return rule.tokenizer.decode(row.tokens[:length], skip_special_tokens=True)
 
 
 def _row_result(tokenizer, row: _Row, stop: StopRule | None) -> Generation:
