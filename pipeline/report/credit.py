@@ -34,11 +34,13 @@ def trained_pair(store: RunStore, iteration: int) -> tuple[str, str]:
     if train is None or train.get("skipped"):
         raise QstarError(f"iteration {iteration} has no trained policy: the credit map compares "
                          "policy_{N+1} with its reference policy_N")
+    policy = train["policy_dir"]
+    if not os.path.isdir(policy):
+        raise QstarError(f"iteration {iteration}: its trained policy {policy} is not on disk any more")
     reference = store.policy_dir(iteration, resolve_model_path(_model_config(store)))
-    for path in (train["policy_dir"], reference):
-        if not os.path.isdir(path):
-            raise QstarError(f"iteration {iteration}: the policy {path} is not on disk any more")
-    return train["policy_dir"], reference
+    if not os.path.isdir(reference):
+        raise QstarError(f"iteration {iteration}: its reference policy {reference} is not on disk")
+    return policy, reference
 
 
 def _model_config(store: RunStore) -> ModelConfig:
