@@ -34,7 +34,10 @@ only builds its configs and datasets:
   `out_dir/policy` (atomic). meta.json: source_policy, iteration, data_dir, rows {dpo, sft},
   metrics, config (TrainConfig), model (ModelConfig). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
-  keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`.
+  keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`
+  (and, kept current while the phase runs, `log.jsonl`).
+- Output: a progress bar per phase and one summary line at its end (pipeline.run.train_progress),
+  not the Trainer's printed metric dicts; QSTAR_PROGRESS=0 leaves only the summary line.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
     mode, phases, policy_dir, source_policy, iteration, pairs (DPO rows in the file), sft_rows,
@@ -64,6 +67,7 @@ from pipeline.config import ModelConfig, TrainConfig, TrainMode, to_dict
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
+from pipeline.run.train_progress import library_bars_off, show_progress
 from pipeline.stages.base import Loop
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
@@ -280,7 +284,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     model_cfg gives device, dtype and trust_remote_code (its name is ignored: the weights come
     from policy_dir). callbacks: extra transformers TrainerCallbacks for every phase.
     """
-    from transformers import PrinterCallback, set_seed
+    from transformers import set_seed
 
     policy_dir, data_dir, out_dir = str(policy_dir), Path(data_dir), Path(out_dir)
     model_cfg = model_cfg or ModelConfig(name=policy_dir)
@@ -328,11 +332,10 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
         phase_start = time.perf_counter()
         trainer = None  # let the previous phase's optimizer state go before the next one
         _free_memory()
-        with _quiet_when_progress_off():
+        with _quiet_when_progress_off(), library_bars_off():
             trainer = runners[phase](model, tokenizer, rows[phase], cfg, model_cfg, output_dir,
                                      report_to, save_steps, callbacks)
-            if _quiet():
-                trainer.remove_callback(PrinterCallback)
+            show_progress(trainer, phase, output_dir)  # a bar and a summary line, not dicts
             trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
         seconds = time.perf_counter() - phase_start
         histories[phase] = trainer.state.log_history
