@@ -1,7 +1,7 @@
 """The README's picture of `qstar report`: build a run's page, open it in headless Chromium, click
 the deepest node of a solved problem's best path, show its rollout, and save a screenshot.
 
-    python benchmarks/report_screenshot.py RUN [--problem ID] [--credit] [--out PATH]
+    python benchmarks/report_screenshot.py RUN [--problem ID] [--credit [best|all]] [--out PATH]
 
 Needs Debian's `chromium` and `chromium-driver` and the dev extra's selenium (as the browser
 test does). Writes benchmarks/results/report.png unless --out says otherwise.
@@ -40,9 +40,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--problem", default=None, help="default: the first solved problem")
-    parser.add_argument("--credit", action="store_true", help="qstar report --credit")
+    parser.add_argument("--credit", nargs="?", const="best", choices=("best", "all"),
+                        help="as qstar report --credit")
     parser.add_argument("--out", default=str(RESULTS / "report.png"))
-    parser.add_argument("--size", default="1400x1700", help="window WIDTHxHEIGHT in pixels")
+    parser.add_argument("--size", default="1400x1800", help="window WIDTHxHEIGHT in pixels")
     opts = parser.parse_args()
     page = build_report(Path(opts.run), credit=opts.credit)
     width, height = (int(x) for x in opts.size.split("x"))
@@ -57,6 +58,8 @@ def main() -> None:
         best[-1].click()
         for button in browser.find_elements(By.CSS_SELECTOR, "#r0-details button.show-rollout"):
             button.click()
+        for summary in browser.find_elements(By.CSS_SELECTOR, "#r0 .credit summary")[:1]:
+            summary.click()  # the first credit map, drawn on opening
         browser.execute_script("window.scrollTo(0, 0)")
         with atomic_path(opts.out, suffix=".png") as tmp:
             browser.save_screenshot(str(tmp))

@@ -22,7 +22,8 @@ def build_tree(question: str, num_nodes: int, seed: int, solvable: bool) -> Tree
         parent = rng.choice([n for n in range(tree.num_nodes) if not tree.terminal[n]])
         terminal = tree.depth[parent] >= 1 and rng.random() < 0.3
         a, b = rng.randrange(10), rng.randrange(10)
-        text = f"Answer: {a + b}" if terminal else f"Step: {a} + {b} = {a + b}\n"
+        end = "\n\n" if rng.random() < 0.5 else "\n"  # SmolLM2 has one token for "\n\n"
+        text = f"Answer: {a + b}" if terminal else f"Step: {a} + {b} = {a + b}{end}"
         node = tree.add_node(parent, text, len(text.split()), -1.5, terminal)
         for name in ("value", "prm", "orm", "rollout"):
             getattr(tree, name)[node] = round(rng.random(), 3)

@@ -6,8 +6,10 @@ import json
 import re
 
 import pytest
+import torch
 from report_runs import make_run
 from tiny import build_tiny_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import pipeline.report.credit as credit_module
 from critics.implicit import option_rewards
@@ -15,7 +17,7 @@ from pipeline.cli import main
 from pipeline.compose import compose_config
 from pipeline.config import ModelConfig
 from pipeline.lm.generation import completion_logprobs
-from pipeline.lm.models import load_model
+from pipeline.lm.models import embedded_gguf, load_model
 from pipeline.loop import run_loop
 from pipeline.report.collect import lock_holder, search_rows
 from pipeline.report.credit import iteration_credit
@@ -160,7 +162,7 @@ def test_sweep_gets_one_section_per_run(tmp_path, capsys):
 
 def test_credit_without_a_policy_on_disk_says_why(tmp_path):
     store = make_run(tmp_path / "run", policy_dir=str(tmp_path / "gone"))
-    data = page_data(build_report(store.root, credit=True))
+    data = page_data(build_report(store.root, credit="best"))
     (it,) = data["runs"][0]["iterations"]
     assert it["credit"] == {} and "not on disk" in it["credit_note"]
 
@@ -173,7 +175,7 @@ def trained_run(tmp_path, tiny_model_dir):
 
 
 def test_credit_maps_and_node_implicit_rewards_are_computed_once(trained_run, monkeypatch):
-    data = page_data(build_report(trained_run.root, credit=True))
+    data = page_data(build_report(trained_run.root, credit="all"))
     (it,) = data["runs"][0]["iterations"]
     assert sorted(it["credit"]) == ["p/0", "p/1"]
     for tree in it["trees"]:
@@ -190,14 +192,21 @@ def test_credit_maps_and_node_implicit_rewards_are_computed_once(trained_run, mo
         raise AssertionError("the cache covers these trees: no model may load")
 
     monkeypatch.setattr(credit_module, "load_model", no_models)
-    again = page_data(build_report(trained_run.root, credit=True))
+    again = page_data(build_report(trained_run.root, credit="best"))  # "all" covers "best"
     assert again["runs"][0]["iterations"][0]["credit"] == it["credit"]
+
+
+def test_credit_best_rewards_the_best_path_only(trained_run):
+    data = page_data(build_report(trained_run.root, credit="best"))
+    for tree in data["runs"][0]["iterations"][0]["trees"]:
+        rewarded = {n["id"] for n in tree["nodes"] if "implicit" in n}
+        assert rewarded == set(tree["best"]) - {0} and rewarded
 
 
 def test_node_implicit_reward_is_the_option_after_its_path(trained_run):
     """The per-node reward equals critics.implicit.option_rewards along the node's path."""
     rows = search_rows(trained_run, 0)
-    result = iteration_credit(trained_run, 0, rows)
+    result = iteration_credit(trained_run, 0, rows, "all")
     policy, tokenizer = load_model(ModelConfig(name=trained_run.metrics(0, "train")["policy_dir"]))
     reference, _ = load_model(ModelConfig(name=trained_run.manifest["config"]["model"]["name"]))
     row = rows[0]
@@ -221,3 +230,39 @@ def test_report_on_a_real_tiny_run(tmp_path, debug_overrides):
     store = RunStore(tmp_path / "run")
     assert len(run["iterations"][0]["trees"]) == store.metrics(0, "search")["problems"]
     assert len(run["iterations"][0]["dpo"]) == store.metrics(0, "data")["dpo"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(tmp_path_factory):
+    """Two tiny random Llamas (seeds 0, 1) with SmolLM2's real BPE tokenizer (from its GGUF)."""
+    gguf = embedded_gguf("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    root = tmp_path_factory.mktemp("smol-tok")
+    paths = []
+    for seed in (0, 1):
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             pad_token_id=tokenizer.pad_token_id or 0,
+                             eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(root / f"m{seed}")
+        tokenizer.save_pretrained(root / f"m{seed}")
+        paths.append(root / f"m{seed}")
+    return tokenizer, paths
+
+
+def test_credit_tokens_follow_smollm2_bpe(smollm2_pair, tmp_path):
+    tokenizer, (base, policy) = smollm2_pair
+    store = make_run(tmp_path / "run", trees=3, nodes=8, policy_dir=str(policy),
+                     model_name=str(base))
+    data = page_data(build_report(store.root, credit="best"))
+    (it,) = data["runs"][0]["iterations"]
+    texts = {t["problem_id"]: t["best_text"] for t in it["trees"]}
+    assert any("\n\n" in text for text in texts.values())
+    for pid, credit in it["credit"].items():
+        ids = tokenizer(texts[pid], add_special_tokens=False).input_ids
+        assert len(credit["tokens"]) == len(credit["rewards"]) == len(ids)
+        assert "".join(credit["tokens"]) == texts[pid]  # spans cover the text exactly
+    double = tokenizer("\n\n", add_special_tokens=False).input_ids
+    assert len(double) == 1  # the boundary the per-character test tokenizer hides
+    assert any(tok == "\n\n" for c in it["credit"].values() for tok in c["tokens"])

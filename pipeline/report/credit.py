@@ -3,10 +3,13 @@
 
 - `qstar inspect RUN --iter N --problem ID --credit`: one coloured HTML map of the problem's best
   trajectory (`write_credit_map`).
-- `qstar report RUN --credit`: for every tree of iteration N, the token map of its best trajectory
-  and the implicit reward of every node's option (its tokens after the prompt and the options
-  above it), from one load of the two policies (`iteration_credit`). Cached in
-  iter_NNN/credit.json, so a second report reads it instead of loading the models again.
+- `qstar report RUN --credit [best|all]`: for every tree of iteration N, the token map of its
+  best trajectory and the implicit reward of node options (an option's tokens after the prompt
+  and the options above it, as the search generated it), from one load of the two policies
+  (`iteration_credit`). `best` (the default): the nodes of the best path, 1 + depth
+  teacher-forced sequences per tree and policy; `all`: every node, one sequence per node (about
+  a minute per 50 nodes with SmolLM2-135M on a busy 2-core CPU: a GPU job for 64 x 100 nodes).
+  Cached in iter_NNN/credit.json, so a second report reads it instead of loading the models.
 
 Both need the trained policy_{N+1} and its reference policy_N on disk.
 """
@@ -26,6 +29,7 @@ from pipeline.run.atomic import write_json, write_text
 from pipeline.run.store import RunStore
 
 CACHE_VERSION = 1
+SCOPES = ("best", "all")  # which nodes get an implicit reward; "all" covers "best"
 
 
 def trained_pair(store: RunStore, iteration: int) -> tuple[str, str]:
@@ -76,12 +80,16 @@ def _path(nodes: list[dict], node_id: int) -> list[int]:
     return ids[::-1]
 
 
-def node_requests(row: dict) -> tuple[list[str], list[str], list[int]]:
-    """(prefix, option text, node id) for every non-root node of the row's tree: the prefix is
-    the prompt and the options from the root down to the node's parent, as the search saw it."""
+def node_requests(row: dict, scope: str) -> tuple[list[str], list[str], list[int]]:
+    """(prefix, option text, node id) for the non-root nodes of the row's tree in `scope` (all,
+    or those of the best path): the prefix is the prompt and the options from the root down to
+    the node's parent, as the search saw it."""
     nodes = row["tree"]["nodes"]
+    best = set(row["tree"].get("best_trajectory", []))
     prefixes, options, ids = [], [], []
     for node in nodes[1:]:
+        if scope == "best" and node["id"] not in best:
+            continue
         above = _path(nodes, node["id"])[1:-1]
         prefixes.append(row["prompt"] + "".join(nodes[i]["text"] for i in above))
         options.append(node["text"])
@@ -89,7 +97,8 @@ def node_requests(row: dict) -> tuple[list[str], list[str], list[int]]:
     return prefixes, options, ids
 
 
-def credit_for_rows(policy, reference, tokenizer, rows: list[dict], beta: float) -> dict:
+def credit_for_rows(policy, reference, tokenizer, rows: list[dict], beta: float,
+                    scope: str = "best") -> dict:
     """{"maps": {problem: {tokens, rewards, total}}, "nodes": {problem: {node id: reward}}}."""
     maps, nodes = {}, {}
     best = [r["tree"]["best_text"] for r in rows]
@@ -98,29 +107,31 @@ def credit_for_rows(policy, reference, tokenizer, rows: list[dict], beta: float)
     for row, text, rewards in zip(rows, best, token_rewards):
         maps[row["problem_id"]] = {"tokens": completion_tokens(tokenizer, text),
                                    "rewards": rewards, "total": sum(rewards)}
-        prefixes, options, ids = node_requests(row)
+        prefixes, options, ids = node_requests(row, scope)
         per_token = implicit_reward(policy, reference, tokenizer, prefixes, options, beta,
                                     completion_logprobs) if ids else []
         nodes[row["problem_id"]] = {str(i): sum(r) for i, r in zip(ids, per_token)}
     return {"maps": maps, "nodes": nodes}
 
 
-def iteration_credit(store: RunStore, iteration: int, rows: list[dict]) -> dict:
-    """Credit of every tree in `rows` (iteration `iteration`), from the cache when it covers them.
+def iteration_credit(store: RunStore, iteration: int, rows: list[dict], scope: str = "best") -> dict:
+    """Credit of every tree in `rows` (iteration `iteration`), from the cache when it covers them
+    (the same trees, and the same scope or "all").
 
     Returns {"maps", "nodes", "note"}; when there is no trained pair, only a "note" saying why."""
     cache = store.iter_dir(iteration) / "credit.json"
     wanted = sorted(r["problem_id"] for r in rows)
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("version") == CACHE_VERSION and cached.get("problems") == wanted:
+        if (cached.get("version") == CACHE_VERSION and cached.get("problems") == wanted
+                and cached.get("scope") in (scope, "all")):
             return cached
     try:
         policy, reference, tokenizer, beta = _load_pair(store, iteration)
     except QstarError as exc:
         return {"note": str(exc)}
-    result = credit_for_rows(policy, reference, tokenizer, rows, beta)
-    result.update(version=CACHE_VERSION, problems=wanted, beta=beta,
+    result = credit_for_rows(policy, reference, tokenizer, rows, beta, scope)
+    result.update(version=CACHE_VERSION, problems=wanted, beta=beta, scope=scope,
                   note=f"beta * log(pi_{iteration + 1} / pi_{iteration}) per token, beta = {beta}")
     write_json(cache, result)
     return result

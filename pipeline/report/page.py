@@ -4,7 +4,8 @@ The page (RUN/report.html) embeds everything as one JSON document and renders it
 JavaScript from pipeline/report/template.html: the iteration table and plots (base64 PNG), the
 config, a tree browser for every searched problem of each iteration (drawn one tree at a time,
 so 64 trees of 100 nodes stay quick), credit maps of the best trajectories (with --credit, which
-loads the iteration's two policies; cached in iter_NNN/credit.json), and the DPO/SFT rows linked
+loads the iteration's two policies; cached in iter_NNN/credit.json; see pipeline.report.credit
+for what `--credit best` and `--credit all` cost), and the DPO/SFT rows linked
 to the nodes they came from. Nothing is loaded from the network.
 """
 
@@ -37,17 +38,18 @@ def render_page(payload: dict, title: str) -> str:
             .replace("__DATA__", embed_json(payload)))
 
 
-def _credit(store: RunStore, iterations: list[int], wanted: bool) -> dict[int, dict]:
-    if not wanted:
+def _credit(store: RunStore, iterations: list[int], scope: str | None) -> dict[int, dict]:
+    if scope is None:
         return {}
     from pipeline.report.credit import iteration_credit  # loads torch and the policies
 
-    return {i: iteration_credit(store, i, search_rows(store, i)) for i in iterations}
+    return {i: iteration_credit(store, i, search_rows(store, i), scope) for i in iterations}
 
 
 def build_report(root: Path, iteration: int | None = None, problem: str | None = None,
-                 credit: bool = False) -> Path:
-    """Write ROOT/report.html for a run or a sweep directory; returns its path."""
+                 credit: str | None = None) -> Path:
+    """Write ROOT/report.html for a run or a sweep directory; returns its path.
+    credit: None (no credit maps), "best" or "all" (which nodes get an implicit reward)."""
     if not root.is_dir():
         raise QstarError(f"{root}: no such directory")
     runs = [root] if is_run_dir(root) else sweep_runs(root)
@@ -76,8 +78,10 @@ def report_main(args: list[str]) -> int:
     parser.add_argument("--iter", type=int, default=None,
                         help="embed only this iteration's trees (default: every searched one)")
     parser.add_argument("--problem", default=None, help="open the page on this problem's tree")
-    parser.add_argument("--credit", action="store_true",
-                        help="compute credit maps and per-node implicit rewards (loads policies)")
+    parser.add_argument("--credit", nargs="?", const="best", choices=("best", "all"),
+                        help="credit maps of the best trajectories and the implicit reward of "
+                             "the best path's nodes (best, the default) or of every node (all: "
+                             "two passes per node, for a GPU); loads the policies")
     opts = parser.parse_args(args)
     path = build_report(Path(opts.run), opts.iter, opts.problem, opts.credit)
     print(path)
