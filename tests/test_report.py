@@ -266,3 +266,8 @@ def test_credit_tokens_follow_smollm2_bpe(smollm2_pair, tmp_path):
     double = tokenizer("\n\n", add_special_tokens=False).input_ids
     assert len(double) == 1  # the boundary the per-character test tokenizer hides
     assert any(tok == "\n\n" for c in it["credit"].values() for tok in c["tokens"])
+
+
+def test_usage_lists_report(capsys):
+    assert main(["--help"]) == 0
+    assert "qstar report RUN" in capsys.readouterr().out
