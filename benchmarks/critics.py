@@ -33,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("QSTAR_PROGRESS", "0")
 
 from pipeline.compose import load_run_config  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
@@ -54,7 +53,7 @@ def run_loop(run_dir: Path, iterations: int, overrides: list[str]) -> RunStore:
     else:
         command = [QSTAR, "run", *overrides, f"iterations={iterations}", f"hydra.run.dir={run_dir}"]
     print("$", " ".join(command), flush=True)
-    env = dict(os.environ, QSTAR_PROGRESS="0", WANDB_MODE="disabled")
+    env = dict(os.environ, WANDB_MODE="disabled")
     if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
         sys.exit("the benchmark's qstar run failed (rerun to resume it)")
     return RunStore(run_dir)

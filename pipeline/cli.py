@@ -1,4 +1,4 @@
-"""The `qstar` command: run, resume, inspect, eval.
+"""The `qstar` command: run, resume, inspect, report, eval.
 
 `@hydra.main` lives here and only here (for `qstar run`: Hydra's run directory and sweeps).
 Every user-facing error is one line on stderr and exit code 2.
@@ -19,6 +19,9 @@ USAGE = """usage:
   qstar resume RUN_DIR [iterations=N]   continue a stopped or finished run
   qstar inspect RUN [--iter N --problem ID] [--credit]
                                         the iteration table, one tree, or a credit map
+  qstar report RUN [--iter N] [--problem ID] [--credit]
+                                        one self-contained HTML page: table, plots, config,
+                                        trees, credit maps, training rows (a sweep: every run)
   qstar eval [KEY=VALUE ...]            one model, one decoding strategy, held-out set
                                         e.g. qstar eval decode=best_of_n decode.n=8
 """
@@ -49,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_resume(rest)
         if command == "inspect":
             return cmd_inspect(rest)
+        if command == "report":
+            return cmd_report(rest)
         if command == "eval":
             return cmd_eval(rest)
-        raise QstarError(f"unknown command {command!r}; commands: run, resume, inspect, eval")
+        raise QstarError(f"unknown command {command!r}; commands: run, resume, inspect, report, eval")
     except QstarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -136,6 +141,12 @@ def cmd_inspect(args: list[str]) -> int:
     from pipeline.report.inspect import inspect_main
 
     return inspect_main(args)
+
+
+def cmd_report(args: list[str]) -> int:
+    from pipeline.report.page import report_main
+
+    return report_main(args)
 
 
 if __name__ == "__main__":

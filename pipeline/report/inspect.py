@@ -17,6 +17,11 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def iteration_table(store: RunStore) -> str:
+    return _columns(iteration_rows(store))
+
+
+def iteration_rows(store: RunStore) -> list[list[str]]:
+    """The iteration table as cells: a header, then one row per policy (0 = base)."""
     rows = policy_rows(store)
     decodes = sorted({d for r in rows for d in r["accuracy"]})
     header = ["policy"] + [f"acc:{d}" for d in decodes] + [
@@ -27,7 +32,7 @@ def iteration_table(store: RunStore) -> str:
             _fmt(r.get("pairs"), "d"), _fmt(r.get("dpo_margin")), _fmt(r.get("chosen_dlogp"), ".2f"),
             _fmt(r.get("orm_auc")), _fmt(r.get("prm_auc")), _fmt(r.get("search_solve_rate")),
             _fmt(r.get("tokens"), "d"), _fmt(r.get("minutes"), ".1f")])
-    return _columns(lines)
+    return lines
 
 
 def _columns(lines: list[list[str]]) -> str:
@@ -38,19 +43,32 @@ def _columns(lines: list[list[str]]) -> str:
 
 
 def sweep_table(sweep_dir: Path) -> str:
+    return _columns(sweep_rows(sweep_runs(sweep_dir)))
+
+
+def sweep_runs(sweep_dir: Path) -> list[Path]:
+    """The runs of a sweep directory (its sub-directories with a manifest.json), in name order."""
     runs = sorted(p for p in sweep_dir.iterdir() if is_run_dir(p))
     if not runs:
-        raise QstarError(f"{sweep_dir} is neither a run nor a sweep of runs (no manifest.json)")
+        entries = sorted(p.name for p in sweep_dir.iterdir())
+        listing = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+        raise QstarError(f"{sweep_dir} is neither a run nor a sweep of runs: no manifest.json in it "
+                         f"or in a sub-directory (it holds: {listing})")
+    return runs
+
+
+def sweep_rows(runs: list[Path]) -> list[list[str]]:
+    """One row per run of a sweep: its overrides and its greedy accuracy, final and best."""
     lines = [["run", "overrides", "policies", "final greedy", "best greedy"]]
     for run in runs:
         rows = policy_rows(RunStore(run))
         greedy = [r["accuracy"].get("greedy") for r in rows if "greedy" in r["accuracy"]]
-        lines.append([run.name, _overrides(run), str(len(rows)),
+        lines.append([run.name, run_overrides(run), str(len(rows)),
                       _fmt(greedy[-1] if greedy else None), _fmt(max(greedy) if greedy else None)])
-    return _columns(lines)
+    return lines
 
 
-def _overrides(run: Path) -> str:
+def run_overrides(run: Path) -> str:
     path = run / ".hydra" / "overrides.yaml"
     if not path.exists():
         return "-"

@@ -35,7 +35,10 @@ only builds its configs and datasets:
   `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir, rows {dpo, sft},
   metrics, config (TrainConfig), model (ModelConfig). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
-  keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`.
+  keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`
+  (and, kept current while the phase runs, `log.jsonl`).
+- Output: a progress bar per phase and one summary line at its end (pipeline.run.train_progress),
+  not the Trainer's printed metric dicts; progress=false leaves only the summary line.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
     mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration, pairs (DPO rows in the file), sft_rows,
@@ -63,6 +66,7 @@ from typing import Any
 from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
+from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop
 from pipeline.stages.reference import training_reference
 from pipeline.stages.trl_trainers import (
@@ -225,8 +229,6 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
                   save_steps: int, callbacks: list | None, progress: bool, ref_model=None):
     """Each phase (DPO, then SFT) continues from the previous one's model; resumes from the
     newest complete checkpoint. Returns the trained model, the last trainer, the histories."""
-    from transformers import PrinterCallback  # heavy: loaded when a stage trains
-
     runners = {"dpo": partial(dpo_trainer, ref_model=ref_model), "sft": sft_trainer}
     histories, trainer = {}, None
     for phase in phases:
@@ -237,8 +239,7 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
         with quiet_unless(progress):
             trainer = runners[phase](model, tokenizer, rows[phase], cfg, model_cfg, output_dir,
                                      report_to, save_steps, callbacks, progress)
-            if not progress:
-                trainer.remove_callback(PrinterCallback)
+            show_progress(trainer, phase, output_dir, progress)  # a bar and a summary line
             trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
         histories[phase] = trainer.state.log_history
         metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,

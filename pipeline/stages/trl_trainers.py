@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
+from pipeline.run.train_progress import library_bars_off
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
@@ -41,30 +42,25 @@ class EosAwareCollator:
 
 @contextmanager
 def quiet_unless(progress: bool):
-    """progress=False: no datasets/transformers/TRL progress bars (the metrics keep everything);
-    the global switches are restored afterwards."""
-    if progress:
-        yield
-        return
-    import datasets  # heavy: loaded when a stage trains
-    import transformers
+    """No datasets/transformers bars inside a phase (TrainProgress shows one bar); with
+    progress=False also none of TRL's (its reference log-prob pass); restored afterwards."""
+    with library_bars_off():
+        if progress:
+            yield
+            return
+        tqdm_env = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # TRL's reference log-prob pass reads it
+        try:
+            yield
+        finally:
+            _restore_tqdm(tqdm_env)
 
-    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
-    tqdm_env = os.environ.get("TQDM_DISABLE")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"  # TRL's reference log-prob pass reads it
-    try:
-        yield
-    finally:
-        if bars[0]:
-            datasets.enable_progress_bars()
-        if bars[1]:
-            transformers.utils.logging.enable_progress_bar()
-        if tqdm_env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_env
+
+def _restore_tqdm(tqdm_env: str | None) -> None:
+    if tqdm_env is None:
+        os.environ.pop("TQDM_DISABLE", None)
+    else:
+        os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 def lora_config(cfg: TrainConfig):
