@@ -62,7 +62,8 @@ def test_run_completes_every_stage_with_its_artifacts(reference_run):
     assert (run / "plots/accuracy.png").stat().st_size > 0
     train = store.metrics(0, "train")
     if not train.get("skipped"):  # a trained policy loads back and is the next policy
-        assert c["policy_0"] and store.policy_dir(1, "base") == train["policy_dir"]
+        assert c["policy_0"] and store.policy_dir(1, "base") == str(run / train["policy_dir"])
+        assert train["policy_dir"] == "iter_000/train/policy"  # relative: the run can move
     # Nothing half-written is left behind.
     assert not list(run.rglob(".tmp-*"))
 

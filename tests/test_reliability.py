@@ -190,7 +190,7 @@ def assert_consistent(run: Path) -> None:
         read_jsonl(run / "iter_000/data/dpo.jsonl")
         read_jsonl(run / "iter_000/data/sft.jsonl")
     if "iter_000/train" in done and not store.metrics(0, "train").get("skipped"):
-        assert (Path(store.metrics(0, "train")["policy_dir"]) / "meta.json").is_file()
+        assert (run / store.metrics(0, "train")["policy_dir"] / "meta.json").is_file()
     for key in ("iter_000/baseline", "iter_000/eval"):
         if key in done:
             json.loads((run / key / "metrics.json").read_text())
@@ -203,7 +203,7 @@ def assert_complete_like(run: Path, reference: dict) -> None:
     if not train.get("skipped"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        policy = Path(train["policy_dir"])
+        policy = run / train["policy_dir"]
         assert policy == run / "iter_000/train/policy"
         AutoModelForCausalLM.from_pretrained(policy)
         AutoTokenizer.from_pretrained(policy)

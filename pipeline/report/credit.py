@@ -24,7 +24,7 @@ def write_credit_map(store: RunStore, iteration: int, row: dict, out: Path) -> P
     model_cfg = ModelConfig(**{k: config["model"][k] for k in ("dtype", "device", "cache_dir")},
                             name=config["model"]["name"])
     reference_dir = store.policy_dir(iteration, resolve_model_path(model_cfg))
-    policy, tokenizer = load_model(replace_model_name(model_cfg, train["policy_dir"]))
+    policy, tokenizer = load_model(replace_model_name(model_cfg, store.policy_dir(iteration + 1, "")))
     reference, _ = load_model(replace_model_name(model_cfg, reference_dir))
     completion = row["tree"]["best_text"]
     beta = config["train"]["beta"]

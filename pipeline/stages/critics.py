@@ -8,6 +8,7 @@ are split into train and held-out, so the held-out metrics judge critics on unse
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -29,10 +30,10 @@ from critics.features import backbone_features
 from critics.metrics import accuracy, auc, expected_calibration_error, mse, precision_recall
 from critics.targets import cap_state_examples, heldout_problems
 from pipeline.config import CriticsConfig, ModelConfig, QstarConfig, to_dict
-from pipeline.lm.models import load_model
+from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import atomic_dir, write_json
 from pipeline.run.store import load_shards
-from pipeline.stages.base import Loop
+from pipeline.stages.base import Loop, resolve_ref
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
 
@@ -41,8 +42,9 @@ def load_critic_set(critics_dir: str | Path, policy_dir: str, model, tokenizer,
                     model_cfg: ModelConfig, batch_size: int) -> CriticSet:
     """critics_i for scoring. Heads only fit the backbone they were trained on: they share the
     loaded policy's weights when that is their backbone; otherwise (critics.backbone, or
-    critics_{i+1} trained on policy_i and used beside policy_{i+1}) the backbone is loaded."""
-    backbone = backbone_of(critics_dir)
+    critics_{i+1} trained on policy_i and used beside policy_{i+1}) the backbone is loaded.
+    A backbone recorded by model name is resolved on this node."""
+    backbone = resolve_model_path(replace(model_cfg, name=backbone_of(critics_dir)))
     if Path(backbone).resolve() != Path(policy_dir).resolve():
         model, tokenizer = load_model(replace(model_cfg, name=backbone))
     return CriticSet.load(critics_dir, model, tokenizer, batch_size)
@@ -98,16 +100,20 @@ def fit_and_judge(kind: str, train: list[Example], heldout: list[Example], featu
 
 
 def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out_dir: Path,
-                  model=None, tokenizer=None, model_cfg: ModelConfig | None = None) -> dict:
+                  model=None, tokenizer=None, model_cfg: ModelConfig | None = None,
+                  record_backbone: str | None = None) -> dict:
     """Train the three heads on the trees in `rows`, write `out_dir/{value,prm,orm}/`
     (head.safetensors + meta.json) and `out_dir/metrics.json` in one atomic rename, and return
     the metrics: per kind, example counts, train losses and held-out metrics.
 
     model/tokenizer: the backbone, if already loaded (it must be cfg.backbone or the policy).
     model_cfg: dtype/device to load the backbone with otherwise (default: CPU float32).
+    record_backbone: how meta.json names the backbone (default: its path), e.g. relative to
+    out_dir so that a moved run still finds it.
     """
     start = time.perf_counter()
     backbone = str(cfg.backbone or policy_dir)
+    recorded = record_backbone or backbone
     if model is None:
         model, tokenizer = load_model(replace(model_cfg or ModelConfig(), name=backbone))
     examples = cap_state_examples(critic_examples(rows), cfg.max_state_texts, cfg.seed)
@@ -128,9 +134,9 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
             kind, train, heldout, pick(found, uses[kind]), index, cfg,
             linear_features(uses[kind], model.config.hidden_size))
         metrics[kind]["features"] = uses[kind]
-        meta[kind] = {"backbone": backbone, "examples": {"train": len(train), "heldout": len(heldout)},
+        meta[kind] = {"backbone": recorded, "examples": {"train": len(train), "heldout": len(heldout)},
                       "metrics": metrics[kind], "config": to_dict(cfg)}
-    result = {**metrics, "backbone": backbone, "problems": len(problem_ids),
+    result = {**metrics, "backbone": recorded, "problems": len(problem_ids),
               "heldout_problems": sorted(heldout_problems(problem_ids, cfg.heldout_fraction, cfg.seed)),
               "texts": len(states),
               "seconds": {"features": round(feature_seconds, 3),
@@ -143,11 +149,21 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     return result
 
 
+def fit_critics(root: Path, out: Path, policy: str, rows: Sequence[dict], cfg: CriticsConfig,
+                model_cfg: ModelConfig, record_backbone: str) -> dict:
+    """The critics stage's work, where it runs (pipeline.stages.base.stage_work)."""
+    return train_critics(rows, resolve_ref(root, policy, model_cfg), cfg, out,
+                         model_cfg=model_cfg, record_backbone=record_backbone)
+
+
 def run(loop: Loop, i: int) -> dict:
     """critics_{i+1}: heads fitted on iteration i's trees, on policy_i's features."""
     if not loop.cfg.critics.enabled:
         return {"skipped": "critics.enabled=false"}
     rows = load_shards(loop.store.stage_dir(i, "search"))
-    return loop.cluster.run_task(train_critics, rows, loop.policy(i), loop.cfg.critics,
-                                 loop.store.stage_dir(i, "critics"), model_cfg=loop.cfg.model,
-                                 num_gpus=loop.cfg.cluster.worker_num_gpus)
+    policy = loop.policy_ref(i)
+    backbone = loop.cfg.critics.backbone or policy  # recorded relative to it: the run can move
+    if loop.store.in_run(backbone):
+        backbone = os.path.relpath(loop.store.root / backbone, loop.store.stage_dir(i, "critics"))
+    return loop.run_remote(fit_critics, i, "critics", [policy], policy, rows, loop.cfg.critics,
+                           loop.cfg.model, backbone)

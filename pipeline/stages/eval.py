@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import DecodeStrategy, QstarConfig, to_dict
+from pipeline.config import DecodeStrategy, QstarConfig, replace_model_name, to_dict
 from pipeline.decoding import decode
 from pipeline.decoding.base import Decoded
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import write_json
 from pipeline.run.store import BASELINE
-from pipeline.stages.base import Loop
+from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.critics import load_critic_set, load_critics
 from pipeline.tasks import make_task
 from pipeline.tasks.base import Problem, Task
@@ -113,27 +113,36 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     return result
 
 
-def evaluate_policy(loop: Loop, policy_dir: str, critics_dir: Path | None, out_dir: Path) -> dict:
-    """Every strategy in `eval.decodes` on the held-out problems; one JSON per strategy."""
-    model, tokenizer = loop.model(policy_dir)
-    critics = load_critics(critics_dir, policy_dir, model, tokenizer, loop.cfg)
+def evaluate_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: QstarConfig,
+                    task: Task, problems: Sequence[Problem]) -> dict:
+    """Every strategy in `eval.decodes` on the held-out problems; one JSON per strategy in
+    `out`. Runs where the stage runs (pipeline.stages.base.stage_work): in-process, or a Ray
+    task with the stage's GPU, so the driver needs no device of its own."""
+    policy_dir = resolve_ref(root, policy, cfg.model)
+    model, tokenizer = load_model(replace_model_name(cfg.model, policy_dir))
+    critic_set = load_critics(root / critics if critics else None, policy_dir, model, tokenizer,
+                              cfg)
     results = {}
-    for name in loop.cfg.eval.decodes:
-        result = evaluate(loop.cfg, DecodeStrategy(name), model, tokenizer, loop.task,
-                          loop.heldout, critics=critics)
+    for name in cfg.eval.decodes:
+        result = evaluate(cfg, DecodeStrategy(name), model, tokenizer, task, problems,
+                          critics=critic_set)
         results[name] = result.summary()
-        write_json(out_dir / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
-    metrics = {"policy_dir": policy_dir, "decodes": results}
-    write_json(out_dir / "metrics.json", metrics)
+        write_json(out / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
+    metrics = {"policy_dir": policy, "decodes": results}
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
 def run_baseline(loop: Loop, i: int = 0) -> dict:
     """Iteration 0 evaluates the base policy first: every run carries its own baseline."""
-    return evaluate_policy(loop, loop.base_policy, None, loop.store.stage_dir(i, BASELINE))
+    policy = loop.policy_ref(0)
+    return loop.run_remote(evaluate_policy, i, BASELINE, [policy], policy, None, loop.cfg,
+                           loop.task, loop.heldout)
 
 
 def run(loop: Loop, i: int) -> dict:
     """policy_{i+1} with critics_{i+1}."""
-    return evaluate_policy(loop, loop.policy(i + 1), loop.store.critics_dir(i + 1),
-                           loop.store.stage_dir(i, "eval"))
+    policy = loop.policy_ref(i + 1)
+    critics, critic_rels = loop.critics_refs(i + 1)
+    return loop.run_remote(evaluate_policy, i, "eval", [policy, *critic_rels], policy, critics,
+                           loop.cfg, loop.task, loop.heldout)

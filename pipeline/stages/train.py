@@ -64,7 +64,7 @@ from pipeline.config import ModelConfig, TrainConfig, TrainMode, to_dict
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
-from pipeline.stages.base import Loop
+from pipeline.stages.base import Loop, resolve_ref
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -380,11 +380,20 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     return metrics
 
 
+def fit_policy(root: Path, out: Path, policy: str, data: str, cfg: TrainConfig,
+               model_cfg: ModelConfig, iteration: int, report_to: str) -> dict:
+    """The train stage's work, where it runs (stage_work: a Ray worker trains in its own dir)."""
+    return train_policy(resolve_ref(root, policy, model_cfg), root / data, cfg, out, report_to,
+                        model_cfg=model_cfg, iteration=iteration)
+
+
 def run(loop: Loop, i: int) -> dict:
-    """policy_{i+1}: policy_i fine-tuned on iteration i's rows."""
-    loop.free_model()  # free the driver's copy while TRL trains
+    """policy_{i+1} from policy_i and iteration i's rows; recorded run-relative (or by name)."""
     report_to = loop.tracker.report_to if loop.cluster.ray is None else "none"
-    return loop.cluster.run_task(
-        train_policy, loop.policy(i), loop.store.stage_dir(i, "data"), loop.cfg.train,
-        loop.store.stage_dir(i, "train"), report_to=report_to, model_cfg=loop.cfg.model,
-        num_gpus=loop.cfg.cluster.worker_num_gpus)
+    policy, data = loop.policy_ref(i), loop.store.relative(loop.store.stage_dir(i, "data"))
+    out = loop.store.stage_dir(i, "train")
+    metrics = loop.run_remote(fit_policy, i, "train", [policy, data], policy, data,
+                              loop.cfg.train, loop.cfg.model, i, report_to)
+    trained = "skipped" not in metrics
+    return {**metrics, "source_policy": policy,
+            "policy_dir": loop.store.relative(out / "policy") if trained else policy}
