@@ -246,3 +246,32 @@ def test_a_shard_missing_short_or_cut_off_is_searched_again(tmp_path):
     shard_path(out, 2).write_text('{"problem_id": "4"')  # cut off
     assert missing_shards(shards, out) == [1, 2]
     assert os.path.exists(shard_path(out, 1))  # kept for inspection; rewritten on retry
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cpu_part(tmp_path):
+    """benchmarks/gpu_check.sh on CPU: the random SmolLM2-architecture model, one iteration,
+    then the generation benchmark; what a GPU machine runs with DEVICE=cuda DTYPE=bfloat16."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DEVICE="cpu", DTYPE="float32", LAYERS="2", BATCHES="2",
+               PYTHON=sys.executable, PYTHONPATH=str(repo))
+    done = subprocess.run(["bash", str(repo / "benchmarks/gpu_check.sh"), "-", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gpu_check: ok" in done.stdout
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert sorted(manifest["stages"]) == ALL_STAGES
+    assert manifest["config"]["model"]["device"] == "cpu"
+    config = json.loads((tmp_path / "model/config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["num_hidden_layers"]) == (576, 9, 3, 2)
+    rows = json.loads((tmp_path / "generation.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [2] and rows[0]["qstar_tok_s"] > 0
+    bad = subprocess.run(["bash", str(repo / "benchmarks/gpu_check.sh"), "-", str(tmp_path)],
+                         env=dict(env, DEVICE="cuda"), capture_output=True, text=True)
+    if bad.returncode != 0:  # no GPU here: refused in one line before any work
+        assert "DEVICE=cuda but torch sees no GPU" in bad.stderr

@@ -416,8 +416,8 @@ def test_ray_search_actor_and_critic_task_killed_mid_batch_are_retried(
 
     search_died, critics_died = tmp_path / "search-died", tmp_path / "critics-died"
     monkeypatch.setattr(loop_module, "make_task", faulty_make_task(search_died, always=False))
-    monkeypatch.setattr(critics_stage, "train_critics",
-                        dying_once(critics_stage.train_critics, critics_died))
+    monkeypatch.setattr(critics_stage, "fit_critics",
+                        dying_once(critics_stage.fit_critics, critics_died))
     store = loop_module.run_loop(compose_config(ray_overrides(debug_overrides)), tmp_path / "run")
     assert len(search_died.read_text().splitlines()) == 1  # the search actor did die, once
     assert len(critics_died.read_text().splitlines()) == 1  # so did the critics task
