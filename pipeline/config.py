@@ -207,12 +207,12 @@ class TrainConfig:
 @dataclass
 class ClusterConfig:
     kind: ClusterKind = ClusterKind.local
-    address: str | None = None  # None: start Ray on this machine; "auto" or "ray://..." joins
+    address: str | None = None  # None: start Ray on this machine; "auto", host:port or ray://... joins
     num_cpus: int | None = None  # for a local Ray start; None: all
-    search_workers: int = 1
-    worker_num_cpus: float = 1.0
-    worker_num_gpus: float = 0.0
-    max_restarts: int = 2
+    search_workers: int = 1  # search actors at once (each one shard at a time)
+    worker_num_cpus: float = 1.0  # CPUs each search actor and each critics/train/eval task asks for
+    worker_num_gpus: float = 0.0  # GPUs likewise; the cluster must have search_workers x this
+    max_restarts: int = 2  # retries of a job whose worker process or node died
 
 
 @dataclass
