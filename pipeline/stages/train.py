@@ -383,17 +383,19 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
 def fit_policy(root: Path, out: Path, policy: str, data: str, cfg: TrainConfig,
                model_cfg: ModelConfig, iteration: int, report_to: str) -> dict:
     """The train stage's work, where it runs (stage_work: a Ray worker trains in its own dir)."""
-    return train_policy(resolve_ref(root, policy, model_cfg), root / data, cfg, out, report_to,
-                        model_cfg=model_cfg, iteration=iteration)
+    metrics = train_policy(resolve_ref(root, policy, model_cfg), root / data, cfg, out,
+                           report_to, model_cfg=model_cfg, iteration=iteration)
+    if "skipped" in metrics:  # names the data dir: as the run knows it, not this worker
+        metrics["skipped"] = metrics["skipped"].replace(str(root / data), data)
+    return metrics
 
 
 def run(loop: Loop, i: int) -> dict:
     """policy_{i+1} from policy_i and iteration i's rows; recorded run-relative (or by name)."""
-    report_to = loop.tracker.report_to if loop.cluster.ray is None else "none"
     policy, data = loop.policy_ref(i), loop.store.relative(loop.store.stage_dir(i, "data"))
-    out = loop.store.stage_dir(i, "train")
     metrics = loop.run_remote(fit_policy, i, "train", [policy, data], policy, data,
-                              loop.cfg.train, loop.cfg.model, i, report_to)
-    trained = "skipped" not in metrics
+                              loop.cfg.train, loop.cfg.model, i,
+                              loop.tracker.report_to if loop.cluster.ray is None else "none")
+    trained = loop.store.relative(loop.store.stage_dir(i, "train") / "policy")
     return {**metrics, "source_policy": policy,
-            "policy_dir": loop.store.relative(out / "policy") if trained else policy}
+            "policy_dir": policy if "skipped" in metrics else trained}
