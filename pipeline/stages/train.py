@@ -381,8 +381,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
 
 
 def fit_policy(root: Path, out: Path, policy: str, data: str, cfg: TrainConfig,
-               model_cfg: ModelConfig, iteration: int, report_to: str) -> dict:
-    """The train stage's work, where it runs (stage_work: a Ray worker trains in its own dir)."""
+               model_cfg: ModelConfig, iteration: int, report_to: str) -> dict:  # see stage_work
     metrics = train_policy(resolve_ref(root, policy, model_cfg), root / data, cfg, out,
                            report_to, model_cfg=model_cfg, iteration=iteration)
     if "skipped" in metrics:  # names the data dir: as the run knows it, not this worker
