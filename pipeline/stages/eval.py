@@ -113,19 +113,33 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     return result
 
 
-def evaluate_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: QstarConfig,
-                    task: Task, problems: Sequence[Problem]) -> dict:
-    """Every strategy in `eval.decodes` on the held-out problems; one JSON per strategy in
-    `out`. Runs where the stage runs (pipeline.stages.base.stage_work): in-process, or a Ray
-    task with the stage's GPU, so the driver needs no device of its own."""
+def decode_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: QstarConfig,
+                  task: Task, questions: Sequence[str]) -> dict[str, tuple[Decoded, float]]:
+    """Every strategy in `eval.decodes` on the held-out questions: (decoded, seconds) each.
+    Runs where the stage runs (stage_work): in-process, or a Ray task with the stage's GPU, so
+    the driver needs no device. It sees questions only; the driver grades."""
     policy_dir = resolve_ref(root, policy, cfg.model)
     model, tokenizer = load_model(replace_model_name(cfg.model, policy_dir))
     critic_set = load_critics(root / critics if critics else None, policy_dir, model, tokenizer,
                               cfg)
-    results = {}
+    prompts = render_prompts(tokenizer, list(questions))
+    found = {}
     for name in cfg.eval.decodes:
-        result = evaluate(cfg, DecodeStrategy(name), model, tokenizer, task, problems,
-                          critics=critic_set)
+        start = time.perf_counter()
+        decoded = decode(cfg, DecodeStrategy(name), model, tokenizer, prompts, critic_set,
+                         f"eval {name}" if cfg.progress else None, task.extract_answer)
+        found[name] = (decoded, time.perf_counter() - start)
+    return found
+
+
+def evaluate_policy(loop: Loop, i: int, stage: str, policy: str, critics: str | None,
+                    rels: list[str]) -> dict:
+    """Decode (pipeline.stages.base.Loop.run_remote), then grade here; one JSON per strategy."""
+    found = loop.run_remote(decode_policy, i, stage, [policy, *rels], policy, critics, loop.cfg,
+                            loop.task, [p.question for p in loop.heldout])
+    out, results = loop.store.stage_dir(i, stage), {}
+    for name, (decoded, seconds) in found.items():
+        result = grade(loop.task, loop.heldout, decoded, name, seconds)
         results[name] = result.summary()
         write_json(out / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
     metrics = {"policy_dir": policy, "decodes": results}
@@ -135,14 +149,10 @@ def evaluate_policy(root: Path, out: Path, policy: str, critics: str | None, cfg
 
 def run_baseline(loop: Loop, i: int = 0) -> dict:
     """Iteration 0 evaluates the base policy first: every run carries its own baseline."""
-    policy = loop.policy_ref(0)
-    return loop.run_remote(evaluate_policy, i, BASELINE, [policy], policy, None, loop.cfg,
-                           loop.task, loop.heldout)
+    return evaluate_policy(loop, i, BASELINE, loop.policy_ref(0), None, [])
 
 
 def run(loop: Loop, i: int) -> dict:
     """policy_{i+1} with critics_{i+1}."""
-    policy = loop.policy_ref(i + 1)
     critics, critic_rels = loop.critics_refs(i + 1)
-    return loop.run_remote(evaluate_policy, i, "eval", [policy, *critic_rels], policy, critics,
-                           loop.cfg, loop.task, loop.heldout)
+    return evaluate_policy(loop, i, "eval", loop.policy_ref(i + 1), critics, critic_rels)
