@@ -25,8 +25,8 @@ if [ "$wheels" != "-" ]; then
     echo "error: $wheels holds $size bytes; at most 64 MiB" >&2; exit 2
   fi
   "$PYTHON" -m pip install --quiet --no-index --find-links "$wheels" "$wheels"/*.whl
-  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-build-isolation -e "$repo"
 fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # qstar itself from this checkout
 "$PYTHON" -c "import torch, transformers, trl, datasets, hydra, reasoning_gym, math_verify"
 "$PYTHON" -c "import torch, sys; d = sys.argv[1]; \
   sys.exit(0 if d == 'cpu' or torch.cuda.is_available() else 'error: DEVICE=cuda but torch sees no GPU')" "$DEVICE"
