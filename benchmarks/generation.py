@@ -1,6 +1,6 @@
 """Tokens/s of qstar's generation module beside plain `model.generate`, same prompts, same run.
 
-    python benchmarks/generation.py [--batches 1,8,32,64] [--max-new-tokens 64]
+    python benchmarks/generation.py [--batches 1,8,32,64] [--max-new-tokens 64] [--out JSON]
 
 Both sides sample (temperature 0.8, full vocabulary) from the same chat-templated arithmetic
 prompts with the same seeds; each batch size runs plain and ours alternately, `--repeats`
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=RESULTS / "generation.json")
     args = parser.parse_args()
 
     model, tokenizer = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
@@ -77,7 +78,7 @@ def main() -> None:
     result = {"benchmark": "generation", "model": args.model, "device": args.device,
               "max_new_tokens": args.max_new_tokens, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "rows": rows, "min_ratio": min(r["ratio"] for r in rows)}
-    write_json(RESULTS / "generation.json", result)
+    write_json(args.out, result)
     print(f"min ratio qstar/plain: {result['min_ratio']}  (target >= 0.9)")
 
 

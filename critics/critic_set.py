@@ -29,8 +29,12 @@ class FeatureSet(str, Enum):
 
 
 def backbone_of(directory: str | os.PathLike) -> str:
-    """The backbone the saved heads were trained on (a checkpoint path or model id)."""
-    return read_meta(Path(directory) / KINDS[0])["backbone"]
+    """The backbone the saved heads were trained on: a checkpoint directory, recorded relative
+    to `directory` when it lay in the same run (so a moved run still finds it), or a model id
+    (resolved by the caller)."""
+    backbone = read_meta(Path(directory) / KINDS[0])["backbone"]
+    beside = Path(directory) / backbone  # an absolute `backbone` stays itself
+    return os.path.normpath(beside) if beside.is_dir() else backbone
 
 
 def feature_width(features: FeatureSet, hidden_size: int) -> int:

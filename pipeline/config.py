@@ -241,12 +241,12 @@ class TrainConfig:
 @dataclass
 class ClusterConfig:
     kind: ClusterKind = ClusterKind.local  # local: in-process; ray: Ray actors and tasks
-    address: str | None = None  # None: start Ray on this machine; "auto" or "ray://..." joins
+    address: str | None = None  # None: start Ray on this machine; "auto", host:port or ray://... joins
     num_cpus: int | None = None  # for a local Ray start; None: all
-    search_workers: int = 1  # search actors per search stage
-    worker_num_cpus: float = 1.0  # CPUs each actor or task asks Ray for
-    worker_num_gpus: float = 0.0  # GPUs each actor or task asks Ray for
-    max_restarts: int = 2  # restarts of a failed actor (retries of a failed task)
+    search_workers: int = 1  # search actors at once (each one shard at a time)
+    worker_num_cpus: float = 1.0  # CPUs each search actor and each critics/train/eval task asks for
+    worker_num_gpus: float = 0.0  # GPUs likewise; the cluster must have search_workers x this
+    max_restarts: int = 2  # retries of a job whose worker process or node died
 
 
 @dataclass

@@ -62,7 +62,8 @@ def test_run_completes_every_stage_with_its_artifacts(reference_run):
     assert (run / "plots/accuracy.png").stat().st_size > 0
     train = store.metrics(0, "train")
     if not train.get("skipped"):  # a trained policy loads back and is the next policy
-        assert c["policy_0"] and store.policy_dir(1, "base") == train["policy_dir"]
+        assert c["policy_0"] and store.policy_dir(1, "base") == str(run / train["policy_dir"])
+        assert train["policy_dir"] == "iter_000/train/policy"  # relative: the run can move
     # Nothing half-written is left behind.
     assert not list(run.rglob(".tmp-*"))
 
@@ -100,15 +101,29 @@ def test_crash_in_any_stage_then_resume_matches_uninterrupted(stage, reference_r
 
 
 def test_resume_extends_iterations_and_refuses_other_changes(reference_run, tmp_path):
+    """The run is moved first, and its original is out of reach: nothing may point there."""
     import shutil
 
     reference, _ = reference_run
-    run = tmp_path / "run"
+    run = tmp_path / "moved" / "run"
     shutil.copytree(reference, run)
+    for text in [(run / "manifest.json").read_text(),
+                 *(p.read_text() for p in run.glob("iter_000/critics/*/meta.json"))]:
+        assert str(reference) not in text
+    assert json.loads((run / "iter_000/critics/value/meta.json").read_text())["backbone"] \
+        == RunStore(run).manifest["config"]["model"]["name"]  # policy_0: by name
     with pytest.raises(ConfigError, match=r"search\.c_puct cannot change on resume"):
         resume_run(str(run), ["search.c_puct=2.0"])
-    resume_run(str(run), ["iterations=2"])
+    hidden = reference.with_name("run.hidden")
+    reference.rename(hidden)
+    try:
+        resume_run(str(run), ["iterations=2"])
+    finally:
+        hidden.rename(reference)
     store = RunStore(run)
+    trained = not store.metrics(0, "train").get("skipped")
+    assert json.loads((run / "iter_001/critics/value/meta.json").read_text())["backbone"] == (
+        "../../iter_000/train/policy" if trained else store.manifest["config"]["model"]["name"])
     assert store.done(1, "eval") and store.manifest["iterations"] == 2
     assert (run / "iter_001/search/shard_0000.jsonl").exists()
 

@@ -190,7 +190,7 @@ def assert_consistent(run: Path) -> None:
         read_jsonl(run / "iter_000/data/dpo.jsonl")
         read_jsonl(run / "iter_000/data/sft.jsonl")
     if "iter_000/train" in done and not store.metrics(0, "train").get("skipped"):
-        assert (Path(store.metrics(0, "train")["policy_dir"]) / "meta.json").is_file()
+        assert (run / store.metrics(0, "train")["policy_dir"] / "meta.json").is_file()
     for key in ("iter_000/baseline", "iter_000/eval"):
         if key in done:
             json.loads((run / key / "metrics.json").read_text())
@@ -203,7 +203,7 @@ def assert_complete_like(run: Path, reference: dict) -> None:
     if not train.get("skipped"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        policy = Path(train["policy_dir"])
+        policy = run / train["policy_dir"]
         assert policy == run / "iter_000/train/policy"
         AutoModelForCausalLM.from_pretrained(policy)
         AutoTokenizer.from_pretrained(policy)
@@ -416,8 +416,8 @@ def test_ray_search_actor_and_critic_task_killed_mid_batch_are_retried(
 
     search_died, critics_died = tmp_path / "search-died", tmp_path / "critics-died"
     monkeypatch.setattr(loop_module, "make_task", faulty_make_task(search_died, always=False))
-    monkeypatch.setattr(critics_stage, "train_critics",
-                        dying_once(critics_stage.train_critics, critics_died))
+    monkeypatch.setattr(critics_stage, "fit_critics",
+                        dying_once(critics_stage.fit_critics, critics_died))
     store = loop_module.run_loop(compose_config(ray_overrides(debug_overrides)), tmp_path / "run")
     assert len(search_died.read_text().splitlines()) == 1  # the search actor did die, once
     assert len(critics_died.read_text().splitlines()) == 1  # so did the critics task

@@ -23,8 +23,17 @@ from pipeline.decoding.tree_search import (
     train_search,
     weighted,
 )
+from pipeline.run.atomic import write_jsonl
 from pipeline.run.store import load_shards
-from pipeline.stages.search import SearchWorker, shard_jobs, summarize_search
+from pipeline.run.transfer import RunFiles
+from pipeline.stages.search import (
+    SearchJob,
+    SearchWorker,
+    expected_shards,
+    missing_shards,
+    shard_path,
+    summarize_search,
+)
 from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.prompt import render_prompts
 
@@ -54,10 +63,13 @@ def run_search_stage(cfg, iteration, problems, task, models, out):
     """The search stage's shard loop in-process, with models already loaded."""
     out.mkdir(parents=True, exist_ok=True)
     worker = SearchWorker(cfg)
-    worker.models, worker.loaded = models, ("tiny", None)
+    files = RunFiles(root=str(out))
+    worker.models, worker.loaded = models, (files, "tiny", None)
     start = time.perf_counter()
-    for job in shard_jobs(problems, task, iteration, out, cfg.search.trees_per_batch, "tiny", None):
-        worker.run(job)
+    shards = expected_shards(problems, cfg.search.trees_per_batch)
+    for k in missing_shards(shards, out):
+        job = SearchJob(iteration, k, shards[k], task, files, "tiny", None)
+        write_jsonl(shard_path(out, k), worker.run(job))
     return summarize_search(load_shards(out), time.perf_counter() - start)
 
 

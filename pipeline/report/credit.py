@@ -38,7 +38,7 @@ def trained_pair(store: RunStore, iteration: int) -> tuple[str, str]:
     if train is None or train.get("skipped"):
         raise QstarError(f"iteration {iteration} has no trained policy: the credit map compares "
                          "policy_{N+1} with its reference policy_N")
-    policy = train["policy_dir"]
+    policy = store.policy_dir(iteration + 1, "")  # recorded run-relative: resolved here
     if not os.path.isdir(policy):
         raise QstarError(f"iteration {iteration}: its trained policy {policy} is not on disk any more")
     reference = store.policy_dir(iteration, resolve_model_path(_model_config(store)))

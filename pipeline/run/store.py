@@ -82,14 +82,35 @@ class RunStore:
     def stage_dir(self, iteration: int, stage: str) -> Path:
         return self.iter_dir(iteration) / stage
 
-    def policy_dir(self, iteration: int, base: str) -> str:
-        """policy_i: the base model for i = 0, else what iteration i-1 trained (or its input)."""
+    def policy_ref(self, iteration: int, base: str) -> str:
+        """policy_i as recorded: the base model's name for i = 0, else what iteration i-1's train
+        stage names: a path relative to the run directory (so a moved run still finds it), or
+        the base model's name when training was skipped."""
         if iteration == 0:
             return base
         train = self.metrics(iteration - 1, "train")
         if train is None:
             raise QstarError(f"iteration {iteration - 1} has no completed train stage")
         return train["policy_dir"]
+
+    def policy_dir(self, iteration: int, base: str) -> str:
+        """policy_i as a checkpoint directory: `base` (resolved) for i = 0, else the recorded
+        reference resolved against this run directory."""
+        ref = self.policy_ref(iteration, base)
+        if self.in_run(ref):
+            return str(self.root / ref)
+        return ref if os.path.isabs(ref) and os.path.isdir(ref) else base  # runs before 0.2
+
+    def in_run(self, ref: str | None) -> bool:
+        """Whether `ref` names a directory of this run, relative to it."""
+        return bool(ref) and not os.path.isabs(ref) and (self.root / ref).is_dir()
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """`path` relative to the run directory when it lies inside it, else unchanged."""
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
 
     def critics_dir(self, iteration: int) -> Path | None:
         """critics_i: trained in iteration i-1 from its trees; none before the first iteration."""

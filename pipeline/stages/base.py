@@ -6,12 +6,16 @@ the run directory, writes its own atomically, and returns the metrics the manife
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from pipeline.config import QstarConfig, replace_model_name
-from pipeline.lm.models import load_model
+from critics.critic_set import backbone_of
+from pipeline.config import ModelConfig, QstarConfig, replace_model_name
+from pipeline.lm.models import resolve_model_path
 from pipeline.run.store import RunStore
 from pipeline.run.tracking import Tracker
+from pipeline.run.transfer import RunFiles, pack, unpack_atomic, worker_dir
 from pipeline.run.workers import Cluster
 from pipeline.tasks.base import Problem, Task
 
@@ -26,18 +30,57 @@ class Loop:
     heldout: list[Problem]
     base_policy: str  # the resolved base checkpoint: policy_0
     tracker: Tracker
-    _model: tuple = field(default=(None, None, None))  # (path, model, tokenizer) cached in-process
 
     def policy(self, i: int) -> str:
-        """policy_i: the base model for i = 0, else iteration i-1's trained policy."""
+        """policy_i's checkpoint directory: the base model for i = 0, else iteration i-1's."""
         return self.store.policy_dir(i, self.base_policy)
 
-    def model(self, path: str):
-        """The driver keeps one model loaded (eval); reloaded when the path changes."""
-        if self._model[0] != path:
-            self._model = (None, None, None)
-            self._model = (path, *load_model(replace_model_name(self.cfg.model, path)))
-        return self._model[1], self._model[2]
+    def policy_ref(self, i: int) -> str:
+        """policy_i as workers get it: run-relative, or the base model's name (resolved on
+        each node)."""
+        return self.store.policy_ref(i, self.cfg.model.name)
 
-    def free_model(self) -> None:
-        self._model = (None, None, None)
+    def run_files(self, rels: list[str | None]):
+        """The run files workers need (`rels` relative to the run; None and model names are
+        skipped): the run directory in-process, a packed copy under Ray."""
+        return self.cluster.share(self.store.root,
+                                  [r for r in rels if r and self.store.in_run(r)])
+
+    def run_remote(self, fn: Callable, i: int, stage: str, rels: list[str | None], *args,
+                   **kwargs):
+        """`stage_work(fn, ...)` as a Ray task with the stage's GPU request (or in-process); what
+        it made becomes iter_i/<stage> in one atomic rename. Returns fn's result."""
+        out = self.store.stage_dir(i, stage)
+        result, packed = self.cluster.run_task(
+            stage_work, fn, self.run_files(rels), None if self.cluster.ray else str(out), *args,
+            num_gpus=self.cfg.cluster.worker_num_gpus, name=f"{stage} stage", **kwargs)
+        if packed is not None:
+            unpack_atomic(packed, out)
+        return result
+
+    def critics_refs(self, i: int) -> tuple[str | None, list[str]]:
+        """critics_i relative to the run (None before any exist), and every run directory a
+        worker needs to use them: the critics and their backbone when it is in the run."""
+        path = self.store.critics_dir(i)
+        if path is None:
+            return None, []
+        rel = self.store.relative(path)
+        backbone = self.store.relative(backbone_of(path))
+        return rel, [rel, backbone]
+
+
+def stage_work(fn: Callable, files: RunFiles, out_dir: str | None, *args, **kwargs):
+    """A stage's work where it runs: `fn(root, target, *args, **kwargs)`, with `root` the run
+    directory (or a Ray worker's unpacked copy of what it needs) and `target` the stage's
+    directory in-process, or the worker's own directory under Ray, packed for the driver."""
+    target = Path(out_dir) if out_dir else worker_dir("stage")
+    result = fn(files.open(fn.__name__), target, *args, **kwargs)
+    return result, None if out_dir else pack(target, ["."])
+
+
+def resolve_ref(root: Path, ref: str, model_cfg: ModelConfig) -> str:
+    """A checkpoint directory for `ref`: root/ref when the run (or a worker's unpacked copy of
+    it) holds it, else a model name resolved on this node."""
+    if (root / ref).is_dir():
+        return str(root / ref)
+    return resolve_model_path(replace_model_name(model_cfg, ref))

@@ -8,6 +8,7 @@ are split into train and held-out, so the held-out metrics judge critics on unse
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -37,10 +38,10 @@ from critics.metrics import (
 from critics.targets import cap_state_examples, heldout_problems
 from pipeline.config import CriticsConfig, ModelConfig, QstarConfig, to_dict
 from pipeline.errors import QstarError
-from pipeline.lm.models import load_model
+from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import atomic_dir, write_json
 from pipeline.run.store import load_shards
-from pipeline.stages.base import Loop
+from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.reference import dpo_reference, implicit_critic
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
@@ -50,8 +51,9 @@ def load_critic_set(critics_dir: str | Path, policy_dir: str, model, tokenizer,
                     model_cfg: ModelConfig, batch_size: int) -> CriticSet:
     """critics_i for scoring. Heads only fit the backbone they were trained on: they share the
     loaded policy's weights when that is their backbone; otherwise (critics.backbone, or
-    critics_{i+1} trained on policy_i and used beside policy_{i+1}) the backbone is loaded."""
-    backbone = backbone_of(critics_dir)
+    critics_{i+1} trained on policy_i and used beside policy_{i+1}) the backbone is loaded.
+    A backbone recorded by model name is resolved on this node."""
+    backbone = resolve_model_path(replace(model_cfg, name=backbone_of(critics_dir)))
     if Path(backbone).resolve() != Path(policy_dir).resolve():
         model, tokenizer = load_model(replace(model_cfg, name=backbone))
     try:
@@ -124,19 +126,20 @@ def implicit_metrics(heldout: Sequence[Example], reference: tuple[str, float] | 
                      batch_size: int) -> dict:
     """The policy's implicit reward (summed over each held-out completion) as a critic of it."""
     if reference is None:
-        return {"skipped": f"{policy_dir} was not trained by DPO: no reference"}
+        return {"skipped": "the policy was not trained by DPO: no reference"}
     if Path(backbone).resolve() != Path(policy_dir).resolve():
         policy, tokenizer = load_model(replace(model_cfg, name=policy_dir))
     critic = implicit_critic(reference, policy, tokenizer, model_cfg, batch_size,
                              f"{policy_dir}/meta.json")
     rewards = critic.of_texts([e.prompt for e in heldout], [e.completion for e in heldout])
     targets = [e.target for e in heldout]
-    return {"reference": reference[0], "beta": reference[1], "heldout_examples": len(heldout),
+    return {"beta": reference[1], "heldout_examples": len(heldout),
             "auc": auc(rewards, targets), **within_problem(rewards, heldout)}
 
 
 def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out_dir: Path,
                   model=None, tokenizer=None, model_cfg: ModelConfig | None = None,
+                  record_backbone: str | None = None,
                   reference: tuple[str, float] | None = None) -> dict:
     """Train the three heads on the trees in `rows`, write `out_dir/{value,prm,orm}/`
     (head.safetensors + meta.json) and `out_dir/metrics.json` in one atomic rename, and return
@@ -144,9 +147,13 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
 
     model/tokenizer: the backbone, if already loaded (it must be cfg.backbone or the policy).
     model_cfg: dtype/device to load the backbone with otherwise (default: CPU float32).
+    record_backbone: how meta.json names the backbone (default: its path), e.g. relative to
+    out_dir so that a moved run still finds it. reference: the policy's DPO (reference, beta),
+    to judge its implicit reward beside the heads.
     """
     start = time.perf_counter()
     backbone = str(cfg.backbone or policy_dir)
+    recorded = record_backbone or backbone
     if model is None:
         model, tokenizer = load_model(replace(model_cfg or ModelConfig(), name=backbone))
     examples = cap_state_examples(critic_examples(rows), cfg.max_state_texts, cfg.seed)
@@ -172,11 +179,11 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
         metrics[kind]["features"] = uses[kind].value
         metrics[kind].update(within_problem(heads[kind].predict(
             _rows_of(pick(found, uses[kind]), index, completions)).numpy(), completions))
-        meta[kind] = {"backbone": backbone, "examples": {"train": len(train), "heldout": len(heldout)},
+        meta[kind] = {"backbone": recorded, "examples": {"train": len(train), "heldout": len(heldout)},
                       "metrics": metrics[kind], "config": to_dict(cfg)}
     metrics["implicit"] = implicit_metrics(completions, reference, model, tokenizer, policy_dir,
                                            backbone, model_cfg or ModelConfig(), cfg.score_batch_size)
-    result = {**metrics, "backbone": backbone, "problems": len(problem_ids),
+    result = {**metrics, "backbone": recorded, "problems": len(problem_ids),
               "heldout_problems": sorted(heldout_problems(problem_ids, cfg.heldout_fraction, cfg.seed)),
               "texts": len(states),
               "seconds": {"features": round(feature_seconds, 3),
@@ -189,12 +196,24 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     return result
 
 
+def fit_critics(root: Path, out: Path, policy: str, rows: Sequence[dict], cfg: CriticsConfig,
+                model_cfg: ModelConfig, record_backbone: str) -> dict:
+    """The critics stage's work, where it runs (pipeline.stages.base.stage_work)."""
+    policy_dir = resolve_ref(root, policy, model_cfg)
+    return train_critics(rows, policy_dir, cfg, out, model_cfg=model_cfg,
+                         record_backbone=record_backbone, reference=dpo_reference(policy_dir))
+
+
 def run(loop: Loop, i: int) -> dict:
     """critics_{i+1}: heads fitted on iteration i's trees, on policy_i's features."""
     if not loop.cfg.critics.enabled:
         return {"skipped": "critics.enabled=false"}
     rows = load_shards(loop.store.stage_dir(i, "search"))
-    return loop.cluster.run_task(train_critics, rows, loop.policy(i), loop.cfg.critics,
-                                 loop.store.stage_dir(i, "critics"), model_cfg=loop.cfg.model,
-                                 reference=dpo_reference(loop.policy(i)),
-                                 num_gpus=loop.cfg.cluster.worker_num_gpus)
+    policy = loop.policy_ref(i)
+    backbone = loop.cfg.critics.backbone or policy  # recorded relative to it: the run can move
+    if loop.store.in_run(backbone):
+        backbone = os.path.relpath(loop.store.root / backbone, loop.store.stage_dir(i, "critics"))
+    reference = dpo_reference(loop.policy(i))  # shipped too: the implicit reward's pi_ref
+    shipped = [policy, loop.store.relative(reference[0]) if reference else None]
+    return loop.run_remote(fit_critics, i, "critics", shipped, policy, rows, loop.cfg.critics,
+                           loop.cfg.model, backbone)

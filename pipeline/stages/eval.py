@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import DecodeStrategy, QstarConfig, to_dict
+from pipeline.config import DecodeStrategy, QstarConfig, replace_model_name, to_dict
 from pipeline.decoding import decode
 from pipeline.decoding.base import Decoded
 from pipeline.decoding.best_of_n import check_selection
@@ -20,7 +20,7 @@ from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import write_json
 from pipeline.run.store import BASELINE
-from pipeline.stages.base import Loop
+from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.critics import load_critic_set, load_critics
 from pipeline.stages.reference import dpo_reference, load_implicit
 from pipeline.tasks import make_task
@@ -135,28 +135,49 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     return result
 
 
-def evaluate_policy(loop: Loop, policy_dir: str, critics_dir: Path | None, out_dir: Path) -> dict:
-    """Every strategy in `eval.decodes` on the held-out problems; one JSON per strategy."""
-    model, tokenizer = loop.model(policy_dir)
-    critics = load_critics(critics_dir, policy_dir, model, tokenizer, loop.cfg)
-    implicit = implicit_for(loop.cfg, loop.cfg.eval.decodes, policy_dir, model, tokenizer)
-    results = {}
-    for name in loop.cfg.eval.decodes:
-        result = evaluate(loop.cfg, DecodeStrategy(name), model, tokenizer, loop.task,
-                          loop.heldout, critics=critics, implicit=implicit)
+def decode_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: QstarConfig,
+                  task: Task, questions: Sequence[str]) -> dict[str, tuple[Decoded, float]]:
+    """Every strategy in `eval.decodes` on the held-out questions: (decoded, seconds) each.
+    Runs where the stage runs (stage_work): in-process, or a Ray task with the stage's GPU, so
+    the driver needs no device. It sees questions only; the driver grades."""
+    policy_dir = resolve_ref(root, policy, cfg.model)
+    model, tokenizer = load_model(replace_model_name(cfg.model, policy_dir))
+    critic_set = load_critics(root / critics if critics else None, policy_dir, model, tokenizer,
+                              cfg)
+    implicit = implicit_for(cfg, cfg.eval.decodes, policy_dir, model, tokenizer)
+    prompts = render_prompts(tokenizer, list(questions))
+    found = {}
+    for name in cfg.eval.decodes:
+        start = time.perf_counter()
+        decoded = decode(cfg, DecodeStrategy(name), model, tokenizer, prompts, critic_set,
+                         f"eval {name}" if cfg.progress else None, task.extract_answer, implicit)
+        found[name] = (decoded, time.perf_counter() - start)
+    return found
+
+
+def evaluate_policy(loop: Loop, i: int, stage: str, policy: str, critics: str | None,
+                    rels: list[str]) -> dict:
+    """Decode (pipeline.stages.base.Loop.run_remote), then grade here; one JSON per strategy."""
+    reference = dpo_reference(resolve_ref(loop.store.root, policy, loop.cfg.model))
+    shipped = [policy, *rels, loop.store.relative(reference[0]) if reference else None]
+    found = loop.run_remote(decode_policy, i, stage, shipped, policy, critics, loop.cfg,
+                            loop.task, [p.question for p in loop.heldout])
+    out, results = loop.store.stage_dir(i, stage), {}
+    for name, (decoded, seconds) in found.items():
+        result = grade(loop.task, loop.heldout, decoded, name, seconds)
         results[name] = result.summary()
-        write_json(out_dir / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
-    metrics = {"policy_dir": policy_dir, "decodes": results}
-    write_json(out_dir / "metrics.json", metrics)
+        write_json(out / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
+    metrics = {"policy_dir": policy, "decodes": results}
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
 def run_baseline(loop: Loop, i: int = 0) -> dict:
     """Iteration 0 evaluates the base policy first: every run carries its own baseline."""
-    return evaluate_policy(loop, loop.base_policy, None, loop.store.stage_dir(i, BASELINE))
+    return evaluate_policy(loop, i, BASELINE, loop.policy_ref(0), None, [])
 
 
 def run(loop: Loop, i: int) -> dict:
     """policy_{i+1} with critics_{i+1}."""
-    return evaluate_policy(loop, loop.policy(i + 1), loop.store.critics_dir(i + 1),
-                           loop.store.stage_dir(i, "eval"))
+    critics, critic_rels = loop.critics_refs(i + 1)
+    return evaluate_policy(loop, i, "eval", loop.policy_ref(i + 1), critics, critic_rels)

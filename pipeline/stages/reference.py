@@ -30,7 +30,11 @@ def dpo_reference(policy_dir: str) -> tuple[str, float] | None:
     meta = json.loads(path.read_text(encoding="utf-8"))
     if "dpo" not in meta.get("metrics", {}).get("phases", []):
         return None
-    return meta.get("reference") or meta["source_policy"], float(meta["config"]["beta"])
+    reference = meta.get("reference") or meta["source_policy"]
+    beside = Path(policy_dir) / reference  # recorded relative to the policy: the run can move
+    if not Path(reference).is_absolute() and beside.is_dir():
+        reference = str(beside.resolve())
+    return reference, float(meta["config"]["beta"])
 
 
 def load_implicit(policy_dir: str, model, tokenizer, model_cfg: ModelConfig,

@@ -1,14 +1,14 @@
 """The search stage: every training problem of iteration i searched with policy_i and critics_i.
 
 Problems are cut into shards of `search.trees_per_batch`; each shard is one `SearchJob` for a
-`SearchWorker` (in-process, or a Ray actor), which searches it and writes
-`iter_NNN/search/shard_KKKK.jsonl` atomically. A shard that exists is complete, so a resumed
-stage searches only the missing ones.
+`SearchWorker` (in-process, or a Ray actor), which searches it and returns its rows; the driver
+writes `iter_NNN/search/shard_KKKK.jsonl` atomically. A shard counts only when its file holds
+exactly its problems (by id), so a resumed or retried stage searches only the missing ones, and
+the stage is recorded complete only when none is missing.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +19,12 @@ from pipeline.config import QstarConfig, replace_model_name
 from pipeline.decoding.tree_search import LeafScorer, SearchModels, train_search
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model
-from pipeline.run.atomic import write_jsonl
+from pipeline.run.atomic import read_jsonl, write_jsonl
 from pipeline.run.store import load_shards
-from pipeline.stages.base import Loop
+from pipeline.run.transfer import RunFiles
+from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.critics import load_critics
-from pipeline.stages.reference import load_implicit
+from pipeline.stages.reference import dpo_reference, load_implicit
 from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.prompt import render_prompts
 
@@ -33,26 +34,31 @@ class SearchJob:
     """One shard of one iteration's search: everything a worker needs, nothing it must share."""
 
     iteration: int
+    shard: int  # its index: the driver writes the rows to iter_NNN/search/shard_KKKK.jsonl
     problems: tuple[Problem, ...]
     task: Task
-    out_path: str  # the shard file, written atomically
-    policy_dir: str  # policy_i
-    critics_dir: str | None  # critics_i; None in iteration 0
+    files: RunFiles  # the run files below, in-process or through Ray's object store
+    policy: str  # policy_i: run-relative, or the base model's name
+    critics: str | None  # critics_i, run-relative; None in iteration 0
 
 
 class SearchWorker:
-    """Holds policy_i (+ critics_i) and searches shards of training problems."""
+    """Holds policy_i (+ critics_i) and searches shards of training problems. It returns the
+    tree rows and writes nothing: under Ray it sees only its own temporary directory."""
 
     def __init__(self, cfg: QstarConfig):
         self.cfg = cfg
-        self.loaded: tuple[str, str | None] | None = None
+        self.loaded: tuple | None = None
         self.models: SearchModels | None = None
 
-    def _ensure(self, policy_dir: str, critics_dir: str | None) -> SearchModels:
-        if self.loaded != (policy_dir, critics_dir):
+    def _ensure(self, job: SearchJob) -> SearchModels:
+        if self.loaded != (job.files, job.policy, job.critics):
+            self.models = None  # free the previous iteration's models first
+            root = job.files.open("search")
+            policy_dir = resolve_ref(root, job.policy, self.cfg.model)
             model, tokenizer = load_model(replace_model_name(self.cfg.model, policy_dir))
-            critics = load_critics(Path(critics_dir) if critics_dir else None, policy_dir, model,
-                                   tokenizer, self.cfg)
+            critics = load_critics(root / job.critics if job.critics else None, policy_dir,
+                                   model, tokenizer, self.cfg)
             rollout_model = rollout_tokenizer = None
             if self.cfg.search.rollout.model:
                 rollout_model, rollout_tokenizer = load_model(
@@ -64,44 +70,68 @@ class SearchWorker:
                                          self.cfg.critics.score_batch_size)
             self.models = SearchModels(model, tokenizer, critics, rollout_model, rollout_tokenizer,
                                        implicit)
-            self.loaded = (policy_dir, critics_dir)
+            self.loaded = (job.files, job.policy, job.critics)
         return self.models
 
-    def run(self, job: SearchJob) -> dict:
-        """Search one shard and write it atomically; self-contained, so a retry is safe."""
-        models = self._ensure(job.policy_dir, job.critics_dir)
+    def run(self, job: SearchJob) -> list[dict]:
+        """Search one shard; its rows, one per problem. Self-contained, so a retry is safe."""
+        models = self._ensure(job)
         problems = list(job.problems)
         prompts = render_prompts(models.tokenizer, [p.question for p in problems])
-        desc = f"iter {job.iteration} {Path(job.out_path).stem}" if self.cfg.progress else None
+        desc = f"iter {job.iteration} shard {job.shard}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
-        write_jsonl(job.out_path, shard_rows(trees, scorer, problems, job.iteration))
-        return {"path": job.out_path, "trees": len(problems), "pid": os.getpid()}
+        return shard_rows(trees, scorer, problems, job.iteration)
 
 
-def shard_jobs(problems: Sequence[Problem], task: Task, iteration: int, out: Path, size: int,
-               policy_dir: str, critics_dir: str | None) -> list[SearchJob]:
-    """The shards of one iteration's search not yet on disk, `size` problems each."""
+def shard_path(out: Path, shard: int) -> Path:
+    return out / f"shard_{shard:04d}.jsonl"
+
+
+def shard_ids(path: Path) -> list[str] | None:
+    """The problem ids a shard file holds, in order; None when it is missing or unreadable."""
+    try:
+        return [str(row["problem_id"]) for row in read_jsonl(path)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def expected_shards(problems: Sequence[Problem], size: int) -> list[tuple[Problem, ...]]:
     if not problems:
         raise QstarError("the search stage has no training problems (task.num_train)")
-    jobs = []
-    for k in range(0, len(problems), size):
-        path = out / f"shard_{k // size:04d}.jsonl"
-        if not path.exists():  # atomic writes: an existing shard is complete
-            jobs.append(SearchJob(iteration, tuple(problems[k:k + size]), task, str(path),
-                                  policy_dir, critics_dir))
-    return jobs
+    return [tuple(problems[k:k + size]) for k in range(0, len(problems), size)]
+
+
+def missing_shards(shards: Sequence[tuple[Problem, ...]], out: Path) -> list[int]:
+    """Shards whose file is absent or does not hold exactly its problems (by id, in order)."""
+    return [k for k, shard in enumerate(shards)
+            if shard_ids(shard_path(out, k)) != [str(p.id) for p in shard]]
 
 
 def run(loop: Loop, i: int) -> dict:
+    """Search every shard not yet on disk; complete only when every shard holds its problems."""
     out = loop.store.stage_dir(i, "search")
     out.mkdir(parents=True, exist_ok=True)
-    critics = loop.store.critics_dir(i)
-    jobs = shard_jobs(loop.train_problems, loop.task, i, out, loop.cfg.search.trees_per_batch,
-                      loop.policy(i), str(critics) if critics else None)
+    shards = expected_shards(loop.train_problems, loop.cfg.search.trees_per_batch)
+    critics, critic_rels = loop.critics_refs(i)
+    policy = loop.policy_ref(i)
+    reference = dpo_reference(loop.policy(i))  # the implicit reward's pi_ref, when it has one
+    files = loop.run_files([policy, *critic_rels, loop.store.relative(reference[0]) if reference else None])
     start = time.perf_counter()
-    loop.cluster.map_actors(SearchWorker, jobs, loop.cfg.cluster.search_workers,
-                            "search worker")
+    for _ in range(loop.cfg.cluster.max_restarts + 1):
+        todo = missing_shards(shards, out)
+        if not todo:
+            break
+        jobs = [SearchJob(i, k, shards[k], loop.task, files, policy, critics) for k in todo]
+        loop.cluster.map_actors(SearchWorker, jobs, loop.cfg.cluster.search_workers,
+                                "search worker",
+                                on_result=lambda job, rows: write_jsonl(shard_path(out, job.shard),
+                                                                        rows))
+    todo = missing_shards(shards, out)
+    if todo:
+        raise QstarError(f"search: shards {todo} of {len(shards)} did not come back with their "
+                         "problems; the stage is not complete and the run is resumable")
     summary = summarize_search(load_shards(out), time.perf_counter() - start)
+    summary["shards"] = len(shards)
     summary["tokens_per_s"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 1)
     return summary
 

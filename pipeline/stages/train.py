@@ -67,7 +67,7 @@ from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_d
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
-from pipeline.stages.base import Loop
+from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.reference import training_reference
 from pipeline.stages.trl_trainers import (
     dpo_trainer,
@@ -143,7 +143,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                  model_cfg: ModelConfig | None = None, iteration: int | None = None,
                  save_steps: int = 10, keep_checkpoints: bool = False,
                  callbacks: list | None = None, progress: bool = False,
-                 reference_dir: str | None = None) -> dict:
+                 reference_dir: str | None = None, reference_record: str | None = None) -> dict:
     """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl; returns the metrics.
 
     The next iteration's policy is metrics["policy_dir"]: out_dir/policy after training, or
@@ -177,7 +177,8 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     set_seed(cfg.seed)
     model = load_policy_for_training(policy_dir, cfg, model_cfg)
     use_cache = getattr(model.config, "use_cache", None)
-    metrics["reference"] = reference_dir = (reference_dir or policy_dir) if "dpo" in phases else None
+    reference_dir = (reference_dir or policy_dir) if "dpo" in phases else None
+    metrics["reference"] = reference_dir and (reference_record or reference_dir)
     ref_model = reference_dir and training_reference(reference_dir, policy_dir, cfg, model_cfg)
     start = time.perf_counter()
     phase_args = dict(cfg=cfg, model_cfg=model_cfg, out_dir=out_dir, report_to=report_to,
@@ -277,13 +278,28 @@ def _keep_logs(out_dir: Path, histories: dict, keep_checkpoints: bool) -> None:
                 shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def fit_policy(root: Path, out: Path, policy: str, data: str, cfg: TrainConfig,
+               model_cfg: ModelConfig, iteration: int, report_to: str, reference: str,
+               reference_record: str, progress: bool) -> dict:  # see stage_work
+    metrics = train_policy(resolve_ref(root, policy, model_cfg), root / data, cfg, out,
+                           report_to, model_cfg=model_cfg, iteration=iteration, progress=progress,
+                           reference_dir=resolve_ref(root, reference, model_cfg),
+                           reference_record=reference_record)
+    if "skipped" in metrics:  # names the data dir: as the run knows it, not this worker
+        metrics["skipped"] = metrics["skipped"].replace(str(root / data), data)
+    return metrics
+
+
 def run(loop: Loop, i: int) -> dict:
-    """policy_{i+1}: policy_i fine-tuned on iteration i's rows."""
-    loop.free_model()  # free the driver's copy while TRL trains
-    report_to = loop.tracker.report_to if loop.cluster.ray is None else "none"
-    reference = loop.base_policy if loop.cfg.train.reference == Reference.base else loop.policy(i)
-    return loop.cluster.run_task(
-        train_policy, loop.policy(i), loop.store.stage_dir(i, "data"), loop.cfg.train,
-        loop.store.stage_dir(i, "train"), report_to=report_to, model_cfg=loop.cfg.model,
-        progress=loop.cfg.progress, reference_dir=reference,
-        num_gpus=loop.cfg.cluster.worker_num_gpus)
+    """policy_{i+1} from policy_i and iteration i's rows; recorded run-relative (or by name).
+    The DPO reference (train.reference) is recorded relative to the new policy, or by name."""
+    policy, data = loop.policy_ref(i), loop.store.relative(loop.store.stage_dir(i, "data"))
+    reference = loop.policy_ref(0) if loop.cfg.train.reference == Reference.base else policy
+    trained = loop.store.relative(loop.store.stage_dir(i, "train") / "policy")
+    record = os.path.relpath(reference, trained) if loop.store.in_run(reference) else reference
+    metrics = loop.run_remote(fit_policy, i, "train", [policy, data, reference], policy, data,
+                              loop.cfg.train, loop.cfg.model, i,
+                              loop.tracker.report_to if loop.cluster.ray is None else "none",
+                              reference, record, loop.cfg.progress)
+    return {**metrics, "source_policy": policy,
+            "policy_dir": policy if "skipped" in metrics else trained}

@@ -1,0 +1,74 @@
+"""Run-directory files moved through Ray's object store instead of a shared filesystem.
+
+Under `cluster=ray` no worker sees the driver's run directory. The driver packs the part of
+the run a stage needs (policy_i, critics_i and its backbone) into one `{run-relative path:
+bytes}` dict, puts it in the object store once, and each worker unpacks it into its own temporary
+directory with the same layout, so run-relative references (a policy `iter_000/train/policy`,
+a critic backbone `../../iter_000/train/policy`) resolve there as they do in the run. What a
+worker makes comes back the same way and the driver writes it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.run.atomic import atomic_dir
+
+
+def pack(root: str | os.PathLike, rels: Iterable[str]) -> dict[str, bytes]:
+    """Every file under root/rel for each rel, keyed by its path relative to `root`."""
+    root = Path(root)
+    files = {}
+    for rel in rels:
+        base = root / rel
+        paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for path in paths:
+            if not path.name.startswith(".tmp-"):
+                files[path.relative_to(root).as_posix()] = path.read_bytes()
+    return files
+
+
+def unpack(files: dict[str, bytes], root: str | os.PathLike) -> Path:
+    """Write `files` under `root` (a worker's own directory); returns root."""
+    root = Path(root)
+    for rel, data in files.items():
+        path = root / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise ValueError(f"refusing to unpack {rel!r} outside {root}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def unpack_atomic(files: dict[str, bytes], target: str | os.PathLike) -> Path:
+    """Write a packed directory (keys relative to it) to `target` in one atomic rename."""
+    with atomic_dir(target) as tmp:
+        unpack(files, tmp)
+    return Path(target)
+
+
+def worker_dir(prefix: str) -> Path:
+    """A fresh directory in the worker's own temporary space."""
+    return Path(tempfile.mkdtemp(prefix=f"qstar-{prefix}-"))
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a worker finds the run files it needs: the driver's run directory (`root`, under
+    cluster=local) or a packed subset of it in Ray's object store (`ref`, under cluster=ray)."""
+
+    root: str | None = None
+    ref: Any = None  # ray.ObjectRef of pack(...)
+
+    def open(self, prefix: str = "run") -> Path:
+        """The directory to resolve run-relative paths against (unpacked once per call)."""
+        if self.ref is None:
+            return Path(self.root)
+        import ray  # only cluster=ray packs files, and its workers have Ray
+
+        return unpack(ray.get(self.ref), worker_dir(prefix))
