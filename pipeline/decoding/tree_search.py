@@ -26,6 +26,7 @@ from mcts.types import EvalRequest, ExpandRequest, LeafEval, Option
 from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
 from pipeline.lm.embedding import cosine_similarity_fn
 from pipeline.lm.generation import generate
+from pipeline.lm.prefix_cache import PrefixCache
 from pipeline.run.progress import progress_bar
 from pipeline.tasks.base import Problem, Task
 
@@ -85,6 +86,11 @@ class LeafScorer:
     tokens: int = 0
     pending: dict = field(default_factory=dict)  # (tree, prefix text) -> Rollout from expansion
     rollouts: dict = field(default_factory=dict)  # (tree, node) -> Rollout, kept for the record
+    kv: PrefixCache | None = None  # expansions' KV across rounds; built from search.kv_cache_mb
+
+    def __post_init__(self) -> None:
+        if self.kv is None:
+            self.kv = PrefixCache(self.cfg.search.kv_cache_mb)
 
     @property
     def fused(self) -> bool:
@@ -98,7 +104,8 @@ class LeafScorer:
                         max_new_tokens=s.max_option_tokens, temperature=s.temperature,
                         stop=option_end(s), batch_size=self.generation_batch,
                         rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
-                        final=is_answer_line, seed=requests[0].seed if requests else 0)
+                        final=is_answer_line, seed=requests[0].seed if requests else 0,
+                        prefix_cache=self.kv)
         options, k = [], 0
         for r in requests:
             mine = gens[k:k + r.num_options]

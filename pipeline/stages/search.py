@@ -68,7 +68,8 @@ class SearchWorker:
         desc = f"iter {job.iteration} {Path(job.out_path).stem}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
         write_jsonl(job.out_path, shard_rows(trees, scorer, problems, job.iteration))
-        return {"path": job.out_path, "trees": len(problems), "pid": os.getpid()}
+        return {"path": job.out_path, "trees": len(problems), "pid": os.getpid(),
+                "kv": scorer.kv.stats.as_dict()}
 
 
 def shard_jobs(problems: Sequence[Problem], task: Task, iteration: int, out: Path, size: int,
@@ -92,11 +93,21 @@ def run(loop: Loop, i: int) -> dict:
     jobs = shard_jobs(loop.train_problems, loop.task, i, out, loop.cfg.search.trees_per_batch,
                       loop.policy(i), str(critics) if critics else None)
     start = time.perf_counter()
-    loop.cluster.map_actors(SearchWorker, jobs, loop.cfg.cluster.search_workers,
-                            "search worker")
+    done = loop.cluster.map_actors(SearchWorker, jobs, loop.cfg.cluster.search_workers,
+                                   "search worker")
     summary = summarize_search(load_shards(out), time.perf_counter() - start)
     summary["tokens_per_s"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 1)
-    return summary
+    return summary | kv_summary([d["kv"] for d in done])
+
+
+def kv_summary(stats: list[dict]) -> dict:
+    """The KV prefix cache over the shards searched now (none when all were on disk)."""
+    prompt = sum(s["prompt_tokens"] for s in stats)
+    if not prompt:
+        return {}
+    return {"kv_hit_rate": round(sum(s["reused_tokens"] for s in stats) / prompt, 4),
+            "kv_peak_mb": max(s["peak_mb"] for s in stats),
+            "prefill_tokens": sum(s["prefill_tokens"] for s in stats)}
 
 
 def shard_rows(trees: list[Tree], scorer: LeafScorer, problems: Sequence[Problem],
