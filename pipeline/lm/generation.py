@@ -7,7 +7,9 @@ cache as soon as they stop (arithmetic answers end after ~10 tokens while a few 
 to the cap, and `generate` keeps computing every row until the longest stops), and a row can
 switch from sampling its option to a greedy rollout at the option boundary without a second
 prefill. It records each token's log-prob under the model's own (unwarped) distribution and
-ends options at a boundary (newline fast path on token ids; any text rule by decoding).
+ends options at a boundary (newline fast path on token ids; any text rule by decoding only the
+new tokens). Rows with the same prompt share one prefill, and with a `PrefixCache`
+(pipeline/lm/prefix_cache.py) a prompt prefills only what no earlier row already ran.
 """
 
 from __future__ import annotations
