@@ -19,6 +19,7 @@ from pipeline.decoding.tree_search import SearchModels, eval_search
 from pipeline.lm.generation import _extend_text, _Row, chat_prompt, generate
 from pipeline.lm.models import embedded_gguf, load_model
 from pipeline.lm.prefix_cache import PrefixCache, prefill
+from pipeline.stages.search import kv_summary
 
 QUESTIONS = ["What is 2+3?", "Hi", "Compute 17*3 then add 4.", "x", "Name three primes."]
 
@@ -288,3 +289,11 @@ def test_incremental_text_equals_whole_decode_with_smollm2_tokenizer(smol_tokeni
             assert whole.startswith(row.text)
             if not whole.endswith("\ufffd"):
                 assert row.text == whole  # complete characters: exactly the whole decode
+
+
+def test_search_stage_kv_summary_weights_shards_by_tokens():
+    a = dict(PrefixCache(0).stats.as_dict(), prompt_tokens=100, reused_tokens=90,
+             prefill_tokens=10, peak_mb=5.0)
+    b = dict(a, prompt_tokens=300, reused_tokens=30, prefill_tokens=270, peak_mb=7.5)
+    assert kv_summary([a, b]) == {"kv_hit_rate": 0.3, "kv_peak_mb": 7.5, "prefill_tokens": 280}
+    assert kv_summary([]) == {}  # every shard was already on disk
