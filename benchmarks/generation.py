@@ -1,6 +1,7 @@
 """Tokens/s of qstar's generation module beside plain `model.generate`, same prompts, same run.
 
-    python benchmarks/generation.py [--batches 1,8,32,64] [--max-new-tokens 64] [--out JSON]
+    python benchmarks/generation.py [--batches 1,8,32,64] [--max-new-tokens 64]
+           [--random-init smollm2|qwen2] [--device cuda --dtype bfloat16]
 
 Both sides sample (temperature 0.8, full vocabulary) from the same chat-templated arithmetic
 prompts with the same seeds; each batch size runs plain and ours alternately, `--repeats`
@@ -20,9 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from pipeline.config import ModelConfig, TaskConfig  # noqa: E402
+from bench_models import add_model_args, load  # noqa: E402
+
+from pipeline.config import TaskConfig  # noqa: E402
 from pipeline.lm.generation import generate, plain_generate_tokens  # noqa: E402
-from pipeline.lm.models import load_model  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.tasks import make_task  # noqa: E402
 from pipeline.tasks.prompt import render_prompts  # noqa: E402
@@ -58,16 +60,14 @@ def measure(model, tokenizer, prompts, batch, max_new_tokens, repeats) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--out", type=Path, default=RESULTS / "generation.json")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    add_model_args(parser)
     args = parser.parse_args()
 
-    model, tokenizer = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
+    model, tokenizer, described = load(args)
     _, heldout = make_task(TaskConfig(num_train=1, num_heldout=64)).splits()
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -75,10 +75,12 @@ def main() -> None:
         row = measure(model, tokenizer, prompts, batch, args.max_new_tokens, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"benchmark": "generation", "model": args.model, "device": args.device,
+    result = {"benchmark": "generation", "model": described, "device": args.device,
+              "dtype": args.dtype,
               "max_new_tokens": args.max_new_tokens, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "rows": rows, "min_ratio": min(r["ratio"] for r in rows)}
-    write_json(args.out, result)
+    name = f"generation_{args.random_init}_{args.device}.json" if args.random_init else "generation.json"
+    write_json(args.out or RESULTS / name, result)
     print(f"min ratio qstar/plain: {result['min_ratio']}  (target >= 0.9)")
 
 

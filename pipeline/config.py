@@ -175,6 +175,10 @@ class SearchConfig:
     temperature: float = 0.8  # sampling temperature of options
     best_path: BestPath = BestPath.visits  # evaluation: how the answer is read off the tree
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # MiB of KV cache kept across expansions (LRU), so a child's expansion prefills only its own
+    # option's tokens; 0 = off (a node's prefix is still prefilled once for all its options).
+    # SmolLM2-135M in float32 holds about 46 KB per token.
+    kv_cache_mb: int = 512
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
 
@@ -355,6 +359,7 @@ def _validate_search(s: SearchConfig) -> None:
     _require(s.trees_per_batch >= 1, "search.trees_per_batch", "must be >= 1", s.trees_per_batch)
     _require(s.temperature > 0, "search.temperature", "must be > 0", s.temperature)
     _require(s.alpha >= 0, "search.alpha", "must be >= 0", s.alpha)
+    _require(s.kv_cache_mb >= 0, "search.kv_cache_mb", "must be >= 0 MiB (0 = off)", s.kv_cache_mb)
     _require(s.virtual_loss >= 0, "search.virtual_loss", "must be >= 0", s.virtual_loss)
     _require(_compiles(s.step_regex), "search.step_regex", "must be a valid regular expression",
              s.step_regex)

@@ -69,7 +69,7 @@ def run_search_stage(cfg, iteration, problems, task, models, out):
     shards = expected_shards(problems, cfg.search.trees_per_batch)
     for k in missing_shards(shards, out):
         job = SearchJob(iteration, k, shards[k], task, files, "tiny", None)
-        write_jsonl(shard_path(out, k), worker.run(job))
+        write_jsonl(shard_path(out, k), worker.run(job)["rows"])
     return summarize_search(load_shards(out), time.perf_counter() - start)
 
 

@@ -32,6 +32,7 @@ from mcts.types import EvalRequest, ExpandRequest, LeafEval, Option
 from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
 from pipeline.lm.embedding import cosine_similarity_fn
 from pipeline.lm.generation import generate
+from pipeline.lm.prefix_cache import PrefixCache
 from pipeline.run.progress import progress_bar
 from pipeline.tasks.base import Problem, Task
 
@@ -98,6 +99,11 @@ class LeafScorer:
     pending: dict = field(default_factory=dict)  # (tree, prefix text) -> Rollout from expansion
     rollouts: dict = field(default_factory=dict)  # (tree, node) -> Rollout, kept for the record
     implicit: dict = field(default_factory=dict)  # (tree, steps text) -> the option's implicit reward
+    kv: PrefixCache | None = None  # expansions' KV across rounds; built from search.kv_cache_mb
+
+    def __post_init__(self) -> None:
+        if self.kv is None:
+            self.kv = PrefixCache(self.cfg.search.kv_cache_mb)
 
     @property
     def fused(self) -> bool:
@@ -112,7 +118,8 @@ class LeafScorer:
                         stop=option_end(s), batch_size=self.generation_batch,
                         rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
                         final=is_answer_line,
-                        seeds=[option_seed(r.seed, k) for r in requests for k in range(r.num_options)])
+                        seeds=[option_seed(r.seed, k) for r in requests for k in range(r.num_options)],
+                        prefix_cache=self.kv)
         self._implicit_rewards(requests, prompts, gens)
         options, k = [], 0
         for r in requests:

@@ -7,7 +7,9 @@ cache as soon as they stop (arithmetic answers end after ~10 tokens while a few 
 to the cap, and `generate` keeps computing every row until the longest stops), and a row can
 switch from sampling its option to a greedy rollout at the option boundary without a second
 prefill. It records each token's log-prob under the model's own (unwarped) distribution and
-ends options at a boundary (newline fast path on token ids; any text rule by decoding).
+ends options at a boundary (newline fast path on token ids; any text rule by decoding only the
+new tokens). Rows with the same prompt share one prefill, and with a `PrefixCache`
+(pipeline/lm/prefix_cache.py) a prompt prefills only what no earlier row already ran.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Protocol
 import torch
 
 from mcts.options import word_starts
+from pipeline.lm.prefix_cache import PrefixCache, prefill, retire
 from pipeline.run.progress import progress_bar
 
 
@@ -101,7 +104,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop: StopRule | None = None,
              rollout_tokens: int = 0, final=None, batch_size: int = 32,
              seed: int | None = None, seeds: Sequence[int] | None = None,
-             progress: str | None = None) -> list[Generation]:
+             progress: str | None = None,
+             prefix_cache: PrefixCache | None = None) -> list[Generation]:
     """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
 
     Randomness: `seeds` (one per prompt) gives each row its own generator, so a row's sample
@@ -109,7 +113,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
 
     With `stop`, `max_new_tokens` caps the option. With `rollout_tokens` > 0 each row then goes
     on greedily, up to that many tokens, as the fast rollout of the new node (unless
-    `final(option_text)` is true: an answer line needs no rollout).
+    `final(option_text)` is true: an answer line needs no rollout). With `prefix_cache`, prompts
+    reuse the KV of earlier rows' token prefixes, and each finished row's KV is kept there.
     """
     if rollout_tokens and stop is None:
         raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
@@ -128,7 +133,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
         elif seed is not None:
             torch.manual_seed(seed + b)
         for i, row in zip(rows, _decode_batch(model, tokenizer, [prompts[i] for i in rows], rule,
-                                              temperature, top_p, generators)):
+                                              temperature, top_p, generators, prefix_cache)):
             results[i] = row
     return results
 
@@ -149,9 +154,12 @@ class _Rule:
 @dataclass
 class _Row:
     tokens: list[int]
-    logprobs: list[float]
+    logprobs: list[float]  # filled at the end of the batch (recorded on the device meanwhile)
     boundary: int = -1  # index of the option's last token; -1 while still in the option
     eos: bool = False
+    text: str = ""  # text rules only: the decoded option so far, extended token by token
+    prefix_at: int = 0  # incremental decoding window: tokens[prefix_at:read_at] are context
+    read_at: int = 0
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -172,38 +180,43 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature: float,
-                  top_p: float, generators: list | None = None) -> list[Generation]:
+                  top_p: float, generators: list | None = None,
+                  store: PrefixCache | None = None) -> list[Generation]:
     """KV-cached decoding that drops each row from the batch (and the cache) once it stops,
     so a batch costs the sum of its rows' lengths, not batch size x the longest row.
+    One prefill per distinct prompt (and, with a usable `store`, only past its cached prefix);
+    one host sync per step (the chosen tokens and their stop flags).
     `generators` (one per row): each live row draws its uniform from its own generator."""
-    from transformers import DynamicCache
-
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
+    start = prefill(model, tokenizer, prompts, store)
+    cache, mask, logits = start.cache, start.mask, start.logits
+    keep_kv = store if store is not None and store.usable(model) else None
     rows = [_Row([], []) for _ in prompts]
     live = list(range(len(prompts)))  # original index of each row still in the batch
-    cache = DynamicCache(config=model.config)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
-    for _ in range(rule.option_cap + rule.rollout_tokens):
+    steps = rule.option_cap + rule.rollout_tokens
+    logprobs = torch.zeros((len(prompts), steps), device=logits.device)  # read once, at the end
+    never = torch.zeros((), dtype=torch.bool, device=logits.device)
+    for step in range(steps):
         uniform = _uniforms(len(prompts), live, generators)
         in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=logits.device)
         sampled = _sample(logits, temperature, top_p, uniform)
         chosen = torch.where(in_rollout, logits.argmax(dim=-1), sampled)
-        logprob = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
-        eos = torch.isin(chosen, rule.eos_ids).tolist()
-        newline = torch.isin(chosen, rule.newline_ids).tolist() if rule.newline_ids is not None else None
+        live_index = torch.tensor(live, device=logits.device)
+        logprobs[live_index, step] = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+        newline = torch.isin(chosen, rule.newline_ids) if rule.newline_ids is not None else never
+        flags = torch.stack([chosen, torch.isin(chosen, rule.eos_ids).long(),
+                             newline.long().expand_as(chosen)]).tolist()  # the step's one sync
         keep = []
-        for j, (r, token, lp) in enumerate(zip(live, chosen.tolist(), logprob.tolist())):
+        for j, (r, token, eos, nl) in enumerate(zip(live, *flags)):
             rows[r].tokens.append(token)
-            rows[r].logprobs.append(lp)
-            if not _row_ends(rows[r], rule, eos[j], newline[j] if newline else False):
+            if not _row_ends(rows[r], rule, bool(eos), bool(nl)):
                 keep.append(j)
+        if len(keep) < len(live) and keep_kv is not None:
+            for j in sorted(set(range(len(live))) - set(keep)):
+                retire(keep_kv, cache, j, mask[j], start.prompt_ids[live[j]], rows[live[j]].tokens)
         if not keep:
             break
         if len(keep) < len(live):
-            index = torch.tensor(keep, device=ids.device)
+            index = torch.tensor(keep, device=logits.device)
             cache.batch_select_indices(index)
             mask, chosen = mask[index], chosen[index]
             live = [live[j] for j in keep]
@@ -211,6 +224,11 @@ def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature
         positions = mask.sum(-1, keepdim=True) - 1
         logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+    else:
+        for j, r in enumerate(live if keep_kv is not None else []):
+            retire(keep_kv, cache, j, mask[j], start.prompt_ids[r], rows[r].tokens)
+    for row, lps in zip(rows, logprobs.tolist()):
+        row.logprobs = lps[:len(row.tokens)]
     return [_row_result(tokenizer, row, rule.stop) for row in rows]
 
 
@@ -232,13 +250,17 @@ def _row_ends(row: _Row, rule: _Rule, eos: bool, newline: bool) -> bool:
         return n - 1 - row.boundary >= rule.rollout_tokens
     if rule.stop is None:
         return n >= rule.option_cap
-    # Newline fast path: decode only at a newline token (leading newlines are not an end).
-    at_boundary = (newline or rule.newline_ids is None) and rule.stop.ends(_text(rule, row))
+    if rule.newline_ids is not None:  # decode only at a newline (leading newlines are no end)
+        at_boundary = newline and rule.stop.ends(_text(rule, row))
+    else:  # a text rule: decode only the new token(s), then ask the rule
+        _extend_text(rule.tokenizer, row)
+        at_boundary = rule.stop.ends(row.text)
     if not (at_boundary or n >= rule.option_cap):
         return False
     row.boundary = n - 1 if at_boundary else _last_word_end(rule.tokenizer, row.tokens)
-    option = rule.stop.cut(_text(rule, row, row.boundary + 1))
-    return rule.rollout_tokens == 0 or bool(rule.final(option))
+    if rule.rollout_tokens == 0:
+        return True
+    return bool(rule.final(rule.stop.cut(_text(rule, row, row.boundary + 1))))
 
 
 def _last_word_end(tokenizer, tokens: list[int]) -> int:
@@ -252,6 +274,17 @@ def _last_word_end(tokenizer, tokens: list[int]) -> int:
         if word_starts(pieces[k], pieces[k - 1]):
             return k - 1
     return len(tokens) - 1
+
+
+def _extend_text(tokenizer, row: _Row) -> None:
+    """Incremental detokenization (as vLLM's): decode a short window of tokens with one token of
+    left context, so leading spaces and multi-byte characters split over tokens come out as in
+    a decode of the whole row; text is only appended once it is not a partial character."""
+    before = tokenizer.decode(row.tokens[row.prefix_at:row.read_at], skip_special_tokens=True)
+    after = tokenizer.decode(row.tokens[row.prefix_at:], skip_special_tokens=True)
+    if len(after) > len(before) and not after.endswith("\ufffd"):
+        row.text += after[len(before):]
+        row.prefix_at, row.read_at = row.read_at, len(row.tokens)
 
 
 def _text(rule: _Rule, row: _Row, length: int | None = None) -> str:

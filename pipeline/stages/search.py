@@ -73,14 +73,16 @@ class SearchWorker:
             self.loaded = (job.files, job.policy, job.critics)
         return self.models
 
-    def run(self, job: SearchJob) -> list[dict]:
-        """Search one shard; its rows, one per problem. Self-contained, so a retry is safe."""
+    def run(self, job: SearchJob) -> dict:
+        """Search one shard: its rows (one per problem) and the KV cache's statistics.
+        Self-contained, so a retry is safe."""
         models = self._ensure(job)
         problems = list(job.problems)
         prompts = render_prompts(models.tokenizer, [p.question for p in problems])
         desc = f"iter {job.iteration} shard {job.shard}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
-        return shard_rows(trees, scorer, problems, job.iteration)
+        return {"rows": shard_rows(trees, scorer, problems, job.iteration),
+                "kv": scorer.kv.stats.as_dict()}
 
 
 def shard_path(out: Path, shard: int) -> Path:
@@ -117,15 +119,19 @@ def run(loop: Loop, i: int) -> dict:
     reference = dpo_reference(loop.policy(i))  # the implicit reward's pi_ref, when it has one
     files = loop.run_files([policy, *critic_rels, loop.store.relative(reference[0]) if reference else None])
     start = time.perf_counter()
+    kv_stats = []
+
+    def write_shard(job, result):
+        write_jsonl(shard_path(out, job.shard), result["rows"])
+        kv_stats.append(result["kv"])
+
     for _ in range(loop.cfg.cluster.max_restarts + 1):
         todo = missing_shards(shards, out)
         if not todo:
             break
         jobs = [SearchJob(i, k, shards[k], loop.task, files, policy, critics) for k in todo]
         loop.cluster.map_actors(SearchWorker, jobs, loop.cfg.cluster.search_workers,
-                                "search worker",
-                                on_result=lambda job, rows: write_jsonl(shard_path(out, job.shard),
-                                                                        rows))
+                                "search worker", on_result=write_shard)
     todo = missing_shards(shards, out)
     if todo:
         raise QstarError(f"search: shards {todo} of {len(shards)} did not come back with their "
@@ -133,7 +139,17 @@ def run(loop: Loop, i: int) -> dict:
     summary = summarize_search(load_shards(out), time.perf_counter() - start)
     summary["shards"] = len(shards)
     summary["tokens_per_s"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 1)
-    return summary
+    return summary | kv_summary(kv_stats)
+
+
+def kv_summary(stats: list[dict]) -> dict:
+    """The KV prefix cache over the shards searched now (none when all were on disk)."""
+    prompt = sum(s["prompt_tokens"] for s in stats)
+    if not prompt:
+        return {}
+    return {"kv_hit_rate": round(sum(s["reused_tokens"] for s in stats) / prompt, 4),
+            "kv_peak_mb": max(s["peak_mb"] for s in stats),
+            "prefill_tokens": sum(s["prefill_tokens"] for s in stats)}
 
 
 def shard_rows(trees: list[Tree], scorer: LeafScorer, problems: Sequence[Problem],
