@@ -85,7 +85,7 @@ def test_critics_report_within_problem_auc_for_every_critic(tiny_model, tiny_mod
     assert metrics["implicit"]["beta"] == 0.25
     assert metrics["implicit"]["heldout_examples"] == metrics["orm"]["heldout_examples"]
     none = train_critics(rows, str(tiny_model_dir), CFG, tmp_path / "c0", model, tokenizer)
-    assert none["implicit"] == {"skipped": f"{tiny_model_dir} was not trained by DPO: no reference"}
+    assert none["implicit"] == {"skipped": "the policy was not trained by DPO: no reference"}
 
 
 def test_heads_fitted_for_other_features_say_which(tiny_model, tiny_model_dir, tmp_path):
