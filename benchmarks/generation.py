@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
-    _, heldout = make_task(TaskConfig(num_train=1, num_heldout=64)).splits()
+    _, heldout = make_task(TaskConfig(num_train=1, num_test=64)).splits()
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = render_prompts(tokenizer, [p.question for p in heldout[:max(batch, 4)]])

@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="generation batch size")
     parser.add_argument("overrides", nargs="*", help="extra qstar config overrides")
     args = parser.parse_args()
-    cfg = compose_config([f"task.num_train={args.problems}", "task.num_heldout=1",
+    cfg = compose_config([f"task.num_train={args.problems}", "task.num_test=1",
                           f"search.simulations={args.simulations}",
                           f"search.trees_per_batch={args.problems}",
                           f"decode.batch_size={args.batch}", "progress=false", *args.overrides])

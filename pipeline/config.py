@@ -13,7 +13,8 @@ from pipeline.errors import ConfigError
 
 
 class TaskKind(str, Enum):
-    arithmetic = "arithmetic"
+    arithmetic = "arithmetic"  # reasoning-gym chain_sum, answered in one line
+    chain_steps = "chain_steps"  # chain_sum of 3+ terms, one partial result per line
     reasoning_gym = "reasoning_gym"
     jsonl = "jsonl"
     hf = "hf"
@@ -87,7 +88,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    kind: TaskKind = TaskKind.arithmetic
+    kind: TaskKind = TaskKind.chain_steps
     name: str = "chain_sum"  # reasoning-gym generator, or HF dataset name
     path: str | None = None  # JSONL file or directory with train.jsonl/test.jsonl
     hf_config: str | None = None
@@ -95,13 +96,17 @@ class TaskConfig:
     hf_test_split: str = "test"
     question_field: str = "question"
     answer_field: str = "answer"
-    num_train: int = 64
-    num_heldout: int = 100
+    # Three disjoint splits, fixed by task.seed: train (searched and trained on), dev (every
+    # tuning choice and the loop's eval read it), test (read only with eval.split=test).
+    num_train: int = 64  # problems
+    num_dev: int = 100  # problems
+    num_test: int = 100  # problems; laid out first, so it stays put when num_train/num_dev change
     seed: int = 0
     skip_bad_rows: bool = False
-    # arithmetic (reasoning-gym chain_sum) difficulty
-    min_terms: int = 2
-    max_terms: int = 2
+    # chain_steps / arithmetic (reasoning-gym chain_sum) difficulty. 3-5 terms: every
+    # chain_steps solution takes at least 3 lines; task=arithmetic sets 2 terms.
+    min_terms: int = 3
+    max_terms: int = 5
     min_digits: int = 1
     max_digits: int = 2
 
@@ -217,6 +222,9 @@ class ClusterConfig:
 
 @dataclass
 class EvalConfig:
+    # The split the loop's eval stage and `qstar eval` read: dev (the tuning signal) by default;
+    # test only when asked for by name (the README's numbers, once per benchmark run).
+    split: str = "dev"  # dev | test | train
     decodes: list[str] = field(default_factory=lambda: ["greedy"])  # strategies run per iteration
     output: str | None = None  # `qstar eval`: JSON path; None: runs/eval/<time>-<strategy>.json
     critics: str | None = None  # `qstar eval`: a run's iter_NNN/critics for ORM selection and MCTS
@@ -269,7 +277,8 @@ def validate(cfg: QstarConfig) -> QstarConfig:
              "allowed: cpu, cuda, cuda:N", cfg.model.device)
     t = cfg.task
     _require(t.num_train >= 1, "task.num_train", "must be >= 1", t.num_train)
-    _require(t.num_heldout >= 1, "task.num_heldout", "must be >= 1", t.num_heldout)
+    _require(t.num_dev >= 1, "task.num_dev", "must be >= 1", t.num_dev)
+    _require(t.num_test >= 1, "task.num_test", "must be >= 1", t.num_test)
     _require(1 <= t.min_terms <= t.max_terms, "task.min_terms", "need 1 <= min_terms <= max_terms",
              t.min_terms)
     _require(1 <= t.min_digits <= t.max_digits, "task.min_digits",
@@ -320,6 +329,8 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     for strategy in cfg.eval.decodes:
         _require(strategy in DecodeStrategy.__members__, "eval.decodes",
                  f"allowed: {', '.join(DecodeStrategy.__members__)}", strategy)
+    _require(cfg.eval.split in ("train", "dev", "test"), "eval.split",
+             "allowed: dev, test, train", cfg.eval.split)
     _require(cfg.tracking.wandb_mode in ("offline", "online", "disabled"), "tracking.wandb_mode",
              "allowed: offline, online, disabled", cfg.tracking.wandb_mode)
     return cfg

@@ -1,4 +1,8 @@
-"""The eval stage and `qstar eval`: one model, each decoding strategy, the held-out problems.
+"""The eval stage and `qstar eval`: one model, each decoding strategy, the `eval.split` problems.
+
+Both read the dev split by default: the loop's per-iteration eval and a `qstar eval` run are
+tuning signals. The test split is read only when named (`eval.split=test`): the README's
+numbers, computed once per benchmark run.
 
 Decoding (pipeline.decoding) produces one final completion per problem from prompts alone;
 grading against the gold answer happens afterwards, in `grade`, and nowhere else.
@@ -68,8 +72,8 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
 
 def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task: Task,
              problems: Sequence[Problem], critics=None) -> EvalResult:
-    """Decode the held-out problems with `strategy`, then grade. `critics` serve ORM/MCTS."""
-    prompts = render_prompts(tokenizer, [p.question for p in problems])
+    """Decode the problems with `strategy`, then grade. `critics` serve ORM/MCTS."""
+    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
     progress = f"eval {strategy.value}" if cfg.progress else None
     start = time.perf_counter()
     decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress,
@@ -93,9 +97,9 @@ def default_output(strategy: str) -> str:
 
 
 def run_eval(cfg: QstarConfig) -> EvalResult:
-    """`qstar eval`: load, decode the held-out split, print the table, write JSON."""
+    """`qstar eval`: load, decode the eval.split problems, print the table, write JSON."""
     task = make_task(cfg.task)
-    _, heldout = task.splits()
+    problems = task.split(cfg.eval.split)
     critics_dir = cfg.eval.critics
     if critics_dir and not os.path.isfile(os.path.join(critics_dir, "orm", "meta.json")):
         raise QstarError(f"eval.critics={critics_dir!r}: not a critics directory "
@@ -105,25 +109,27 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     if critics_dir:
         critics = load_critic_set(critics_dir, resolve_model_path(cfg.model), model, tokenizer,
                                   cfg.model, cfg.critics.score_batch_size)
-    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, heldout, critics=critics)
+    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, problems, critics=critics)
+    print(f"split: {cfg.eval.split} ({len(problems)} problems)")
     print(format_table([result]))
     output = cfg.eval.output or default_output(result.strategy)
-    write_json(output, {"summary": result.summary(), "config": to_dict(cfg), "rows": result.rows})
+    write_json(output, {"summary": {**result.summary(), "split": cfg.eval.split},
+                        "config": to_dict(cfg), "rows": result.rows})
     print(f"wrote {output}")
     return result
 
 
 def evaluate_policy(loop: Loop, policy_dir: str, critics_dir: Path | None, out_dir: Path) -> dict:
-    """Every strategy in `eval.decodes` on the held-out problems; one JSON per strategy."""
+    """Every strategy in `eval.decodes` on the eval.split problems; one JSON per strategy."""
     model, tokenizer = loop.model(policy_dir)
     critics = load_critics(critics_dir, policy_dir, model, tokenizer, loop.cfg)
     results = {}
     for name in loop.cfg.eval.decodes:
         result = evaluate(loop.cfg, DecodeStrategy(name), model, tokenizer, loop.task,
-                          loop.heldout, critics=critics)
+                          loop.eval_problems, critics=critics)
         results[name] = result.summary()
         write_json(out_dir / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
-    metrics = {"policy_dir": policy_dir, "decodes": results}
+    metrics = {"policy_dir": policy_dir, "split": loop.cfg.eval.split, "decodes": results}
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 

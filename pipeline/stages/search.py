@@ -64,7 +64,7 @@ class SearchWorker:
         """Search one shard and write it atomically; self-contained, so a retry is safe."""
         models = self._ensure(job.policy_dir, job.critics_dir)
         problems = list(job.problems)
-        prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+        prompts = render_prompts(models.tokenizer, [p.question for p in problems], job.task)
         desc = f"iter {job.iteration} {Path(job.out_path).stem}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
         write_jsonl(job.out_path, shard_rows(trees, scorer, problems, job.iteration))
