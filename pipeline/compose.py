@@ -83,6 +83,9 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> QstarConfig:
     stored = RunStore(run_dir).manifest.get("config")
     if not stored:
         raise ConfigError(f"{run_dir}/manifest.json records no config; cannot resume it")
+    if "num_heldout" in stored.get("task", {}):
+        raise ConfigError(f"{run_dir} was made before the train/dev/test splits (it records "
+                          "task.num_heldout); start a new run instead of resuming it")
     base = OmegaConf.merge(OmegaConf.structured(QstarConfig), stored)
     for item in overrides:
         key, sep, _ = item.partition("=")

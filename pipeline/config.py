@@ -265,6 +265,23 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
         raise ConfigError(f"config key {key}={value!r} is invalid: {allowed}")
 
 
+def _validate_task(t: TaskConfig) -> None:
+    for key in ("num_train", "num_dev", "num_test"):
+        _require(getattr(t, key) >= 1, f"task.{key}", "must be >= 1", getattr(t, key))
+    _require(1 <= t.min_terms <= t.max_terms, "task.min_terms", "need 1 <= min_terms <= max_terms",
+             t.min_terms)
+    _require(1 <= t.min_digits <= t.max_digits, "task.min_digits",
+             "need 1 <= min_digits <= max_digits", t.min_digits)
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    for strategy in e.decodes:
+        _require(strategy in DecodeStrategy.__members__, "eval.decodes",
+                 f"allowed: {', '.join(DecodeStrategy.__members__)}", strategy)
+    _require(e.split in ("train", "dev", "test"), "eval.split", "allowed: dev, test, train",
+             e.split)
+
+
 def validate(cfg: QstarConfig) -> QstarConfig:
     """Refuse out-of-range values with a message naming the key and what is allowed."""
     _require(cfg.model.name != "???", "model.name", "give a model id or path", cfg.model.name)
@@ -275,14 +292,7 @@ def validate(cfg: QstarConfig) -> QstarConfig:
              "allowed: float32, bfloat16, float16", cfg.model.dtype)
     _require(cfg.model.device == "cpu" or cfg.model.device.startswith("cuda"), "model.device",
              "allowed: cpu, cuda, cuda:N", cfg.model.device)
-    t = cfg.task
-    _require(t.num_train >= 1, "task.num_train", "must be >= 1", t.num_train)
-    _require(t.num_dev >= 1, "task.num_dev", "must be >= 1", t.num_dev)
-    _require(t.num_test >= 1, "task.num_test", "must be >= 1", t.num_test)
-    _require(1 <= t.min_terms <= t.max_terms, "task.min_terms", "need 1 <= min_terms <= max_terms",
-             t.min_terms)
-    _require(1 <= t.min_digits <= t.max_digits, "task.min_digits",
-             "need 1 <= min_digits <= max_digits", t.min_digits)
+    _validate_task(cfg.task)
     d = cfg.decode
     _require(d.n >= 1, "decode.n", "must be >= 1", d.n)
     _require(d.beam_width >= 1, "decode.beam_width", "must be >= 1", d.beam_width)
@@ -326,11 +336,7 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     c = cfg.cluster
     _require(c.search_workers >= 1, "cluster.search_workers", "must be >= 1", c.search_workers)
     _require(c.worker_num_gpus >= 0, "cluster.worker_num_gpus", "must be >= 0", c.worker_num_gpus)
-    for strategy in cfg.eval.decodes:
-        _require(strategy in DecodeStrategy.__members__, "eval.decodes",
-                 f"allowed: {', '.join(DecodeStrategy.__members__)}", strategy)
-    _require(cfg.eval.split in ("train", "dev", "test"), "eval.split",
-             "allowed: dev, test, train", cfg.eval.split)
+    _validate_eval(cfg.eval)
     _require(cfg.tracking.wandb_mode in ("offline", "online", "disabled"), "tracking.wandb_mode",
              "allowed: offline, online, disabled", cfg.tracking.wandb_mode)
     return cfg
