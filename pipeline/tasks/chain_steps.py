@@ -19,9 +19,26 @@ SYSTEM_PROMPT = (
     "line. End with a final line of the form:\nAnswer: <value>"
 )
 
-# Four terms, both operators; not a chain_sum question of its own (the numbers are fixed here).
-EXAMPLE = ("Compute 12 + 34 - 5 + 7 one step at a time.",
-           "12 + 34 = 46\n46 - 5 = 41\n41 + 7 = 48\nAnswer: 48")
+
+
+def worked_solution(expression: str) -> str:
+    """The solution the prompt asks for: one partial result per line, then `Answer:`.
+    `expression` is chain_sum's `a op b op c ...` (integers, + and -)."""
+    tokens = expression.split()
+    total, lines = int(tokens[0]), []
+    for op, term in zip(tokens[1::2], tokens[2::2]):
+        new = total + int(term) if op == "+" else total - int(term)
+        lines.append(f"{total} {op} {term} = {new}")
+        total = new
+    return "\n".join([*lines, f"Answer: {total}"])
+
+
+def ask(expression: str) -> str:
+    return f"Compute {expression} one step at a time."
+
+
+# Four terms, both operators; the same wording as every question.
+EXAMPLE = (ask("12 + 34 - 5 + 7"), worked_solution("12 + 34 - 5 + 7"))
 
 
 class ChainStepsTask(ArithmeticTask):
@@ -35,4 +52,4 @@ class ChainStepsTask(ArithmeticTask):
         self.name = "chain_steps"
 
     def question(self, entry: dict) -> str:
-        return f"Compute {entry['metadata']['expression']} one step at a time."
+        return ask(entry["metadata"]["expression"])
