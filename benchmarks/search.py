@@ -49,14 +49,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="generation batch size")
     parser.add_argument("overrides", nargs="*", help="extra qstar config overrides")
     args = parser.parse_args()
-    cfg = compose_config([f"task.num_train={args.problems}", "task.num_test=1",
+    cfg = compose_config([f"task.num_train={args.problems}", "task.num_dev=1", "task.num_test=1",
                           f"search.simulations={args.simulations}",
                           f"search.trees_per_batch={args.problems}",
                           f"decode.batch_size={args.batch}", "progress=false", *args.overrides])
     model, tokenizer = load_model(cfg.model)
     task = make_task(cfg.task)
-    problems, _ = task.splits()
-    prompts = render_prompts(tokenizer, [p.question for p in problems])
+    problems = task.split("train")
+    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
 
     start = time.perf_counter()
     trees, scorer = train_search(problems, task, prompts, cfg, SearchModels(model, tokenizer))
