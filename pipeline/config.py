@@ -103,12 +103,13 @@ class TaskConfig:
     num_test: int = 100  # problems; laid out first, so it stays put when num_train/num_dev change
     seed: int = 0
     skip_bad_rows: bool = False
-    # chain_steps / arithmetic (reasoning-gym chain_sum) difficulty. 3-5 terms: every
-    # chain_steps solution takes at least 3 lines; task=arithmetic sets 2 terms.
+    # chain_steps / arithmetic (reasoning-gym chain_sum) difficulty. 3-5 one-digit terms:
+    # every chain_steps solution takes at least 3 lines, and the base SmolLM2 solves some
+    # (README "Tasks"); task=arithmetic sets 2 terms of 1-2 digits.
     min_terms: int = 3
     max_terms: int = 5
     min_digits: int = 1
-    max_digits: int = 2
+    max_digits: int = 1
 
 
 @dataclass
