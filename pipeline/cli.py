@@ -19,7 +19,8 @@ USAGE = """usage:
   qstar resume RUN_DIR [iterations=N]   continue a stopped or finished run
   qstar inspect RUN [--iter N --problem ID] [--credit]
                                         the iteration table, one tree, or a credit map
-  qstar eval [KEY=VALUE ...]            one model, one decoding strategy, held-out set
+  qstar eval [KEY=VALUE ...]            one model, one decoding strategy, the dev split
+                                        (eval.split=test only for reported numbers)
                                         e.g. qstar eval decode=best_of_n decode.n=8
 """
 
