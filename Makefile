@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.qstar-installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test test-fast test-slow bench lint clean
+.PHONY: install demo test test-fast test-slow bench bench-matched lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: install
 	$(PY) benchmarks/ablations.py
 	$(PY) benchmarks/beam_widths.py
 	$(PY) benchmarks/orm_features.py
+
+# The matched-budget proof on the test split (hours on 2 CPU cores; resumable; README "Results").
+bench-matched: install
+	$(PY) benchmarks/matched_budget.py
 
 lint: install
 	$(VENV)/bin/ruff check pipeline mcts critics tests benchmarks

@@ -45,10 +45,11 @@ def implicit_rewards(results: dict[int, dict], policy: Path, reference: str, bet
     from pipeline.tasks.prompt import render_prompts
 
     cfg = compose_config(["progress=false", *overrides])
-    _, heldout = make_task(cfg.task).splits()
+    task = make_task(cfg.task)
+    problems = task.split(cfg.eval.split)  # the split the graded rows came from
     pi, tokenizer = load_model(replace_model_name(cfg.model, str(policy)))
     pi_ref, _ = load_model(replace_model_name(cfg.model, reference))
-    prompts = render_prompts(tokenizer, [p.question for p in heldout])
+    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
     found = {}
     for width, result in results.items():
         completions = [row["completion"] for row in result["rows"]]

@@ -100,8 +100,8 @@ def search_speed(store: RunStore, cfg, iterations: int, part: Path) -> dict:
         return {"skipped": "the run trained no critics for its final policy"}
     model, tokenizer = load_model(cfg.model, policy)
     task = make_task(cfg.task)
-    problems = task.splits()[0]
-    prompts = render_prompts(tokenizer, [p.question for p in problems])
+    problems = task.split("train")
+    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
     critics = load_critics(critics_dir, policy, model, tokenizer, cfg)
     for name, scoring in (("without_critics", None), ("with_critics", critics)):
         if name in done:

@@ -68,10 +68,11 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer, described = load(args)
-    _, heldout = make_task(TaskConfig(num_train=1, num_heldout=64)).splits()
+    task = make_task(TaskConfig(num_train=1, num_dev=64, num_test=1))
+    dev = task.split("dev")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = render_prompts(tokenizer, [p.question for p in heldout[:max(batch, 4)]])
+        prompts = render_prompts(tokenizer, [p.question for p in dev[:max(batch, 4)]], task)
         row = measure(model, tokenizer, prompts, batch, args.max_new_tokens, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -113,15 +113,15 @@ def main() -> None:
     add_model_args(parser)
     parser.add_argument("overrides", nargs="*", help="extra qstar config overrides")
     args = parser.parse_args()
-    cfg = compose_config([f"task.num_train={args.problems}", "task.num_heldout=1",
+    cfg = compose_config([f"task.num_train={args.problems}", "task.num_dev=1", "task.num_test=1",
                           f"search.simulations={args.simulations}",
                           f"search.trees_per_batch={args.problems}",
                           f"decode.batch_size={args.batch}", "progress=false",
                           *model_overrides(args), *args.overrides])
     model, tokenizer, described = load(args)
     task = make_task(cfg.task)
-    problems, _ = task.splits()
-    prompts = render_prompts(tokenizer, [p.question for p in problems])
+    problems = task.split("train")
+    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
 
     search = measure_search(cfg, model, tokenizer, task, problems, prompts)
     plain = measure_plain(cfg, model, tokenizer, prompts, args.batch)

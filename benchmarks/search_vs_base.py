@@ -40,8 +40,12 @@ from pipeline.tasks.prompt import render_prompts
 cfg = compose_config(json.loads(sys.argv[1]))
 model, tokenizer = load_model(cfg.model)
 task = make_task(cfg.task)
-problems, _ = task.splits()
-prompts = render_prompts(tokenizer, [p.question for p in problems])
+if hasattr(task, "split"):  # this tree: three splits, the prompt is the task's
+    problems = task.split("train")
+    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
+else:  # the commit before: two splits, one prompt
+    problems, _ = task.splits()
+    prompts = render_prompts(tokenizer, [p.question for p in problems])
 start = time.perf_counter()
 trees, scorer = train_search(problems, task, prompts, cfg, SearchModels(model, tokenizer))
 seconds = time.perf_counter() - start
@@ -75,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="extra qstar config overrides (both sides)")
     args = parser.parse_args()
-    overrides = [f"task.num_train={args.problems}", "task.num_heldout=1",
+    overrides = ["task=arithmetic", f"task.num_train={args.problems}",
                  f"search.simulations={args.simulations}", f"search.trees_per_batch={args.problems}",
                  "progress=false", *args.overrides]
     with tempfile.TemporaryDirectory(prefix="qstar-base-") as tmp:

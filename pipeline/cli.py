@@ -22,7 +22,8 @@ USAGE = """usage:
   qstar report RUN [--iter N] [--problem ID] [--credit]
                                         one self-contained HTML page: table, plots, config,
                                         trees, credit maps, training rows (a sweep: every run)
-  qstar eval [KEY=VALUE ...]            one model, one decoding strategy, held-out set
+  qstar eval [KEY=VALUE ...]            one model, one decoding strategy, the dev split
+                                        (eval.split=test only for reported numbers)
                                         e.g. qstar eval decode=best_of_n decode.n=8
 """
 

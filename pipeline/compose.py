@@ -14,9 +14,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import QstarConfig, validate
+from pipeline.config import QstarConfig
 from pipeline.errors import ConfigError
 from pipeline.run.store import RunStore
+from pipeline.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ConfigStore.instance().store(name="qstar_schema", node=QstarConfig)
@@ -83,6 +84,9 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> QstarConfig:
     stored = RunStore(run_dir).manifest.get("config")
     if not stored:
         raise ConfigError(f"{run_dir}/manifest.json records no config; cannot resume it")
+    if "num_heldout" in stored.get("task", {}):
+        raise ConfigError(f"{run_dir} was made before the train/dev/test splits (it records "
+                          "task.num_heldout); start a new run instead of resuming it")
     base = OmegaConf.merge(OmegaConf.structured(QstarConfig), stored)
     for item in overrides:
         key, sep, _ = item.partition("=")

@@ -1,21 +1,28 @@
 """Typed config schema. Hydra composes YAML from conf/ onto these dataclasses; OmegaConf
-refuses wrong types and unknown keys, `validate` refuses out-of-range values. The core of
+refuses wrong types and unknown keys, pipeline.validation refuses out-of-range values. The core of
 qstar takes these dataclasses, never a DictConfig.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 
 from critics.critic_set import FeatureSet
 from mcts.search import SearchParams, Widening
-from pipeline.errors import ConfigError
+
+
+class Split(str, Enum):
+    """The three disjoint splits of a task's problems."""
+
+    train = "train"  # searched and trained on
+    dev = "dev"  # every tuning choice and the loop's eval read it
+    test = "test"  # read only when named (eval.split=test): the README's numbers
 
 
 class TaskKind(str, Enum):
-    arithmetic = "arithmetic"
+    arithmetic = "arithmetic"  # reasoning-gym chain_sum, answered in one line
+    chain_steps = "chain_steps"  # chain_sum of 3+ terms, one partial result per line
     reasoning_gym = "reasoning_gym"
     jsonl = "jsonl"
     hf = "hf"
@@ -111,22 +118,28 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    kind: TaskKind = TaskKind.arithmetic  # which task module builds the problems
+    kind: TaskKind = TaskKind.chain_steps  # which task module builds the problems
     name: str = "chain_sum"  # reasoning-gym generator, or Hugging Face dataset name
     path: str | None = None  # task=jsonl: a JSONL file, or a directory with train.jsonl/test.jsonl
     hf_config: str | None = None  # task=hf: the dataset's config name (gsm8k: main)
-    hf_train_split: str = "train"  # task=hf: the split training problems come from
-    hf_test_split: str = "test"  # task=hf: the split held-out problems come from
+    hf_train_split: str = "train"  # task=hf: the split training (and dev) problems come from
+    hf_test_split: str = "test"  # task=hf: the split test problems come from
     question_field: str = "question"  # JSONL/HF: the row field holding the question
     answer_field: str = "answer"  # JSONL/HF: the row field ending in `#### <answer>`
-    num_train: int = 64  # training problems searched per iteration
-    num_heldout: int = 100  # held-out problems every evaluation uses
+    # Three disjoint splits, fixed by task.seed: train (searched and trained on), dev (every
+    # tuning choice and the loop's eval read it), test (read only with eval.split=test).
+    num_train: int = 64  # problems
+    num_dev: int = 100  # problems
+    num_test: int = 100  # problems; laid out first, so it stays put when num_train/num_dev change
     seed: int = 0  # fixes generation (reasoning-gym) and the split order
     skip_bad_rows: bool = False  # JSONL/HF: skip and count malformed rows instead of refusing
-    min_terms: int = 2  # arithmetic: fewest terms in a sum
-    max_terms: int = 2  # arithmetic: most terms in a sum
-    min_digits: int = 1  # arithmetic: fewest digits per term
-    max_digits: int = 2  # arithmetic: most digits per term
+    # chain_steps / arithmetic (reasoning-gym chain_sum) difficulty. 3-5 one-digit terms:
+    # every chain_steps solution takes at least 3 lines, and the base SmolLM2 solves some
+    # (README "Tasks"); task=arithmetic sets 2 terms of 1-2 digits.
+    min_terms: int = 3  # fewest terms in a sum
+    max_terms: int = 5  # most terms in a sum
+    min_digits: int = 1  # fewest digits per term
+    max_digits: int = 1  # most digits per term
 
 
 @dataclass
@@ -255,6 +268,9 @@ class ClusterConfig:
 
 @dataclass
 class EvalConfig:
+    # The split the loop's eval stage and `qstar eval` read: dev (the tuning signal) by default;
+    # test only when asked for by name (the README's numbers, once per benchmark run).
+    split: Split = Split.dev  # dev | test | train
     decodes: list[str] = field(default_factory=lambda: ["greedy"])  # strategies run per iteration
     output: str | None = None  # `qstar eval`: JSON path; None: runs/eval/<time>-<strategy>.json
     critics: str | None = None  # `qstar eval`: a run's iter_NNN/critics for ORM selection and MCTS
@@ -280,105 +296,6 @@ class QstarConfig:
     iterations: int = 2  # self-play iterations (search -> critics -> data -> train -> eval)
     seed: int = 0  # seeds decoding at evaluation
     progress: bool = True  # progress bars and readable training output on stderr
-
-
-def _compiles(pattern: str) -> bool:
-    try:
-        re.compile(pattern)
-    except re.error:
-        return False
-    return True
-
-
-def _require(ok: bool, key: str, allowed: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"config key {key}={value!r} is invalid: {allowed}")
-
-
-def validate(cfg: QstarConfig) -> QstarConfig:
-    """Refuse out-of-range values with a message naming the key and what is allowed."""
-    _validate_run(cfg)
-    _validate_task(cfg.task)
-    _validate_decode(cfg.decode)
-    _validate_search(cfg.search)
-    _validate_learning(cfg)
-    return cfg
-
-
-def _validate_run(cfg: QstarConfig) -> None:
-    _require(cfg.model.name != "???", "model.name", "give a model id or path", cfg.model.name)
-    _require(not (cfg.task.kind == TaskKind.jsonl and cfg.task.path in (None, "???")), "task.path",
-             "task=jsonl needs task.path=<file or directory>", cfg.task.path)
-    _require(cfg.iterations >= 1, "iterations", "must be >= 1", cfg.iterations)
-    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-             "allowed: float32, bfloat16, float16", cfg.model.dtype)
-    _require(cfg.model.device == "cpu" or cfg.model.device.startswith("cuda"), "model.device",
-             "allowed: cpu, cuda, cuda:N", cfg.model.device)
-    c = cfg.cluster
-    _require(c.search_workers >= 1, "cluster.search_workers", "must be >= 1", c.search_workers)
-    _require(c.worker_num_gpus >= 0, "cluster.worker_num_gpus", "must be >= 0", c.worker_num_gpus)
-    for strategy in cfg.eval.decodes:
-        _require(strategy in DecodeStrategy.__members__, "eval.decodes",
-                 f"allowed: {', '.join(DecodeStrategy.__members__)}", strategy)
-    _require(cfg.tracking.wandb_mode in ("offline", "online", "disabled"), "tracking.wandb_mode",
-             "allowed: offline, online, disabled", cfg.tracking.wandb_mode)
-
-
-def _validate_task(t: TaskConfig) -> None:
-    _require(t.num_train >= 1, "task.num_train", "must be >= 1", t.num_train)
-    _require(t.num_heldout >= 1, "task.num_heldout", "must be >= 1", t.num_heldout)
-    _require(1 <= t.min_terms <= t.max_terms, "task.min_terms", "need 1 <= min_terms <= max_terms",
-             t.min_terms)
-    _require(1 <= t.min_digits <= t.max_digits, "task.min_digits",
-             "need 1 <= min_digits <= max_digits", t.min_digits)
-
-
-def _validate_decode(d: DecodeConfig) -> None:
-    _require(d.n >= 1, "decode.n", "must be >= 1", d.n)
-    _require(d.beam_width >= 1, "decode.beam_width", "must be >= 1", d.beam_width)
-    _require(d.temperature > 0, "decode.temperature", "must be > 0", d.temperature)
-    _require(0 < d.top_p <= 1, "decode.top_p", "must be in (0, 1]", d.top_p)
-    _require(d.max_new_tokens >= 1, "decode.max_new_tokens", "must be >= 1", d.max_new_tokens)
-    _require(d.batch_size >= 1, "decode.batch_size", "must be >= 1", d.batch_size)
-
-
-def _validate_search(s: SearchConfig) -> None:
-    _require(s.simulations >= 1, "search.simulations", "must be >= 1", s.simulations)
-    _require(s.token_budget >= 0, "search.token_budget", "must be >= 0 (0 = no cap)", s.token_budget)
-    _require(s.c_puct > 0, "search.c_puct", "must be > 0", s.c_puct)
-    _require(1 <= s.c_min <= s.c_max, "search.c_min", "need 1 <= c_min <= c_max", s.c_min)
-    _require(1 <= s.root_c_min <= s.root_c_max, "search.root_c_min",
-             "need 1 <= root_c_min <= root_c_max", s.root_c_min)
-    _require(s.max_depth >= 1, "search.max_depth", "must be >= 1", s.max_depth)
-    _require(s.max_option_tokens >= 1, "search.max_option_tokens", "must be >= 1",
-             s.max_option_tokens)
-    _require(0 < s.merge_threshold <= 1, "search.merge_threshold", "must be in (0, 1]",
-             s.merge_threshold)
-    _require(s.merge_retries >= 0, "search.merge_retries", "must be >= 0", s.merge_retries)
-    _require(s.leaves_per_tree >= 1, "search.leaves_per_tree", "must be >= 1", s.leaves_per_tree)
-    _require(s.trees_per_batch >= 1, "search.trees_per_batch", "must be >= 1", s.trees_per_batch)
-    _require(s.temperature > 0, "search.temperature", "must be > 0", s.temperature)
-    _require(s.alpha >= 0, "search.alpha", "must be >= 0", s.alpha)
-    _require(s.kv_cache_mb >= 0, "search.kv_cache_mb", "must be >= 0 MiB (0 = off)", s.kv_cache_mb)
-    _require(s.virtual_loss >= 0, "search.virtual_loss", "must be >= 0", s.virtual_loss)
-    _require(_compiles(s.step_regex), "search.step_regex", "must be a valid regular expression",
-             s.step_regex)
-
-
-def _validate_learning(cfg: QstarConfig) -> None:
-    for name in ("weights", "trained_weights"):
-        w = getattr(cfg.critics, name)
-        parts = [w.value, w.prm, w.orm, w.rollout, w.implicit]
-        _require(all(p >= 0 for p in parts) and sum(parts) > 0, f"critics.{name}",
-                 "weights must be >= 0 and sum to more than 0", parts)
-    _require(0 < cfg.critics.heldout_fraction < 1, "critics.heldout_fraction",
-             "must be in (0, 1)", cfg.critics.heldout_fraction)
-    tr = cfg.train
-    _require(tr.beta > 0, "train.beta", "must be > 0", tr.beta)
-    _require(tr.learning_rate > 0, "train.learning_rate", "must be > 0", tr.learning_rate)
-    _require(tr.epochs > 0, "train.epochs", "must be > 0", tr.epochs)
-    _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
-    _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
 
 
 def to_dict(obj) -> dict:

@@ -38,9 +38,8 @@ assert tuple(STAGE_RUNNERS) == STAGES
 
 def open_loop(cfg: QstarConfig, store: RunStore) -> Loop:
     task = make_task(cfg.task)
-    train_problems, heldout = task.splits()
     return Loop(cfg=cfg, store=store, cluster=Cluster(cfg), task=task,
-                train_problems=train_problems, heldout=heldout,
+                train_problems=task.split("train"), eval_problems=task.split(cfg.eval.split),
                 base_policy=resolve_model_path(cfg.model), tracker=Tracker(cfg, store))
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.compose import compose_config
+from pipeline.tasks import make_task
 
 QSTAR = Path(sys.executable).parent / "qstar"
 
@@ -68,7 +70,7 @@ def test_malformed_jsonl_row_names_file_and_line(capsys, debug_overrides, tmp_pa
 
 
 def test_skip_bad_rows_makes_it_work(capsys, debug_overrides, tmp_path):
-    rows = gsm_rows(12)
+    rows = gsm_rows(14)
     rows[4] = '{"question": "broken row", "answer": '
     rows[7] = json.dumps({"question": "no final answer", "answer": "just words"})
     data = write_lines(tmp_path / "data.jsonl", rows)
@@ -83,11 +85,12 @@ def test_skip_bad_rows_makes_it_work(capsys, debug_overrides, tmp_path):
     assert all("broken" not in r["completion"] for r in result["rows"])
 
 
-def test_heldout_larger_than_data(capsys, debug_overrides, tmp_path):
+def test_three_splits_larger_than_data(capsys, debug_overrides, tmp_path):
     data = write_lines(tmp_path / "data.jsonl", gsm_rows(10))
     rc = main(["eval", *debug_overrides, "task=jsonl", f"task.path={data}",
-               "task.num_heldout=50"])
-    assert_one_error_line(capsys, rc, "task.num_heldout=50", "10")
+               "task.num_test=50"])
+    assert_one_error_line(capsys, rc, "task.num_train=4 + task.num_dev=4 + task.num_test=50 = 58",
+                          "10")
 
 
 @pytest.mark.parametrize("override,key", [("search.simulations=0", "search.simulations"),
@@ -122,16 +125,36 @@ def test_invalid_hub_id_is_one_error_line(capsys, debug_overrides):
     assert_one_error_line(capsys, rc, "SmolLM2--135M")
 
 
+def test_eval_reads_dev_by_default_and_test_only_when_named(capsys, debug_overrides, tmp_path):
+    data = write_lines(tmp_path / "data.jsonl", gsm_rows(12))
+    task_args = ["task=jsonl", f"task.path={data}"]
+    task = make_task(compose_config([*debug_overrides, *task_args]).task)
+    seen = {}
+    for split, extra in (("dev", []), ("test", ["eval.split=test"])):
+        output = tmp_path / f"{split}.json"
+        rc = main(["eval", *debug_overrides, *task_args, *extra, f"eval.output={output}"])
+        assert rc == 0, capsys.readouterr().err
+        result = json.loads(output.read_text())
+        assert result["summary"]["split"] == split
+        seen[split] = [r["id"] for r in result["rows"]]
+        assert seen[split] == [p.id for p in task.split(split)]
+    assert not set(seen["dev"]) & set(seen["test"])
+    capsys.readouterr()
+    rc = main(["eval", *debug_overrides, *task_args, "eval.split=heldout"])
+    assert_one_error_line(capsys, rc, "eval.split", "dev, test, train")
+
+
 # ---------------------------------------------------------------- the installed script
 
 
 def test_console_script_exit_code_and_single_error_line(tmp_path, tiny_model_dir):
     missing = tmp_path / "missing-model"
-    data = write_lines(tmp_path / "data.jsonl", gsm_rows(2))  # skips importing reasoning-gym
+    data = write_lines(tmp_path / "data.jsonl", gsm_rows(3))  # skips importing reasoning-gym
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([str(QSTAR), "eval", "debug=default", f"model={missing}",
                            f"model.cache_dir={tmp_path / 'cache'}", "task=jsonl",
-                           f"task.path={data}", "task.num_train=1", "task.num_heldout=1"],
+                           f"task.path={data}", "task.num_train=1", "task.num_dev=1",
+                           "task.num_test=1"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

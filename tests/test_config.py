@@ -19,9 +19,9 @@ from pipeline.config import (
     Termination,
     TrainMode,
     to_dict,
-    validate,
 )
 from pipeline.errors import ConfigError, QstarError
+from pipeline.validation import validate
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
@@ -122,7 +122,7 @@ def test_model_path_shorthand(tmp_path):
 
 def test_debug_group_shrinks_sizes():
     full, debug = compose_config([]), compose_config(["debug=default"])
-    for path in ("task.num_train", "task.num_heldout", "decode.max_new_tokens", "decode.n",
+    for path in ("task.num_train", "task.num_test", "decode.max_new_tokens", "decode.n",
                  "search.simulations", "search.max_option_tokens", "search.trees_per_batch",
                  "search.rollout.max_new_tokens", "train.batch_size", "critics.batch_size"):
         a, b = full, debug

@@ -134,7 +134,7 @@ class SpyTask(Task):
 
     def __init__(self, problems, log, correct=None):
         self.name = "spy"
-        self._train, self._heldout = [], list(problems)
+        self._set_splits([], [], list(problems))
         self.log = log
         self.correct = correct
 

@@ -15,6 +15,7 @@ from pipeline.compose import compose_config
 from pipeline.errors import ConfigError, QstarError
 from pipeline.loop import resume_run, run_loop
 from pipeline.run.store import STAGES, RunStore
+from pipeline.tasks import make_task
 
 QSTAR = str(Path(sys.executable).parent / "qstar")
 
@@ -66,6 +67,21 @@ def test_run_completes_every_stage_with_its_artifacts(reference_run):
         assert train["policy_dir"] == "iter_000/train/policy"  # relative: the run can move
     # Nothing half-written is left behind.
     assert not list(run.rglob(".tmp-*"))
+
+
+def test_loop_searches_train_and_evaluates_dev_never_test(reference_run):
+    run, overrides = reference_run
+    task = make_task(compose_config(overrides).task)
+    dev, test = [p.id for p in task.split("dev")], {p.id for p in task.split("test")}
+    for stage in ("baseline", "eval"):  # the per-iteration eval is a tuning signal: dev
+        assert json.loads((run / f"iter_000/{stage}/metrics.json").read_text())["split"] == "dev"
+        rows = json.loads((run / f"iter_000/{stage}/greedy.json").read_text())["rows"]
+        assert [r["id"] for r in rows] == dev
+    searched = {json.loads(line)["problem_id"]
+                for shard in (run / "iter_000/search").glob("shard_*.jsonl")
+                for line in shard.read_text().splitlines()}
+    assert searched == {p.id for p in task.split("train")}
+    assert not (searched | set(dev)) & test
 
 
 @pytest.mark.parametrize("stage", STAGES)

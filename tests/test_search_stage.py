@@ -43,7 +43,7 @@ class SpyTask(Task):
 
     def __init__(self, problems):
         self.name = "spy"
-        self._train, self._heldout = list(problems), []
+        self._set_splits(list(problems), [], [])
         self.calls = []
 
     def is_correct(self, problem, completion):

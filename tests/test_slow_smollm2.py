@@ -33,7 +33,7 @@ def cache_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def cfg(cache_dir):
     return compose_config([f"model.cache_dir={cache_dir}", "task=arithmetic",
-                           f"task.num_heldout={HELDOUT}", "decode=greedy",
+                           f"task.num_test={HELDOUT}", "decode=greedy",
                            "decode.max_new_tokens=96", "progress=false"])
 
 
@@ -60,7 +60,7 @@ def test_converted_checkpoint_is_plain(cfg, smollm2, cache_dir):
 def test_greedy_eval_is_deterministic(cfg, smollm2):
     model, tokenizer = smollm2
     task = make_task(cfg.task)
-    _, heldout = task.splits()
+    heldout = task.split("test")
     assert len(heldout) == HELDOUT
     first = evaluate(cfg, DecodeStrategy.greedy, model, tokenizer, task, heldout)
     second = evaluate(cfg, DecodeStrategy.greedy, model, tokenizer, task, heldout)

@@ -44,93 +44,109 @@ def ids(problems):
     return [p.id for p in problems]
 
 
-def assert_disjoint(train, heldout):
-    assert not {p.question for p in train} & {p.question for p in heldout}
-    assert len({p.question for p in train}) == len(train)
-    assert len({p.question for p in heldout}) == len(heldout)
+def three(task):
+    return tuple(task.split(name) for name in ("train", "dev", "test"))
+
+
+def assert_disjoint(*splits):
+    """No question in two splits, none twice within one."""
+    questions = [p.question for split in splits for p in split]
+    assert len(set(questions)) == len(questions)
 
 
 # ---------------------------------------------------------------- splits
 
 
-def test_arithmetic_splits_deterministic_and_disjoint():
-    cfg = TaskConfig(kind=TaskKind.arithmetic, num_train=64, num_heldout=100, seed=3)
+@pytest.mark.parametrize("kind", [TaskKind.arithmetic, TaskKind.chain_steps])
+def test_arithmetic_splits_deterministic_and_disjoint(kind):
+    cfg = TaskConfig(kind=kind, num_train=64, num_dev=50, num_test=100, seed=3)
     task = make_task(cfg)
     assert isinstance(task, ArithmeticTask)
-    train, heldout = task.splits()
-    assert (len(train), len(heldout)) == (64, 100)
-    assert_disjoint(train, heldout)
-    again_train, again_heldout = make_task(cfg).splits()
-    assert ids(again_train) == ids(train) and ids(again_heldout) == ids(heldout)
-    other = make_task(TaskConfig(kind=TaskKind.arithmetic, num_train=64, num_heldout=100, seed=4))
-    assert [p.question for p in other.splits()[1]] != [p.question for p in heldout]
+    train, dev, test = three(task)
+    assert (len(train), len(dev), len(test)) == (64, 50, 100)
+    assert_disjoint(train, dev, test)
+    assert tuple(map(ids, three(make_task(cfg)))) == (ids(train), ids(dev), ids(test))
+    other = make_task(TaskConfig(kind=kind, num_train=64, num_dev=50, num_test=100, seed=4))
+    assert [p.question for p in other.split("test")] != [p.question for p in test]
 
 
-def test_arithmetic_heldout_stable_when_num_train_changes():
-    small = make_task(TaskConfig(num_train=8, num_heldout=20)).splits()[1]
-    large = make_task(TaskConfig(num_train=80, num_heldout=20)).splits()[1]
-    assert small == large
+def test_test_split_stable_when_num_train_or_num_dev_changes():
+    small = make_task(TaskConfig(num_train=8, num_dev=5, num_test=20))
+    large = make_task(TaskConfig(num_train=80, num_dev=30, num_test=20))
+    assert small.split("test") == large.split("test")
+    assert small.split("dev") == large.split("dev")[:5]  # dev grows at its end
+
+
+def test_unknown_split_is_refused():
+    task = make_task(TaskConfig(num_train=2, num_dev=2, num_test=2))
+    with pytest.raises(QstarError, match=r"split 'heldout' is invalid: allowed: train, dev, test"):
+        task.split("heldout")
 
 
 def test_arithmetic_respects_difficulty():
-    task = make_task(TaskConfig(min_terms=3, max_terms=3, min_digits=1, max_digits=1,
-                                num_train=5, num_heldout=5))
-    for p in task.splits()[0]:
+    task = make_task(TaskConfig(kind=TaskKind.arithmetic, min_terms=3, max_terms=3, min_digits=1,
+                                max_digits=1, num_train=5, num_dev=5, num_test=5))
+    for p in task.split("train"):
         assert len(p.entry["metadata"]["expression"].split()) == 5  # a op b op c
 
 
 @needs_gsm8k
 def test_gsm8k_directory_splits():
-    cfg = jsonl_cfg(GSM8K, num_train=200, num_heldout=100, seed=1)
-    train, heldout = make_task(cfg).splits()
-    assert (len(train), len(heldout)) == (200, 100)
-    assert_disjoint(train, heldout)
-    assert all(p.id.startswith("train.jsonl:") for p in train)
-    assert all(p.id.startswith("test.jsonl:") for p in heldout)
-    assert (ids(train), ids(heldout)) == tuple(map(ids, make_task(cfg).splits()))
+    cfg = jsonl_cfg(GSM8K, num_train=200, num_dev=50, num_test=100, seed=1)
+    train, dev, test = three(make_task(cfg))
+    assert (len(train), len(dev), len(test)) == (200, 50, 100)
+    assert_disjoint(train, dev, test)
+    assert all(p.id.startswith("train.jsonl:") for p in train + dev)
+    assert all(p.id.startswith("test.jsonl:") for p in test)
+    assert tuple(map(ids, three(make_task(cfg)))) == (ids(train), ids(dev), ids(test))
 
 
 @needs_gsm8k
 def test_gsm8k_single_file_splits():
-    cfg = jsonl_cfg(GSM8K / "test.jsonl", num_train=300, num_heldout=200, seed=0)
-    task = make_task(cfg)
-    train, heldout = task.splits()
-    assert (len(train), len(heldout)) == (300, 200)
-    assert_disjoint(train, heldout)
-    assert (ids(train), ids(heldout)) == tuple(map(ids, make_task(cfg).splits()))
-    assert ids(make_task(jsonl_cfg(GSM8K / "test.jsonl", num_train=300, num_heldout=200,
-                                   seed=1)).splits()[1]) != ids(heldout)
-    for p in train + heldout:
+    cfg = jsonl_cfg(GSM8K / "test.jsonl", num_train=300, num_dev=100, num_test=200, seed=0)
+    train, dev, test = three(make_task(cfg))
+    assert (len(train), len(dev), len(test)) == (300, 100, 200)
+    assert_disjoint(train, dev, test)
+    assert tuple(map(ids, three(make_task(cfg)))) == (ids(train), ids(dev), ids(test))
+    assert ids(make_task(jsonl_cfg(GSM8K / "test.jsonl", num_train=300, num_dev=100,
+                                   num_test=200, seed=1)).split("test")) != ids(test)
+    for p in train + dev + test:
         assert p.answer == p.entry["solution"].rsplit("####", 1)[1].strip().replace(",", "")
 
 
 def test_single_file_split_ignores_row_order(tmp_path):
     rows = gsm_rows(30)
-    a = make_task(jsonl_cfg(write_jsonl(tmp_path / "a.jsonl", rows), num_train=10, num_heldout=5))
+    a = make_task(jsonl_cfg(write_jsonl(tmp_path / "a.jsonl", rows), num_train=10, num_dev=5,
+                            num_test=5))
     b = make_task(jsonl_cfg(write_jsonl(tmp_path / "b.jsonl", rows[::-1]), num_train=10,
-                            num_heldout=5))
-    assert [p.question for p in a.splits()[1]] == [p.question for p in b.splits()[1]]
+                            num_dev=5, num_test=5))
+    for name in ("train", "dev", "test"):
+        assert [p.question for p in a.split(name)] == [p.question for p in b.split(name)]
+    assert_disjoint(*three(a))
 
 
 def test_directory_train_drops_questions_also_in_test(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", gsm_rows(10))
     write_jsonl(tmp_path / "test.jsonl", gsm_rows(5, start=8))  # 8 and 9 in both
-    train, heldout = make_task(jsonl_cfg(tmp_path, num_train=8, num_heldout=5)).splits()
-    assert_disjoint(train, heldout)
-    with pytest.raises(QstarError, match=r"task.num_train=9 is larger than the 8"):
-        make_task(jsonl_cfg(tmp_path, num_train=9, num_heldout=5))
+    splits = three(make_task(jsonl_cfg(tmp_path, num_train=6, num_dev=2, num_test=5)))
+    assert_disjoint(*splits)
+    assert [len(s) for s in splits] == [6, 2, 5]
+    with pytest.raises(QstarError, match=r"task.num_train=7 \+ task.num_dev=2 = 9 problems "
+                                         r"requested but .*train.jsonl has only 8 distinct "
+                                         r"questions not in the test pool \(task.num_test=5"):
+        make_task(jsonl_cfg(tmp_path, num_train=7, num_dev=2, num_test=5))
 
 
 def test_hf_task_on_a_local_dataset_directory(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", gsm_rows(12))
     write_jsonl(tmp_path / "test.jsonl", gsm_rows(6, start=100))
-    cfg = TaskConfig(kind=TaskKind.hf, name=str(tmp_path), num_train=10, num_heldout=4)
+    cfg = TaskConfig(kind=TaskKind.hf, name=str(tmp_path), num_train=10, num_dev=2, num_test=4)
     task = make_task(cfg)
     assert isinstance(task, HFTask)
-    train, heldout = task.splits()
-    assert (len(train), len(heldout)) == (10, 4)
-    assert_disjoint(train, heldout)
-    assert task.is_correct(heldout[0], f"Answer: {heldout[0].answer}")
+    train, dev, test = three(task)
+    assert (len(train), len(dev), len(test)) == (10, 2, 4)
+    assert_disjoint(train, dev, test)
+    assert task.is_correct(test[0], f"Answer: {test[0].answer}")
 
 
 # ---------------------------------------------------------------- prompts and extraction
@@ -179,8 +195,8 @@ def test_extract_answer_on_real_gsm8k_solutions():
 
 
 def test_arithmetic_verification_uses_generator_answer():
-    task = make_task(TaskConfig(num_train=10, num_heldout=10))
-    problem = task.splits()[0][0]
+    task = make_task(TaskConfig(kind=TaskKind.arithmetic, num_train=10, num_dev=5, num_test=10))
+    problem = task.split("train")[0]
     gold = problem.entry["answer"]
     assert task.is_correct(problem, f"Step 1: compute.\nAnswer: {gold}")
     assert task.is_correct(problem, f"{problem.entry['metadata']['expression']} = {gold}\n"
@@ -192,9 +208,8 @@ def test_arithmetic_verification_uses_generator_answer():
 
 def gsm_problem(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [ROW] + gsm_rows(3))
-    task = make_task(jsonl_cfg(path, num_train=2, num_heldout=2))  # every row is in a split
-    train, heldout = task.splits()
-    return task, next(p for p in train + heldout if p.id == "one.jsonl:1")
+    task = make_task(jsonl_cfg(path, num_train=2, num_dev=1, num_test=1))  # every row is in a split
+    return task, next(p for p in sum(three(task), []) if p.id == "one.jsonl:1")
 
 
 @pytest.mark.parametrize("completion", [
@@ -228,14 +243,14 @@ def test_math_equal_works_outside_the_main_thread():
 
 def test_other_reasoning_gym_generator_end_to_end():
     cfg = TaskConfig(kind=TaskKind.reasoning_gym, name="basic_arithmetic", num_train=6,
-                     num_heldout=4, seed=2)
+                     num_dev=3, num_test=4, seed=2)
     task = make_task(cfg)
     assert isinstance(task, ReasoningGymTask) and task.name == "basic_arithmetic"
-    train, heldout = task.splits()
-    assert (len(train), len(heldout)) == (6, 4)
-    assert_disjoint(train, heldout)
-    assert ids(train) == ids(make_task(cfg).splits()[0])
-    problem = heldout[0]
+    train, dev, test = three(task)
+    assert (len(train), len(dev), len(test)) == (6, 3, 4)
+    assert_disjoint(train, dev, test)
+    assert ids(train) == ids(make_task(cfg).split("train"))
+    problem = test[0]
     assert task.is_correct(problem, f"Compute it.\nAnswer: {problem.answer}")
     assert not task.is_correct(problem, "Answer: banana")
 
@@ -253,16 +268,16 @@ def test_other_reasoning_gym_generator_end_to_end():
 def test_malformed_row_names_file_and_line(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "data.jsonl", gsm_rows(2) + [bad] + gsm_rows(3, start=2))
     with pytest.raises(QstarError, match=rf"{re.escape(str(path))}:3: .*{message}") as err:
-        make_task(jsonl_cfg(path, num_train=2, num_heldout=2))
+        make_task(jsonl_cfg(path, num_train=2, num_dev=1, num_test=2))
     assert "\n" not in str(err.value)
 
 
 def test_skip_bad_rows_counts_and_warns_once(tmp_path, capsys):
     path = write_jsonl(tmp_path / "data.jsonl",
                        gsm_rows(5) + ["{oops", json.dumps({"question": "q"})] + gsm_rows(5, 5))
-    task = make_task(jsonl_cfg(path, num_train=6, num_heldout=4, skip_bad_rows=True))
+    task = make_task(jsonl_cfg(path, num_train=4, num_dev=2, num_test=4, skip_bad_rows=True))
     assert task.skipped_rows == 2
-    assert sum(len(s) for s in task.splits()) == 10
+    assert sum(len(s) for s in three(task)) == 10
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "skipped 2 bad rows" in err and str(path) in err
 
@@ -270,7 +285,7 @@ def test_skip_bad_rows_counts_and_warns_once(tmp_path, capsys):
 def test_skip_bad_rows_in_directory_form(tmp_path, capsys):
     write_jsonl(tmp_path / "train.jsonl", gsm_rows(4) + ["{oops"])
     write_jsonl(tmp_path / "test.jsonl", ["[]"] + gsm_rows(3, start=10))
-    task = make_task(jsonl_cfg(tmp_path, num_train=4, num_heldout=3, skip_bad_rows=True))
+    task = make_task(jsonl_cfg(tmp_path, num_train=3, num_dev=1, num_test=3, skip_bad_rows=True))
     assert task.skipped_rows == 2
     assert capsys.readouterr().err.count("warning") == 1
 
@@ -297,38 +312,44 @@ def test_unknown_reasoning_gym_name_lists_valid_ones():
         make_task(TaskConfig(kind=TaskKind.reasoning_gym, name="no_such_task"))
 
 
-def test_heldout_larger_than_data(tmp_path):
+def test_three_splits_larger_than_data_is_one_line(tmp_path):
     path = write_jsonl(tmp_path / "small.jsonl", gsm_rows(10))
-    with pytest.raises(QstarError, match=r"task.num_train=5 \+ task.num_heldout=8 = 13 problems "
-                                         rf"requested but {path} has only 10 distinct"):
-        make_task(jsonl_cfg(path, num_train=5, num_heldout=8))
+    with pytest.raises(QstarError, match=r"^task.num_train=5 \+ task.num_dev=2 \+ "
+                                         r"task.num_test=4 = 11 problems "
+                                         rf"requested but {path} has only 10 distinct") as err:
+        make_task(jsonl_cfg(path, num_train=5, num_dev=2, num_test=4))
+    assert "\n" not in str(err.value)
+    assert len(three(make_task(jsonl_cfg(path, num_train=4, num_dev=2, num_test=4)))[0]) == 4
     write_jsonl(tmp_path / "train.jsonl", gsm_rows(10))
     write_jsonl(tmp_path / "test.jsonl", gsm_rows(3, start=50))
-    with pytest.raises(QstarError, match=r"task.num_heldout=4 is larger than the 3 distinct "
+    with pytest.raises(QstarError, match=r"task.num_test=4 is larger than the 3 distinct "
                                          r"problems in .*test.jsonl"):
-        make_task(jsonl_cfg(tmp_path, num_train=5, num_heldout=4))
+        make_task(jsonl_cfg(tmp_path, num_train=5, num_dev=1, num_test=4))
 
 
 def test_arithmetic_space_too_small():
     # one-digit, two-term sums: far fewer than 500 distinct questions
-    cfg = TaskConfig(min_digits=1, max_digits=1, num_train=400, num_heldout=100)
-    with pytest.raises(QstarError, match=r"= 500 problems requested but reasoning-gym chain_sum"):
+    cfg = TaskConfig(kind=TaskKind.arithmetic, min_terms=2, max_terms=2, min_digits=1,
+                     max_digits=1, num_train=300, num_dev=100, num_test=100)
+    with pytest.raises(QstarError, match=r"task.num_train=300 \+ task.num_dev=100 \+ "
+                                         r"task.num_test=100 = 500 problems requested but "
+                                         r"reasoning-gym chain_sum"):
         make_task(cfg)
 
 
 def test_invalid_generator_config_is_one_line():
     with pytest.raises(QstarError, match=r"reasoning-gym chain_sum:") as err:
-        ArithmeticTask(TaskConfig(min_terms=0, max_terms=0, num_train=2, num_heldout=2))
+        ArithmeticTask(TaskConfig(min_terms=0, max_terms=0, num_train=2, num_dev=2, num_test=2))
     assert "\n" not in str(err.value)
 
 
 def test_empty_data_set(tmp_path):
     path = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(QstarError, match=rf"{path} has no usable rows"):
-        make_task(jsonl_cfg(path, num_train=1, num_heldout=1))
+        make_task(jsonl_cfg(path, num_train=1, num_dev=1, num_test=1))
     only_bad = write_jsonl(tmp_path / "bad.jsonl", ["{x"])
     with pytest.raises(QstarError, match=rf"{only_bad} has no usable rows"):
-        JsonlTask(jsonl_cfg(only_bad, num_train=1, num_heldout=1, skip_bad_rows=True))
+        JsonlTask(jsonl_cfg(only_bad, num_train=1, num_dev=1, num_test=1, skip_bad_rows=True))
 
 
 def test_hf_dataset_that_cannot_be_loaded(tmp_path):
@@ -344,4 +365,4 @@ def test_hf_missing_split(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", gsm_rows(3, start=10))
     with pytest.raises(QstarError, match=r"task.hf_test_split='validation'.*has no such split"):
         make_task(TaskConfig(kind=TaskKind.hf, name=str(tmp_path), hf_test_split="validation",
-                             num_train=1, num_heldout=1))
+                             num_train=1, num_dev=1, num_test=1))

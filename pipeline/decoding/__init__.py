@@ -1,4 +1,4 @@
-"""How text is decoded for held-out problems: one module per strategy, and `decode` to pick one.
+"""How text is decoded for evaluation problems: one module per strategy, and `decode` to pick one.
 
 greedy and sample (sampling.py), best-of-N with its selections (best_of_n.py, voting.py),
 step-level beam search (beam.py), evaluation-time MCTS (mcts.py, on tree_search.py).

@@ -24,7 +24,7 @@ def write_plots(store: RunStore) -> list[str]:
     for d in decodes:
         points = [(r["policy"], r["accuracy"][d]) for r in rows if d in r["accuracy"]]
         ax.plot(*zip(*points), marker="o", label=d)
-    ax.set(xlabel="policy (0 = base)", ylabel="held-out accuracy", title="Accuracy by decoding")
+    ax.set(xlabel="policy (0 = base)", ylabel="eval.split accuracy (dev)", title="Accuracy by decoding")
     ax.legend()
     written.append(_save(fig, out / "accuracy.png"))
     trained = [r for r in rows if r["policy"] > 0]

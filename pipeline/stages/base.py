@@ -27,7 +27,7 @@ class Loop:
     cluster: Cluster
     task: Task
     train_problems: list[Problem]
-    heldout: list[Problem]
+    eval_problems: list[Problem]  # the eval.split problems (dev unless asked otherwise)
     base_policy: str  # the resolved base checkpoint: policy_0
     tracker: Tracker
 

@@ -1,4 +1,8 @@
-"""The eval stage and `qstar eval`: one model, each decoding strategy, the held-out problems.
+"""The eval stage and `qstar eval`: one model, each decoding strategy, the `eval.split` problems.
+
+Both read the dev split by default: the loop's per-iteration eval and a `qstar eval` run are
+tuning signals. The test split is read only when named (`eval.split=test`): the README's
+numbers, computed once per benchmark run.
 
 Decoding (pipeline.decoding) produces one final completion per problem from prompts alone;
 grading against the gold answer happens afterwards, in `grade`, and nowhere else.
@@ -70,9 +74,9 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
 
 def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task: Task,
              problems: Sequence[Problem], critics=None, implicit=None) -> EvalResult:
-    """Decode the held-out problems with `strategy`, then grade. `critics` serve ORM/MCTS;
-    `implicit` (the policy's DPO implicit reward) serves best-of-N selection and MCTS."""
-    prompts = render_prompts(tokenizer, [p.question for p in problems])
+    """Decode the problems with `strategy`, then grade. `critics` serve ORM/MCTS; `implicit`
+    (the policy's DPO implicit reward) serves best-of-N selection and MCTS."""
+    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
     progress = f"eval {strategy.value}" if cfg.progress else None
     start = time.perf_counter()
     decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress,
@@ -109,9 +113,9 @@ def default_output(strategy: str) -> str:
 
 
 def run_eval(cfg: QstarConfig) -> EvalResult:
-    """`qstar eval`: load, decode the held-out split, print the table, write JSON."""
+    """`qstar eval`: load, decode the eval.split problems, print the table, write JSON."""
     task = make_task(cfg.task)
-    _, heldout = task.splits()
+    problems = task.split(cfg.eval.split)
     critics_dir = cfg.eval.critics
     if critics_dir and not os.path.isfile(os.path.join(critics_dir, "orm", "meta.json")):
         raise QstarError(f"eval.critics={critics_dir!r}: not a critics directory "
@@ -126,18 +130,20 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
                                   cfg.model, cfg.critics.score_batch_size)
     implicit = implicit_for(cfg, [cfg.decode.strategy.value], resolve_model_path(cfg.model),
                             model, tokenizer)
-    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, heldout, critics=critics,
+    result = evaluate(cfg, cfg.decode.strategy, model, tokenizer, task, problems, critics=critics,
                       implicit=implicit)
+    print(f"split: {cfg.eval.split.value} ({len(problems)} problems)")
     print(format_table([result]))
     output = cfg.eval.output or default_output(result.strategy)
-    write_json(output, {"summary": result.summary(), "config": to_dict(cfg), "rows": result.rows})
+    write_json(output, {"summary": {**result.summary(), "split": cfg.eval.split.value},
+                        "config": to_dict(cfg), "rows": result.rows})
     print(f"wrote {output}")
     return result
 
 
 def decode_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: QstarConfig,
                   task: Task, questions: Sequence[str]) -> dict[str, tuple[Decoded, float]]:
-    """Every strategy in `eval.decodes` on the held-out questions: (decoded, seconds) each.
+    """Every strategy in `eval.decodes` on the eval.split questions: (decoded, seconds) each.
     Runs where the stage runs (stage_work): in-process, or a Ray task with the stage's GPU, so
     the driver needs no device. It sees questions only; the driver grades."""
     policy_dir = resolve_ref(root, policy, cfg.model)
@@ -145,7 +151,7 @@ def decode_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: 
     critic_set = load_critics(root / critics if critics else None, policy_dir, model, tokenizer,
                               cfg)
     implicit = implicit_for(cfg, cfg.eval.decodes, policy_dir, model, tokenizer)
-    prompts = render_prompts(tokenizer, list(questions))
+    prompts = render_prompts(tokenizer, list(questions), task)
     found = {}
     for name in cfg.eval.decodes:
         start = time.perf_counter()
@@ -161,13 +167,13 @@ def evaluate_policy(loop: Loop, i: int, stage: str, policy: str, critics: str | 
     reference = dpo_reference(resolve_ref(loop.store.root, policy, loop.cfg.model))
     shipped = [policy, *rels, loop.store.relative(reference[0]) if reference else None]
     found = loop.run_remote(decode_policy, i, stage, shipped, policy, critics, loop.cfg,
-                            loop.task, [p.question for p in loop.heldout])
+                            loop.task, [p.question for p in loop.eval_problems])
     out, results = loop.store.stage_dir(i, stage), {}
     for name, (decoded, seconds) in found.items():
-        result = grade(loop.task, loop.heldout, decoded, name, seconds)
+        result = grade(loop.task, loop.eval_problems, decoded, name, seconds)
         results[name] = result.summary()
         write_json(out / f"{name}.json", {"summary": result.summary(), "rows": result.rows})
-    metrics = {"policy_dir": policy, "decodes": results}
+    metrics = {"policy_dir": policy, "split": loop.cfg.eval.split.value, "decodes": results}
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -78,7 +78,7 @@ class SearchWorker:
         Self-contained, so a retry is safe."""
         models = self._ensure(job)
         problems = list(job.problems)
-        prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+        prompts = render_prompts(models.tokenizer, [p.question for p in problems], job.task)
         desc = f"iter {job.iteration} shard {job.shard}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
         return {"rows": shard_rows(trees, scorer, problems, job.iteration),

@@ -7,12 +7,15 @@ from pipeline.config import TaskConfig, TaskKind
 from pipeline.errors import QstarError
 from pipeline.tasks.arithmetic import ArithmeticTask
 from pipeline.tasks.base import Task
+from pipeline.tasks.chain_steps import ChainStepsTask
 from pipeline.tasks.hf import HFTask
 from pipeline.tasks.jsonl import JsonlTask
 from pipeline.tasks.reasoning_gym import ReasoningGymTask
 
 
 def make_task(cfg: TaskConfig) -> Task:
+    if cfg.kind == TaskKind.chain_steps:
+        return ChainStepsTask(cfg)
     if cfg.kind == TaskKind.arithmetic:
         return ArithmeticTask(cfg)
     if cfg.kind == TaskKind.reasoning_gym:

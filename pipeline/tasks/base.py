@@ -1,4 +1,11 @@
-"""The Task interface and the Problem record every task produces."""
+"""The Task interface, the Problem record every task produces, and the three splits.
+
+Every task yields three disjoint splits, deterministic for `task.seed`:
+- train: the problems the loop searches and trains on;
+- dev: what every tuning choice and the loop's per-iteration eval read (`eval.split=dev`);
+- test: read only when asked for by name (`eval.split=test`), once per benchmark run.
+The test split is laid out first, so it stays the same when only num_train or num_dev change.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,13 @@ from dataclasses import dataclass
 from pipeline.config import TaskConfig
 from pipeline.errors import QstarError, first_line
 from pipeline.tasks.answers import extract_answer
+
+SPLITS = ("train", "dev", "test")
+
+SYSTEM_PROMPT = (
+    "Solve the problem step by step. Write short steps, one step per line. "
+    "End with a final line of the form:\nAnswer: <value>"
+)
 
 
 @dataclass(frozen=True)
@@ -19,12 +33,26 @@ class Problem:
 
 class Task:
     name: str
-    _train: list[Problem]  # set by each subclass's __init__
-    _heldout: list[Problem]
+    _splits: dict[str, list[Problem]]  # set by each subclass's __init__ (see `_set_splits`)
+    system_prompt: str = SYSTEM_PROMPT
+    example: tuple[str, str] | None = None  # one worked (question, solution) shown before the question
 
-    def splits(self) -> tuple[list[Problem], list[Problem]]:
-        """(train, heldout): deterministic for the config's seed, no question in both."""
-        return list(self._train), list(self._heldout)
+    def split(self, name: str) -> list[Problem]:
+        """The problems of one split: train, dev or test."""
+        if name not in SPLITS:
+            raise QstarError(f"split {name!r} is invalid: allowed: {', '.join(SPLITS)}")
+        return list(self._splits[name])
+
+    def _set_splits(self, train: list[Problem], dev: list[Problem], test: list[Problem]) -> None:
+        self._splits = {"train": list(train), "dev": list(dev), "test": list(test)}
+
+    def messages(self, question: str) -> list[dict]:
+        """Chat messages for one question: the task's system prompt, its worked example if any."""
+        messages = [{"role": "system", "content": self.system_prompt}]
+        if self.example is not None:
+            messages += [{"role": "user", "content": self.example[0]},
+                         {"role": "assistant", "content": self.example[1]}]
+        return messages + [{"role": "user", "content": question}]
 
     def extract_answer(self, completion: str) -> str | None:
         return extract_answer(completion)
@@ -42,9 +70,19 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {first_line(e)}"
 
 
+def split_sizes(cfg: TaskConfig) -> int:
+    return cfg.num_train + cfg.num_dev + cfg.num_test
+
+
 def _too_few(available: int, cfg: TaskConfig, where: str) -> QstarError:
-    need = cfg.num_train + cfg.num_heldout
     return QstarError(
-        f"task.num_train={cfg.num_train} + task.num_heldout={cfg.num_heldout} = {need} problems "
-        f"requested but {where} has only {available} distinct questions"
+        f"task.num_train={cfg.num_train} + task.num_dev={cfg.num_dev} + "
+        f"task.num_test={cfg.num_test} = {split_sizes(cfg)} problems requested but {where} has "
+        f"only {available} distinct questions"
     )
+
+
+def layout(ordered: list[Problem], cfg: TaskConfig) -> tuple[list, list, list]:
+    """(train, dev, test) from one ordered pool laid out as [test | dev | train]."""
+    t, d = cfg.num_test, cfg.num_dev
+    return ordered[t + d : t + d + cfg.num_train], ordered[t : t + d], ordered[:t]

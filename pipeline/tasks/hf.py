@@ -31,6 +31,5 @@ class HFTask(MathTask):
                     for i, row in enumerate(data[split]))
             pools.append(self._read(rows))
         self._warn_skipped(cfg.name)
-        self._train, self._heldout = self._split_two(pools[0], pools[1],
-                                                     f"{cfg.name}[{cfg.hf_train_split}]",
-                                                     f"{cfg.name}[{cfg.hf_test_split}]")
+        self._split_two(pools[0], pools[1], f"{cfg.name}[{cfg.hf_train_split}]",
+                        f"{cfg.name}[{cfg.hf_test_split}]")

@@ -27,7 +27,7 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, str, object]]:
 
 class JsonlTask(MathTask):
     """A GSM8K-format JSONL file (split by a seeded hash of the question), or a directory with
-    train.jsonl (training problems) and test.jsonl (held-out problems)."""
+    train.jsonl (training and dev problems) and test.jsonl (test problems)."""
 
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
@@ -45,12 +45,11 @@ class JsonlTask(MathTask):
                     raise QstarError(f"task.path={cfg.path}: directory has no {p.name}")
             train, test = self._load(train_path), self._load(test_path)
             self._warn_skipped(str(path))
-            self._train, self._heldout = self._split_two(train, test, str(train_path),
-                                                         str(test_path))
+            self._split_two(train, test, str(train_path), str(test_path))
         else:
             problems = self._load(path)
             self._warn_skipped(str(path))
-            self._train, self._heldout = self._split_one(problems, str(path))
+            self._split_one(problems, str(path))
 
     def _load(self, path: Path) -> list[Problem]:
         try:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pipeline.config import TaskConfig
 from pipeline.errors import QstarError
 from pipeline.tasks.answers import _clean, math_equal
-from pipeline.tasks.base import Problem, Task, _too_few
+from pipeline.tasks.base import Problem, Task, _too_few, layout, split_sizes
 
 
 class _BadRow(Exception):
@@ -67,31 +67,35 @@ class MathTask(Task):
             print(f"warning: skipped {self.skipped_rows} bad rows in {source} "
                   f"(task.skip_bad_rows=true)", file=sys.stderr)
 
-    def _split_one(self, problems: list[Problem],
-                   where: str) -> tuple[list[Problem], list[Problem]]:
-        """One pool: a seeded order, held-out first, then train."""
+    def _split_one(self, problems: list[Problem], where: str) -> None:
+        """One pool: a seeded order, laid out as [test | dev | train]."""
         if not problems:
             raise QstarError(f"{where} has no usable rows")
-        if len(problems) < self.cfg.num_train + self.cfg.num_heldout:
+        if len(problems) < split_sizes(self.cfg):
             raise _too_few(len(problems), self.cfg, where)
-        ordered = _seeded_order(problems, self.cfg.seed)
-        h = self.cfg.num_heldout
-        return ordered[h : h + self.cfg.num_train], ordered[:h]
+        self._set_splits(*layout(_seeded_order(problems, self.cfg.seed), self.cfg))
 
     def _split_two(self, train: list[Problem], test: list[Problem], train_where: str,
-                   test_where: str) -> tuple[list[Problem], list[Problem]]:
-        """Separate pools: train drops every question the test pool also has."""
+                   test_where: str) -> None:
+        """Separate pools: test from the test pool; dev, then train, from the training pool,
+        which drops every question the test pool also has."""
+        c = self.cfg
         test_questions = {p.question for p in test}
         train = [p for p in train if p.question not in test_questions]
-        for pool, where, key, n in ((train, train_where, "task.num_train", self.cfg.num_train),
-                                    (test, test_where, "task.num_heldout", self.cfg.num_heldout)):
+        for pool, where in ((train, train_where), (test, test_where)):
             if not pool:
                 raise QstarError(f"{where} has no usable rows")
-            if n > len(pool):
-                raise QstarError(f"{key}={n} is larger than the {len(pool)} distinct problems in "
-                                 f"{where}")
-        return (_seeded_order(train, self.cfg.seed)[: self.cfg.num_train],
-                _seeded_order(test, self.cfg.seed)[: self.cfg.num_heldout])
+        if c.num_test > len(test):
+            raise QstarError(f"task.num_test={c.num_test} is larger than the {len(test)} distinct "
+                             f"problems in {test_where}")
+        if c.num_train + c.num_dev > len(train):
+            raise QstarError(f"task.num_train={c.num_train} + task.num_dev={c.num_dev} = "
+                             f"{c.num_train + c.num_dev} problems requested but {train_where} has "
+                             f"only {len(train)} distinct questions not in the test pool "
+                             f"(task.num_test={c.num_test} come from {test_where})")
+        ordered = _seeded_order(train, c.seed)
+        self._set_splits(ordered[c.num_dev : c.num_dev + c.num_train], ordered[: c.num_dev],
+                         _seeded_order(test, c.seed)[: c.num_test])
 
     def grade(self, problem: Problem, answer: str) -> bool:
         return math_equal(problem.answer, answer)

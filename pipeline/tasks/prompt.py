@@ -1,20 +1,21 @@
-"""The prompt every task shares: a system message asking for one step per line and a final
-`Answer:` line, rendered with the tokenizer's chat template."""
+"""Rendering a task's chat messages with the tokenizer's chat template. Each task owns its
+prompt (`Task.messages`); tasks without their own use SYSTEM_PROMPT (one step per line, a final
+`Answer:` line)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from pipeline.lm.generation import chat_prompt
-
-SYSTEM_PROMPT = (
-    "Solve the problem step by step. Write short steps, one step per line. "
-    "End with a final line of the form:\nAnswer: <value>"
-)
+from pipeline.tasks.base import SYSTEM_PROMPT, Task
 
 
 def to_messages(question: str) -> list[dict]:
-    """Chat messages for the tokenizer's chat template."""
+    """Chat messages with the default system prompt (tasks without their own prompt)."""
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-def render_prompts(tokenizer, questions: Sequence[str]) -> list[str]:
-    return [chat_prompt(tokenizer, to_messages(q)) for q in questions]
+
+
+def render_prompts(tokenizer, questions: Sequence[str], task: Task | None = None) -> list[str]:
+    """Chat-templated prompts; `task` supplies its own messages (system prompt, worked example)."""
+    messages = task.messages if task is not None else to_messages
+    return [chat_prompt(tokenizer, messages(q)) for q in questions]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.config import TaskConfig
 from pipeline.errors import QstarError
-from pipeline.tasks.base import Problem, Task, _one_line, _too_few
+from pipeline.tasks.base import Problem, Task, _one_line, _too_few, layout, split_sizes
 
 
 class ReasoningGymTask(Task):
@@ -21,7 +21,7 @@ class ReasoningGymTask(Task):
                 f"task.name={self.generator!r} is not a reasoning-gym generator; valid names: "
                 f"{', '.join(sorted(DATASETS))}"
             )
-        need = cfg.num_train + cfg.num_heldout
+        need = split_sizes(cfg)
         size = 4 * need + 100  # room for duplicate questions; fixed by cfg, so deterministic
         try:
             self.dataset = reasoning_gym.create_dataset(
@@ -33,8 +33,7 @@ class ReasoningGymTask(Task):
         if len(problems) < need:
             raise _too_few(len(problems), cfg, f"reasoning-gym {self.generator} (seed {cfg.seed}, "
                                                f"{size} items generated)")
-        # held-out first: it stays the same when only num_train changes
-        self._heldout, self._train = problems[: cfg.num_heldout], problems[cfg.num_heldout :]
+        self._set_splits(*layout(problems, cfg))  # [test | dev | train] in generation order
 
     def _distinct(self, need: int, seed: int) -> list[Problem]:
         problems, seen = [], set()
@@ -46,10 +45,14 @@ class ReasoningGymTask(Task):
             # some generators (boxnet, rush_hour, ...) have no single gold answer: None
             gold = "" if entry["answer"] is None else str(entry["answer"])
             pid = f"{self.generator}/seed{seed}/{idx}"
-            problems.append(Problem(pid, entry["question"], gold, entry))
+            problems.append(Problem(pid, self.question(entry), gold, entry))
             if len(problems) == need:
                 break
         return problems
+
+    def question(self, entry: dict) -> str:
+        """The question the model sees (reasoning-gym's own text)."""
+        return entry["question"]
 
     def grade(self, problem: Problem, answer: str) -> bool:
         try:

@@ -1,0 +1,270 @@
+"""The matched-budget proof: does search beat sampling at the same generated tokens?
+
+    python benchmarks/matched_budget.py [--iterations 4] [--n 8] [--runs runs/matched_budget]
+    python benchmarks/matched_budget.py --smoke model=<tiny checkpoint>   # minutes, plumbing only
+
+Two loops on the default task (same training problems, same base policy, same test split):
+the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT) and the STaR loop
+(`experiment=star_cpu`: samples + verifier + SFT), whose samples per problem are set so its
+iteration-0 search spends the MCTS loop's iteration-0 search tokens. The loops' own eval
+stages read dev; every number here is graded on the test split, once, by this script.
+
+- data_generation: verified solutions found per 1,000 generated tokens on the training
+  problems, MCTS against sampling, both with the base policy (iteration 0 of each loop).
+- evaluation: for policies 0..N of the MCTS loop, greedy, best-of-N majority (n=--n) and MCTS
+  with the policy's critics (no verifier) capped at best-of-N's tokens per problem
+  (`search.token_budget`); `matched` says whether MCTS's tokens are within 10% of best-of-N's.
+- loop: test greedy after every iteration of both loops, their search tokens, and
+  options_per_solution (mean lines of the verified solutions each search found).
+- wall: per MCTS-loop iteration, the chosen log-prob change during DPO, the DPO margin, the
+  training solve rate, and the first iteration whose test greedy is not above the one before.
+
+Resumable: the loops resume (`qstar resume` semantics), and each test evaluation is skipped
+when its JSON exists. Writes matched_budget.json (`"split": "test"`) and three PNGs beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mcts.tree import NO_PARENT  # noqa: E402
+from pipeline.compose import compose_config  # noqa: E402
+from pipeline.lm.models import resolve_model_path  # noqa: E402
+from pipeline.loop import resume_run, run_loop  # noqa: E402
+from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
+from pipeline.run.store import RunStore  # noqa: E402
+from pipeline.stages.eval import run_eval  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SMOKE = ["debug=default", "task.num_train=2", "task.num_dev=2", "task.num_test=2",
+         "decode.n=2", "search.simulations=2"]
+
+
+def run_or_resume(run_dir: Path, overrides: list[str], iterations: int) -> RunStore:
+    if (run_dir / "manifest.json").is_file():
+        return resume_run(str(run_dir), [f"iterations={iterations}"])
+    return run_loop(compose_config([*overrides, f"iterations={iterations}", "progress=false"]),
+                    run_dir)
+
+
+def graded_on_test(base: list[str], extra: list[str], output: Path) -> dict:
+    """`qstar eval eval.split=test ...` once; the JSON on disk is the cache."""
+    if not output.is_file():
+        print(f"eval -> {output}", flush=True)
+        run_eval(compose_config([*base, *extra, "eval.split=test", f"eval.output={output}",
+                                 "progress=false"]))
+    return json.loads(output.read_text())["summary"]
+
+
+def per_problem(summary: dict) -> float:
+    return round(summary["tokens"] / max(summary["total"], 1), 1)
+
+
+def verified_solutions(store: RunStore, i: int) -> dict:
+    """Distinct verified solutions in iteration i's search (a terminal node with reward 1: a
+    distinct path in MCTS, a distinct text among samples) and their length in lines, which is
+    their number of options (search.termination=newline)."""
+    solutions, lines, solved, problems = set(), [], 0, 0
+    for shard in sorted((store.stage_dir(i, "search")).glob("shard_*.jsonl")):
+        for row in map(json.loads, shard.read_text().splitlines()):
+            problems += 1
+            solved += bool(row["solved"])
+            nodes = {n["id"]: n for n in row["tree"]["nodes"]}
+            for node in nodes.values():
+                if not (node["terminal"] and node["terminal_reward"] == 1.0):
+                    continue
+                path, k = [], node["id"]
+                while nodes[k]["parent"] != NO_PARENT:  # up to the root (the prompt)
+                    path.append(nodes[k]["text"])
+                    k = nodes[k]["parent"]
+                text = "".join(reversed(path))
+                if (row["problem_id"], text) not in solutions:
+                    solutions.add((row["problem_id"], text))
+                    lines.append(len([x for x in text.splitlines() if x.strip()]))
+    tokens = store.metrics(i, "search")["tokens"]
+    return {"problems": problems, "solved": solved, "verified_solutions": len(solutions),
+            "tokens": tokens,
+            "verified_per_1k_tokens": round(1000 * len(solutions) / max(tokens, 1), 3),
+            "solved_per_1k_tokens": round(1000 * solved / max(tokens, 1), 3),
+            "options_per_solution": round(sum(lines) / len(lines), 2) if lines else None}
+
+
+def star_samples(base: list[str], mcts: RunStore, out: Path) -> dict:
+    """Samples per problem that spend the MCTS loop's iteration-0 search tokens (base policy,
+    training problems: one sample each measures the length; no accuracy is read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    output = out / "calibration_sample_train.json"
+    if not output.is_file():
+        run_eval(compose_config([*base, "decode=sample", "eval.split=train",
+                                 f"eval.output={output}", "progress=false"]))
+    sample = json.loads(output.read_text())["summary"]
+    search = mcts.metrics(0, "search")
+    mcts_per_problem = search["tokens"] / max(search["problems"], 1)
+    per_sample = per_problem(sample)
+    return {"mcts_search_tokens_per_problem": round(mcts_per_problem, 1),
+            "sample_tokens": per_sample,
+            "samples": max(1, round(mcts_per_problem / max(per_sample, 1e-9)))}
+
+
+def evaluation_arm(base: list[str], store: RunStore, policies: int, n: int, out: Path) -> list:
+    rows = []
+    base_policy = resolve_model_path(compose_config(base).model)
+    for i in range(policies):
+        policy = store.policy_dir(i, base_policy)
+        critics = store.critics_dir(i)
+        model = [f"model={policy}"]
+        greedy = graded_on_test(base, [*model, "decode=greedy"], out / f"p{i}_greedy.json")
+        bon = graded_on_test(base, [*model, "decode=best_of_n", f"decode.n={n}",
+                               "decode.select=majority"], out / f"p{i}_best_of_{n}.json")
+        budget = max(1, round(per_problem(bon)))
+        mcts = graded_on_test(base, [*model, "decode=mcts", f"search.token_budget={budget}",
+                                "search.simulations=64",
+                                *([f"eval.critics={critics}"] if critics else [])],
+                         out / f"p{i}_mcts_budget{budget}.json")
+        ratio = per_problem(mcts) / max(per_problem(bon), 1e-9)
+        rows.append({"policy": i, "critics": str(critics) if critics else None,
+                     "greedy": {"accuracy": greedy["accuracy"],
+                                "tokens_per_problem": per_problem(greedy)},
+                     "best_of_n_majority": {"n": n, "accuracy": bon["accuracy"],
+                                            "tokens_per_problem": per_problem(bon)},
+                     "mcts": {"accuracy": mcts["accuracy"], "token_budget": budget,
+                              "tokens_per_problem": per_problem(mcts)},
+                     "mcts_over_best_of_n_tokens": round(ratio, 3),
+                     "matched": abs(ratio - 1) <= 0.1,
+                     "mcts_minus_best_of_n": round(mcts["accuracy"] - bon["accuracy"], 3)})
+    return rows
+
+
+def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out: Path) -> dict:
+    """Test greedy of policy 0..iterations for each loop, with each iteration's search."""
+    base_policy = resolve_model_path(compose_config(base).model)
+    result = {}
+    for name, store in stores.items():
+        done = sum(store.done(i, "train") for i in range(iterations))
+        greedy = []
+        for i in range(done + 1):
+            policy = store.policy_dir(i, base_policy)
+            # the MCTS loop's policies share their greedy JSON with the evaluation arm
+            output = out / (f"p{i}_greedy.json" if i == 0 or name == "mcts"
+                            else f"{name}_p{i}_greedy.json")
+            greedy.append(graded_on_test(base, [f"model={policy}", "decode=greedy"], output)["accuracy"])
+        result[name] = {"test_greedy": greedy,
+                        "search": [verified_solutions(store, i) for i in range(done)]}
+    both = min(len(r["test_greedy"]) for r in result.values())
+    result["mcts_minus_star"] = [round(result["mcts"]["test_greedy"][k]
+                                       - result["star"]["test_greedy"][k], 3)
+                                 for k in range(1, both)]
+    return result
+
+
+def wall_arm(store: RunStore, greedy: list[float], iterations: int) -> dict:
+    rows = []
+    for i in range(iterations):
+        if not store.done(i, "train"):
+            break
+        train, search = store.metrics(i, "train"), store.metrics(i, "search")
+        rows.append({"iteration": i, "training_solve_rate": search.get("solve_rate"),
+                     "dpo_chosen_logp_change": train.get("dpo/logps/chosen_change"),
+                     "dpo_chosen_logp_first": train.get("dpo/logps/chosen_first"),
+                     "dpo_chosen_logp_last": train.get("dpo/logps/chosen_last"),
+                     "dpo_margin": train.get("dpo/rewards/margins"),
+                     "dpo_pairs": train.get("pairs"), "skipped": train.get("skipped")})
+    stops = next((k for k in range(1, len(greedy)) if greedy[k] <= greedy[k - 1]), None)
+    return {"per_iteration": rows, "test_greedy": greedy,
+            "test_curve_stops_rising_at_policy": stops}
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    data = result["data_generation"]
+    ax.bar(["MCTS", "sampling"], [data["mcts"]["verified_per_1k_tokens"],
+                                  data["sampling"]["verified_per_1k_tokens"]])
+    ax.set(ylabel="verified solutions / 1k tokens", title="Data generation (base policy)")
+    paths.append(_save(fig, out_dir / "matched_budget_data.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = result["evaluation"]
+    for key, label in (("greedy", "greedy"), ("best_of_n_majority", "best-of-N majority"),
+                       ("mcts", "MCTS (critics, matched tokens)")):
+        ax.plot([r["policy"] for r in rows], [r[key]["accuracy"] for r in rows], marker="o",
+                label=label)
+    ax.set(xlabel="policy", ylabel="test accuracy", title="Evaluation at matched tokens")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "matched_budget_eval.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label in (("mcts", "MCTS + critics + DPO/SFT"), ("star", "STaR")):
+        curve = result["loop"][name]["test_greedy"]
+        ax.plot(range(len(curve)), curve, marker="o", label=label)
+    ax.set(xlabel="policy (0 = base)", ylabel="test greedy accuracy",
+           title="Loops at matched search tokens")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "matched_budget_loop.png"))
+    plt.close("all")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--n", type=int, default=8, help="best-of-N samples per problem")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "matched_budget")
+    parser.add_argument("--output", type=Path, default=RESULTS / "matched_budget.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 problems per split, 1 iteration: checks the plumbing only")
+    parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every run")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.iterations, args.n = 1, 2
+    base = [*(SMOKE if args.smoke else []), *args.overrides]
+    runs, evals = args.runs.resolve(), args.runs.resolve() / "test_evals"
+    mcts = run_or_resume(runs / "mcts", ["experiment=demo_cpu", *base], args.iterations)
+    calibration = star_samples(base, mcts, evals)
+    star = run_or_resume(runs / "star", ["experiment=star_cpu", *base,
+                                         f"search.simulations={calibration['samples']}"],
+                         args.iterations)
+    loop = loop_arm(base, {"mcts": mcts, "star": star}, args.iterations, evals)
+    result = {
+        "benchmark": "matched_budget", "split": "test", "smoke": args.smoke,
+        "iterations": args.iterations, "runs": {"mcts": str(mcts.root), "star": str(star.root)},
+        "star_calibration": calibration,
+        "data_generation": _data_generation(loop),
+        "evaluation": evaluation_arm(base, mcts, len(loop["mcts"]["test_greedy"]), args.n, evals),
+        "loop": loop,
+        "wall": wall_arm(mcts, loop["mcts"]["test_greedy"], args.iterations),
+    }
+    write_json(args.output, result)
+    for path in plot(result, args.output.parent):
+        print(f"wrote {path}")
+    print(f"wrote {args.output}")
+    return result
+
+
+def _data_generation(loop: dict) -> dict:
+    """Iteration 0 of both loops: the same base policy on the same training problems."""
+    mcts, sampling = loop["mcts"]["search"][0], loop["star"]["search"][0]
+    ratio = mcts["verified_per_1k_tokens"] / max(sampling["verified_per_1k_tokens"], 1e-9)
+    return {"policy": 0, "mcts": mcts, "sampling": sampling,
+            "mcts_over_sampling": round(ratio, 3) if sampling["verified_per_1k_tokens"] else None}
+
+
+if __name__ == "__main__":
+    main()
