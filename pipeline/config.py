@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -17,6 +18,7 @@ class TaskKind(str, Enum):
     reasoning_gym = "reasoning_gym"
     jsonl = "jsonl"
     hf = "hf"
+    custom = "custom"  # a user's class: task.target=package.module:ClassName
 
 
 class DecodeStrategy(str, Enum):
@@ -98,7 +100,11 @@ class TaskConfig:
     num_train: int = 64
     num_heldout: int = 100
     seed: int = 0
-    skip_bad_rows: bool = False
+    skip_bad_rows: bool = False  # JSONL/HF: skip (and count) unusable rows instead of refusing
+    # task=custom: the user's task class, `package.module:ClassName` (pipeline/tasks/custom.py
+    # documents the protocol), and the keyword arguments its constructor gets
+    target: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
     # arithmetic (reasoning-gym chain_sum) difficulty
     min_terms: int = 2
     max_terms: int = 2
@@ -262,6 +268,9 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     _require(cfg.model.name != "???", "model.name", "give a model id or path", cfg.model.name)
     _require(not (cfg.task.kind == TaskKind.jsonl and cfg.task.path in (None, "???")), "task.path",
              "task=jsonl needs task.path=<file or directory>", cfg.task.path)
+    _require(not (cfg.task.kind == TaskKind.custom and cfg.task.target in (None, "???")),
+             "task.target", "task=custom needs task.target=package.module:ClassName",
+             cfg.task.target)
     _require(cfg.iterations >= 1, "iterations", "must be >= 1", cfg.iterations)
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              "allowed: float32, bfloat16, float16", cfg.model.dtype)

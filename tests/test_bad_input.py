@@ -150,7 +150,7 @@ def test_bad_data_file(make, data_dir, debug_overrides, tmp_path, capsys):
 
 
 UNKNOWN_INPUT = [
-    (["task.kind=foo"], "Invalid value 'foo', expected one of [arithmetic, reasoning_gym, jsonl, hf]"),
+    (["task.kind=foo"], "Invalid value 'foo', expected one of [arithmetic, reasoning_gym, jsonl, hf, custom]"),
     (["task=foo"], "Could not find 'task/foo'"),
     (["task=reasoning_gym", "task.name=no_such_generator"],
      "task.name='no_such_generator' is not a reasoning-gym generator; valid names: "),

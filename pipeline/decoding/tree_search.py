@@ -197,7 +197,7 @@ def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cf
     """Training-time search: the verifier scores terminal nodes and rollouts."""
 
     def reward(tree_index: int, solution: str) -> float:
-        return 1.0 if task.is_correct(problems[tree_index], solution) else 0.0
+        return task.score(problems[tree_index], solution)
 
     scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size)
     if cfg.search.algorithm == SearchAlgorithm.sample:

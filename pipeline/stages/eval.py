@@ -23,7 +23,7 @@ from pipeline.stages.base import Loop
 from pipeline.stages.critics import load_critic_set, load_critics
 from pipeline.tasks import make_task
 from pipeline.tasks.base import Problem, Task
-from pipeline.tasks.prompt import render_prompts
+from pipeline.tasks.prompt import task_prompts
 
 
 @dataclass
@@ -69,7 +69,7 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
 def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task: Task,
              problems: Sequence[Problem], critics=None) -> EvalResult:
     """Decode the held-out problems with `strategy`, then grade. `critics` serve ORM/MCTS."""
-    prompts = render_prompts(tokenizer, [p.question for p in problems])
+    prompts = task_prompts(tokenizer, task, problems)
     progress = f"eval {strategy.value}" if cfg.progress else None
     start = time.perf_counter()
     decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress,

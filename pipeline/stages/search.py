@@ -24,7 +24,7 @@ from pipeline.run.store import load_shards
 from pipeline.stages.base import Loop
 from pipeline.stages.critics import load_critics
 from pipeline.tasks.base import Problem, Task
-from pipeline.tasks.prompt import render_prompts
+from pipeline.tasks.prompt import task_prompts
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SearchWorker:
         """Search one shard and write it atomically; self-contained, so a retry is safe."""
         models = self._ensure(job.policy_dir, job.critics_dir)
         problems = list(job.problems)
-        prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+        prompts = task_prompts(models.tokenizer, job.task, problems)
         desc = f"iter {job.iteration} {Path(job.out_path).stem}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
         write_jsonl(job.out_path, shard_rows(trees, scorer, problems, job.iteration))

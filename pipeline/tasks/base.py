@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pipeline.config import TaskConfig
 from pipeline.errors import QstarError, first_line
 from pipeline.tasks.answers import extract_answer
+from pipeline.tasks.prompt import to_messages
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class Task:
         """(train, heldout): deterministic for the config's seed, no question in both."""
         return list(self._train), list(self._heldout)
 
+    def messages(self, problem: Problem) -> list[dict]:
+        """The chat messages that ask the policy this problem (qstar's step-by-step prompt)."""
+        return to_messages(problem.question)
+
     def extract_answer(self, completion: str) -> str | None:
         return extract_answer(completion)
 
@@ -36,6 +41,11 @@ class Task:
     def is_correct(self, problem: Problem, completion: str) -> bool:
         answer = self.extract_answer(completion)
         return answer is not None and self.grade(problem, answer)
+
+    def score(self, problem: Problem, completion: str) -> float:
+        """A whole completion's reward in [0, 1], 1.0 = correct: the verifier's value of a
+        terminal node and GRPO's reward. A custom task may give partial credit."""
+        return 1.0 if self.is_correct(problem, completion) else 0.0
 
 
 def _one_line(e: Exception) -> str:

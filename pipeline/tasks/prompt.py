@@ -16,5 +16,12 @@ SYSTEM_PROMPT = (
 def to_messages(question: str) -> list[dict]:
     """Chat messages for the tokenizer's chat template."""
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
 def render_prompts(tokenizer, questions: Sequence[str]) -> list[str]:
     return [chat_prompt(tokenizer, to_messages(q)) for q in questions]
+
+
+def task_prompts(tokenizer, task, problems: Sequence) -> list[str]:
+    """Each problem's prompt as its task words it (`Task.messages`), in the chat template."""
+    return [chat_prompt(tokenizer, task.messages(p)) for p in problems]
