@@ -69,6 +69,9 @@ class TrainMode(str, Enum):
     dpo = "dpo"
     sft = "sft"
     dpo_then_sft = "dpo_then_sft"
+    # the GRPO baseline: TRL's GRPOTrainer samples and is rewarded by the task's grader; the loop
+    # runs no search, critics or data stage (pipeline/stages/grpo.py)
+    grpo = "grpo"
 
 
 class ClusterKind(str, Enum):
@@ -196,6 +199,18 @@ class PairsConfig:
 
 
 @dataclass
+class GrpoConfig:
+    # completions sampled per training problem per step (the group); 8 = star_cpu's samples
+    num_generations: int = 8
+    # training problems per optimizer step; one step samples prompts_per_step * num_generations
+    # completions, trained in micro-batches of train.batch_size completions (must divide it)
+    prompts_per_step: int = 4
+    max_completion_length: int = 96  # tokens per completion at most (demo: decode.max_new_tokens)
+    temperature: float = 0.8  # sampling temperature (search.temperature, as STaR samples)
+    beta: float = 0.0  # KL penalty toward policy_i (TRL's default 0: no reference model held)
+
+
+@dataclass
 class TrainConfig:
     mode: TrainMode = TrainMode.dpo
     beta: float = 0.1
@@ -207,6 +222,7 @@ class TrainConfig:
     max_length: int = 384
     lora: bool = False
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)  # train.mode=grpo only
     seed: int = 0
 
 
@@ -323,6 +339,7 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     _require(tr.epochs > 0, "train.epochs", "must be > 0", tr.epochs)
     _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
     _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
+    _validate_grpo(tr)
     c = cfg.cluster
     _require(c.search_workers >= 1, "cluster.search_workers", "must be >= 1", c.search_workers)
     _require(c.worker_num_gpus >= 0, "cluster.worker_num_gpus", "must be >= 0", c.worker_num_gpus)
@@ -332,6 +349,22 @@ def validate(cfg: QstarConfig) -> QstarConfig:
     _require(cfg.tracking.wandb_mode in ("offline", "online", "disabled"), "tracking.wandb_mode",
              "allowed: offline, online, disabled", cfg.tracking.wandb_mode)
     return cfg
+
+
+def _validate_grpo(tr: TrainConfig) -> None:
+    g = tr.grpo
+    _require(g.num_generations >= 2, "train.grpo.num_generations",
+             "must be >= 2 (GRPO compares completions within a group)", g.num_generations)
+    _require(g.prompts_per_step >= 1, "train.grpo.prompts_per_step", "must be >= 1",
+             g.prompts_per_step)
+    per_step = g.prompts_per_step * g.num_generations
+    _require(per_step % tr.batch_size == 0, "train.batch_size",
+             f"must divide train.grpo.prompts_per_step * num_generations = {per_step}",
+             tr.batch_size)
+    _require(g.max_completion_length >= 1, "train.grpo.max_completion_length", "must be >= 1",
+             g.max_completion_length)
+    _require(g.temperature > 0, "train.grpo.temperature", "must be > 0", g.temperature)
+    _require(g.beta >= 0, "train.grpo.beta", "must be >= 0", g.beta)
 
 
 def to_dict(obj) -> dict:
