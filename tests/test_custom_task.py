@@ -161,3 +161,16 @@ def test_loop_runs_end_to_end_on_the_countdown_task(debug_overrides, tmp_path):
     assert all(t["problem_id"].startswith("countdown-0-") for t in trees)
     evaluation = RunStore(tmp_path / "run").metrics(0, "eval")["decodes"]["greedy"]
     assert evaluation["total"] == 4 and 0.0 <= evaluation["accuracy"] <= 1.0
+
+
+def test_a_module_in_the_working_directory_is_importable(tmp_path, monkeypatch):
+    """As with `python -m`: `qstar run` from the folder holding the task's module finds it,
+    though the `qstar` console script does not put the working directory on sys.path."""
+    import sys
+
+    from pipeline.tasks.custom import load_target
+
+    (tmp_path / "my_task_qstar_test.py").write_text("class Mine:\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_target("my_task_qstar_test:Mine").__name__ == "Mine"

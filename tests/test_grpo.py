@@ -27,13 +27,19 @@ def grpo_overrides(debug_overrides, *extra) -> list[str]:
 @pytest.fixture
 def recorded(monkeypatch):
     """What the reward function TRL called returned, and the completion tokens it saw."""
-    calls = []
+    class Calls(list):
+        kill_at = None  # raise (a simulated kill) when the reward function is called this often
+
+    calls = Calls()
     real = grpo.grader_reward
 
     def recording(task, problems):
         fn = real(task, problems)
 
         def grader(*args, completion_ids=None, **kwargs):
+            if calls.kill_at == len(calls) + 1:
+                calls.kill_at = None
+                raise KeyboardInterrupt("killed")
             rewards = fn(*args, **kwargs)
             calls.append({"rewards": rewards, "tokens": sum(len(c) for c in completion_ids)})
             return rewards
@@ -125,3 +131,29 @@ def test_bad_grpo_config_is_one_line(override, needle, debug_overrides, tmp_path
     rc, out, err = cli(["run", *debug_overrides, "experiment=grpo_cpu", override,
                         f"hydra.run.dir={run}"], capsys)
     assert needle in the_error_line(rc, out, err) and not run.exists()
+
+
+def test_grpo_resumes_from_its_checkpoint_and_counts_the_steps_before(debug_overrides, tmp_path,
+                                                                      recorded):
+    """Killed after step 1's checkpoint: the rerun trains only step 2, and the metrics still
+    count both steps' completions and tokens (TRL's checkpoint keeps its log)."""
+    from pipeline.tasks import make_task
+
+    cfg = compose_config(grpo_overrides(debug_overrides))
+    task = make_task(cfg.task)
+    problems = task.splits()[0]
+    base = str(debug_overrides[1].split("=", 1)[1])
+    out = tmp_path / "train"
+    recorded.kill_at = 2  # killed in step 2's sampling, after step 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train_grpo(base, task, problems, cfg.train, out, model_cfg=cfg.model, save_steps=1)
+    assert len(recorded) == 1 and (out / "trainer/grpo/checkpoint-1").is_dir()
+    assert not (out / "policy").exists()
+    resumed = grpo.train_grpo(base, task, problems, cfg.train, out, model_cfg=cfg.model)
+    assert len(recorded) == 2  # one more generation: step 2 only
+    assert resumed["steps"] == 2 and resumed["completions"] == 8
+    step1 = json.loads((out / "trainer/grpo/log_history.json").read_text())[0]
+    assert step1["completions/mean_length"] * 4 == pytest.approx(recorded[0]["tokens"])
+    assert resumed["tokens"] == recorded[0]["tokens"] + recorded[1]["tokens"]
+    assert not list((out / "trainer/grpo").glob("checkpoint-*"))
+    assert (out / "policy/meta.json").is_file()
