@@ -8,11 +8,13 @@ import json
 import pytest
 from test_bad_input import cli, the_error_line
 
+from pipeline.cli import main
 from pipeline.compose import compose_config
 from pipeline.config import TrainMode
 from pipeline.errors import ConfigError
 from pipeline.loop import resume_run, run_loop
 from pipeline.report.inspect import iteration_table
+from pipeline.run.store import RunStore
 from pipeline.stages import grpo
 
 
@@ -60,7 +62,8 @@ def test_experiment_grpo_cpu_composes():
     assert cfg.train.grpo.num_generations == compose_config(["experiment=star_cpu"]).search.simulations
 
 
-def test_grpo_run_has_the_loop_run_format_and_grader_rewards(debug_overrides, tmp_path, recorded):
+def test_grpo_run_has_the_loop_run_format_and_grader_rewards(debug_overrides, tmp_path, recorded,
+                                                            capsys):
     run = tmp_path / "run"
     store = run_loop(compose_config(grpo_overrides(debug_overrides)), run)
     assert sorted(store.manifest["stages"]) == ["iter_000/baseline", "iter_000/eval",
@@ -88,6 +91,18 @@ def test_grpo_run_has_the_loop_run_format_and_grader_rewards(debug_overrides, tm
     assert evaluation["decodes"]["greedy"]["total"] == 4
     table = iteration_table(store)
     assert "acc:greedy" in table and f"{train['tokens']}" in table.splitlines()[-1]
+    # beside an MCTS run (a manifest as that loop leaves it) in `qstar inspect RUN RUN`
+    mcts = RunStore(tmp_path / "mcts")
+    mcts.set_info(iterations=1, config={"train": {"mode": "dpo"}, "search": {"algorithm": "mcts"}})
+    mcts.complete(0, "baseline", {"decodes": {"greedy": {"accuracy": 0.25}}}, 1.0)
+    mcts.complete(0, "search", {"tokens": 11189}, 60.0)
+    mcts.complete(0, "eval", {"decodes": {"greedy": {"accuracy": 0.41}}}, 1.0)
+    capsys.readouterr()
+    rc = main(["inspect", str(tmp_path / "mcts"), str(run)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rc == 0 and [r[1] for r in rows] == ["mcts", "grpo"]
+    assert rows[0][2:5] == ["0.250", "0.410", "11189"]
+    assert rows[1][4] == str(train["tokens"])
     # finished: a resume trains nothing again
     before = (run / "manifest.json").read_text()
     resume_run(str(run), [])

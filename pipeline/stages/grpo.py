@@ -62,7 +62,7 @@ def grader_reward(task: Task, problems: list[Problem]):
 
 def grpo_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, report_to: str,
               save_steps: int):
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # heavy: TRL is imported only where a trainer is built
 
     g = cfg.grpo
     common = _common_args(cfg, model_cfg, output_dir, report_to, save_steps)
@@ -98,6 +98,7 @@ def train_grpo(policy_dir: str, task: Task, problems: list[Problem], cfg: TrainC
                model_cfg: ModelConfig | None = None, iteration: int | None = None,
                save_steps: int = 10, keep_checkpoints: bool = False) -> dict:
     """GRPO-train the policy at `policy_dir` on `problems`; policy_{i+1} in out_dir/policy."""
+    # heavy libraries, imported only when a GRPO stage trains
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
     from trl import GRPOTrainer
