@@ -42,14 +42,14 @@ def implicit_rewards(results: dict[int, dict], policy: Path, reference: str, bet
     from pipeline.lm.generation import completion_logprobs
     from pipeline.lm.models import load_model
     from pipeline.tasks import make_task
-    from pipeline.tasks.prompt import render_prompts
+    from pipeline.tasks.prompt import task_prompts
 
     cfg = compose_config(["progress=false", *overrides])
     task = make_task(cfg.task)
     problems = task.split(cfg.eval.split)  # the split the graded rows came from
     pi, tokenizer = load_model(replace_model_name(cfg.model, str(policy)))
     pi_ref, _ = load_model(replace_model_name(cfg.model, reference))
-    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
+    prompts = task_prompts(tokenizer, task, problems)
     found = {}
     for width, result in results.items():
         completions = [row["completion"] for row in result["rows"]]

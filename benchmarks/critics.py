@@ -91,7 +91,7 @@ def search_speed(store: RunStore, cfg, iterations: int, part: Path) -> dict:
     from pipeline.lm.models import load_model, resolve_model_path
     from pipeline.stages.critics import load_critics
     from pipeline.tasks import make_task
-    from pipeline.tasks.prompt import render_prompts
+    from pipeline.tasks.prompt import task_prompts
 
     done = json.loads(part.read_text()) if part.is_file() else {}
     policy = store.policy_dir(iterations, resolve_model_path(cfg.model))
@@ -101,7 +101,7 @@ def search_speed(store: RunStore, cfg, iterations: int, part: Path) -> dict:
     model, tokenizer = load_model(cfg.model, policy)
     task = make_task(cfg.task)
     problems = task.split("train")
-    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
+    prompts = task_prompts(tokenizer, task, problems)
     critics = load_critics(critics_dir, policy, model, tokenizer, cfg)
     for name, scoring in (("without_critics", None), ("with_critics", critics)):
         if name in done:

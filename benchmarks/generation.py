@@ -27,7 +27,7 @@ from pipeline.config import TaskConfig  # noqa: E402
 from pipeline.lm.generation import generate, plain_generate_tokens  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.tasks import make_task  # noqa: E402
-from pipeline.tasks.prompt import render_prompts  # noqa: E402
+from pipeline.tasks.prompt import task_prompts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,7 +72,7 @@ def main() -> None:
     dev = task.split("dev")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = render_prompts(tokenizer, [p.question for p in dev[:max(batch, 4)]], task)
+        prompts = task_prompts(tokenizer, task, dev[:max(batch, 4)])
         row = measure(model, tokenizer, prompts, batch, args.max_new_tokens, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)

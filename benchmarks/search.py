@@ -37,7 +37,7 @@ from pipeline.decoding.tree_search import SearchModels, train_search  # noqa: E4
 from pipeline.lm.generation import generate, plain_generate_tokens  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.tasks import make_task  # noqa: E402
-from pipeline.tasks.prompt import render_prompts  # noqa: E402
+from pipeline.tasks.prompt import task_prompts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -121,7 +121,7 @@ def main() -> None:
     model, tokenizer, described = load(args)
     task = make_task(cfg.task)
     problems = task.split("train")
-    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
+    prompts = task_prompts(tokenizer, task, problems)
 
     search = measure_search(cfg, model, tokenizer, task, problems, prompts)
     plain = measure_plain(cfg, model, tokenizer, prompts, args.batch)

@@ -35,15 +35,16 @@ from pipeline.compose import compose_config
 from pipeline.decoding.tree_search import SearchModels, train_search
 from pipeline.lm.models import load_model
 from pipeline.tasks import make_task
-from pipeline.tasks.prompt import render_prompts
 
 cfg = compose_config(json.loads(sys.argv[1]))
 model, tokenizer = load_model(cfg.model)
 task = make_task(cfg.task)
 if hasattr(task, "split"):  # this tree: three splits, the prompt is the task's
+    from pipeline.tasks.prompt import task_prompts
     problems = task.split("train")
-    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
+    prompts = task_prompts(tokenizer, task, problems)
 else:  # the commit before: two splits, one prompt
+    from pipeline.tasks.prompt import render_prompts
     problems, _ = task.splits()
     prompts = render_prompts(tokenizer, [p.question for p in problems])
 start = time.perf_counter()

@@ -17,7 +17,7 @@ from pipeline.errors import QstarError
 USAGE = """usage:
   qstar run [KEY=VALUE ...] [-m]        a new self-play run (Hydra overrides; -m sweeps)
   qstar resume RUN_DIR [iterations=N]   continue a stopped or finished run
-  qstar inspect RUN [--iter N --problem ID] [--credit]
+  qstar inspect RUN [--iter N --problem ID] [--credit]   (several RUNs: side by side)
                                         the iteration table, one tree, or a credit map
   qstar report RUN [--iter N] [--problem ID] [--credit]
                                         one self-contained HTML page: table, plots, config,

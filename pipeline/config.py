@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
+from typing import Any
 
 from critics.critic_set import FeatureSet
 from mcts.search import SearchParams, Widening
@@ -26,6 +27,7 @@ class TaskKind(str, Enum):
     reasoning_gym = "reasoning_gym"
     jsonl = "jsonl"
     hf = "hf"
+    custom = "custom"  # a user's class: task.target=package.module:ClassName
 
 
 class DecodeStrategy(str, Enum):
@@ -78,6 +80,9 @@ class TrainMode(str, Enum):
     dpo = "dpo"
     sft = "sft"
     dpo_then_sft = "dpo_then_sft"
+    # the GRPO baseline: TRL's GRPOTrainer samples and is rewarded by the task's grader; the loop
+    # runs no search, critics or data stage (pipeline/stages/grpo.py)
+    grpo = "grpo"
 
 
 class ClusterKind(str, Enum):
@@ -132,7 +137,11 @@ class TaskConfig:
     num_dev: int = 100  # problems
     num_test: int = 100  # problems; laid out first, so it stays put when num_train/num_dev change
     seed: int = 0  # fixes generation (reasoning-gym) and the split order
-    skip_bad_rows: bool = False  # JSONL/HF: skip and count malformed rows instead of refusing
+    skip_bad_rows: bool = False  # JSONL/HF: skip (and count) unusable rows instead of refusing
+    # task=custom: the user's task class, `package.module:ClassName` (pipeline/tasks/custom.py
+    # documents the protocol), and the keyword arguments its constructor gets
+    target: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
     # chain_steps / arithmetic (reasoning-gym chain_sum) difficulty. 3-5 one-digit terms:
     # every chain_steps solution takes at least 3 lines, and the base SmolLM2 solves some
     # (README "Tasks"); task=arithmetic sets 2 terms of 1-2 digits.
@@ -238,6 +247,18 @@ class PairsConfig:
 
 
 @dataclass
+class GrpoConfig:
+    # completions sampled per training problem per step (the group); 8 = star_cpu's samples
+    num_generations: int = 8
+    # training problems per optimizer step; one step samples prompts_per_step * num_generations
+    # completions, trained in micro-batches of train.batch_size completions (must divide it)
+    prompts_per_step: int = 4
+    max_completion_length: int = 96  # tokens per completion at most (demo: decode.max_new_tokens)
+    temperature: float = 0.8  # sampling temperature (search.temperature, as STaR samples)
+    beta: float = 0.0  # KL penalty toward policy_i (TRL's default 0: no reference model held)
+
+
+@dataclass
 class TrainConfig:
     mode: TrainMode = TrainMode.dpo  # dpo, sft, or dpo_then_sft
     beta: float = 0.1  # DPO's KL weight (also the implicit reward's scale)
@@ -252,6 +273,7 @@ class TrainConfig:
     # reference at search and evaluation time): previous (policy_i) | base (policy_0)
     reference: Reference = Reference.previous
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)  # train.mode=grpo only
     seed: int = 0  # seeds the trainer (data order, dropout)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.compose import load_run_config
-from pipeline.config import QstarConfig, to_dict
+from pipeline.config import QstarConfig, TrainMode, to_dict
 from pipeline.errors import QstarError
 from pipeline.lm.models import resolve_model_path
 from pipeline.report.inspect import iteration_table
@@ -24,7 +24,7 @@ from pipeline.report.plots import write_plots
 from pipeline.run.store import BASELINE, STAGES, RunStore
 from pipeline.run.tracking import Tracker
 from pipeline.run.workers import Cluster
-from pipeline.stages import critics, data, search, train
+from pipeline.stages import critics, data, grpo, search, train
 from pipeline.stages import eval as evaluation
 from pipeline.stages.base import Loop
 from pipeline.tasks import make_task
@@ -34,6 +34,13 @@ STAGE_RUNNERS: dict[str, Callable[[Loop, int], dict]] = {
     "eval": evaluation.run,
 }
 assert tuple(STAGE_RUNNERS) == STAGES
+# The GRPO baseline samples while it trains: no search, critics or data stage.
+GRPO_RUNNERS: dict[str, Callable[[Loop, int], dict]] = {"train": grpo.run,
+                                                        "eval": evaluation.run}
+
+
+def stage_runners(cfg: QstarConfig) -> dict[str, Callable[[Loop, int], dict]]:
+    return GRPO_RUNNERS if cfg.train.mode == TrainMode.grpo else STAGE_RUNNERS
 
 
 def open_loop(cfg: QstarConfig, store: RunStore) -> Loop:
@@ -57,7 +64,7 @@ def run_stage(loop: Loop, iteration: int, stage: str, fn: Callable[[Loop, int], 
 def run_iterations(loop: Loop) -> None:
     run_stage(loop, 0, BASELINE, evaluation.run_baseline)
     for i in range(loop.cfg.iterations):
-        for stage, fn in STAGE_RUNNERS.items():
+        for stage, fn in stage_runners(loop.cfg).items():
             run_stage(loop, i, stage, fn)
         write_plots(loop.store)
 

@@ -13,6 +13,7 @@ from pipeline.config import (
     SearchConfig,
     TaskConfig,
     TaskKind,
+    TrainConfig,
 )
 from pipeline.errors import ConfigError
 
@@ -59,6 +60,9 @@ def _validate_run(cfg: QstarConfig) -> None:
     _require(cfg.model.name != "???", "model.name", "give a model id or path", cfg.model.name)
     _require(not (cfg.task.kind == TaskKind.jsonl and cfg.task.path in (None, "???")), "task.path",
              "task=jsonl needs task.path=<file or directory>", cfg.task.path)
+    _require(not (cfg.task.kind == TaskKind.custom and cfg.task.target in (None, "???")),
+             "task.target", "task=custom needs task.target=package.module:ClassName",
+             cfg.task.target)
     _require(cfg.iterations >= 1, "iterations", "must be >= 1", cfg.iterations)
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              "allowed: float32, bfloat16, float16", cfg.model.dtype)
@@ -118,3 +122,20 @@ def _validate_learning(cfg: QstarConfig) -> None:
     _require(tr.epochs > 0, "train.epochs", "must be > 0", tr.epochs)
     _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
     _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
+    _validate_grpo(tr)
+
+
+def _validate_grpo(tr: TrainConfig) -> None:
+    g = tr.grpo
+    _require(g.num_generations >= 2, "train.grpo.num_generations",
+             "must be >= 2 (GRPO compares completions within a group)", g.num_generations)
+    _require(g.prompts_per_step >= 1, "train.grpo.prompts_per_step", "must be >= 1",
+             g.prompts_per_step)
+    per_step = g.prompts_per_step * g.num_generations
+    _require(per_step % tr.batch_size == 0, "train.batch_size",
+             f"must divide train.grpo.prompts_per_step * num_generations = {per_step}",
+             tr.batch_size)
+    _require(g.max_completion_length >= 1, "train.grpo.max_completion_length", "must be >= 1",
+             g.max_completion_length)
+    _require(g.temperature > 0, "train.grpo.temperature", "must be > 0", g.temperature)
+    _require(g.beta >= 0, "train.grpo.beta", "must be >= 0", g.beta)

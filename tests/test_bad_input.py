@@ -104,6 +104,12 @@ def answer_without_hashes(d: Path) -> tuple[Path, str]:
     return path, f"{path}:1: field 'answer' has no final '#### <answer>'"
 
 
+def unparseable_gold(d: Path) -> tuple[Path, str]:
+    row = json.dumps({"question": "How many?", "answer": "Count them.\n#### twelve"})
+    path = write_lines(d / "words.jsonl", gsm_rows(2) + [row])
+    return path, f"{path}:3: gold answer 'twelve' in field 'answer' cannot be parsed by math-verify"
+
+
 def empty(d: Path) -> tuple[Path, str]:
     path = d / "empty.jsonl"
     path.write_text("")
@@ -131,7 +137,7 @@ def dir_without_test(d: Path) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("make", [malformed, not_an_object, missing_answer, answer_without_hashes,
-                                  empty, blank_lines_only, too_few, missing_file,
+                                  unparseable_gold, empty, blank_lines_only, too_few, missing_file,
                                   dir_without_test])
 def test_bad_data_file(make, data_dir, debug_overrides, tmp_path, capsys):
     path, needle = make(data_dir)
@@ -144,7 +150,7 @@ def test_bad_data_file(make, data_dir, debug_overrides, tmp_path, capsys):
 
 
 UNKNOWN_INPUT = [
-    (["task.kind=foo"], "Invalid value 'foo', expected one of [arithmetic, reasoning_gym, jsonl, hf]"),
+    (["task.kind=foo"], "Invalid value 'foo', expected one of [arithmetic, reasoning_gym, jsonl, hf, custom]"),
     (["task=foo"], "Could not find 'task/foo'"),
     (["task=reasoning_gym", "task.name=no_such_generator"],
      "task.name='no_such_generator' is not a reasoning-gym generator; valid names: "),

@@ -11,8 +11,9 @@ from pipeline.config import TaskConfig, TaskKind
 from pipeline.lm.generation import newline_token_ids
 from pipeline.lm.models import EMBEDDED, embedded_gguf
 from pipeline.tasks import make_task
+from pipeline.tasks.base import Problem
 from pipeline.tasks.chain_steps import EXAMPLE, SYSTEM_PROMPT, ChainStepsTask, worked_solution
-from pipeline.tasks.prompt import render_prompts
+from pipeline.tasks.prompt import task_prompts
 
 has_smollm2 = importlib.util.find_spec(EMBEDDED["smollm2-135m"][0]) is not None
 
@@ -72,7 +73,8 @@ def test_grader_and_extraction(task):
 
 
 def test_prompt_is_the_tasks_own_with_one_worked_example(task):
-    messages = task.messages("Compute 1 + 2 + 3 one step at a time.")
+    question = Problem("q", "Compute 1 + 2 + 3 one step at a time.", "6", {})
+    messages = task.messages(question)
     assert messages == [{"role": "system", "content": SYSTEM_PROMPT},
                         {"role": "user", "content": EXAMPLE[0]},
                         {"role": "assistant", "content": EXAMPLE[1]},
@@ -80,12 +82,13 @@ def test_prompt_is_the_tasks_own_with_one_worked_example(task):
     assert EXAMPLE[1] == worked_solution("12 + 34 - 5 + 7") and "Answer: <value>" in SYSTEM_PROMPT
     arithmetic = make_task(TaskConfig(kind=TaskKind.arithmetic, min_terms=2, max_terms=2,
                                       num_train=2, num_dev=2, num_test=2))
-    assert len(arithmetic.messages("q")) == 2  # the two-term task keeps the plain prompt
+    assert len(arithmetic.messages(question)) == 2  # the two-term task keeps the plain prompt
 
 
 def test_prompt_with_smollm2_chat_template(task, smollm2_tokenizer):
-    question = task.split("dev")[0].question
-    [prompt] = render_prompts(smollm2_tokenizer, [question], task)
+    problem = task.split("dev")[0]
+    question = problem.question
+    [prompt] = task_prompts(smollm2_tokenizer, task, [problem])
     assert prompt.count(EXAMPLE[1]) == 1 and prompt.index(EXAMPLE[1]) < prompt.index(question)
     assert prompt.endswith("<|im_start|>assistant\n")
 

@@ -40,6 +40,8 @@ def required_extras(group: str, option: str, jsonl_file) -> list[str]:
         return ["model.name=some-org/some-model"]
     if group == "task" and option == "jsonl":
         return [f"task.path={jsonl_file}"]
+    if group == "task" and option == "custom":
+        return ["task.target=examples.countdown:Countdown"]
     return []
 
 

@@ -121,4 +121,4 @@ def test_readme_layout_matches_the_tree():
             listed.add(f"{top}/{entry.group(2)}")
     packages = {str(p.parent.relative_to(REPO)) for root in ROOTS
                 for p in (REPO / root).rglob("__init__.py")}
-    assert listed == packages
+    assert {x for x in listed if x.split("/")[0] in ROOTS} == packages

@@ -264,6 +264,8 @@ def test_other_reasoning_gym_generator_end_to_end():
     (json.dumps({"question": "q?"}), r"missing text field 'answer' \(task.answer_field\)"),
     (json.dumps({"question": "q?", "answer": "it is 3"}), r"no final '#### <answer>'"),
     (json.dumps([1, 2]), r"not a JSON object"),
+    (json.dumps({"question": "q?", "answer": "Twelve apples.\n#### twelve"}),
+     r"gold answer 'twelve' in field 'answer' cannot be parsed by math-verify"),
 ])
 def test_malformed_row_names_file_and_line(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "data.jsonl", gsm_rows(2) + [bad] + gsm_rows(3, start=2))
@@ -280,6 +282,25 @@ def test_skip_bad_rows_counts_and_warns_once(tmp_path, capsys):
     assert sum(len(s) for s in three(task)) == 10
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "skipped 2 bad rows" in err and str(path) in err
+
+
+def test_skip_bad_rows_skips_and_counts_unparseable_gold_answers(tmp_path, capsys):
+    unparseable = [{"question": f"How many {w}?", "answer": f"Some.\n#### {w}"}
+                   for w in ("twelve", "abc")]
+    path = write_jsonl(tmp_path / "data.jsonl", gsm_rows(4) + unparseable + gsm_rows(4, 4))
+    task = make_task(jsonl_cfg(path, num_train=5, num_heldout=3, skip_bad_rows=True))
+    assert task.skipped_rows == 2
+    kept = [p for split in task.splits() for p in split]
+    assert len(kept) == 8 and not any(p.answer in ("twelve", "abc") for p in kept)
+    assert "skipped 2 bad rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gold", ["72", "1,000", "-3.5", "3/4", r"\frac{1}{2}", "$12"])
+def test_gold_answers_math_verify_reads_are_accepted(tmp_path, gold):
+    rows = gsm_rows(3) + [{"question": "Odd one?", "answer": f"so\n#### {gold}"}]
+    task = make_task(jsonl_cfg(write_jsonl(tmp_path / "d.jsonl", rows), num_train=2, num_heldout=2))
+    odd = [p for s in task.splits() for p in s if p.question == "Odd one?"]
+    assert len(odd) == 1 and task.is_correct(odd[0], f"Answer: {odd[0].answer}")
 
 
 def test_skip_bad_rows_in_directory_form(tmp_path, capsys):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from critics.implicit import implicit_score
 from mcts.options import OptionEnd, is_answer_line
 from mcts.search import SearchParams, search
-from mcts.tree import Tree
+from mcts.tree import ROOT_INDEX, Tree
 from mcts.types import EvalRequest, ExpandRequest, LeafEval, Option
 from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
 from pipeline.lm.embedding import cosine_similarity_fn
@@ -246,7 +246,7 @@ def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cf
     """Training-time search: the verifier scores terminal nodes and rollouts."""
 
     def reward(tree_index: int, solution: str) -> float:
-        return 1.0 if task.is_correct(problems[tree_index], solution) else 0.0
+        return task.score(problems[tree_index], solution)
 
     scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size)
     if cfg.search.algorithm == SearchAlgorithm.sample:
@@ -271,12 +271,10 @@ def sample_trees(prompts: list[str], scorer: LeafScorer, desc: str | None) -> li
     for i, prompt in enumerate(prompts):
         tree = Tree(prompt, i)
         for g in gens[i * s.simulations:(i + 1) * s.simulations]:
-            node = tree.add_node(0, g.text, g.num_tokens, g.logprob, terminal=True)
+            node = tree.add_node(ROOT_INDEX, g.text, g.num_tokens, g.logprob, terminal=True)
             reward = scorer.reward_fn(i, g.text)
             tree.total[node] = tree.terminal_reward[node] = reward
-            for n in (0, node):
-                tree.visits[n] += 1
-                tree.value_sum[n] += reward
+            tree.backup(node, reward)  # the tree's one writer of visits, values and min/max
             tree.stats.tokens_generated += g.num_tokens
             tree.stats.simulations += 1
         tree.stats.seconds = time.perf_counter() - start

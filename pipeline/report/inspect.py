@@ -68,6 +68,30 @@ def sweep_rows(runs: list[Path]) -> list[list[str]]:
     return lines
 
 
+def loop_kind(store: RunStore) -> str:
+    """Which loop made a run: the MCTS loop, the STaR baseline (sampling) or GRPO."""
+    config = store.manifest.get("config", {})
+    if config.get("train", {}).get("mode") == "grpo":
+        return "grpo"
+    return "star" if config.get("search", {}).get("algorithm") == "sample" else "mcts"
+
+
+def compare_table(runs: list[Path]) -> str:
+    """Runs side by side (e.g. the MCTS loop, STaR and GRPO on one task): greedy accuracy of
+    each policy and the tokens each iteration generated (search, or GRPO's sampling)."""
+    lines = [["run", "loop", "greedy by policy (0 = base)", "tokens by iteration", "minutes"]]
+    for run in runs:
+        if not is_run_dir(run):
+            raise QstarError(f"{run} is not a qstar run directory (no manifest.json)")
+        store = RunStore(run)
+        rows = policy_rows(store)
+        greedy = " ".join(_fmt(r["accuracy"].get("greedy")) for r in rows) or "-"
+        tokens = " ".join(_fmt(r.get("tokens"), "d") for r in rows if r["policy"] > 0) or "-"
+        minutes = sum(r.get("minutes") or 0.0 for r in rows)
+        lines.append([str(run), loop_kind(store), greedy, tokens, _fmt(minutes, ".1f")])
+    return _columns(lines)
+
+
 def run_overrides(run: Path) -> str:
     path = run / ".hydra" / "overrides.yaml"
     if not path.exists():
@@ -131,12 +155,17 @@ def tree_html(row: dict) -> str:
 
 def inspect_main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qstar inspect")
-    parser.add_argument("run")
+    parser.add_argument("run", nargs="+", help="a run, a sweep directory, or several runs")
     parser.add_argument("--iter", type=int, default=None)
     parser.add_argument("--problem", default=None)
     parser.add_argument("--credit", action="store_true")
     opts = parser.parse_args(args)
-    root = Path(opts.run)
+    if len(opts.run) > 1:
+        if opts.iter is not None:
+            raise QstarError("--iter inspects one run; give one run directory")
+        print(compare_table([Path(r) for r in opts.run]))
+        return 0
+    root = Path(opts.run[0])
     if not root.is_dir():
         raise QstarError(f"{root}: no such directory")
     if not is_run_dir(root):

@@ -39,7 +39,8 @@ def policy_rows(store: RunStore) -> list[dict]:
             "prm_auc": _value(critics, "prm", "auc"),
             "value_ece": _value(critics, "value", "ece"),
             "search_solve_rate": _value(search, "solve_rate"),
-            "tokens": _value(search, "tokens"),
+            # generated tokens: the search's, or GRPO's sampling inside its train stage
+            "tokens": _value(search, "tokens") if search else _value(train, "tokens"),
             "minutes": _minutes(store, k, ["search", "critics", "data", "train", "eval"]),
         })
         k += 1

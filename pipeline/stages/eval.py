@@ -29,7 +29,7 @@ from pipeline.stages.critics import load_critic_set, load_critics
 from pipeline.stages.reference import dpo_reference, load_implicit
 from pipeline.tasks import make_task
 from pipeline.tasks.base import Problem, Task
-from pipeline.tasks.prompt import render_prompts
+from pipeline.tasks.prompt import chat_prompts, task_prompts
 
 
 @dataclass
@@ -76,7 +76,7 @@ def evaluate(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, task:
              problems: Sequence[Problem], critics=None, implicit=None) -> EvalResult:
     """Decode the problems with `strategy`, then grade. `critics` serve ORM/MCTS; `implicit`
     (the policy's DPO implicit reward) serves best-of-N selection and MCTS."""
-    prompts = render_prompts(tokenizer, [p.question for p in problems], task)
+    prompts = task_prompts(tokenizer, task, problems)
     progress = f"eval {strategy.value}" if cfg.progress else None
     start = time.perf_counter()
     decoded = decode(cfg, strategy, model, tokenizer, prompts, critics, progress,
@@ -142,16 +142,17 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
 
 
 def decode_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: QstarConfig,
-                  task: Task, questions: Sequence[str]) -> dict[str, tuple[Decoded, float]]:
-    """Every strategy in `eval.decodes` on the eval.split questions: (decoded, seconds) each.
-    Runs where the stage runs (stage_work): in-process, or a Ray task with the stage's GPU, so
-    the driver needs no device. It sees questions only; the driver grades."""
+                  task: Task, conversations: Sequence[list[dict]]) -> dict[str, tuple[Decoded, float]]:
+    """Every strategy in `eval.decodes` on the eval.split problems, given as their chat
+    messages: (decoded, seconds) each. Runs where the stage runs (stage_work): in-process, or a
+    Ray task with the stage's GPU, so the driver needs no device. It never sees a gold answer;
+    the driver grades."""
     policy_dir = resolve_ref(root, policy, cfg.model)
     model, tokenizer = load_model(replace_model_name(cfg.model, policy_dir))
     critic_set = load_critics(root / critics if critics else None, policy_dir, model, tokenizer,
                               cfg)
     implicit = implicit_for(cfg, cfg.eval.decodes, policy_dir, model, tokenizer)
-    prompts = render_prompts(tokenizer, list(questions), task)
+    prompts = chat_prompts(tokenizer, conversations)
     found = {}
     for name in cfg.eval.decodes:
         start = time.perf_counter()
@@ -167,7 +168,7 @@ def evaluate_policy(loop: Loop, i: int, stage: str, policy: str, critics: str | 
     reference = dpo_reference(resolve_ref(loop.store.root, policy, loop.cfg.model))
     shipped = [policy, *rels, loop.store.relative(reference[0]) if reference else None]
     found = loop.run_remote(decode_policy, i, stage, shipped, policy, critics, loop.cfg,
-                            loop.task, [p.question for p in loop.eval_problems])
+                            loop.task, [loop.task.messages(p) for p in loop.eval_problems])
     out, results = loop.store.stage_dir(i, stage), {}
     for name, (decoded, seconds) in found.items():
         result = grade(loop.task, loop.eval_problems, decoded, name, seconds)

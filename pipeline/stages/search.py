@@ -26,7 +26,7 @@ from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.critics import load_critics
 from pipeline.stages.reference import dpo_reference, load_implicit
 from pipeline.tasks.base import Problem, Task
-from pipeline.tasks.prompt import render_prompts
+from pipeline.tasks.prompt import task_prompts
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class SearchWorker:
         Self-contained, so a retry is safe."""
         models = self._ensure(job)
         problems = list(job.problems)
-        prompts = render_prompts(models.tokenizer, [p.question for p in problems], job.task)
+        prompts = task_prompts(models.tokenizer, job.task, problems)
         desc = f"iter {job.iteration} shard {job.shard}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
         return {"rows": shard_rows(trees, scorer, problems, job.iteration),

@@ -8,6 +8,7 @@ from pipeline.errors import QstarError
 from pipeline.tasks.arithmetic import ArithmeticTask
 from pipeline.tasks.base import Task
 from pipeline.tasks.chain_steps import ChainStepsTask
+from pipeline.tasks.custom import CustomTask
 from pipeline.tasks.hf import HFTask
 from pipeline.tasks.jsonl import JsonlTask
 from pipeline.tasks.reasoning_gym import ReasoningGymTask
@@ -24,5 +25,7 @@ def make_task(cfg: TaskConfig) -> Task:
         return JsonlTask(cfg)
     if cfg.kind == TaskKind.hf:
         return HFTask(cfg)
+    if cfg.kind == TaskKind.custom:
+        return CustomTask(cfg)
     raise QstarError(f"task.kind={cfg.kind!r} is invalid: allowed: "
                      f"{', '.join(k.value for k in TaskKind)}")

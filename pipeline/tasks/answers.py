@@ -87,6 +87,17 @@ def _as_number(text: str) -> float | None:
     return float(text.replace(",", "")) if _NUMBER.fullmatch(text) else None
 
 
+def math_parses(gold: str) -> bool:
+    """Whether math-verify reads a value from a gold answer (`twelve` and `abc` give nothing)."""
+    if not _safe_for_sympy(gold):
+        return False
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        return bool(mv_parse(gold, parsing_timeout=timeout))
+    except Exception:  # math-verify failing on a gold answer means it cannot be graded
+        return False
+
+
 def math_equal(gold: str, answer: str) -> bool:
     """math-verify equivalence, with a plain numeric comparison as fallback."""
     if _safe_for_sympy(answer):

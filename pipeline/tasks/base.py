@@ -46,13 +46,14 @@ class Task:
     def _set_splits(self, train: list[Problem], dev: list[Problem], test: list[Problem]) -> None:
         self._splits = {"train": list(train), "dev": list(dev), "test": list(test)}
 
-    def messages(self, question: str) -> list[dict]:
-        """Chat messages for one question: the task's system prompt, its worked example if any."""
+    def messages(self, problem: Problem) -> list[dict]:
+        """The chat messages that ask the policy this problem: the task's system prompt, its
+        worked example if any, then the question. Never the gold answer."""
         messages = [{"role": "system", "content": self.system_prompt}]
         if self.example is not None:
             messages += [{"role": "user", "content": self.example[0]},
                          {"role": "assistant", "content": self.example[1]}]
-        return messages + [{"role": "user", "content": question}]
+        return messages + [{"role": "user", "content": problem.question}]
 
     def extract_answer(self, completion: str) -> str | None:
         return extract_answer(completion)
@@ -64,6 +65,11 @@ class Task:
     def is_correct(self, problem: Problem, completion: str) -> bool:
         answer = self.extract_answer(completion)
         return answer is not None and self.grade(problem, answer)
+
+    def score(self, problem: Problem, completion: str) -> float:
+        """A whole completion's reward in [0, 1], 1.0 = correct: the verifier's value of a
+        terminal node and GRPO's reward. A custom task may give partial credit."""
+        return 1.0 if self.is_correct(problem, completion) else 0.0
 
 
 def _one_line(e: Exception) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from pipeline.config import TaskConfig
 from pipeline.errors import QstarError
-from pipeline.tasks.answers import _clean, math_equal
+from pipeline.tasks.answers import _as_number, _clean, math_equal, math_parses
 from pipeline.tasks.base import Problem, Task, _too_few, layout, split_sizes
 
 
@@ -43,6 +43,9 @@ class MathTask(Task):
         if "####" not in solution or not solution.rsplit("####", 1)[1].strip():
             raise _BadRow(f"field {self.cfg.answer_field!r} has no final '#### <answer>'")
         gold = _clean(solution.rsplit("####", 1)[1])
+        if _as_number(gold) is None and not math_parses(gold):  # a number needs no sympy parse
+            raise _BadRow(f"gold answer {gold!r} in field {self.cfg.answer_field!r} cannot be "
+                          f"parsed by math-verify, so no answer could be graded against it")
         return Problem(pid, question.strip(), gold, {"solution": solution})
 
     def _read(self, rows: Iterable[tuple[str, str, object]]) -> list[Problem]:

@@ -15,7 +15,15 @@ def to_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
-def render_prompts(tokenizer, questions: Sequence[str], task: Task | None = None) -> list[str]:
-    """Chat-templated prompts; `task` supplies its own messages (system prompt, worked example)."""
-    messages = task.messages if task is not None else to_messages
-    return [chat_prompt(tokenizer, messages(q)) for q in questions]
+def render_prompts(tokenizer, questions: Sequence[str]) -> list[str]:
+    return [chat_prompt(tokenizer, to_messages(q)) for q in questions]
+
+
+def task_prompts(tokenizer, task: Task, problems: Sequence) -> list[str]:
+    """Each problem's prompt as its task words it (`Task.messages`), in the chat template."""
+    return chat_prompts(tokenizer, [task.messages(p) for p in problems])
+
+
+def chat_prompts(tokenizer, conversations: Sequence[list[dict]]) -> list[str]:
+    """Chat messages in the tokenizer's chat template, ready to continue."""
+    return [chat_prompt(tokenizer, messages) for messages in conversations]
