@@ -62,7 +62,7 @@ class CriticSet:
             if (head.hidden_size, head.linear_features) != (
                     width, linear_features(self.features[kind], model.config.hidden_size)):
                 raise ValueError(f"critic head {kind!r} expects features of size {head.hidden_size}, "
-                                 f"the backbone gives {width} for {self.features[kind]!r} features: "
+                                 f"the backbone gives {width} for {self.features[kind].value!r} features: "
                                  "it was trained on another backbone or other features")
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.max_length, self.batch_size = max_length, batch_size

@@ -150,7 +150,7 @@ def test_bad_data_file(make, data_dir, debug_overrides, tmp_path, capsys):
 
 
 UNKNOWN_INPUT = [
-    (["task.kind=foo"], "Invalid value 'foo', expected one of [arithmetic, reasoning_gym, jsonl, hf, custom]"),
+    (["task.kind=foo"], "Invalid value 'foo', expected one of [arithmetic, chain_steps, reasoning_gym, jsonl, hf, custom]"),
     (["task=foo"], "Could not find 'task/foo'"),
     (["task=reasoning_gym", "task.name=no_such_generator"],
      "task.name='no_such_generator' is not a reasoning-gym generator; valid names: "),
@@ -187,7 +187,7 @@ INVALID_VALUES = [
     (["critics.trained_weights.value=0", "critics.trained_weights.prm=0",
       "critics.trained_weights.orm=0", "critics.trained_weights.rollout=0"],
      "critics.trained_weights=[0.0, 0.0, 0.0, 0.0, 0.0] is invalid"),
-    (["critics.weights.value=-1"], "critics.weights=[-1.0, 0.0, 0.0, 1.0, 0.0] is invalid"),
+    (["critics.weights.value=-1"], "critics.weights=[-1.0, 0.0, 0.2, 0.8, 0.0] is invalid"),
     (["critics.trained_weights.implicit=-1"], "critics.trained_weights=[0.3, 0.2, 0.2, 0.3, -1.0]"),
     (["critics.trained_weights.verifier=1"], "Key 'verifier' not in 'CriticWeights'"),
     (["train.reference=sft"], "Invalid value 'sft', expected one of [previous, base]"),

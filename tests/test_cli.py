@@ -141,7 +141,7 @@ def test_eval_reads_dev_by_default_and_test_only_when_named(capsys, debug_overri
     assert not set(seen["dev"]) & set(seen["test"])
     capsys.readouterr()
     rc = main(["eval", *debug_overrides, *task_args, "eval.split=heldout"])
-    assert_one_error_line(capsys, rc, "eval.split", "dev, test, train")
+    assert_one_error_line(capsys, rc, "eval.split", "train, dev, test")
 
 
 # ---------------------------------------------------------------- the installed script

@@ -119,7 +119,7 @@ def test_an_orm_head_must_match_the_features_it_reads(tiny_model):
     hidden_head = _critic_set(model, tokenizer, 4).heads["orm"]
     with pytest.raises(ValueError, match="expects features of size 32, the backbone gives 36"):
         CriticSet(model, tokenizer, {"orm": hidden_head}, 64, 4, features={"orm": "confidence"})
-    with pytest.raises(ValueError, match="unknown features 'entropy'; allowed: hidden, confidence"):
+    with pytest.raises(ValueError, match="unknown features 'entropy'; allowed: confidence, hidden"):
         CriticSet(model, tokenizer, {"orm": hidden_head}, 64, 4, features={"orm": "entropy"})
 
 

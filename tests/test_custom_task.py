@@ -19,7 +19,7 @@ COUNTDOWN = "examples.countdown:Countdown"
 
 
 def custom(target: str, **kw) -> TaskConfig:
-    return TaskConfig(kind=TaskKind.custom, target=target, num_train=6, num_heldout=4, **kw)
+    return TaskConfig(kind=TaskKind.custom, target=target, num_train=6, num_dev=2, num_test=2, **kw)
 
 
 # ---------------------------------------------------------------- the example task
@@ -28,13 +28,15 @@ def custom(target: str, **kw) -> TaskConfig:
 def test_countdown_loads_with_seeded_disjoint_splits():
     task = make_task(custom(COUNTDOWN, params={"count": 30}))
     assert isinstance(task, CustomTask) and task.name == "countdown"
-    train, heldout = task.splits()
-    assert (len(train), len(heldout)) == (6, 4)
+    train, dev, test = (task.split(s) for s in ("train", "dev", "test"))
+    heldout = dev + test
+    assert (len(train), len(dev), len(test)) == (6, 2, 2)
     assert not {p.question for p in train} & {p.question for p in heldout}
+    assert not {p.question for p in dev} & {p.question for p in test}
     again = make_task(custom(COUNTDOWN, params={"count": 30}))
-    assert [p.id for p in again.splits()[0]] == [p.id for p in train]
+    assert [p.id for p in again.split("train")] == [p.id for p in train]
     other_seed = make_task(custom(COUNTDOWN, params={"count": 30}, seed=1))
-    assert [p.id for p in other_seed.splits()[0]] != [p.id for p in train]
+    assert [p.id for p in other_seed.split("train")] != [p.id for p in train]
     for p in train + heldout:  # every gold expression solves its own puzzle
         value, used = evaluate(p.answer)
         assert value == p.entry["target"] and sorted(used) == p.entry["numbers"]
@@ -79,7 +81,7 @@ def test_countdown_prompt_in_smollm2_chat_template():
     cfg = ModelConfig()
     tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
     task = make_task(custom(COUNTDOWN))
-    problems = task.splits()[0][:2]
+    problems = task.split("train")[:2]
     prompts = task_prompts(tokenizer, task, problems)
     for p, prompt in zip(problems, prompts):
         assert "Solve the countdown puzzle" in prompt and SYSTEM_PROMPT not in prompt
@@ -90,7 +92,7 @@ def test_countdown_prompt_in_smollm2_chat_template():
 
 def test_partial_credit_is_a_reward_but_not_a_solve():
     task = make_task(custom("custom_tasks:Echo"))
-    p = task.splits()[0][0]
+    p = task.split("train")[0]
     assert task.score(p, p.answer) == 1.0 and task.is_correct(p, p.answer)
     wrong = "x" * len(p.answer)
     assert task.score(p, wrong) == 0.5 and not task.is_correct(p, wrong)

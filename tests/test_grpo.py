@@ -71,9 +71,9 @@ def test_grpo_run_has_the_loop_run_format_and_grader_rewards(debug_overrides, tm
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     train = store.metrics(0, "train")
     assert train["mode"] == "grpo" and train["steps"] == 2 and train["completions"] == 8
-    assert train["policy_dir"] == str(run / "iter_000/train/policy")
+    assert train["policy_dir"] == "iter_000/train/policy"  # run-relative: the run can move
     assert (run / "iter_000/train/policy/model.safetensors").is_file()
-    assert store.policy_dir(1, "base") == train["policy_dir"]
+    assert store.policy_dir(1, "base") == str(run / train["policy_dir"])
     # rewards: exactly what the task's grader returned (Echo gives 0, 0.5 or 1.0)
     assert len(recorded) == 2 and all(len(c["rewards"]) == 4 for c in recorded)
     assert all(r in (0.0, 0.5, 1.0) for c in recorded for r in c["rewards"])
@@ -120,11 +120,11 @@ def test_trl_tokenizes_the_grpo_prompt_as_search_and_eval_do():
 
     cfg = ModelConfig()
     tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
-    for task_cfg in (TaskConfig(num_train=2, num_heldout=2),
+    for task_cfg in (TaskConfig(num_train=2, num_dev=2, num_test=2),
                      TaskConfig(kind="custom", target="examples.countdown:Countdown",
-                                num_train=2, num_heldout=2)):
+                                num_train=2, num_dev=2, num_test=2)):
         task = make_task(task_cfg)
-        problems = task.splits()[0]
+        problems = task.split("train")
         trl_ids = tokenizer.apply_chat_template(
             conversation=[task.messages(p) for p in problems], add_generation_prompt=True,
             tokenize=True, return_dict=True)["input_ids"]
@@ -156,7 +156,7 @@ def test_grpo_resumes_from_its_checkpoint_and_counts_the_steps_before(debug_over
 
     cfg = compose_config(grpo_overrides(debug_overrides))
     task = make_task(cfg.task)
-    problems = task.splits()[0]
+    problems = task.split("train")
     base = str(debug_overrides[1].split("=", 1)[1])
     out = tmp_path / "train"
     recorded.kill_at = 2  # killed in step 2's sampling, after step 1's checkpoint

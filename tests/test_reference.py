@@ -113,7 +113,7 @@ def test_the_implicit_reward_is_a_leaf_value_part_in_search(debug_overrides, tin
 
     model, tokenizer = tiny_model
     reference, _ = load_model(ModelConfig(name=str(build_tiny_model(tmp_path / "ref", seed=3))))
-    cfg = compose_config([*debug_overrides, "critics.weights.rollout=0",
+    cfg = compose_config([*debug_overrides, "critics.weights.rollout=0", "critics.weights.orm=0",
                           "critics.weights.implicit=1", "search.simulations=4"])
     critic = ImplicitCritic(model, reference, tokenizer, 0.5, completion_logprobs, token_logprobs)
     models = SearchModels(policy=model, tokenizer=tokenizer, implicit=critic)

@@ -100,7 +100,8 @@ def write_task(path: Path) -> Path:
 def run_overrides(model: Path, data: Path, root: Path) -> list[str]:
     return ["debug=default", f"model={model}", f"model.cache_dir={root / 'cache'}",
             "search.trees_per_batch=2", "train.learning_rate=1e-3", "eval.decodes=[greedy]",
-            "task=jsonl", f"task.path={data}", "search.merge=none", "search.max_option_tokens=16"]
+            "task=jsonl", f"task.path={data}", "task.num_dev=3", "task.num_test=3",
+            "search.merge=none", "search.max_option_tokens=16"]
 
 
 def qstar_env(**extra) -> dict:

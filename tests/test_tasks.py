@@ -288,9 +288,9 @@ def test_skip_bad_rows_skips_and_counts_unparseable_gold_answers(tmp_path, capsy
     unparseable = [{"question": f"How many {w}?", "answer": f"Some.\n#### {w}"}
                    for w in ("twelve", "abc")]
     path = write_jsonl(tmp_path / "data.jsonl", gsm_rows(4) + unparseable + gsm_rows(4, 4))
-    task = make_task(jsonl_cfg(path, num_train=5, num_heldout=3, skip_bad_rows=True))
+    task = make_task(jsonl_cfg(path, num_train=5, num_dev=2, num_test=1, skip_bad_rows=True))
     assert task.skipped_rows == 2
-    kept = [p for split in task.splits() for p in split]
+    kept = [p for s in ("train", "dev", "test") for p in task.split(s)]
     assert len(kept) == 8 and not any(p.answer in ("twelve", "abc") for p in kept)
     assert "skipped 2 bad rows" in capsys.readouterr().err
 
@@ -298,8 +298,8 @@ def test_skip_bad_rows_skips_and_counts_unparseable_gold_answers(tmp_path, capsy
 @pytest.mark.parametrize("gold", ["72", "1,000", "-3.5", "3/4", r"\frac{1}{2}", "$12"])
 def test_gold_answers_math_verify_reads_are_accepted(tmp_path, gold):
     rows = gsm_rows(3) + [{"question": "Odd one?", "answer": f"so\n#### {gold}"}]
-    task = make_task(jsonl_cfg(write_jsonl(tmp_path / "d.jsonl", rows), num_train=2, num_heldout=2))
-    odd = [p for s in task.splits() for p in s if p.question == "Odd one?"]
+    task = make_task(jsonl_cfg(write_jsonl(tmp_path / "d.jsonl", rows), num_train=2, num_dev=1, num_test=1))
+    odd = [p for s in ("train", "dev", "test") for p in task.split(s) if p.question == "Odd one?"]
     assert len(odd) == 1 and task.is_correct(odd[0], f"Answer: {odd[0].answer}")
 
 
