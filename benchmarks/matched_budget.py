@@ -3,10 +3,13 @@
     python benchmarks/matched_budget.py [--iterations 4] [--n 8] [--runs runs/matched_budget]
     python benchmarks/matched_budget.py --smoke model=<tiny checkpoint>   # minutes, plumbing only
 
-Two loops on the default task (same training problems, same base policy, same test split):
-the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT) and the STaR loop
+Three loops on the default task (same training problems, same base policy, same test split):
+the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT), the STaR loop
 (`experiment=star_cpu`: samples + verifier + SFT), whose samples per problem are set so its
-iteration-0 search spends the MCTS loop's iteration-0 search tokens. The loops' own eval
+iteration-0 search spends the MCTS loop's iteration-0 search tokens, and the GRPO loop
+(`experiment=grpo_cpu`: TRL's GRPOTrainer rewarded by the grader), with as many completions
+per training problem per iteration as STaR's samples (its train stage's generated tokens are
+its budget). The loops' own eval
 stages read dev; every number here is graded on the test split, once, by this script.
 
 - data_generation: verified solutions found per 1,000 generated tokens on the training
@@ -14,8 +17,9 @@ stages read dev; every number here is graded on the test split, once, by this sc
 - evaluation: for policies 0..N of the MCTS loop, greedy, best-of-N majority (n=--n) and MCTS
   with the policy's critics (no verifier) capped at best-of-N's tokens per problem
   (`search.token_budget`); `matched` says whether MCTS's tokens are within 10% of best-of-N's.
-- loop: test greedy after every iteration of both loops, their search tokens, and
-  options_per_solution (mean lines of the verified solutions each search found).
+- loop: test greedy after every iteration of each loop, their search tokens (GRPO: the
+  tokens it sampled while training), and options_per_solution (mean lines of the verified
+  solutions each search found).
 - wall: per MCTS-loop iteration, the chosen log-prob change during DPO, the DPO margin, the
   training solve rate, and the first iteration whose test greedy is not above the one before.
 
@@ -43,7 +47,8 @@ from pipeline.stages.eval import run_eval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SMOKE = ["debug=default", "task.num_train=2", "task.num_dev=2", "task.num_test=2",
-         "decode.n=2", "search.simulations=2"]
+         "decode.n=2", "search.simulations=2", "train.grpo.prompts_per_step=2",
+         "train.grpo.max_completion_length=16"]
 
 
 def run_or_resume(run_dir: Path, overrides: list[str], iterations: int) -> RunStore:
@@ -154,13 +159,21 @@ def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out:
             output = out / (f"p{i}_greedy.json" if i == 0 or name == "mcts"
                             else f"{name}_p{i}_greedy.json")
             greedy.append(graded_on_test(base, [f"model={policy}", "decode=greedy"], output)["accuracy"])
-        result[name] = {"test_greedy": greedy,
-                        "search": [verified_solutions(store, i) for i in range(done)]}
+        result[name] = {"test_greedy": greedy, "search": [
+            sampled_tokens(store, i) if name == "grpo" else verified_solutions(store, i)
+            for i in range(done)]}
     both = min(len(r["test_greedy"]) for r in result.values())
     result["mcts_minus_star"] = [round(result["mcts"]["test_greedy"][k]
                                        - result["star"]["test_greedy"][k], 3)
                                  for k in range(1, both)]
     return result
+
+
+def sampled_tokens(store: RunStore, i: int) -> dict:
+    """GRPO has no search: the completions and tokens its train stage sampled."""
+    train = store.metrics(i, "train")
+    return {"tokens": train["tokens"], "completions": train["completions"],
+            "train_solve_rate": train.get("solve_rate_mean")}
 
 
 def wall_arm(store: RunStore, greedy: list[float], iterations: int) -> dict:
@@ -205,7 +218,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     paths.append(_save(fig, out_dir / "matched_budget_eval.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, label in (("mcts", "MCTS + critics + DPO/SFT"), ("star", "STaR")):
+    for name, label in (("mcts", "MCTS + critics + DPO/SFT"), ("star", "STaR"), ("grpo", "GRPO")):
         curve = result["loop"][name]["test_greedy"]
         ax.plot(range(len(curve)), curve, marker="o", label=label)
     ax.set(xlabel="policy (0 = base)", ylabel="test greedy accuracy",
@@ -241,10 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
     star = run_or_resume(runs / "star", ["experiment=star_cpu", *base,
                                          f"search.simulations={calibration['samples']}"],
                          args.iterations)
-    loop = loop_arm(base, {"mcts": mcts, "star": star}, args.iterations, evals)
+    grpo = run_or_resume(runs / "grpo", ["experiment=grpo_cpu", *base,
+                                         f"train.grpo.num_generations={max(2, calibration['samples'])}"],
+                         args.iterations)
+    loop = loop_arm(base, {"mcts": mcts, "star": star, "grpo": grpo}, args.iterations, evals)
     result = {
         "benchmark": "matched_budget", "split": "test", "smoke": args.smoke,
-        "iterations": args.iterations, "runs": {"mcts": str(mcts.root), "star": str(star.root)},
+        "iterations": args.iterations, "runs": {"mcts": str(mcts.root), "star": str(star.root),
+                                               "grpo": str(grpo.root)},
         "star_calibration": calibration,
         "data_generation": _data_generation(loop),
         "evaluation": evaluation_arm(base, mcts, len(loop["mcts"]["test_greedy"]), args.n, evals),

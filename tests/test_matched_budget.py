@@ -56,7 +56,10 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
         assert row["matched"] == (abs(row["mcts_over_best_of_n_tokens"] - 1) <= 0.1)
     loop = result["loop"]
     assert len(loop["mcts"]["test_greedy"]) == len(loop["star"]["test_greedy"]) == 2
+    assert len(loop["grpo"]["test_greedy"]) == 2
     assert loop["mcts"]["test_greedy"][0] == loop["star"]["test_greedy"][0]  # the same base
+    assert loop["grpo"]["test_greedy"][0] == loop["mcts"]["test_greedy"][0]
+    assert loop["grpo"]["search"][0]["tokens"] > 0  # GRPO's budget: the tokens it sampled
     assert result["star_calibration"]["samples"] >= 1
     assert [r["iteration"] for r in result["wall"]["per_iteration"]] == [0]
 
