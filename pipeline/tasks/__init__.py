@@ -14,18 +14,18 @@ from pipeline.tasks.jsonl import JsonlTask
 from pipeline.tasks.reasoning_gym import ReasoningGymTask
 
 
+TASKS: dict[TaskKind, type[Task]] = {
+    TaskKind.chain_steps: ChainStepsTask,
+    TaskKind.arithmetic: ArithmeticTask,
+    TaskKind.reasoning_gym: ReasoningGymTask,
+    TaskKind.jsonl: JsonlTask,
+    TaskKind.hf: HFTask,
+    TaskKind.custom: CustomTask,
+}
+
+
 def make_task(cfg: TaskConfig) -> Task:
-    if cfg.kind == TaskKind.chain_steps:
-        return ChainStepsTask(cfg)
-    if cfg.kind == TaskKind.arithmetic:
-        return ArithmeticTask(cfg)
-    if cfg.kind == TaskKind.reasoning_gym:
-        return ReasoningGymTask(cfg)
-    if cfg.kind == TaskKind.jsonl:
-        return JsonlTask(cfg)
-    if cfg.kind == TaskKind.hf:
-        return HFTask(cfg)
-    if cfg.kind == TaskKind.custom:
-        return CustomTask(cfg)
-    raise QstarError(f"task.kind={cfg.kind!r} is invalid: allowed: "
-                     f"{', '.join(k.value for k in TaskKind)}")
+    if cfg.kind not in TASKS:
+        raise QstarError(f"task.kind={cfg.kind!r} is invalid: allowed: "
+                         f"{', '.join(k.value for k in TaskKind)}")
+    return TASKS[cfg.kind](cfg)
