@@ -13,7 +13,6 @@ from pipeline.tasks.hf import HFTask
 from pipeline.tasks.jsonl import JsonlTask
 from pipeline.tasks.reasoning_gym import ReasoningGymTask
 
-
 TASKS: dict[TaskKind, type[Task]] = {
     TaskKind.chain_steps: ChainStepsTask,
     TaskKind.arithmetic: ArithmeticTask,
