@@ -17,12 +17,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
+from bench_models import ARCHS  # noqa: E402  (the published dimensions, one copy)
 from tiny import tiny_tokenizer  # noqa: E402  (the per-character tokenizer, no download)
 
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
-                    max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SMOLLM2_135M = ARCHS["smollm2"][1]
 
 
 def build(out: Path, layers: int | None = None, seed: int = 0) -> Path:
