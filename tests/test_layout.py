@@ -69,8 +69,14 @@ def test_no_import_cycle_counting_function_local_imports():
     assert len(order) == len(modules())
 
 
-def test_the_cycle_check_can_fail():
-    edges = {"a": {"b"}, "b": {"a"}}
+def test_the_scanner_sees_function_local_imports_and_cycles(tmp_path):
+    """The checks above can fail: a function-local import is found and marked local, and the
+    edge it adds closes a cycle that the sorter refuses."""
+    path = tmp_path / "a.py"
+    path.write_text("import mcts.tree\n\ndef f():\n    from pipeline.loop import run_loop\n")
+    known = {"mcts.tree": None, "pipeline.loop": None, "a": path}
+    assert sorted(imports(path, known)) == [("mcts.tree", False), ("pipeline.loop", True)]
+    edges = {"a": {"pipeline.loop"}, "pipeline.loop": {"a"}}
     with pytest.raises(CycleError):
         list(TopologicalSorter(edges).static_order())
 
