@@ -118,12 +118,16 @@ def test_grade_scores_every_selection_of_the_same_samples():
     decoded = Decoded(["Answer: 1", "Answer: 3"], 10, extra={"select": "orm_vote"},
                       alternatives={"majority": ["Answer: 1", "Answer: 2"],
                                     "orm": ["Answer: 0", "Answer: 3"]},
-                      row_extra=[{"candidates": ["Answer: 1"]}, {"candidates": ["Answer: 3"]}])
+                      row_extra=[{"candidates": ["Answer: 0", "Answer: 1"]},
+                                 {"candidates": ["Answer: 3", "Answer: 4"]}])
     result = grade(SpyTask(problems, []), problems, decoded, "best_of_n", 1.0)
-    assert [r["candidates"] for r in result.rows] == [["Answer: 1"], ["Answer: 3"]]
+    assert [r["candidates"] for r in result.rows] == [["Answer: 0", "Answer: 1"],
+                                                      ["Answer: 3", "Answer: 4"]]
+    assert result.extra["pass_at_n"] == 0.5  # a has a correct candidate, b has none
     assert result.accuracy == 0.5
     assert result.extra["accuracy_by_select"] == {"orm_vote": 0.5, "majority": 1.0, "orm": 0.0}
     assert "majority" in pipeline.stages.eval.format_table([result])
+    assert "pass@n" in pipeline.stages.eval.format_table([result])
 
 
 # ---------------------------------------------------------------- grade
@@ -219,7 +223,9 @@ def test_decoding_never_sees_gold(tiny_model, debug_overrides, monkeypatch, stra
     first_grading = min(i for i, k in enumerate(kinds) if k in ("is_correct", "grade"))
     assert kinds.index("decoded") < first_grading
     assert all(k in ("is_correct", "grade") for k in kinds[kinds.index("decoded") + 1:])
-    assert kinds.count("is_correct") == len(problems)
+    # graded once per problem; best-of-N also grades its n candidates for pass@n, after decoding
+    per_problem = 1 + (cfg.decode.n if strategy == DecodeStrategy.best_of_n else 0)
+    assert kinds.count("is_correct") == len(problems) * per_problem
     assert prompts_seen and not any(SENTINEL in p for p in prompts_seen)
     assert result.total == len(problems) and result.correct == 0
     assert not any(SENTINEL in r["completion"] for r in result.rows)

@@ -67,6 +67,11 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
         for name, completions in decoded.alternatives.items():
             hits = sum(task.is_correct(p, c) for p, c in zip(problems, completions))
             extra["accuracy_by_select"][name] = hits / max(len(rows), 1)
+        # pass@n: a problem counts when any of its n candidates is correct (an upper bound on
+        # every selection rule)
+        solved = sum(any(task.is_correct(p, c) for c in row["candidates"])
+                     for p, row in zip(problems, rows))
+        extra["pass_at_n"] = solved / max(len(rows), 1)
     return EvalResult(strategy=strategy, accuracy=correct / max(len(rows), 1), correct=correct,
                       total=len(rows), tokens=decoded.tokens, seconds=seconds, rows=rows,
                       extra=extra)
@@ -92,6 +97,8 @@ def format_table(results: Sequence[EvalResult]) -> str:
                      f"{r.tokens:>8} {r.seconds:>8.1f} {r.tokens_per_s:>7.1f}")
         for name, accuracy in r.extra.get("accuracy_by_select", {}).items():
             lines.append(f"  {name:<8} {accuracy:>8.3f}   (same samples, select={name})")
+        if "pass_at_n" in r.extra:
+            lines.append(f"  {'pass@n':<8} {r.extra['pass_at_n']:>8.3f}   (any sample correct)")
     return "\n".join(lines)
 
 
