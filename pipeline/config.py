@@ -222,6 +222,9 @@ class CriticWeights:
 class CriticsConfig:
     enabled: bool = True  # fit value/PRM/ORM heads on every iteration's trees
     backbone: str | None = None  # None: the iteration's policy checkpoint
+    # after train, refit the heads on the same trees on policy_{i+1}'s features (the refit stage),
+    # so they judge the policy they were fitted to; false: they stay fitted on policy_i
+    refit: bool = True
     orm_features: FeatureSet = FeatureSet.confidence  # measured better at best-of-N selection
     weights: CriticWeights = field(default_factory=CriticWeights)  # leaves before critics exist
     trained_weights: CriticWeights = field(  # leaves once critics are trained
@@ -315,7 +318,7 @@ class QstarConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    iterations: int = 2  # self-play iterations (search -> critics -> data -> train -> eval)
+    iterations: int = 2  # self-play iterations (search -> critics -> data -> train -> refit -> eval)
     seed: int = 0  # seeds decoding at evaluation
     progress: bool = True  # progress bars and readable training output on stderr
 

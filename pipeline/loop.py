@@ -1,11 +1,14 @@
 """The self-play loop, top to bottom: baseline, then per iteration search -> critics -> data ->
-train -> eval. Each stage is a module of pipeline/stages with `run(loop, i) -> dict`; it reads
-the previous stages' artifacts from the run directory, writes its own atomically, and returns
-the metrics the manifest records.
+train -> refit -> eval. Each stage is a function of pipeline/stages taking (loop, i) and
+returning a dict (`run`, or critics.refit): it reads the previous stages' artifacts from the run
+directory, writes its own atomically, and returns the metrics the manifest records.
 
 Iteration i starts from policy_i (the base model for i = 0) and critics_i (none for i = 0:
-leaves are scored by verified rollouts). Its critics stage fits critics_{i+1} on its trees;
-its train stage makes policy_{i+1}; its eval stage measures policy_{i+1} with critics_{i+1}.
+leaves are scored by verified rollouts). Its critics stage fits heads on its trees on policy_i's
+features; its train stage makes policy_{i+1}; its refit stage fits the heads again on the same
+trees on policy_{i+1}'s features: critics_{i+1}, which share policy_{i+1}'s weights (when refit
+is skipped, critics_{i+1} are the critics stage's heads). Its eval stage measures policy_{i+1}
+with critics_{i+1}.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from pipeline.tasks import make_task
 
 STAGE_RUNNERS: dict[str, Callable[[Loop, int], dict]] = {
     "search": search.run, "critics": critics.run, "data": data.run, "train": train.run,
-    "eval": evaluation.run,
+    "refit": critics.refit, "eval": evaluation.run,
 }
 assert tuple(STAGE_RUNNERS) == STAGES
-# The GRPO baseline samples while it trains: no search, critics or data stage.
+# The GRPO baseline samples while it trains: no search, critics, data or refit stage.
 GRPO_RUNNERS: dict[str, Callable[[Loop, int], dict]] = {"train": grpo.run,
                                                         "eval": evaluation.run}
 

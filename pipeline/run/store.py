@@ -19,7 +19,7 @@ from pipeline.errors import QstarError
 from pipeline.run.atomic import read_jsonl, write_json, write_jsonl
 
 MANIFEST_VERSION = 1
-STAGES = ("search", "critics", "data", "train", "eval")  # per iteration, in order
+STAGES = ("search", "critics", "data", "train", "refit", "eval")  # per iteration, in order
 BASELINE = "baseline"  # iteration 0 evaluates the base policy first
 
 
@@ -113,13 +113,16 @@ class RunStore:
             return str(path)
 
     def critics_dir(self, iteration: int) -> Path | None:
-        """critics_i: trained in iteration i-1 from its trees; none before the first iteration."""
-        if iteration == 0 or not self.done(iteration - 1, "critics"):
+        """critics_i: fitted in iteration i-1 on its trees, on policy_i's features by its refit
+        stage, or on policy_{i-1}'s by its critics stage when no refit ran (refit skipped, or a
+        run from before that stage); none before the first iteration."""
+        if iteration == 0:
             return None
-        metrics = self.metrics(iteration - 1, "critics")
-        if metrics.get("skipped"):
-            return None
-        return self.stage_dir(iteration - 1, "critics")
+        for stage in ("refit", "critics"):
+            metrics = self.metrics(iteration - 1, stage)
+            if metrics is not None and not metrics.get("skipped"):
+                return self.stage_dir(iteration - 1, stage)
+        return None
 
     # --- lock ---
 

@@ -1,7 +1,8 @@
-"""The critics stage: value, PRM and ORM heads trained on one iteration's search trees.
+"""The critics and refit stages: value, PRM and ORM heads trained on one iteration's search trees.
 
 Features come from one frozen backbone (the iteration's policy unless critics.backbone names
-another), computed once per distinct text; the heads train on them in milliseconds. Value and
+another), computed once per distinct text; the heads train on them in milliseconds. The refit
+stage, after train, fits them again on the same trees on the new policy's features. Value and
 PRM read the last hidden state; the ORM reads what critics.orm_features names. Problems
 are split into train and held-out, so the held-out metrics judge critics on unseen problems.
 """
@@ -50,8 +51,9 @@ LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/OR
 def load_critic_set(critics_dir: str | Path, policy_dir: str, model, tokenizer,
                     model_cfg: ModelConfig, batch_size: int) -> CriticSet:
     """critics_i for scoring. Heads only fit the backbone they were trained on: they share the
-    loaded policy's weights when that is their backbone; otherwise (critics.backbone, or
-    critics_{i+1} trained on policy_i and used beside policy_{i+1}) the backbone is loaded.
+    loaded policy's weights when that is their backbone (the refit stage's heads); otherwise
+    (critics.backbone, or critics-stage heads of policy_i used beside policy_{i+1} when no refit
+    ran) the backbone is loaded.
     A backbone recorded by model name is resolved on this node."""
     backbone = resolve_model_path(replace(model_cfg, name=backbone_of(critics_dir)))
     if Path(backbone).resolve() != Path(policy_dir).resolve():
@@ -204,16 +206,49 @@ def fit_critics(root: Path, out: Path, policy: str, rows: Sequence[dict], cfg: C
                          record_backbone=record_backbone, reference=dpo_reference(policy_dir))
 
 
-def run(loop: Loop, i: int) -> dict:
-    """critics_{i+1}: heads fitted on iteration i's trees, on policy_i's features."""
-    if not loop.cfg.critics.enabled:
-        return {"skipped": "critics.enabled=false"}
+def fit_stage(loop: Loop, i: int, stage: str, policy_index: int) -> dict:
+    """Heads fitted on iteration i's trees on policy_{policy_index}'s features (or
+    critics.backbone's), written to iter_i/<stage>; the policy's implicit reward judged beside."""
     rows = load_shards(loop.store.stage_dir(i, "search"))
-    policy = loop.policy_ref(i)
+    policy = loop.policy_ref(policy_index)
     backbone = loop.cfg.critics.backbone or policy  # recorded relative to it: the run can move
     if loop.store.in_run(backbone):
-        backbone = os.path.relpath(loop.store.root / backbone, loop.store.stage_dir(i, "critics"))
-    reference = dpo_reference(loop.policy(i))  # shipped too: the implicit reward's pi_ref
+        backbone = os.path.relpath(loop.store.root / backbone, loop.store.stage_dir(i, stage))
+    reference = dpo_reference(loop.policy(policy_index))  # shipped too: the implicit reward's pi_ref
     shipped = [policy, loop.store.relative(reference[0]) if reference else None]
-    return loop.run_remote(fit_critics, i, "critics", shipped, policy, rows, loop.cfg.critics,
+    return loop.run_remote(fit_critics, i, stage, shipped, policy, rows, loop.cfg.critics,
                            loop.cfg.model, backbone)
+
+
+def run(loop: Loop, i: int) -> dict:
+    """Heads fitted on iteration i's trees, on policy_i's features: critics_{i+1} unless the
+    refit stage refits them on policy_{i+1}."""
+    if not loop.cfg.critics.enabled:
+        return {"skipped": "critics.enabled=false"}
+    return fit_stage(loop, i, "critics", i)
+
+
+def refit_skipped(loop: Loop, i: int) -> str | None:
+    """Why iteration i's refit stage has nothing to do (None: it refits)."""
+    cfg, store = loop.cfg.critics, loop.store
+    critics = store.metrics(i, "critics")
+    if not cfg.refit:
+        return f"critics.refit=false: the heads stay fitted on policy_{i}"
+    if cfg.backbone:
+        return f"critics.backbone={cfg.backbone}: the heads do not read the policy"
+    if critics is None or critics.get("skipped"):
+        return "the critics stage fitted no heads"
+    if (store.metrics(i, "train") or {}).get("skipped"):
+        return f"nothing was trained: policy_{i + 1} is policy_{i}, the heads' backbone"
+    if store.done(i, "eval"):  # a run from before this stage: keep what its eval used
+        return "the run predates the refit stage: its eval used the critics stage's heads"
+    return None
+
+
+def refit(loop: Loop, i: int) -> dict:
+    """critics_{i+1}: the critics stage's heads fitted again, on the same trees, on the trained
+    policy_{i+1}'s features, so they judge the policy they were fitted to and share its weights."""
+    why = refit_skipped(loop, i)
+    if why:
+        return {"skipped": why}
+    return fit_stage(loop, i, "refit", i + 1)
