@@ -3,7 +3,8 @@
     python benchmarks/ablations.py [--run runs/bench/mcts_dpo] [--iteration 0]
 
 Takes a finished iteration of a `qstar run` (default: the one benchmarks/loop.py makes): its
-trained policy and the critics fitted on its trees, and runs `qstar eval decode=mcts` on the
+trained policy and the critics it was evaluated with (fitted on its trees: iter_NNN/refit, or
+iter_NNN/critics where no refit ran), and runs `qstar eval decode=mcts` on the
 held-out set once with everything on and once per component switched off:
 - without importance branching: search.alpha=0 (every node gets c_min children),
 - without state merge: search.merge=none,
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from qstar_eval import RESULTS, qstar_eval, save_figure  # noqa: E402
 
 from pipeline.run.atomic import write_json  # noqa: E402
+from pipeline.run.store import RunStore  # noqa: E402
 
 VARIANTS = {
     "full": [],
@@ -68,7 +70,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every eval")
     args = parser.parse_args()
     iteration = args.run.resolve() / f"iter_{args.iteration:03d}"
-    policy, critics = iteration / "train" / "policy", iteration / "critics"
+    policy = iteration / "train" / "policy"
+    critics = RunStore(args.run.resolve()).critics_dir(args.iteration + 1) or iteration / "critics"
     for path in (policy / "meta.json", critics / "orm" / "meta.json"):
         if not path.is_file():
             sys.exit(f"{path} is missing: run benchmarks/loop.py (or qstar run) first")

@@ -5,9 +5,11 @@ on the same test samples, and what scoring with trained critics costs the search
     python benchmarks/critics.py --smoke model=<tiny checkpoint>   # the plumbing, in a minute
 
 1. One `qstar run experiment=demo_cpu eval.decodes=[greedy,best_of_n] decode.n=8` (resumed
-   if it exists). Its critics stage reports, per iteration, the within-problem AUC of value,
-   PRM, ORM and the policy's DPO implicit reward on the critics' held-out (dev) completions:
-   right against wrong completions of one problem, averaged over problems with both.
+   if it exists). Per iteration, the critics its trained policy was evaluated with (the refit
+   stage's, fitted on that policy; the critics stage's where no refit ran) report the
+   within-problem AUC of value, PRM, ORM and the policy's DPO implicit reward on their
+   held-out completions: right against wrong completions of one problem, averaged over
+   problems with both.
 2. Its eval stage draws 8 samples per test problem from each trained policy and grades every
    selection on the same samples: majority vote, ORM argmax, ORM-weighted vote and the summed
    implicit reward (against the policy's DPO reference, recorded in its meta.json).
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pipeline.compose import load_run_config  # noqa: E402
+from pipeline.report.summary import critics_metrics  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
 
@@ -60,11 +63,12 @@ def run_loop(run_dir: Path, iterations: int, overrides: list[str]) -> RunStore:
 
 
 def within_problem(store: RunStore, iterations: int) -> dict[str, list]:
-    """Per critic, per iteration: the within-problem AUC on held-out completions (None where
-    the critic does not exist, e.g. implicit in iteration 0, whose policy is the base model)."""
+    """Per critic, per iteration: the within-problem AUC on held-out completions of the critics
+    policy i+1 was evaluated with (None where the critic does not exist, e.g. implicit when no
+    refit judged a DPO-trained policy)."""
     found = {kind: [] for kind in CRITICS}
     for i in range(iterations):
-        metrics = store.metrics(i, "critics") or {}
+        metrics = critics_metrics(store, i) or {}
         for kind in CRITICS:
             found[kind].append((metrics.get(kind) or {}).get("within_problem_auc"))
     return found

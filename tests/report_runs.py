@@ -103,6 +103,7 @@ def make_run(root: Path, trees: int = 4, nodes: int = 12, iterations: int = 1,
         "critics": {"orm": {"auc": 0.6}, "prm": {"auc": 0.55}},
         "data": {"dpo": len(dpo), "sft": len(sft)},
         "train": {"policy_dir": policy_dir, "dpo/rewards/margins": 0.2},
+        "refit": {"orm": {"auc": 0.7}, "prm": {"auc": 0.65}},
         "eval": {"decodes": {"greedy": {"accuracy": 0.5}}},
     }
     order = [BASELINE, *STAGES]

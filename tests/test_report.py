@@ -19,8 +19,9 @@ from pipeline.config import ModelConfig
 from pipeline.lm.generation import completion_logprobs
 from pipeline.lm.models import embedded_gguf, load_model
 from pipeline.loop import run_loop
-from pipeline.report.collect import lock_holder, search_rows
+from pipeline.report.collect import lock_holder, run_status, search_rows
 from pipeline.report.credit import iteration_credit
+from pipeline.report.inspect import iteration_rows
 from pipeline.report.page import build_report, embed_json
 from pipeline.run.store import RunStore
 
@@ -63,6 +64,17 @@ def test_report_prints_its_path_last_and_embeds_the_run(tmp_path, capsys):
     dpo_lines = (store.root / "iter_000/data/dpo.jsonl").read_text().splitlines()
     assert len(it["dpo"]) == len(dpo_lines) > 0 and all("prompt" not in r for r in it["dpo"] + it["sft"])
     assert it["credit"] == {} and it["note"] == ""
+
+
+def test_the_table_shows_the_critics_each_policy_was_evaluated_with(tmp_path):
+    """Policy 1's critics: iteration 0's refit when it ran, else (a run from before the refit
+    stage, still complete) its critics stage's."""
+    store = make_run(tmp_path / "run", trees=4)
+    header, _, policy_1 = iteration_rows(store)
+    assert policy_1[header.index("orm_auc")] == "0.700" and policy_1[header.index("prm_auc")] == "0.650"
+    del store.manifest["stages"]["iter_000/refit"]
+    header, _, policy_1 = iteration_rows(store)
+    assert policy_1[header.index("orm_auc")] == "0.600" and run_status(store)["complete"]
 
 
 def test_page_loads_nothing_from_the_network(tmp_path):
@@ -118,7 +130,7 @@ def test_a_stopped_run_shows_what_is_complete_and_says_so(tmp_path):
     data = page_data(build_report(store.root))
     status = data["runs"][0]["status"]
     assert not status["complete"] and not status["running"]
-    assert "in progress (stopped" in status["message"] and "2 of 11 stages" in status["message"]
+    assert "in progress (stopped" in status["message"] and "2 of 13 stages" in status["message"]
     assert "iter_000/critics" in status["message"]
     (it,) = data["runs"][0]["iterations"]
     assert len(it["trees"]) == 4 and it["dpo"] == [] and it["sft"] == []  # data stage not done
@@ -145,7 +157,7 @@ def test_a_run_with_nothing_searched_yet(tmp_path):
         shard.unlink()
     data = page_data(build_report(store.root))
     assert data["runs"][0]["iterations"] == [] and data["runs"][0]["table"] == []
-    assert "0 of 6 stages" in data["runs"][0]["status"]["message"]
+    assert "0 of 7 stages" in data["runs"][0]["status"]["message"]
 
 
 def test_sweep_gets_one_section_per_run(tmp_path, capsys):

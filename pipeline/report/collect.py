@@ -74,6 +74,13 @@ def lock_holder(root: Path) -> str | None:
     return None
 
 
+def expected_stages(store: RunStore, iteration: int) -> list[str]:
+    """The stages a complete iteration has: all, but no refit in an iteration that a run from
+    before the refit stage evaluated without one."""
+    old = store.done(iteration, "eval") and not store.done(iteration, "refit")
+    return [s for s in STAGES if not (s == "refit" and old)]
+
+
 def run_status(store: RunStore) -> dict:
     """complete / in progress (running or stopped), with a sentence for the page."""
     stages = store.manifest["stages"]
@@ -82,7 +89,7 @@ def run_status(store: RunStore) -> dict:
         started = [entry["iteration"] for entry in stages.values()]
         iterations = max(started) + 1 if started else 1
     expected = [store.key(0, BASELINE)] + [store.key(i, s) for i in range(iterations)
-                                            for s in STAGES]
+                                            for s in expected_stages(store, i)]
     missing = [key for key in expected if key not in stages]
     holder = lock_holder(store.root)
     if not missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.run.store import BASELINE, RunStore
 
 CRITICS = ("value", "prm", "orm", "implicit")  # within-problem AUC per critic, in the critics metrics
+ITERATION_STAGES = ["search", "critics", "data", "train", "refit", "eval"]  # timed per row
 
 
 def _value(metrics: dict | None, *path):
@@ -23,7 +24,7 @@ def policy_rows(store: RunStore) -> list[dict]:
     k = 0
     while store.done(k, "eval"):
         data, train = store.metrics(k, "data"), store.metrics(k, "train")
-        critics, search = store.metrics(k, "critics"), store.metrics(k, "search")
+        critics, search = critics_metrics(store, k), store.metrics(k, "search")
         rows.append({
             "policy": k + 1,
             "accuracy": _accuracies(store.metrics(k, "eval")),
@@ -41,10 +42,19 @@ def policy_rows(store: RunStore) -> list[dict]:
             "search_solve_rate": _value(search, "solve_rate"),
             # generated tokens: the search's, or GRPO's sampling inside its train stage
             "tokens": _value(search, "tokens") if search else _value(train, "tokens"),
-            "minutes": _minutes(store, k, ["search", "critics", "data", "train", "eval"]),
+            "minutes": _minutes(store, k, ITERATION_STAGES),
         })
         k += 1
     return rows
+
+
+def critics_metrics(store: RunStore, k: int) -> dict | None:
+    """The metrics of critics_{k+1}, the heads policy k+1 was evaluated with: iteration k's
+    refit (fitted on policy k+1, its implicit reward judged) when it ran, else its critics stage."""
+    refit = store.metrics(k, "refit")
+    if refit is not None and not refit.get("skipped"):
+        return refit
+    return store.metrics(k, "critics")
 
 
 def _reference_kind(train: dict | None) -> str | None:
