@@ -298,7 +298,8 @@ class EvalConfig:
     split: Split = Split.dev  # dev | test | train
     decodes: list[str] = field(default_factory=lambda: ["greedy"])  # strategies run per iteration
     output: str | None = None  # `qstar eval`: JSON path; None: runs/eval/<time>-<strategy>.json
-    critics: str | None = None  # `qstar eval`: a run's iter_NNN/critics for ORM selection and MCTS
+    # `qstar eval`: a run's iter_NNN/refit (or iter_NNN/critics) for ORM selection and MCTS
+    critics: str | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool) -> None:
     """Refuse a selection whose critic is missing, with one line saying what to pass."""
     if d.select in (Selection.orm, Selection.orm_vote) and not has_orm:
         raise QstarError(f"decode.select={d.select.value} needs a trained ORM: pass "
-                         "eval.critics=<run>/iter_NNN/critics, or use decode.select=majority")
+                         "eval.critics=<run>/iter_NNN/refit, or use decode.select=majority")
     if d.select == Selection.implicit and not has_implicit:
         raise QstarError("decode.select=implicit needs a policy trained by DPO (its meta.json "
                          "names the reference): use model=<run>/iter_NNN/train/policy")

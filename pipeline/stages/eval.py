@@ -126,7 +126,7 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     critics_dir = cfg.eval.critics
     if critics_dir and not os.path.isfile(os.path.join(critics_dir, "orm", "meta.json")):
         raise QstarError(f"eval.critics={critics_dir!r}: not a critics directory "
-                         "(expected <run>/iter_NNN/critics with value/, prm/, orm/)")
+                         "(expected <run>/iter_NNN/refit or iter_NNN/critics, with value/, prm/, orm/)")
     if cfg.decode.strategy == DecodeStrategy.best_of_n:  # refuse before loading anything
         check_selection(cfg.decode, bool(critics_dir),
                         dpo_reference(resolve_model_path(cfg.model)) is not None)
