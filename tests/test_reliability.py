@@ -159,6 +159,7 @@ def counts(run: Path) -> dict:
         "dpo": len(read_jsonl(run / "iter_000/data/dpo.jsonl")),
         "sft": len(read_jsonl(run / "iter_000/data/sft.jsonl")),
         "critics": sorted(p.name for p in (run / "iter_000/critics").iterdir()),
+        "refit": sorted(p.name for p in (run / "iter_000/refit").glob("*")),
         "trained": not train.get("skipped"),
         "baseline": store.metrics(0, BASELINE)["decodes"]["greedy"]["correct"],
     }
@@ -170,6 +171,7 @@ def test_reference_run_trains_on_real_pairs(reference):
     assert c["trees"] == 4 and c["shards"] == ["shard_0000.jsonl", "shard_0001.jsonl"]
     assert c["dpo"] > 0 and c["sft"] > 0 and c["trained"], c  # the train stage is not skipped
     assert c["critics"] == ["metrics.json", "orm", "prm", "value"]
+    assert c["refit"] == ["metrics.json", "orm", "prm", "value"]  # heads on the trained policy
 
 
 # ---------------------------------------------------------------- kill -9, then resume
@@ -250,7 +252,7 @@ class Watcher:
         return "".join(line for line in self.lines if line is not None)
 
 
-@pytest.mark.parametrize("stage", ["search", "critics", "train", "eval"])
+@pytest.mark.parametrize("stage", ["search", "critics", "train", "refit", "eval"])
 def test_kill_9_in_a_stage_then_resume_completes(stage, reference, taught, tmp_path):
     model, data = taught
     run = tmp_path / "run"
