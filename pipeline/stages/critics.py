@@ -200,7 +200,7 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
 
 def fit_critics(root: Path, out: Path, policy: str, rows: Sequence[dict], cfg: CriticsConfig,
                 model_cfg: ModelConfig, record_backbone: str) -> dict:
-    """The critics stage's work, where it runs (pipeline.stages.base.stage_work)."""
+    """The critics or refit stage's work, where it runs (pipeline.stages.base.stage_work)."""
     policy_dir = resolve_ref(root, policy, model_cfg)
     return train_critics(rows, policy_dir, cfg, out, model_cfg=model_cfg,
                          record_backbone=record_backbone, reference=dpo_reference(policy_dir))
