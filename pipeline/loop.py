@@ -24,7 +24,7 @@ from pipeline.errors import QstarError
 from pipeline.lm.models import resolve_model_path
 from pipeline.report.inspect import iteration_table
 from pipeline.report.plots import write_plots
-from pipeline.run.store import BASELINE, STAGES, RunStore
+from pipeline.run.store import BASELINE, GRPO_STAGES, STAGES, RunStore
 from pipeline.run.tracking import Tracker
 from pipeline.run.workers import Cluster
 from pipeline.stages import critics, data, grpo, search, train
@@ -40,6 +40,7 @@ assert tuple(STAGE_RUNNERS) == STAGES
 # The GRPO baseline samples while it trains: no search, critics, data or refit stage.
 GRPO_RUNNERS: dict[str, Callable[[Loop, int], dict]] = {"train": grpo.run,
                                                         "eval": evaluation.run}
+assert tuple(GRPO_RUNNERS) == GRPO_STAGES
 
 
 def stage_runners(cfg: QstarConfig) -> dict[str, Callable[[Loop, int], dict]]:

@@ -13,6 +13,7 @@ from pipeline.compose import compose_config
 from pipeline.config import TrainMode
 from pipeline.errors import ConfigError
 from pipeline.loop import resume_run, run_loop
+from pipeline.report.collect import run_status
 from pipeline.report.inspect import iteration_table
 from pipeline.run.store import RunStore
 from pipeline.stages import grpo
@@ -89,6 +90,8 @@ def test_grpo_run_has_the_loop_run_format_and_grader_rewards(debug_overrides, tm
     evaluation = store.metrics(0, "eval")
     assert evaluation["policy_dir"] == train["policy_dir"]
     assert evaluation["decodes"]["greedy"]["total"] == 4
+    status = run_status(store)  # the report counts a GRPO run's own stages
+    assert status["complete"] and "all 3 stages done" in status["message"]
     table = iteration_table(store)
     assert "acc:greedy" in table and f"{train['tokens']}" in table.splitlines()[-1]
     # beside an MCTS run (a manifest as that loop leaves it) in `qstar inspect RUN RUN`

@@ -20,6 +20,7 @@ from pipeline.run.atomic import read_jsonl, write_json, write_jsonl
 
 MANIFEST_VERSION = 1
 STAGES = ("search", "critics", "data", "train", "refit", "eval")  # per iteration, in order
+GRPO_STAGES = ("train", "eval")  # train.mode=grpo samples while it trains: no search or critics
 BASELINE = "baseline"  # iteration 0 evaluates the base policy first
 
 
