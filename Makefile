@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/qstar run experiment=demo_cpu
 
+# One pytest worker per core (pytest-xdist); the tests that use Ray share one worker
+# (tests/conftest.py puts them in one xdist group), so only one Ray instance runs at a time.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -42,6 +42,18 @@ def debug_overrides(tiny_model_dir, tmp_path) -> list[str]:
     return ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
 
 
+RAY_FIXTURES = {"ray_session", "sim"}  # tests/test_cluster.py's simulated cluster is `sim`
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`), every test that starts or joins Ray runs on one worker,
+    one after another: two Ray instances (or a simulated cluster beside `ray_session`) would
+    contend for the same ports and /tmp/ray session directory."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray on this machine, started once per test session (about 4 s)."""
