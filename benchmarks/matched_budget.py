@@ -23,6 +23,7 @@ stages read dev; every number here is graded on the test split, once, by this sc
 - wall: per MCTS-loop iteration, the chosen log-prob change during DPO, the DPO margin, the
   training solve rate, and the first iteration whose test greedy is not above the one before.
 
+`--eval-policies 1 3` limits the evaluation arm to those policies (the JSON lists which).
 Resumable: the loops resume (`qstar resume` semantics), and each test evaluation is skipped
 when its JSON exists. Writes matched_budget.json (`"split": "test"`) and three PNGs beside it.
 """
@@ -117,10 +118,11 @@ def star_samples(base: list[str], mcts: RunStore, out: Path) -> dict:
             "samples": max(1, round(mcts_per_problem / max(per_sample, 1e-9)))}
 
 
-def evaluation_arm(base: list[str], store: RunStore, policies: int, n: int, out: Path) -> list:
+def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int,
+                   out: Path) -> list:
     rows = []
     base_policy = resolve_model_path(compose_config(base).model)
-    for i in range(policies):
+    for i in policies:
         policy = store.policy_dir(i, base_policy)
         critics = store.critics_dir(i)
         model = [f"model={policy}"]
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=RESULTS / "matched_budget.json")
     parser.add_argument("--smoke", action="store_true",
                         help="2 problems per split, 1 iteration: checks the plumbing only")
+    parser.add_argument("--eval-policies", type=int, nargs="+", default=None, metavar="K",
+                        help="the evaluation arm grades only these policies (default: every "
+                             "policy of the MCTS loop); the JSON says which")
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every run")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -258,13 +263,17 @@ def main(argv: list[str] | None = None) -> dict:
                                          f"train.grpo.num_generations={max(2, calibration['samples'])}"],
                          args.iterations)
     loop = loop_arm(base, {"mcts": mcts, "star": star, "grpo": grpo}, args.iterations, evals)
+    trained = range(len(loop["mcts"]["test_greedy"]))
+    eval_policies = list(trained) if args.eval_policies is None else args.eval_policies
+    if any(k not in trained for k in eval_policies):
+        parser.error(f"--eval-policies {eval_policies}: the MCTS loop has policies 0..{len(trained) - 1}")
     result = {
         "benchmark": "matched_budget", "split": "test", "smoke": args.smoke,
         "iterations": args.iterations, "runs": {"mcts": str(mcts.root), "star": str(star.root),
                                                "grpo": str(grpo.root)},
         "star_calibration": calibration,
         "data_generation": _data_generation(loop),
-        "evaluation": evaluation_arm(base, mcts, len(loop["mcts"]["test_greedy"]), args.n, evals),
+        "evaluation": evaluation_arm(base, mcts, eval_policies, args.n, evals),
         "loop": loop,
         "wall": wall_arm(mcts, loop["mcts"]["test_greedy"], args.iterations),
     }

@@ -67,3 +67,11 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     stamps = {p: p.stat().st_mtime_ns for p in evals}
     assert bench.main(argv) == result
     assert {p: p.stat().st_mtime_ns for p in evals} == stamps
+
+    # --eval-policies: the evaluation arm grades only the policies named, from what is on disk
+    only = bench.main([*argv, "--eval-policies", "1"])
+    assert [r["policy"] for r in only["evaluation"]] == [1]
+    assert only["evaluation"][0] == result["evaluation"][1] and only["loop"] == result["loop"]
+    assert {p: p.stat().st_mtime_ns for p in evals} == stamps
+    with pytest.raises(SystemExit):  # one line from argparse, exit code 2
+        bench.main([*argv, "--eval-policies", "5"])
