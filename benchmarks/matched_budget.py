@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         args.iterations, args.n = 1, 2
+    if args.eval_policies and max(args.eval_policies) > args.iterations:  # before hours of loops
+        parser.error(f"--eval-policies {args.eval_policies}: {args.iterations} iteration(s) make "
+                     f"policies 0..{args.iterations}")
     base = [*(SMOKE if args.smoke else []), *args.overrides]
     runs, evals = args.runs.resolve(), args.runs.resolve() / "test_evals"
     mcts = run_or_resume(runs / "mcts", ["experiment=demo_cpu", *base], args.iterations)
