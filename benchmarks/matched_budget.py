@@ -7,9 +7,9 @@ Three loops on the default task (same training problems, same base policy, same 
 the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT), the STaR loop
 (`experiment=star_cpu`: samples + verifier + SFT), whose samples per problem are set so its
 iteration-0 search spends the MCTS loop's iteration-0 search tokens, and the GRPO loop
-(`experiment=grpo_cpu`: TRL's GRPOTrainer rewarded by the grader), with as many completions
-per training problem per iteration as STaR's samples (its train stage's generated tokens are
-its budget). The loops' own eval
+(`experiment=grpo_cpu`: TRL's GRPOTrainer rewarded by the grader), whose group is STaR's samples
+per problem and which trains each iteration until it has sampled the MCTS loop's iteration-0
+search tokens (`train.grpo.token_budget`; at most GRPO_EPOCHS epochs). The loops' own eval
 stages read dev; every number here is graded on the test split, once, by this script.
 
 - data_generation: verified solutions found per 1,000 generated tokens on the training
@@ -47,6 +47,7 @@ from pipeline.run.store import RunStore  # noqa: E402
 from pipeline.stages.eval import run_eval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+GRPO_EPOCHS = 4  # the GRPO arm's cap on epochs per iteration; the token budget stops it first
 SMOKE = ["debug=default", "task.num_train=2", "task.num_dev=2", "task.num_test=2",
          "decode.n=2", "search.simulations=2", "train.grpo.prompts_per_step=2",
          "train.grpo.max_completion_length=16"]
@@ -113,9 +114,18 @@ def star_samples(base: list[str], mcts: RunStore, out: Path) -> dict:
     search = mcts.metrics(0, "search")
     mcts_per_problem = search["tokens"] / max(search["problems"], 1)
     per_sample = per_problem(sample)
-    return {"mcts_search_tokens_per_problem": round(mcts_per_problem, 1),
+    return {"mcts_search_tokens": search["tokens"],
+            "mcts_search_tokens_per_problem": round(mcts_per_problem, 1),
             "sample_tokens": per_sample,
             "samples": max(1, round(mcts_per_problem / max(per_sample, 1e-9)))}
+
+
+def grpo_budget(calibration: dict) -> list[str]:
+    """GRPO's group is STaR's samples per problem; it trains until it has sampled the MCTS loop's
+    iteration-0 search tokens (train.grpo.token_budget), for GRPO_EPOCHS epochs at most."""
+    return [f"train.grpo.num_generations={max(2, calibration['samples'])}",
+            f"train.grpo.token_budget={calibration['mcts_search_tokens']}",
+            f"train.epochs={GRPO_EPOCHS}"]
 
 
 def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int,
@@ -174,7 +184,8 @@ def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out:
 def sampled_tokens(store: RunStore, i: int) -> dict:
     """GRPO has no search: the completions and tokens its train stage sampled."""
     train = store.metrics(i, "train")
-    return {"tokens": train["tokens"], "completions": train["completions"],
+    return {"tokens": train["tokens"], "token_budget": train.get("token_budget"),
+            "steps": train["steps"], "completions": train["completions"],
             "train_solve_rate": train.get("solve_rate_mean")}
 
 
@@ -262,8 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     star = run_or_resume(runs / "star", ["experiment=star_cpu", *base,
                                          f"search.simulations={calibration['samples']}"],
                          args.iterations)
-    grpo = run_or_resume(runs / "grpo", ["experiment=grpo_cpu", *base,
-                                         f"train.grpo.num_generations={max(2, calibration['samples'])}"],
+    grpo = run_or_resume(runs / "grpo", ["experiment=grpo_cpu", *base, *grpo_budget(calibration)],
                          args.iterations)
     loop = loop_arm(base, {"mcts": mcts, "star": star, "grpo": grpo}, args.iterations, evals)
     trained = range(len(loop["mcts"]["test_greedy"]))

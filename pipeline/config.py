@@ -259,6 +259,10 @@ class GrpoConfig:
     max_completion_length: int = 96  # tokens per completion at most (demo: decode.max_new_tokens)
     temperature: float = 0.8  # sampling temperature (search.temperature, as STaR samples)
     beta: float = 0.0  # KL penalty toward policy_i (TRL's default 0: no reference model held)
+    # generated tokens per iteration at most (0 = no budget): training stops after the first
+    # optimizer step whose sampled tokens reach it; train.epochs is then only a cap. Matches the
+    # GRPO arm to another loop's search tokens (benchmarks/matched_budget.py)
+    token_budget: int = 0
 
 
 @dataclass

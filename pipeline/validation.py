@@ -139,3 +139,5 @@ def _validate_grpo(tr: TrainConfig) -> None:
              g.max_completion_length)
     _require(g.temperature > 0, "train.grpo.temperature", "must be > 0", g.temperature)
     _require(g.beta >= 0, "train.grpo.beta", "must be >= 0", g.beta)
+    _require(g.token_budget >= 0, "train.grpo.token_budget", "must be >= 0 (0 = no budget)",
+             g.token_budget)

@@ -175,3 +175,32 @@ def test_grpo_resumes_from_its_checkpoint_and_counts_the_steps_before(debug_over
     assert resumed["tokens"] == recorded[0]["tokens"] + recorded[1]["tokens"]
     assert not list((out / "trainer/grpo").glob("checkpoint-*"))
     assert (out / "policy/meta.json").is_file()
+
+
+def test_token_budget_stops_after_the_step_that_reaches_it(debug_overrides, tmp_path, recorded):
+    """train.grpo.token_budget: training stops after the first step whose sampled tokens reach
+    the budget, before train.epochs (3 epochs = 6 steps) ends."""
+    from pipeline.tasks import make_task
+
+    def train(budget: int, out: str) -> dict:
+        cfg = compose_config(grpo_overrides(debug_overrides, "train.epochs=3",
+                                            f"train.grpo.token_budget={budget}"))
+        task = make_task(cfg.task)
+        base = str(debug_overrides[1].split("=", 1)[1])
+        return grpo.train_grpo(base, task, task.split("train"), cfg.train, tmp_path / out,
+                               model_cfg=cfg.model)
+
+    first = train(1, "one")  # any step reaches one token
+    assert first["steps"] == 1 and first["token_budget"] == 1
+    assert first["tokens"] == recorded[0]["tokens"] > 0
+    budget = recorded[0]["tokens"] + 1  # step 1 (the same at the same seed) falls short
+    second = train(budget, "two")
+    assert second["steps"] == 2 and len(recorded) == 3
+    assert recorded[1]["tokens"] == recorded[0]["tokens"]
+    assert recorded[1]["tokens"] < budget <= second["tokens"]
+    assert second["tokens"] == recorded[1]["tokens"] + recorded[2]["tokens"]
+
+
+def test_grpo_token_budget_must_not_be_negative():
+    with pytest.raises(ConfigError, match="train.grpo.token_budget"):
+        compose_config(["experiment=grpo_cpu", "train.grpo.token_budget=-1"])

@@ -59,7 +59,9 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     assert len(loop["grpo"]["test_greedy"]) == 2
     assert loop["mcts"]["test_greedy"][0] == loop["star"]["test_greedy"][0]  # the same base
     assert loop["grpo"]["test_greedy"][0] == loop["mcts"]["test_greedy"][0]
-    assert loop["grpo"]["search"][0]["tokens"] > 0  # GRPO's budget: the tokens it sampled
+    grpo = loop["grpo"]["search"][0]  # GRPO samples the MCTS loop's iteration-0 search tokens
+    assert grpo["token_budget"] == result["star_calibration"]["mcts_search_tokens"] > 0
+    assert grpo["tokens"] >= grpo["token_budget"] or grpo["steps"] == bench.GRPO_EPOCHS  # 1 step/epoch
     assert result["star_calibration"]["samples"] >= 1
     assert [r["iteration"] for r in result["wall"]["per_iteration"]] == [0]
 

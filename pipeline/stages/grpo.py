@@ -9,12 +9,16 @@ correct; a custom task may give partial credit), and applies TRL's GRPO loss. Th
 the task's chat messages, which TRL renders with the same chat template as search and eval.
 The eval stage then measures policy_{i+1} like any other loop's policy.
 
+With `train.grpo.token_budget` > 0, training stops after the first optimizer step whose sampled
+tokens reach the budget (train.epochs is then a cap): the matched-budget benchmark gives GRPO the
+MCTS loop's search tokens this way.
+
 Generated tokens are counted as the search stage counts them: every sampled completion token up
 to and including EOS (TRL's `completion_ids`). The count comes from TRL's own per-step log
 (`completions/mean_length` x completions per step), which its checkpoints keep, so a training
 resumed after a kill still counts the steps before it.
 
-Metrics: mode, policy_dir, source_policy, iteration, problems, steps, completions, tokens
+Metrics: mode, policy_dir, source_policy, iteration, problems, token_budget, steps, completions, tokens
 (generated), seconds, loss (last step), reward_first / reward_last / reward_mean (the grader's
 mean per step), solve_rate_first / solve_rate_last / solve_rate_mean (completions graded 1.0).
 Checkpoints and the atomic final save follow pipeline.stages.train.
@@ -27,6 +31,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from pipeline.config import ModelConfig, TrainConfig, to_dict
 from pipeline.lm.models import load_tokenizer
@@ -77,11 +83,34 @@ def _series(logs: list[dict], key: str, name: str) -> dict:
             f"{name}_mean": sum(values) / len(values)}
 
 
+def _step_logs(history: list[dict]) -> list[dict]:
+    return [h for h in history if "train_runtime" not in h and "loss" in h]
+
+
+def sampled_tokens(history: list[dict], completions_per_step: int) -> int:
+    """Completion tokens sampled so far: TRL logs each step's mean completion length."""
+    lengths = [h["completions/mean_length"] for h in _step_logs(history)
+               if "completions/mean_length" in h]
+    return round(sum(lengths) * completions_per_step)
+
+
+class TokenBudgetStop(TrainerCallback):
+    """Stops training after the optimizer step whose sampled tokens reach `budget`. It reads the
+    trainer's log history, which a resumed training restores, so steps before a kill count."""
+
+    def __init__(self, budget: int, completions_per_step: int):
+        self.budget, self.per_step = budget, completions_per_step
+
+    def on_log(self, args, state, control, **kwargs):
+        if sampled_tokens(state.log_history, self.per_step) >= self.budget:
+            control.should_training_stop = True
+
+
 def grpo_metrics(history: list[dict], completions_per_step: int) -> dict:
-    logs = [h for h in history if "train_runtime" not in h and "loss" in h]
-    lengths = [h["completions/mean_length"] for h in logs if "completions/mean_length" in h]
+    logs = _step_logs(history)
+    lengths = [h for h in logs if "completions/mean_length" in h]
     out = {"steps": len(logs), "completions": completions_per_step * len(lengths),
-           "tokens": round(sum(lengths) * completions_per_step),
+           "tokens": sampled_tokens(history, completions_per_step),
            "loss": logs[-1]["loss"] if logs else None}
     out.update(_series(logs, f"rewards/{REWARD}/mean", "reward"))
     out.update(_series(logs, "solve_rate", "solve_rate"))
@@ -112,17 +141,19 @@ def train_grpo(policy_dir: str, task: Task, problems: list[Problem], cfg: TrainC
                                  for p in problems])
     output_dir = out_dir / "trainer" / "grpo"
     args = grpo_args(cfg, model_cfg, output_dir, report_to, save_steps, progress)
+    per_step = cfg.grpo.prompts_per_step * cfg.grpo.num_generations
+    budget = [TokenBudgetStop(cfg.grpo.token_budget, per_step)] if cfg.grpo.token_budget else []
     start = time.perf_counter()
     _free_memory()
     with quiet_unless(progress):
         trainer = GRPOTrainer(model=model, reward_funcs=grader_reward(task, problems), args=args,
-                              train_dataset=dataset, processing_class=tokenizer)
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=budget)
         show_progress(trainer, "grpo", output_dir, progress)  # a bar and a summary line
         trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
     history = trainer.state.log_history
     metrics = {"mode": "grpo", "source_policy": policy_dir, "iteration": iteration,
-               "problems": len(problems),
-               **grpo_metrics(history, cfg.grpo.prompts_per_step * cfg.grpo.num_generations),
+               "problems": len(problems), "token_budget": cfg.grpo.token_budget or None,
+               **grpo_metrics(history, per_step),
                "seconds": round(time.perf_counter() - start, 3), "policy_dir": str(final)}
     if use_cache is not None:
         trainer.model.config.use_cache = use_cache  # as loaded: training may have switched it off
