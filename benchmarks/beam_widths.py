@@ -39,8 +39,8 @@ def implicit_rewards(results: dict[int, dict], policy: Path, reference: str, bet
     from critics.implicit import implicit_reward
     from pipeline.compose import compose_config
     from pipeline.config import replace_model_name
-    from pipeline.lm.generation import completion_logprobs
     from pipeline.lm.models import load_model
+    from pipeline.lm.teacher_forced import completion_logprobs
     from pipeline.tasks import make_task
     from pipeline.tasks.prompt import task_prompts
 

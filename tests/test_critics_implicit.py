@@ -14,8 +14,9 @@ from critics.implicit import (
     token_rewards,
 )
 from pipeline.config import ModelConfig
-from pipeline.lm.generation import completion_logprobs, generate, token_logprobs
+from pipeline.lm.generation import generate
 from pipeline.lm.models import load_model
+from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from mcts.options import newline, sentence_end, step_marker, token_cap
 from pipeline.config import ModelConfig
 from pipeline.lm.generation import (
     chat_prompt,
-    completion_logprobs,
     eos_token_ids,
     generate,
     newline_token_ids,
 )
 from pipeline.lm.models import load_model
+from pipeline.lm.teacher_forced import completion_logprobs
 
 QUESTIONS = [
     "What is 2+3?",

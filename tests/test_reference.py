@@ -107,8 +107,8 @@ def test_the_implicit_reward_is_a_leaf_value_part_in_search(debug_overrides, tin
     from critics import ImplicitCritic, implicit_score
     from pipeline.compose import compose_config
     from pipeline.decoding.tree_search import SearchModels, eval_search
-    from pipeline.lm.generation import completion_logprobs, token_logprobs
     from pipeline.lm.models import load_model
+    from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
     from pipeline.tasks.prompt import render_prompts
 
     model, tokenizer = tiny_model

@@ -16,8 +16,8 @@ from critics.implicit import option_rewards
 from pipeline.cli import main
 from pipeline.compose import compose_config
 from pipeline.config import ModelConfig
-from pipeline.lm.generation import completion_logprobs
 from pipeline.lm.models import embedded_gguf, load_model
+from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.loop import run_loop
 from pipeline.report.collect import lock_holder, run_status, search_rows
 from pipeline.report.credit import iteration_credit

@@ -14,8 +14,9 @@ import torch
 
 from pipeline.compose import compose_config
 from pipeline.config import DecodeStrategy
-from pipeline.lm.generation import completion_logprobs, generate
+from pipeline.lm.generation import generate
 from pipeline.lm.models import load_model, resolve_model_path
+from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.stages.eval import evaluate
 from pipeline.tasks import make_task
 from pipeline.tasks.prompt import render_prompts

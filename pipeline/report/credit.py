@@ -23,8 +23,8 @@ from pathlib import Path
 from critics.implicit import completion_tokens, credit_map_html, implicit_reward
 from pipeline.config import ModelConfig, replace_model_name
 from pipeline.errors import QstarError
-from pipeline.lm.generation import completion_logprobs
 from pipeline.lm.models import load_model, resolve_model_path
+from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.run.atomic import write_json, write_text
 from pipeline.run.store import RunStore
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from critics import ImplicitCritic
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
-from pipeline.lm.generation import completion_logprobs, token_logprobs
 from pipeline.lm.models import load_model
+from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
 
 
 def dpo_reference(policy_dir: str) -> tuple[str, float] | None:
