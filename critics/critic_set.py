@@ -92,6 +92,12 @@ class CriticSet:
         logprobs = any(self.features[kind] == FeatureSet.confidence for kind in kinds)
         found = backbone_features(self.model, self.tokenizer, prompts, completions,
                                   self.batch_size, self.max_length, logprobs=logprobs)
+        return self.score_features(found, kinds)
+
+    @torch.no_grad()
+    def score_features(self, found: Features, kinds: Sequence[str] = KINDS) -> dict[str, np.ndarray]:
+        """Scores in [0, 1] per kind from features computed elsewhere (the search's own decoding
+        pass, when the backbone is the policy: pipeline.decoding.tree_search)."""
         return {kind: self.heads[kind].predict(pick(found, self.features[kind])).numpy()
                 for kind in kinds}
 

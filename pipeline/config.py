@@ -85,6 +85,15 @@ class TrainMode(str, Enum):
     grpo = "grpo"
 
 
+class LeafFeatures(str, Enum):
+    """Where the search's critics read a leaf's features."""
+
+    # the search's own decoding pass: its hidden states at the option's and the rollout's last
+    # token and its token log-probs; no extra forward per leaf (needs critics on the policy)
+    generation = "generation"
+    backbone = "backbone"  # a teacher-forced pass of the critics' backbone over each leaf's texts
+
+
 class ClusterKind(str, Enum):
     local = "local"
     ray = "ray"
@@ -226,6 +235,9 @@ class CriticsConfig:
     # so they judge the policy they were fitted to; false: they stay fitted on policy_i
     refit: bool = True
     orm_features: FeatureSet = FeatureSet.confidence  # measured better at best-of-N selection
+    # how search scores leaves: generation (the decoding pass's features; a critic backbone other
+    # than the searching policy falls back to backbone) or backbone (two forwards per leaf)
+    leaf_features: LeafFeatures = LeafFeatures.generation
     weights: CriticWeights = field(default_factory=CriticWeights)  # leaves before critics exist
     trained_weights: CriticWeights = field(  # leaves once critics are trained
         default_factory=lambda: CriticWeights(value=0.3, prm=0.2, orm=0.2, rollout=0.3)

@@ -19,6 +19,8 @@ from pipeline.tasks.prompt import render_prompts
 class FixedCritics:
     """value 0.4 and PRM 0.6 on any state; ORM 0.9 on any steps + rollout. Records its texts."""
 
+    model = None  # no backbone of its own: never the policy, so leaves go through score()
+
     def __init__(self):
         self.calls = []
 

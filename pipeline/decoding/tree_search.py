@@ -24,12 +24,22 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from critics.implicit import implicit_score
 from mcts.options import OptionEnd, is_answer_line
 from mcts.search import SearchParams, search
 from mcts.tree import ROOT_INDEX, Tree
 from mcts.types import EvalRequest, ExpandRequest, LeafEval, Option
-from pipeline.config import CriticWeights, MergeMethod, QstarConfig, SearchAlgorithm, SearchConfig
+from pipeline.config import (
+    CriticWeights,
+    LeafFeatures,
+    MergeMethod,
+    QstarConfig,
+    SearchAlgorithm,
+    SearchConfig,
+)
+from pipeline.decoding.leaf_features import LeafFeatureStore
 from pipeline.lm.embedding import cosine_similarity_fn
 from pipeline.lm.generation import generate
 from pipeline.lm.prefix_cache import PrefixCache
@@ -100,6 +110,8 @@ class LeafScorer:
     rollouts: dict = field(default_factory=dict)  # (tree, node) -> Rollout, kept for the record
     implicit: dict = field(default_factory=dict)  # (tree, steps text) -> the option's implicit reward
     kv: PrefixCache | None = None  # expansions' KV across rounds; built from search.kv_cache_mb
+    features: LeafFeatureStore = field(default_factory=LeafFeatureStore)  # leaf_features=generation
+    leaf_scoring: dict = field(default_factory=lambda: {"generation": 0, "backbone": 0})  # leaves
 
     def __post_init__(self) -> None:
         if self.kv is None:
@@ -110,6 +122,13 @@ class LeafScorer:
         r = self.cfg.search.rollout
         return r.enabled and self.models.rollout_model is None
 
+    @property
+    def generation_features(self) -> bool:
+        """The critics read the decoding pass's features (they share the policy's weights)."""
+        critics = self.models.critics
+        return (critics is not None and critics.model is self.models.policy
+                and self.cfg.critics.leaf_features == LeafFeatures.generation)
+
     def expand(self, requests: list[ExpandRequest]) -> list[list[Option]]:
         s = self.cfg.search
         prompts = [r.prompt + "".join(r.steps) for r in requests for _ in range(r.num_options)]
@@ -119,7 +138,7 @@ class LeafScorer:
                         rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
                         final=is_answer_line,
                         seeds=[option_seed(r.seed, k) for r in requests for k in range(r.num_options)],
-                        prefix_cache=self.kv)
+                        prefix_cache=self.kv, hidden=self.generation_features)
         self._implicit_rewards(requests, prompts, gens)
         options, k = [], 0
         for r in requests:
@@ -141,6 +160,9 @@ class LeafScorer:
 
     def _option(self, request: ExpandRequest, g) -> Option:
         terminal = g.finished or is_answer_line(g.text)
+        if self.generation_features:
+            self.features.record(request.tree_index, "".join(request.steps), g, g.text, terminal,
+                                 rolled_out=self.fused)
         if self.fused and not terminal:
             prefix = "".join(request.steps) + g.text
             lps = g.rollout_logprobs or []
@@ -153,7 +175,7 @@ class LeafScorer:
         prompts = [r.prompt for r in requests]
         states = ["".join(r.steps) for r in requests]
         full = [state + ro.text for state, ro in zip(states, rollouts)]
-        scores = self._critic_scores(prompts, states, full)
+        scores = self._critic_scores(requests, rollouts, prompts, states, full)
         results = []
         for i, (r, ro) in enumerate(zip(requests, rollouts)):
             self.rollouts[(r.tree_index, r.node_id)] = ro
@@ -191,19 +213,44 @@ class LeafScorer:
         model = self.models.rollout_model or self.models.policy
         tokenizer = self.models.rollout_tokenizer or self.models.tokenizer
         prompts = [r.prompt + "".join(r.steps) for r in requests]
+        hidden = self.generation_features and self.models.rollout_model is None
         gens = generate(model, tokenizer, prompts, max_new_tokens=self.cfg.search.rollout.max_new_tokens,
-                        batch_size=self.generation_batch)
+                        batch_size=self.generation_batch, hidden=hidden)
+        for r, g in zip(requests, gens if hidden else []):
+            self.features.record_rollout(r.tree_index, "".join(r.steps), g)
         return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished)
                 for g in gens]
 
-    def _critic_scores(self, prompts: list[str], states: list[str], full: list[str]) -> dict:
-        """Value and PRM on each leaf's steps; the ORM on its steps plus its rollout."""
+    def _critic_scores(self, requests: list[EvalRequest], rollouts: list[Rollout],
+                       prompts: list[str], states: list[str], full: list[str]) -> dict:
+        """Value and PRM on each leaf's steps; the ORM on its steps plus its rollout: from the
+        decoding pass's features where it left them, else from a backbone pass."""
         critics = self.models.critics
         if critics is None:
             return {}
-        state = critics.score(prompts, states, kinds=("value", "prm"))
-        outcome = critics.score(prompts, full, kinds=("orm",))
-        return {"value": state["value"], "prm": state["prm"], "orm": outcome["orm"]}
+        scores = {kind: np.zeros(len(requests)) for kind in ("value", "prm", "orm")}
+        leaves = [self.features.take(r.tree_index, state, ro.tokens) if self.generation_features
+                  else None for r, state, ro in zip(requests, states, rollouts)]
+        own = [i for i, leaf in enumerate(leaves) if leaf is not None]
+        rest = [i for i, leaf in enumerate(leaves) if leaf is None]
+        if own:
+            state, whole = self.features.features([requests[i].tree_index for i in own],
+                                                  [leaves[i] for i in own])
+            found = critics.score_features(state, ("value", "prm")) | critics.score_features(
+                whole, ("orm",))
+            for kind, values in found.items():
+                scores[kind][own] = values
+        if rest:
+            def pick(texts: list[str]) -> list[str]:
+                return [texts[i] for i in rest]
+
+            found = critics.score(pick(prompts), pick(states), kinds=("value", "prm")) | critics.score(
+                pick(prompts), pick(full), kinds=("orm",))
+            for kind, values in found.items():
+                scores[kind][rest] = values
+        self.leaf_scoring["generation"] += len(own)
+        self.leaf_scoring["backbone"] += len(rest)
+        return scores
 
 
 

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from mcts.options import word_starts
-from pipeline.lm.prefix_cache import PrefixCache, prefill, retire
+from pipeline.lm.prefix_cache import PrefixCache, forward_last, prefill, retire
 from pipeline.run.progress import progress_bar
 
 
@@ -46,6 +46,12 @@ class Generation:
     rollout: str = ""
     rollout_logprobs: list[float] | None = None
     rollout_finished: bool = False
+    # With hidden=True: the final hidden state at the prompt's last token, at the option's last
+    # text token and at the row's last text token (the rollout's, or the option's when it has
+    # none). A final EOS is no text: the state before it is the prompt + text's last.
+    prompt_hidden: torch.Tensor | None = None
+    option_hidden: torch.Tensor | None = None
+    end_hidden: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +111,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              rollout_tokens: int = 0, final=None, batch_size: int = 32,
              seed: int | None = None, seeds: Sequence[int] | None = None,
              progress: str | None = None,
-             prefix_cache: PrefixCache | None = None) -> list[Generation]:
+             prefix_cache: PrefixCache | None = None, hidden: bool = False) -> list[Generation]:
     """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
 
     Randomness: `seeds` (one per prompt) gives each row its own generator, so a row's sample
@@ -115,6 +121,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     on greedily, up to that many tokens, as the fast rollout of the new node (unless
     `final(option_text)` is true: an answer line needs no rollout). With `prefix_cache`, prompts
     reuse the KV of earlier rows' token prefixes, and each finished row's KV is kept there.
+
+    `hidden`: each Generation also carries the final hidden states the decoding computed at the
+    prompt's, the option's and the row's last token (the critics' features without a second
+    pass); a row that stops runs its last token through the model once more for it.
     """
     if rollout_tokens and stop is None:
         raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
@@ -133,7 +143,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
         elif seed is not None:
             torch.manual_seed(seed + b)
         for i, row in zip(rows, _decode_batch(model, tokenizer, [prompts[i] for i in rows], rule,
-                                              temperature, top_p, generators, prefix_cache)):
+                                              temperature, top_p, generators, prefix_cache,
+                                              hidden)):
             results[i] = row
     return results
 
@@ -160,6 +171,13 @@ class _Row:
     text: str = ""  # text rules only: the decoded option so far, extended token by token
     prefix_at: int = 0  # incremental decoding window: tokens[prefix_at:read_at] are context
     read_at: int = 0
+    prompt_hidden: torch.Tensor | None = None  # hidden=True only: see Generation
+    option_hidden: torch.Tensor | None = None
+    end_hidden: torch.Tensor | None = None
+
+    @property
+    def option_len(self) -> int:
+        return self.boundary + 1 if self.boundary >= 0 else len(self.tokens)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -181,19 +199,25 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature: float,
                   top_p: float, generators: list | None = None,
-                  store: PrefixCache | None = None) -> list[Generation]:
+                  store: PrefixCache | None = None, hidden: bool = False) -> list[Generation]:
     """KV-cached decoding that drops each row from the batch (and the cache) once it stops,
     so a batch costs the sum of its rows' lengths, not batch size x the longest row.
     One prefill per distinct prompt (and, with a usable `store`, only past its cached prefix);
     one host sync per step (the chosen tokens and their stop flags).
-    `generators` (one per row): each live row draws its uniform from its own generator."""
-    start = prefill(model, tokenizer, prompts, store)
+    `generators` (one per row): each live row draws its uniform from its own generator.
+    `hidden`: the step's forward runs before the stopped rows leave, so it sees their last token."""
+    start = prefill(model, tokenizer, prompts, store, hidden)
     cache, mask, logits = start.cache, start.mask, start.logits
     keep_kv = store if store is not None and store.usable(model) else None
     rows = [_Row([], []) for _ in prompts]
     live = list(range(len(prompts)))  # original index of each row still in the batch
     steps = rule.option_cap + rule.rollout_tokens
     logprobs = torch.zeros((len(prompts), steps), device=logits.device)  # read once, at the end
+    for row, h in zip(rows, start.hidden.cpu() if hidden else []):
+        row.prompt_hidden = h
+    # hidden=True: the hidden state at each row's k-th new token, written at step k (a row adds
+    # one token per step while it is live); read once, at the end, like the log-probs
+    hiddens = start.hidden.new_zeros((len(prompts), steps, start.hidden.shape[-1])) if hidden else None
     never = torch.zeros((), dtype=torch.bool, device=logits.device)
     for step in range(steps):
         uniform = _uniforms(len(prompts), live, generators)
@@ -210,6 +234,8 @@ def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature
             rows[r].tokens.append(token)
             if not _row_ends(rows[r], rule, bool(eos), bool(nl)):
                 keep.append(j)
+        if hidden:  # every row feeds its token: the stopped ones for their last hidden state
+            mask, logits, hiddens[live_index, step] = _step(model, cache, mask, chosen, True)
         if len(keep) < len(live) and keep_kv is not None:
             for j in sorted(set(range(len(live))) - set(keep)):
                 retire(keep_kv, cache, j, mask[j], start.prompt_ids[live[j]], rows[live[j]].tokens)
@@ -218,18 +244,42 @@ def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature
         if len(keep) < len(live):
             index = torch.tensor(keep, device=logits.device)
             cache.batch_select_indices(index)
-            mask, chosen = mask[index], chosen[index]
+            mask, chosen, logits = mask[index], chosen[index], logits[index]
             live = [live[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        if not hidden:
+            mask, logits, _ = _step(model, cache, mask, chosen, False)
     else:
         for j, r in enumerate(live if keep_kv is not None else []):
             retire(keep_kv, cache, j, mask[j], start.prompt_ids[r], rows[r].tokens)
     for row, lps in zip(rows, logprobs.tolist()):
         row.logprobs = lps[:len(row.tokens)]
+    if hidden:
+        _read_hidden(rows, hiddens)
     return [_row_result(tokenizer, row, rule.stop) for row in rows]
+
+
+def _step(model, cache, mask: torch.Tensor, chosen: torch.Tensor, hidden: bool):
+    """Run the chosen tokens through the model: the extended mask, the next logits and, with
+    `hidden`, the hidden state at each chosen token."""
+    mask = torch.cat([mask, mask.new_ones((len(chosen), 1))], dim=1)
+    positions = mask.sum(-1, keepdim=True) - 1
+    logits, last = forward_last(model, hidden, input_ids=chosen[:, None], attention_mask=mask,
+                                position_ids=positions, past_key_values=cache)
+    return mask, logits, last
+
+
+def _read_hidden(rows: list[_Row], hiddens: torch.Tensor) -> None:
+    """Each row's hidden state at its option's and its own last text token (not a final EOS;
+    where no text token precedes it, the prompt's last token)."""
+    def last_text(length: int, row: _Row) -> int:
+        return length - 1 - (row.eos and length == len(row.tokens))
+
+    at = [[last_text(row.option_len, row), last_text(len(row.tokens), row)] for row in rows]
+    index = torch.tensor(at, device=hiddens.device).clamp(min=0)
+    picked = hiddens[torch.arange(len(rows), device=hiddens.device)[:, None], index].float().cpu()
+    for row, (option, end), (o, e) in zip(rows, picked, at):
+        row.option_hidden = option if o >= 0 else row.prompt_hidden
+        row.end_hidden = end if e >= 0 else row.prompt_hidden
 
 
 def _uniforms(num_rows: int, live: list[int], generators: list | None) -> torch.Tensor:
@@ -292,7 +342,7 @@ def _text(rule: _Rule, row: _Row, length: int | None = None) -> str:
 
 
 def _row_result(tokenizer, row: _Row, stop: StopRule | None) -> Generation:
-    option_len = row.boundary + 1 if row.boundary >= 0 else len(row.tokens)
+    option_len = row.option_len
     option_ids, rollout_ids = row.tokens[:option_len], row.tokens[option_len:]
     option = tokenizer.decode(option_ids, skip_special_tokens=True)
     if stop is not None and row.boundary >= 0:
@@ -303,6 +353,7 @@ def _row_result(tokenizer, row: _Row, stop: StopRule | None) -> Generation:
         finished=row.eos and not rollout_ids, stopped=row.boundary >= 0,
         rollout=full[len(option):] if row.boundary >= 0 else "",
         rollout_logprobs=row.logprobs[option_len:], rollout_finished=row.eos and bool(rollout_ids),
+        prompt_hidden=row.prompt_hidden, option_hidden=row.option_hidden, end_hidden=row.end_hidden,
     )
 
 
@@ -325,56 +376,3 @@ def plain_generate_tokens(model, tokenizer, prompts: Sequence[str], *, max_new_t
             hits = torch.nonzero(torch.isin(row, eos)).flatten()
             total += int(hits[0]) + 1 if len(hits) else len(row)
     return total
-
-
-@torch.no_grad()
-def completion_logprobs(model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                        batch_size: int = 16) -> list[list[float]]:
-    """Teacher-forced per-token log-probs of each completion after its prompt.
-
-    Used by the implicit DPO reward (log pi - log pi_ref) and by beam scoring.
-    """
-    results: list[list[float]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk_p = prompts[start:start + batch_size]
-        chunk_c = completions[start:start + batch_size]
-        p_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in chunk_p]
-        c_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in chunk_c]
-        seqs = [p + c for p, c in zip(p_ids, c_ids)]
-        width = max(len(s) for s in seqs)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        logits = model(input_ids=input_ids.to(model.device),
-                       attention_mask=mask.to(model.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        token_logp = logp.gather(2, input_ids[:, 1:, None].to(model.device)).squeeze(2).cpu()
-        for row, c in enumerate(c_ids):
-            results.append(token_logp[row, width - 1 - len(c):].tolist() if c else [])
-    return results
-
-
-@torch.no_grad()
-def token_logprobs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence[Sequence[int]],
-                   batch_size: int = 16) -> list[list[float]]:
-    """Teacher-forced log-probs of given token ids after each (text) prompt: the exact tokens a
-    `generate` call produced (its `Generation.token_ids`), not a re-tokenization of their text,
-    which can differ at BPE boundaries (a generated "\\n" "\\n" re-tokenizes as one "\\n\\n").
-    One padded forward per batch; position ids count real tokens, as in generation."""
-    results: list[list[float]] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(zip(prompts[start:start + batch_size], token_ids[start:start + batch_size],
-                         strict=True))
-        seqs = [tokenizer(p, add_special_tokens=False).input_ids + list(ids) for p, ids in chunk]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                       position_ids=positions.to(model.device)).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(2, input_ids[:, 1:, None].to(model.device)).squeeze(2).cpu()
-        for row, (_, ids) in enumerate(chunk):
-            results.append(picked[row, width - 1 - len(ids):].tolist() if len(ids) else [])
-    return results

@@ -191,9 +191,22 @@ class Prefilled:
     mask: torch.Tensor  # (rows, cached + new): 1 on real tokens (padding may sit in the middle)
     logits: torch.Tensor  # (rows, vocab), float32: the next-token logits
     prompt_ids: list[list[int]]  # each row's prompt tokens
+    hidden: torch.Tensor | None = None  # (rows, hidden_size) at the prompt's last token, if asked
 
 
-def prefill(model, tokenizer, prompts: Sequence[str], store: PrefixCache | None) -> Prefilled:
+def forward_last(model, want_hidden: bool, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next-token logits (float32) at each row's last position and, if asked, the final
+    hidden state there (the decoder's output after its final norm, what the critics' heads read).
+    With the hidden state the decoder and the output embedding run apart, which is what a causal
+    LM's forward does (models that scale or cap their logits need critics.leaf_features=backbone)."""
+    if not want_hidden:
+        return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float(), None
+    last = model.base_model(**inputs, use_cache=True).last_hidden_state[:, -1, :]
+    return model.get_output_embeddings()(last).float(), last.float()
+
+
+def prefill(model, tokenizer, prompts: Sequence[str], store: PrefixCache | None,
+            hidden: bool = False) -> Prefilled:
     """One forward pass over the distinct prompts' uncached tokens; rows share their prompt's KV.
 
     Layout per distinct prompt u with m_u cached tokens and s_u to run: the cached part is
@@ -219,14 +232,15 @@ def prefill(model, tokenizer, prompts: Sequence[str], store: PrefixCache | None)
     positions = offsets + (new_mask.cumsum(-1) - 1).clamp(min=0)
     cache = _cache_with_past(model, found, past_len)
     mask = torch.cat([past_mask, new_mask], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+    logits, last = forward_last(model, hidden, input_ids=input_ids, attention_mask=mask,
+                                position_ids=positions, past_key_values=cache)
     if len(seqs) < len(rows):
         select = torch.tensor(rows, device=device)
         cache.batch_select_indices(select)
         mask, logits = mask[select], logits[select]
+        last = last[select] if last is not None else None
     _count(store, ids, seqs, found)
-    return Prefilled(cache, mask, logits, [list(x) for x in ids])
+    return Prefilled(cache, mask, logits, [list(x) for x in ids], last)
 
 
 def _cache_with_past(model, found: list, past_len: int) -> DynamicCache:

@@ -82,7 +82,7 @@ class SearchWorker:
         desc = f"iter {job.iteration} shard {job.shard}" if self.cfg.progress else None
         trees, scorer = train_search(problems, job.task, prompts, self.cfg, models, desc=desc)
         return {"rows": shard_rows(trees, scorer, problems, job.iteration),
-                "kv": scorer.kv.stats.as_dict()}
+                "kv": scorer.kv.stats.as_dict(), "leaf_scoring": dict(scorer.leaf_scoring)}
 
 
 def shard_path(out: Path, shard: int) -> Path:
@@ -119,11 +119,13 @@ def run(loop: Loop, i: int) -> dict:
     reference = dpo_reference(loop.policy(i))  # the implicit reward's pi_ref, when it has one
     files = loop.run_files([policy, *critic_rels, loop.store.relative(reference[0]) if reference else None])
     start = time.perf_counter()
-    kv_stats = []
+    kv_stats, scored = [], {}
 
     def write_shard(job, result):
         write_jsonl(shard_path(out, job.shard), result["rows"])
         kv_stats.append(result["kv"])
+        for source, leaves in result["leaf_scoring"].items():
+            scored[source] = scored.get(source, 0) + leaves
 
     for _ in range(loop.cfg.cluster.max_restarts + 1):
         todo = missing_shards(shards, out)
@@ -139,6 +141,8 @@ def run(loop: Loop, i: int) -> dict:
     summary = summarize_search(load_shards(out), time.perf_counter() - start)
     summary["shards"] = len(shards)
     summary["tokens_per_s"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 1)
+    if any(scored.values()):  # critics scored leaves: from generation or a backbone pass
+        summary["critic_leaves"] = scored
     return summary | kv_summary(kv_stats)
 
 
