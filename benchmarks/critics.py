@@ -4,21 +4,23 @@ on the same test samples, and what scoring with trained critics costs the search
     python benchmarks/critics.py [--iterations 3] [--runs runs/bench-critics]
     python benchmarks/critics.py --smoke model=<tiny checkpoint>   # the plumbing, in a minute
 
-1. One `qstar run experiment=demo_cpu eval.decodes=[greedy,best_of_n] decode.n=8` (resumed
-   if it exists). Per iteration, the critics its trained policy was evaluated with (the refit
-   stage's, fitted on that policy; the critics stage's where no refit ran) report the
-   within-problem AUC of value, PRM, ORM and the policy's DPO implicit reward on their
-   held-out completions: right against wrong completions of one problem, averaged over
-   problems with both.
-2. Its eval stage draws 8 samples per test problem from each trained policy and grades every
-   selection on the same samples: majority vote, ORM argmax, ORM-weighted vote and the summed
-   implicit reward (against the policy's DPO reference, recorded in its meta.json).
-3. search_tok_s_ratio_with_critics: the final policy searches the training problems twice in
-   this process, once scored by its trained critics and once without any: same policy, same
-   problems, same search settings; tokens/s with critics divided by tokens/s without.
+1. One `qstar run experiment=demo_cpu` (resumed if it exists). Per iteration, the critics its
+   trained policy was evaluated with (the refit stage's, fitted on that policy; the critics
+   stage's where no refit ran) report the within-problem AUC of value, PRM, ORM and the
+   policy's DPO implicit reward on their held-out completions: right against wrong completions
+   of one problem, averaged over problems with both.
+2. Each trained policy draws --n samples per test problem (`qstar eval eval.split=test
+   decode=best_of_n` with those critics) and every selection is graded on the same samples:
+   majority vote, ORM argmax, ORM-weighted vote and the summed implicit reward (against the
+   policy's DPO reference, recorded in its meta.json).
+3. search_tok_s_ratio_with_critics: the final policy searches the training problems three
+   times in this process: without critics, with its trained critics reading a backbone pass
+   per leaf (critics.leaf_features=backbone), and with them reading the search's own decoding
+   pass (generation, the default); same policy, problems and settings. The ratio is tokens/s
+   with critics (generation) over tokens/s without; the backbone ratio is reported beside it.
 Each finished part is kept beside the run, so a killed benchmark resumes where it stopped.
-`--runs runs/bench/mcts_dpo` reuses the loop benchmark's run (benchmarks/loop.py: the same
-demo loop, 3 iterations, best-of-8 among its decodes): only part 3 is then new work.
+`--runs DIR --iterations K` reuses any MCTS-loop run with K finished iterations (e.g.
+runs/matched_budget/mcts); `--search-problems N` limits part 3 to the first N problems.
 Writes benchmarks/results/critics.json (--smoke: the run directory's critics.json).
 """
 
@@ -30,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +48,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 QSTAR = str(Path(sys.executable).parent / "qstar")
 CRITICS = ("value", "prm", "orm", "implicit")
 SELECTIONS = ("majority", "orm", "orm_vote", "implicit")
-FULL = ["experiment=demo_cpu", "eval.decodes=[greedy,best_of_n]", "decode.n=8"]
-SMOKE = ["debug=default", "eval.decodes=[best_of_n]"]
+HALVES = (("without_critics", False, "generation"),  # (name, with critics, critics.leaf_features)
+          ("with_critics_backbone", True, "backbone"),
+          ("with_critics", True, "generation"))
+FULL = ["experiment=demo_cpu"]
+SMOKE = ["debug=default"]
 
 
 def run_loop(run_dir: Path, iterations: int, overrides: list[str]) -> RunStore:
@@ -74,23 +80,39 @@ def within_problem(store: RunStore, iterations: int) -> dict[str, list]:
     return found
 
 
-def selection(store: RunStore, iterations: int, n: int) -> list[dict]:
-    """Per trained policy: best-of-N test accuracy by each selection, on the same samples."""
+def selection(store: RunStore, cfg, iterations: int, n: int, out: Path) -> list[dict]:
+    """Per trained policy: best-of-N accuracy on the test split by each selection, on the same
+    samples, with the critics it was evaluated with (`qstar eval eval.split=test`, once; the
+    JSON in `out` is the cache)."""
+    from pipeline.config import DecodeStrategy, Split
+    from pipeline.lm.models import resolve_model_path
+    from pipeline.stages.eval import run_eval
+
     rows = []
-    for i in range(iterations):
-        decodes = (store.metrics(i, "eval") or {}).get("decodes", {})
-        best = decodes.get("best_of_n")
-        if best is None:
-            continue
+    base = resolve_model_path(cfg.model)
+    for i in range(1, iterations + 1):
+        critics = store.critics_dir(i)
+        output = out / f"p{i}_best_of_{n}_test.json"
+        if not output.is_file():  # the run's own config, pointed at policy i and the test split
+            print("eval ->", output, flush=True)
+            run_eval(replace(
+                cfg, progress=False, model=replace(cfg.model, name=store.policy_dir(i, base)),
+                decode=replace(cfg.decode, strategy=DecodeStrategy.best_of_n, n=n),
+                eval=replace(cfg.eval, split=Split.test, output=str(output),
+                             critics=str(critics) if critics else None)))
+        best = json.loads(output.read_text())["summary"]
         by_select = best.get("accuracy_by_select", {})
-        rows.append({"policy": i + 1, "n": n, "problems": best["total"],
+        rows.append({"policy": i, "n": n, "problems": best["total"], "split": best["split"],
+                     "critics": str(critics) if critics else None, "pass_at_n": best.get("pass_at_n"),
                      **{name: by_select.get(name) for name in SELECTIONS}})
     return rows
 
 
-def search_speed(store: RunStore, cfg, iterations: int, part: Path) -> dict:
-    """Tokens/s of the final policy's search over the training problems, with and without its
-    trained critics (each half kept in `part` as it finishes)."""
+def search_speed(store: RunStore, cfg, iterations: int, part: Path, problems: int | None) -> dict:
+    """Tokens/s of the final policy's search over the training problems: without critics, with
+    its trained critics reading a backbone pass per leaf (critics.leaf_features=backbone), and
+    with them reading the search's own decoding pass (generation, the default); each kept in
+    `part` as it finishes."""
     from pipeline.decoding.tree_search import SearchModels, train_search
     from pipeline.lm.models import load_model, resolve_model_path
     from pipeline.stages.critics import load_critics
@@ -104,33 +126,44 @@ def search_speed(store: RunStore, cfg, iterations: int, part: Path) -> dict:
         return {"skipped": "the run trained no critics for its final policy"}
     model, tokenizer = load_model(cfg.model, policy)
     task = make_task(cfg.task)
-    problems = task.split("train")
-    prompts = task_prompts(tokenizer, task, problems)
+    train = task.split("train")[:problems]
+    prompts = task_prompts(tokenizer, task, train)
     critics = load_critics(critics_dir, policy, model, tokenizer, cfg)
-    for name, scoring in (("without_critics", None), ("with_critics", critics)):
+    for name, scoring, features in HALVES:
         if name in done:
             continue
+        run_cfg = replace(cfg, critics=replace(cfg.critics, leaf_features=features))
         start = time.perf_counter()
-        trees, _ = train_search(problems, task, prompts, cfg, SearchModels(model, tokenizer, scoring))
+        trees, scorer = train_search(train, task, prompts, run_cfg,
+                                     SearchModels(model, tokenizer, critics if scoring else None))
         seconds = time.perf_counter() - start
         tokens = sum(t.stats.total_tokens for t in trees)
         done[name] = {"tokens": tokens, "seconds": round(seconds, 2),
-                      "tokens_per_s": round(tokens / seconds, 2)}
+                      "tokens_per_s": round(tokens / seconds, 2),
+                      "leaves_scored": dict(scorer.leaf_scoring)}
         write_json(part, done)
-    return {"policy": policy, "critics": str(critics_dir), "problems": len(problems), **done,
+    speed = {name: done[name]["tokens_per_s"] for name, _, _ in HALVES}
+    return {"policy": policy, "critics": str(critics_dir), "problems": len(train), **done,
             "search_tok_s_ratio_with_critics": round(
-                done["with_critics"]["tokens_per_s"] / done["without_critics"]["tokens_per_s"], 3)}
+                speed["with_critics"] / speed["without_critics"], 3),
+            "search_tok_s_ratio_with_critics_backbone": round(
+                speed["with_critics_backbone"] / speed["without_critics"], 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--n", type=int, default=8, help="best-of-N samples per test problem")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-critics")
     parser.add_argument("--smoke", action="store_true",
                         help="1 iteration of the debug config (pass model=<checkpoint>)")
+    parser.add_argument("--search-problems", type=int, default=None, metavar="N",
+                        help="part 3 searches the first N training problems (default: all)")
     parser.add_argument("overrides", nargs="*", help="extra qstar config overrides")
     args = parser.parse_args(argv)
     iterations = 1 if args.smoke else args.iterations
+    if args.smoke:
+        args.n = 2
     overrides = [*(SMOKE if args.smoke else FULL), *args.overrides]
     store = run_loop(args.runs, iterations, overrides)
     cfg = load_run_config(args.runs, [])  # what the run ran with (a resumed run: its own config)
@@ -138,8 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "critics", "smoke": args.smoke, "run": str(args.runs),
         "iterations": iterations, "overrides": overrides,
         "within_problem_auc": within_problem(store, iterations),
-        "best_of_n_on_test": selection(store, iterations, cfg.decode.n),
-        "search": search_speed(store, cfg, iterations, args.runs / "bench_search_speed.json"),
+        "best_of_n_on_test": selection(store, cfg, iterations, args.n,
+                                       args.runs / "bench_test_evals"),
+        "search": search_speed(store, cfg, iterations, args.runs / "bench_search_speed.json",
+                               args.search_problems),
     }
     result["search_tok_s_ratio_with_critics"] = result["search"].get("search_tok_s_ratio_with_critics")
     out = args.runs / "critics.json" if args.smoke else RESULTS / "critics.json"

@@ -31,13 +31,22 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     # which has no DPO reference
     assert result["within_problem_auc"]["implicit"] == [None]
     [row] = result["best_of_n_on_test"]
-    assert row["policy"] == 1 and row["n"] == 2 and row["problems"] == 4
+    assert row["policy"] == 1 and row["n"] == 2 and row["problems"] == 4 and row["split"] == "test"
     assert row["majority"] is not None and row["orm"] is not None and row["orm_vote"] is not None
+    graded = json.loads((runs / "bench_test_evals" / "p1_best_of_2_test.json").read_text())
+    assert graded["summary"]["accuracy_by_select"]["orm"] == row["orm"]
     search = result["search"]
-    with_, without = search["with_critics"], search["without_critics"]
-    assert with_["tokens"] > 0 and without["tokens"] > 0
+    with_, backbone, without = (search["with_critics"], search["with_critics_backbone"],
+                                search["without_critics"])
+    assert with_["tokens"] > 0 and without["tokens"] > 0 and backbone["tokens"] > 0
     assert result["search_tok_s_ratio_with_critics"] == pytest.approx(
         with_["tokens_per_s"] / without["tokens_per_s"], abs=1e-3)
+    assert search["search_tok_s_ratio_with_critics_backbone"] == pytest.approx(
+        backbone["tokens_per_s"] / without["tokens_per_s"], abs=1e-3)
+    # which pass scored the leaves: none without critics, each mode its own with them
+    assert without["leaves_scored"] == {"generation": 0, "backbone": 0}
+    assert backbone["leaves_scored"]["generation"] == 0 < backbone["leaves_scored"]["backbone"]
+    assert with_["leaves_scored"]["backbone"] == 0 < with_["leaves_scored"]["generation"]
 
     # a rerun resumes: the run is complete and both search halves are kept
     def no_search(*a, **k):
