@@ -97,6 +97,15 @@ def test_search_and_eval_share_the_policy_with_the_refit_heads(two_iterations):
         ["backbone"] * 4
 
 
+def test_qstar_run_search_scores_leaves_from_its_own_decoding_pass(two_iterations):
+    """critics.leaf_features=generation on the real path: iteration 1's search, with the refit
+    critics on policy_1, scores every leaf from generation; iteration 0 had no critics."""
+    store = RunStore(two_iterations[0])
+    assert "critic_leaves" not in store.metrics(0, "search")
+    scored = store.metrics(1, "search")["critic_leaves"]
+    assert scored["generation"] > 0 and scored["backbone"] == 0
+
+
 def test_refit_heads_differ_from_the_critics_stage_heads(two_iterations):
     run, _ = two_iterations
     for kind in KINDS:
