@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="part 3 searches the first N training problems (default: all)")
     parser.add_argument("overrides", nargs="*", help="extra qstar config overrides")
     args = parser.parse_args(argv)
+    for flag, value in (("--n", args.n), ("--search-problems", args.search_problems),
+                        ("--iterations", args.iterations)):
+        if value is not None and value < 1:  # one line from argparse, exit code 2
+            parser.error(f"{flag} {value}: must be >= 1")
     iterations = 1 if args.smoke else args.iterations
     if args.smoke:
         args.n = 2

@@ -57,3 +57,11 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     monkeypatch.setattr(ts, "train_search", no_search)
     again = bench.main(args)
     assert again["search"] == search
+
+
+@pytest.mark.parametrize("flag", ["--n", "--search-problems", "--iterations"])
+def test_a_count_below_one_is_one_line_before_any_run(bench, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--runs", str(tmp_path / "runs"), flag, "0"])
+    assert exit_.value.code == 2 and f"{flag} 0: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
