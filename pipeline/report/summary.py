@@ -20,7 +20,8 @@ def policy_rows(store: RunStore) -> list[dict]:
     rows = []
     base = store.metrics(0, BASELINE)
     if base is not None:
-        rows.append({"policy": 0, "accuracy": _accuracies(base), "minutes": _minutes(store, 0, [BASELINE])})
+        rows.append({"policy": 0, "accuracy": _accuracies(base), "minutes": _minutes(store, 0, [BASELINE]),
+                     "peak_rss_mb": _peak_rss_mb(store, 0, [BASELINE])})
     k = 0
     while store.done(k, "eval"):
         data, train = store.metrics(k, "data"), store.metrics(k, "train")
@@ -43,6 +44,7 @@ def policy_rows(store: RunStore) -> list[dict]:
             # generated tokens: the search's, or GRPO's sampling inside its train stage
             "tokens": _value(search, "tokens") if search else _value(train, "tokens"),
             "minutes": _minutes(store, k, ITERATION_STAGES),
+            "peak_rss_mb": _peak_rss_mb(store, k, ITERATION_STAGES),
         })
         k += 1
     return rows
@@ -68,6 +70,14 @@ def _reference_kind(train: dict | None) -> str | None:
 def _accuracies(metrics: dict | None) -> dict:
     decodes = _value(metrics, "decodes") or {}
     return {name: d["accuracy"] for name, d in decodes.items()}
+
+
+def _peak_rss_mb(store: RunStore, iteration: int, stages: list[str]) -> float | None:
+    """The largest driver peak among the stages (None for runs recorded before it was)."""
+    entries = store.manifest["stages"]
+    peaks = [entries[key].get("peak_rss_mb") for key in (store.key(iteration, s) for s in stages)
+             if key in entries]
+    return max((p for p in peaks if p is not None), default=None)
 
 
 def _minutes(store: RunStore, iteration: int, stages: list[str]) -> float:

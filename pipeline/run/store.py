@@ -55,11 +55,13 @@ class RunStore:
         entry = self.manifest["stages"].get(self.key(iteration, stage))
         return entry["metrics"] if entry else None
 
-    def complete(self, iteration: int, stage: str, metrics: dict, seconds: float) -> None:
-        """Record a finished stage; call only after its artifacts are on disk."""
+    def complete(self, iteration: int, stage: str, metrics: dict, seconds: float,
+                 peak_rss_mb: float | None = None) -> None:
+        """Record a finished stage; call only after its artifacts are on disk. peak_rss_mb: the
+        driver process's peak resident memory during the stage (pipeline.run.memory)."""
         self.manifest["stages"][self.key(iteration, stage)] = {
             "iteration": iteration, "stage": stage, "seconds": round(seconds, 2),
-            "finished": time.time(), "metrics": metrics,
+            "peak_rss_mb": peak_rss_mb, "finished": time.time(), "metrics": metrics,
         }
         write_json(self.manifest_path, self.manifest)
         self._write_metrics_jsonl()

@@ -1,0 +1,58 @@
+"""Per-stage peak memory: the high-water mark resets at each stage, and the manifest records it."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.loop import run_stage
+from pipeline.report.inspect import iteration_rows
+from pipeline.report.summary import policy_rows
+from pipeline.run.memory import peak_rss_mb, reset_peak_rss
+from pipeline.run.store import RunStore
+
+MB = 1024 * 1024
+
+
+def _allocate(mb: int) -> bytes:
+    return b"\x01" * (mb * MB)  # written, so resident (a zeroed buffer may not be)
+
+
+def test_the_peak_counts_an_allocation_and_the_reset_forgets_it():
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not allow resetting the high-water mark")
+    before = peak_rss_mb()
+    block = _allocate(200)
+    assert peak_rss_mb() >= before + 190
+    del block
+    reset_peak_rss()
+    assert peak_rss_mb() < before + 100
+
+
+def test_run_stage_records_each_stages_own_peak(tmp_path):
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not allow resetting the high-water mark")
+    store = RunStore(tmp_path / "run")
+    logged = []
+    loop = SimpleNamespace(store=store, tracker=SimpleNamespace(log=lambda *a: logged.append(a)))
+    baseline = {"decodes": {"greedy": {"accuracy": 0.5}}}
+
+    def big_stage(loop, i):
+        block = _allocate(300)
+        return {**baseline, "size": len(block)}
+
+    run_stage(loop, 0, "baseline", big_stage)
+    run_stage(loop, 0, "search", lambda loop, i: {"tokens": 1})
+    stages = store.manifest["stages"]
+    big, small = stages["iter_000/baseline"]["peak_rss_mb"], stages["iter_000/search"]["peak_rss_mb"]
+    assert big >= small + 250, (big, small)
+    assert policy_rows(store)[0]["peak_rss_mb"] == big
+    header, row = iteration_rows(store)
+    assert header[-1] == "peak_gb" and row[-1] == format(big / 1024, ".1f")
+
+
+def test_runs_recorded_before_the_peak_existed_show_a_dash(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.complete(0, "baseline", {"decodes": {"greedy": {"accuracy": 0.5}}}, 1.0)
+    del store.manifest["stages"]["iter_000/baseline"]["peak_rss_mb"]  # as an old manifest
+    assert policy_rows(store)[0]["peak_rss_mb"] is None
+    assert iteration_rows(store)[1][-1] == "-"
