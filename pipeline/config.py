@@ -286,6 +286,9 @@ class TrainConfig:
     epochs: float = 2.0  # passes over the rows per phase
     batch_size: int = 4  # rows per device step
     gradient_accumulation_steps: int = 1  # device steps per optimizer step
+    # recompute each layer's activations in the backward pass instead of holding them: less
+    # memory for about a third more compute (TRL's default; the demo's 4 GB needs it on a CPU)
+    activation_checkpointing: bool = True
     max_length: int = 384  # tokens of prompt + completion; rows whose prompt alone is longer drop
     lora: bool = False  # train a LoRA adapter (peft) and merge it, instead of every weight
     # DPO's reference model pi_ref, recorded in the new policy's meta.json (the implicit reward's

@@ -126,11 +126,13 @@ def test_debug_group_shrinks_sizes():
     full, debug = compose_config([]), compose_config(["debug=default"])
     for path in ("task.num_train", "task.num_test", "decode.max_new_tokens", "decode.n",
                  "search.simulations", "search.max_option_tokens", "search.trees_per_batch",
-                 "search.rollout.max_new_tokens", "train.batch_size", "critics.batch_size"):
+                 "search.rollout.max_new_tokens", "critics.batch_size"):
         a, b = full, debug
         for part in path.split("."):
             a, b = getattr(a, part), getattr(b, part)
         assert b < a, path
+    rows_per_step = [c.train.batch_size * c.train.gradient_accumulation_steps for c in (full, debug)]
+    assert rows_per_step[1] < rows_per_step[0], rows_per_step
     assert debug.iterations <= full.iterations and debug.progress is False
     # debug keeps shrinking when another group is chosen too
     assert compose_config(["decode=best_of_n", "debug=default"]).decode.n == debug.decode.n

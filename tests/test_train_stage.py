@@ -207,3 +207,24 @@ def test_lora_without_peft_says_how_to_install(tiny_model_dir, tmp_path):
     with pytest.raises(QstarError, match=r"qstar\[lora\]"):
         train_policy(str(tiny_model_dir), data, config(lora=True), tmp_path / "train")
     assert not (tmp_path / "train" / "policy").exists()
+
+
+class _Checkpointing(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.append(model.is_activation_checkpointing)
+
+
+def test_activation_checkpointing_saves_memory_not_results(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "data", dpo=dpo_rows())
+    trained = {}
+    for on in (True, False):
+        seen = _Checkpointing()
+        train_policy(str(tiny_model_dir), data, config(epochs=1, activation_checkpointing=on),
+                     tmp_path / f"train_{on}", model_cfg=ModelConfig(name="x"), callbacks=[seen])
+        assert seen.seen == [on]  # on the CPU too, as asked
+        trained[on] = weights(tmp_path / f"train_{on}" / "policy")
+    for name, value in trained[True].items():  # recomputed activations give the same gradients
+        torch.testing.assert_close(value, trained[False][name], rtol=1e-4, atol=1e-5, msg=name)

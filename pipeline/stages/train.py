@@ -21,8 +21,8 @@ only builds its configs and datasets:
   no rows is skipped; when no phase has rows nothing is trained or written and the result says
   `skipped` and names the old policy in `policy_dir`, for the caller to reuse.
 - Precision: float32 weights; bf16 (or fp16) autocast only when model_cfg.device is cuda and
-  model_cfg.dtype is bfloat16 (float16). On CPU `use_cpu=True`, `bf16=False`. Gradient
-  checkpointing (a TRL default) only on cuda, where memory is the limit.
+  model_cfg.dtype is bfloat16 (float16). On CPU `use_cpu=True`, `bf16=False`. Activation
+  checkpointing (TRL's default) unless `train.activation_checkpointing=false`.
 - LoRA (cfg.lora): peft imported lazily; r=16, alpha=32, all linear layers; the adapter is merged
   into the weights before saving, so the next policy is a plain checkpoint.
 - Checkpoints: TRL's output_dir is `out_dir/trainer/<phase>`, saved every `save_steps` steps and

@@ -86,7 +86,7 @@ def common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, repo
         bf16=cuda and model_cfg.dtype == "bfloat16",
         fp16=cuda and model_cfg.dtype == "float16",
         use_cpu=not cuda,
-        activation_checkpointing=cuda,  # TRL defaults to on; the new name avoids a warning
+        activation_checkpointing=cfg.activation_checkpointing,  # the new name avoids a warning
         dataloader_pin_memory=cuda,
         logging_steps=1,
         eval_strategy="no",
