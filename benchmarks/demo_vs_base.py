@@ -54,6 +54,7 @@ print(json.dumps({"rc": rc, "seconds": round(time.perf_counter() - start, 1),
 
 
 def extract(commit: str, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
     archive = into / "base.tar"
     with archive.open("wb") as out:
         done = subprocess.run(["git", "archive", commit], cwd=ROOT, stdout=out, stderr=subprocess.PIPE)
