@@ -33,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.report.summary import policy_rows  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
+from pipeline.run.store import RunStore  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "656209d"  # main when issue 16 (search throughput) was filed
@@ -67,15 +69,8 @@ def extract(commit: str, into: Path) -> Path:
 
 
 def accuracies(run_dir: Path) -> dict:
-    """Greedy accuracy per policy, from the manifest's baseline and eval stages."""
-    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    out = {}
-    for _, entry in sorted(stages.items()):
-        decodes = entry["metrics"].get("decodes", {})
-        if entry["stage"] in ("baseline", "eval") and "greedy" in decodes:
-            policy = 0 if entry["stage"] == "baseline" else entry["iteration"] + 1
-            out[f"policy_{policy}"] = decodes["greedy"]["accuracy"]
-    return out
+    """Greedy accuracy per policy (0 = base), as `qstar inspect` reads the run's manifest."""
+    return {f"policy_{r['policy']}": r["accuracy"].get("greedy") for r in policy_rows(RunStore(run_dir))}
 
 
 def run_side(name: str, tree: Path, run_dir: Path, overrides: list[str]) -> dict:

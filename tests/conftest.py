@@ -20,6 +20,16 @@ torch.set_num_threads(1)
 from tiny import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 

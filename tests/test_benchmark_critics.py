@@ -1,19 +1,15 @@
 """benchmarks/critics.py --smoke on the tiny model: the run, the metrics it collects, the search
 speed ratio, and a rerun that resumes instead of redoing anything."""
 
-import importlib.util
 import json
 
 import pytest
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_critics", REPO / "benchmarks" / "critics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("critics")
 
 
 def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path, monkeypatch):

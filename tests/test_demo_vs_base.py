@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from pipeline.run.store import RunStore
 
 ROOT = Path(__file__).parents[1]
-SCRIPT = ROOT / "benchmarks" / "demo_vs_base.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("demo_vs_base", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("demo_vs_base")
 
 
 def _has_history() -> bool:

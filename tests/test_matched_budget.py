@@ -3,24 +3,18 @@ graded on the test split, and a second call reuses what is on disk."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from pipeline.compose import compose_config
 from pipeline.tasks import make_task
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "matched_budget.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("matched_budget", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("matched_budget")
 
 
 def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_path):
