@@ -20,7 +20,7 @@ Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions)
 
 
 class FeatureSet(str, Enum):
-    """What a head reads (critics.orm_features; value and PRM read hidden)."""
+    """What a head reads (critics.state_features for value and PRM, critics.orm_features)."""
 
     # the completion's token log-prob statistics (MLP), then the prompt's last hidden state as a
     # linear per-problem term that cannot reorder the answers to one problem

@@ -235,6 +235,9 @@ class CriticsConfig:
     # so they judge the policy they were fitted to; false: they stay fitted on policy_i
     refit: bool = True
     orm_features: FeatureSet = FeatureSet.confidence  # measured better at best-of-N selection
+    # what the value and PRM heads read of a partial solution: hidden (the last hidden state) or
+    # confidence (its tokens' log-prob statistics + the problem's hidden state, as the ORM)
+    state_features: FeatureSet = FeatureSet.hidden
     # how search scores leaves: generation (the decoding pass's features; a critic backbone other
     # than the searching policy falls back to backbone) or backbone (two forwards per leaf)
     leaf_features: LeafFeatures = LeafFeatures.generation

@@ -197,6 +197,7 @@ INVALID_VALUES = [
     (["search.algorithm=greedy"], "Invalid value 'greedy', expected one of [mcts, sample]"),
     (["search.best_path=longest"], "Invalid value 'longest', expected one of [visits, q, vote]"),
     (["critics.orm_features=entropy"], "Invalid value 'entropy', expected one of [confidence, hidden]"),
+    (["critics.state_features=entropy"], "Invalid value 'entropy', expected one of [confidence, hidden]"),
     (["search.simulations=many"], "Value 'many' of type 'str' could not be converted to Integer"),
     (["search.no_such_key=1"], "Key 'no_such_key' not in 'SearchConfig'"),
     (["eval.decodes=[greedy,telepathy]"], "eval.decodes='telepathy' is invalid"),

@@ -200,6 +200,31 @@ def test_heads_saved_before_orm_features_existed_read_hidden_states(tiny_model, 
     assert np.array_equal(old.score(PROMPTS, COMPLETIONS)["orm"], scores["orm"])
 
 
+def test_state_features_choose_what_value_and_prm_read(tiny_model, tiny_model_dir, tmp_path):
+    """critics.state_features=confidence: value and PRM read a state's log-prob statistics (MLP)
+    and the problem's hidden state (linear term), and the saved set scores them so."""
+    model, tokenizer = tiny_model
+    cfg = replace(CFG, state_features=FeatureSet.confidence)
+    metrics = train_critics(_shard_rows(), str(tiny_model_dir), cfg, tmp_path / "critics", model,
+                            tokenizer)
+    assert {metrics[k]["features"] for k in ("value", "prm")} == {"confidence"}
+    critics = CriticSet.load(tmp_path / "critics", model, tokenizer, batch_size=4)
+    assert critics.features == {"value": "confidence", "prm": "confidence", "orm": "confidence"}
+    size = model.config.hidden_size
+    for kind in ("value", "prm"):
+        assert critics.heads[kind].net[0].in_features == len(LOGPROB_STATS)  # the MLP: stats only
+        assert critics.heads[kind].linear.in_features == size  # the problem's term
+    found = _features(model, tokenizer, STATES)
+    expected = {kind: critics.heads[kind].predict(pick(found, FeatureSet.confidence)).numpy()
+                for kind in ("value", "prm")}
+    scores = critics.score(PROMPTS, COMPLETIONS)
+    for kind, by_hand in expected.items():
+        assert scores[kind] == pytest.approx(by_hand, abs=1e-5)
+    hidden = train_critics(_shard_rows(), str(tiny_model_dir), CFG, tmp_path / "hidden", model,
+                           tokenizer)
+    assert hidden["value"]["features"] == "hidden"
+
+
 def test_too_few_examples_skip_metrics_with_a_reason(tiny_model, tiny_model_dir, tmp_path):
     model, tokenizer = tiny_model
     one_problem = _shard_rows(num_problems=1, simulations=4)

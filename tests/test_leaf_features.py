@@ -22,19 +22,21 @@ from pipeline.lm.generation import generate
 KINDS = {"value": FeatureSet.hidden, "prm": FeatureSet.hidden, "orm": FeatureSet.confidence}
 
 
-def random_critics(model, tokenizer) -> CriticSet:
-    """Heads with small random weights: their scores move with every feature."""
+def random_critics(model, tokenizer, state_features: FeatureSet = FeatureSet.hidden) -> CriticSet:
+    """Heads with small random weights: their scores move with every feature. state_features:
+    what value and PRM read (critics.state_features)."""
     torch.manual_seed(0)
     size = model.config.hidden_size
     heads = {}
-    for kind, features in KINDS.items():
+    uses = KINDS | {"value": state_features, "prm": state_features}
+    for kind, features in uses.items():
         head = ScalarHead(feature_width(features, size), linear_features=linear_features(features, size))
         for p in head.parameters():
             torch.nn.init.normal_(p, std=0.2)
         head.feature_std.fill_(10.0)  # log-prob sums of tens of tokens: keep the sigmoid unsaturated
         heads[kind] = head
     return CriticSet(model, tokenizer, heads, max_length=512, batch_size=4,
-                     features={k: v.value for k, v in KINDS.items()})
+                     features={k: v.value for k, v in uses.items()})
 
 
 def scorer_for(debug_overrides, model, tokenizer, mode: str, critics=None) -> LeafScorer:
@@ -97,9 +99,11 @@ def test_generation_features_are_the_teacher_forced_ones(which, request, debug_o
     assert compared > 0 and (rollouts > 0 or which != "varied")
 
 
-def test_leaves_are_scored_without_a_backbone_pass(debug_overrides, monkeypatch, request):
+@pytest.mark.parametrize("state_features", list(FeatureSet))
+def test_leaves_are_scored_without_a_backbone_pass(debug_overrides, monkeypatch, request,
+                                                   state_features):
     model, tokenizer = request.getfixturevalue("varied")
-    critics = random_critics(model, tokenizer)
+    critics = random_critics(model, tokenizer, state_features)
     prompts = prompts_for(tokenizer)[:3]
     backbone = scorer_for(debug_overrides, model, tokenizer, "backbone", critics)
     expected = backbone.evaluate(expand_roots(backbone, prompts))

@@ -3,7 +3,7 @@
 Features come from one frozen backbone (the iteration's policy unless critics.backbone names
 another), computed once per distinct text; the heads train on them in milliseconds. The refit
 stage, after train, fits them again on the same trees on the new policy's features. Value and
-PRM read the last hidden state; the ORM reads what critics.orm_features names. Problems
+PRM read what critics.state_features names, the ORM what critics.orm_features names. Problems
 are split into train and held-out, so the held-out metrics judge critics on unseen problems.
 """
 
@@ -94,7 +94,7 @@ def _rows_of(features: torch.Tensor, index: dict[tuple[str, str], int], examples
 
 
 def head_features(cfg: CriticsConfig) -> dict[str, str]:
-    return {"value": FeatureSet.hidden, "prm": FeatureSet.hidden, "orm": cfg.orm_features}
+    return {"value": cfg.state_features, "prm": cfg.state_features, "orm": cfg.orm_features}
 
 
 def fit_and_judge(kind: str, train: list[Example], heldout: list[Example], features: torch.Tensor,
