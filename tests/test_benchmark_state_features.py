@@ -1,0 +1,40 @@
+"""benchmarks/state_features.py on a 1-iteration tiny run: K folds over the training problems
+score every state and completion out of fold, once per feature set."""
+
+import json
+
+from conftest import load_benchmark
+
+from critics.critic_set import FeatureSet
+from pipeline.compose import compose_config
+from pipeline.loop import run_loop
+
+
+def test_folds_are_disjoint_and_cover_every_problem():
+    bench = load_benchmark("state_features")
+    ids = [f"p{i}" for i in range(11)] + ["p3"]  # a repeated id is one problem
+    folds = bench.folds_of(ids, 4, seed=0)
+    assert len(folds) == 4 and set().union(*folds) == set(ids)
+    assert sum(len(f) for f in folds) == 11 and all(len(f) in (2, 3) for f in folds)
+    assert folds == bench.folds_of(list(reversed(ids)), 4, seed=0)  # seeded, not order-bound
+    assert folds != bench.folds_of(ids, 4, seed=1)
+
+
+def test_every_feature_set_ranks_out_of_fold(tmp_path, debug_overrides):
+    bench = load_benchmark("state_features")
+    run = tmp_path / "run"
+    run_loop(compose_config(debug_overrides + ["search.trees_per_batch=2"]), run)
+    out = tmp_path / "state_features.json"
+    result = bench.main(["--run", str(run), "--iterations", "0", "--folds", "2",
+                         "--output", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    found = result["iterations"]["0"]
+    trained = run / "iter_000" / "train" / "policy"
+    assert (trained / "meta.json").is_file() and found["backbone"] == str(trained)  # as refit reads
+    assert found["states"] > 0 and found["completions"] > 0
+    for features in FeatureSet:
+        for kind in ("value", "prm"):
+            for judged in ("state", "completion"):
+                r = found[features.value][kind][judged]
+                assert r["auc"] is None or 0.0 <= r["auc"] <= 1.0
+                assert set(r) == {"auc", "within_auc", "within_problems"}
