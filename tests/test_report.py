@@ -21,7 +21,7 @@ from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.loop import run_loop
 from pipeline.report.collect import lock_holder, run_status, search_rows
 from pipeline.report.credit import iteration_credit
-from pipeline.report.inspect import iteration_rows
+from pipeline.report.inspect import LoopKind, iteration_rows, loop_kind
 from pipeline.report.page import build_report, embed_json
 from pipeline.run.store import RunStore
 
@@ -283,3 +283,15 @@ def test_credit_tokens_follow_smollm2_bpe(smollm2_pair, tmp_path):
 def test_usage_lists_report(capsys):
     assert main(["--help"]) == 0
     assert "qstar report RUN" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config, kind", [
+    ({"train": {"mode": "dpo_then_sft"}, "search": {"algorithm": "mcts"}}, LoopKind.mcts),
+    ({"train": {"mode": "sft"}, "search": {"algorithm": "sample"}}, LoopKind.star),
+    ({"train": {"mode": "grpo"}, "search": {"algorithm": "mcts"}}, LoopKind.grpo),
+    ({}, LoopKind.mcts),  # a manifest from before the config was recorded
+])
+def test_loop_kind_reads_the_recorded_config(tmp_path, config, kind):
+    store = RunStore(tmp_path / "run")
+    store.set_info(iterations=1, config=config)
+    assert loop_kind(RunStore(tmp_path / "run")) is kind

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import QstarError
-from pipeline.report.inspect import iteration_rows, loop_kind, run_overrides
+from pipeline.report.inspect import LoopKind, iteration_rows, loop_kind, run_overrides
 from pipeline.report.plots import write_plots
 from pipeline.run.store import BASELINE, GRPO_STAGES, STAGES, RunStore
 
@@ -77,7 +77,7 @@ def lock_holder(root: Path) -> str | None:
 def expected_stages(store: RunStore, iteration: int) -> list[str]:
     """The stages a complete iteration has: all, but no refit in an iteration that a run from
     before the refit stage evaluated without one; a GRPO run's train and eval."""
-    if loop_kind(store) == "grpo":
+    if loop_kind(store) == LoopKind.grpo:
         return list(GRPO_STAGES)
     old = store.done(iteration, "eval") and not store.done(iteration, "refit")
     return [s for s in STAGES if not (s == "refit" and old)]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import html
+from enum import Enum
 from pathlib import Path
 
+from pipeline.config import SearchAlgorithm, TrainMode
 from pipeline.errors import QstarError
 from pipeline.report.summary import policy_rows
 from pipeline.run.atomic import write_text
@@ -70,12 +72,22 @@ def sweep_rows(runs: list[Path]) -> list[list[str]]:
     return lines
 
 
-def loop_kind(store: RunStore) -> str:
-    """Which loop made a run: the MCTS loop, the STaR baseline (sampling) or GRPO."""
+class LoopKind(str, Enum):
+    """Which loop made a run."""
+
+    mcts = "mcts"  # MCTS + critics + DPO/SFT (the default)
+    star = "star"  # the STaR baseline: sampling + verifier + SFT (search.algorithm=sample)
+    grpo = "grpo"  # TRL's GRPO (train.mode=grpo)
+
+
+def loop_kind(store: RunStore) -> LoopKind:
+    """Which loop made a run, read from the config its manifest recorded."""
     config = store.manifest.get("config", {})
-    if config.get("train", {}).get("mode") == "grpo":
-        return "grpo"
-    return "star" if config.get("search", {}).get("algorithm") == "sample" else "mcts"
+    if config.get("train", {}).get("mode") == TrainMode.grpo.value:
+        return LoopKind.grpo
+    if config.get("search", {}).get("algorithm") == SearchAlgorithm.sample.value:
+        return LoopKind.star
+    return LoopKind.mcts
 
 
 def compare_table(runs: list[Path]) -> str:
@@ -90,7 +102,7 @@ def compare_table(runs: list[Path]) -> str:
         greedy = " ".join(_fmt(r["accuracy"].get("greedy")) for r in rows) or "-"
         tokens = " ".join(_fmt(r.get("tokens"), "d") for r in rows if r["policy"] > 0) or "-"
         minutes = sum(r.get("minutes") or 0.0 for r in rows)
-        lines.append([str(run), loop_kind(store), greedy, tokens, _fmt(minutes, ".1f")])
+        lines.append([str(run), loop_kind(store).value, greedy, tokens, _fmt(minutes, ".1f")])
     return _columns(lines)
 
 
