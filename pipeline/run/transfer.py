@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,12 @@ def unpack_atomic(files: dict[str, bytes], target: str | os.PathLike) -> Path:
     return Path(target)
 
 
-def worker_dir(prefix: str) -> Path:
-    """A fresh directory in the worker's own temporary space."""
-    return Path(tempfile.mkdtemp(prefix=f"qstar-{prefix}-"))
+@contextmanager
+def worker_dir(prefix: str) -> Iterator[Path]:
+    """A fresh directory in the worker's own temporary space, removed with what it holds when
+    the block ends (a worker process serves many stages: nothing may pile up in its /tmp)."""
+    with tempfile.TemporaryDirectory(prefix=f"qstar-{prefix}-") as path:
+        yield Path(path)
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,14 @@ class RunFiles:
     root: str | None = None
     ref: Any = None  # ray.ObjectRef of pack(...)
 
-    def open(self, prefix: str = "run") -> Path:
-        """The directory to resolve run-relative paths against (unpacked once per call)."""
+    @contextmanager
+    def opened(self, prefix: str = "run") -> Iterator[Path]:
+        """The directory to resolve run-relative paths against for the block: the run itself,
+        or the packed files unpacked into a worker directory removed when the block ends."""
         if self.ref is None:
-            return Path(self.root)
+            yield Path(self.root)
+            return
         import ray  # only cluster=ray packs files, and its workers have Ray
 
-        return unpack(ray.get(self.ref), worker_dir(prefix))
+        with worker_dir(prefix) as root:
+            yield unpack(ray.get(self.ref), root)

@@ -73,9 +73,11 @@ def stage_work(fn: Callable, files: RunFiles, out_dir: str | None, *args, **kwar
     """A stage's work where it runs: `fn(root, target, *args, **kwargs)`, with `root` the run
     directory (or a Ray worker's unpacked copy of what it needs) and `target` the stage's
     directory in-process, or the worker's own directory under Ray, packed for the driver."""
-    target = Path(out_dir) if out_dir else worker_dir("stage")
-    result = fn(files.open(fn.__name__), target, *args, **kwargs)
-    return result, None if out_dir else pack(target, ["."])
+    with files.opened(fn.__name__) as root:
+        if out_dir:
+            return fn(root, Path(out_dir), *args, **kwargs), None
+        with worker_dir("stage") as target:
+            return fn(root, target, *args, **kwargs), pack(target, ["."])
 
 
 def resolve_ref(root: Path, ref: str, model_cfg: ModelConfig) -> str:

@@ -54,24 +54,26 @@ class SearchWorker:
     def _ensure(self, job: SearchJob) -> SearchModels:
         if self.loaded != (job.files, job.policy, job.critics):
             self.models = None  # free the previous iteration's models first
-            root = job.files.open("search")
-            policy_dir = resolve_ref(root, job.policy, self.cfg.model)
-            model, tokenizer = load_model(replace_model_name(self.cfg.model, policy_dir))
-            critics = load_critics(root / job.critics if job.critics else None, policy_dir,
-                                   model, tokenizer, self.cfg)
-            rollout_model = rollout_tokenizer = None
-            if self.cfg.search.rollout.model:
-                rollout_model, rollout_tokenizer = load_model(
-                    replace_model_name(self.cfg.model, self.cfg.search.rollout.model))
-            w = self.cfg.critics
-            implicit = None
-            if max(w.weights.implicit, w.trained_weights.implicit) > 0:
-                implicit = load_implicit(policy_dir, model, tokenizer, self.cfg.model,
-                                         self.cfg.critics.score_batch_size)
-            self.models = SearchModels(model, tokenizer, critics, rollout_model, rollout_tokenizer,
-                                       implicit)
+            with job.files.opened("search") as root:  # under Ray: gone once the models load
+                self.models = self._load(root, job)
             self.loaded = (job.files, job.policy, job.critics)
         return self.models
+
+    def _load(self, root: Path, job: SearchJob) -> SearchModels:
+        policy_dir = resolve_ref(root, job.policy, self.cfg.model)
+        model, tokenizer = load_model(replace_model_name(self.cfg.model, policy_dir))
+        critics = load_critics(root / job.critics if job.critics else None, policy_dir,
+                               model, tokenizer, self.cfg)
+        rollout_model = rollout_tokenizer = None
+        if self.cfg.search.rollout.model:
+            rollout_model, rollout_tokenizer = load_model(
+                replace_model_name(self.cfg.model, self.cfg.search.rollout.model))
+        w = self.cfg.critics
+        implicit = None
+        if max(w.weights.implicit, w.trained_weights.implicit) > 0:
+            implicit = load_implicit(policy_dir, model, tokenizer, self.cfg.model,
+                                     self.cfg.critics.score_batch_size)
+        return SearchModels(model, tokenizer, critics, rollout_model, rollout_tokenizer, implicit)
 
     def run(self, job: SearchJob) -> dict:
         """Search one shard: its rows (one per problem) and the KV cache's statistics.

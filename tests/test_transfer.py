@@ -1,0 +1,53 @@
+"""Run files through Ray's object store (pipeline/run/transfer.py): the packed layout comes back
+as it was, and a worker's unpacked copies and stage directories leave nothing in its /tmp."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.run.transfer import RunFiles, pack, unpack, unpack_atomic, worker_dir
+from pipeline.stages.base import stage_work
+
+
+def _run(root: Path) -> Path:
+    (root / "iter_000" / "train" / "policy").mkdir(parents=True)
+    (root / "iter_000" / "train" / "policy" / "meta.json").write_text('{"x": 1}')
+    (root / "iter_000" / "train" / "policy" / ".tmp-partial").write_text("half")
+    (root / "manifest.json").write_text("{}")
+    return root
+
+
+def test_pack_unpack_keeps_the_layout_and_skips_temporaries(tmp_path):
+    files = pack(_run(tmp_path / "run"), ["iter_000/train/policy", "manifest.json"])
+    assert set(files) == {"iter_000/train/policy/meta.json", "manifest.json"}
+    back = unpack(files, tmp_path / "copy")
+    assert (back / "iter_000/train/policy/meta.json").read_text() == '{"x": 1}'
+    with pytest.raises(ValueError, match="outside"):
+        unpack({"../escape": b""}, tmp_path / "copy")
+    unpack_atomic(files, tmp_path / "atomic")
+    assert sorted(p.name for p in (tmp_path / "atomic").iterdir()) == ["iter_000", "manifest.json"]
+
+
+def test_worker_directories_are_removed_when_the_work_ends(tmp_path, monkeypatch):
+    with worker_dir("stage") as made:
+        (made / "f").write_text("x")
+    assert not made.exists()
+    packed = pack(_run(tmp_path / "run"), ["iter_000/train/policy"])
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(get=lambda ref: ref))  # a fake store
+    seen = {}
+
+    def work(root: Path, target: Path) -> str:
+        seen["root"], seen["target"] = root, target
+        (target / "out.txt").write_text((root / "iter_000/train/policy/meta.json").read_text())
+        return "done"
+
+    result, back = stage_work(work, RunFiles(ref=packed), None)  # as under cluster=ray
+    assert result == "done" and back == {"out.txt": b'{"x": 1}'}
+    assert not seen["root"].exists() and not seen["target"].exists()
+    local = tmp_path / "stage"
+    local.mkdir()
+    result, back = stage_work(work, RunFiles(root=str(tmp_path / "run")), str(local))  # in-process
+    assert back is None and seen["root"] == tmp_path / "run" and (local / "out.txt").is_file()
+    assert (tmp_path / "run" / "manifest.json").is_file()  # the run itself is never removed
