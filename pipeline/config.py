@@ -231,8 +231,8 @@ class CriticWeights:
 class CriticsConfig:
     enabled: bool = True  # fit value/PRM/ORM heads on every iteration's trees
     backbone: str | None = None  # None: the iteration's policy checkpoint
-    # after train, refit the heads on the same trees on policy_{i+1}'s features (the refit stage),
-    # so they judge the policy they were fitted to; false: they stay fitted on policy_i
+    # fit the heads after train, on policy_{i+1}'s features (the refit stage), so they judge the
+    # policy they serve; false: the critics stage fits them before train, on policy_i's
     refit: bool = True
     orm_features: FeatureSet = FeatureSet.confidence  # measured better at best-of-N selection
     # what the value and PRM heads read of a partial solution: hidden (the last hidden state) or

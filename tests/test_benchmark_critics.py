@@ -23,7 +23,7 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     assert (published.stat().st_mtime_ns if published.is_file() else None) == before  # untouched
     assert set(result["within_problem_auc"]) == {"value", "prm", "orm", "implicit"}
     assert all(len(v) == 1 for v in result["within_problem_auc"].values())
-    # the smoke run trains nothing (no pairs): no refit, and the critics stage judged policy_0,
+    # the smoke run trains nothing (no pairs): the refit fitted the heads on policy_0,
     # which has no DPO reference
     assert result["within_problem_auc"]["implicit"] == [None]
     [row] = result["best_of_n_on_test"]

@@ -4,9 +4,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from test_prefix_cache import prompts_for, smol_tiny, smol_tokenizer  # noqa: F401 fixtures
 from tiny import build_tiny_model
 
 from critics import KINDS, LOGPROB_STATS, CriticSet, backbone_features, train_head
+from critics import features as features_module
 from critics.critic_set import FeatureSet, linear_features, pick
 from critics.features import encode_left_padded
 from mcts import SearchParams, search
@@ -251,3 +253,36 @@ def test_load_critic_set_shares_the_policy_only_when_it_is_the_backbone(tiny_mod
     apart = load_critic_set(tmp_path / "own", next_policy, model, tokenizer, ModelConfig(), 4)
     assert apart.model is not model
     assert np.allclose(apart.score(PROMPTS, COMPLETIONS)["value"], shared.score(PROMPTS, COMPLETIONS)["value"], atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "smol_tiny"])
+def test_texts_sharing_a_prompt_get_the_features_of_one_pass_each(which, request):
+    """The prompt runs once for all its completions (KV cache copied, completions right-padded)
+    and each text gets what a pass of its own gives: the left-padded path, text by text. With
+    SmolLM2's BPE too, whose "\\n\\n" and merged spaces the per-character tokenizer hides."""
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = prompts_for(tokenizer)[:2] if which == "smol_tiny" else PROMPTS[:2]
+    steps = ["", "Step 1: 3 + 4 = 7\n", "Step 1: 3 + 4 = 7\n\nStep 2: 7 + 5 = 12\n", " Answer: 12",
+             "x"]
+    texts = [(p, c) for p in prompts for c in steps]
+    shared = _features(model, tokenizer, texts, batch_size=3, max_length=512)
+    n = len(texts)
+    alone = features_module._Rows([None] * n, [None] * n, [None] * n)
+    for i in range(n):
+        features_module._left_padded(model, model.get_output_embeddings(), tokenizer,
+                                     [p for p, _ in texts], [c for _, c in texts], [i], 1, 512, alone)
+    assert torch.allclose(shared.hidden, torch.stack(alone.hidden), atol=1e-4)
+    assert torch.allclose(shared.prompt_hidden, torch.stack(alone.prompt), atol=1e-4)
+    assert torch.allclose(shared.logprob, torch.stack(alone.logprob), atol=1e-3)
+    assert shared.logprob[0].tolist() == [0, 0, 0, 0] and shared.logprob[1, 3] > 0  # count
+
+
+def test_chunks_keep_every_row_once_and_bound_the_padding():
+    lengths = [1, 1, 2, 3, 3, 3, 10, 11, 12, 40, 41, 80]
+    rows = [(i, [0] * n) for i, n in enumerate(lengths)]
+    chunks = list(features_module._chunks(rows, batch_size=4))
+    assert [r for c in chunks for r in c] == rows  # in order, each once
+    for chunk in chunks:
+        real, width = sum(len(ids) for _, ids in chunk), max(len(ids) for _, ids in chunk)
+        assert len(chunk) <= 4 and len(chunk) * width <= 1.5 * real + 8
+    assert len(chunks) < len(rows)  # rows of like length still share a forward

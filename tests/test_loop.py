@@ -35,7 +35,7 @@ def counts(run: Path) -> dict:
         for name in ("dpo", "sft"):
             path = run / f"iter_{i:03d}/data/{name}.jsonl"
             result[f"{name}_{i}"] = len(path.read_text().splitlines())
-        result[f"critics_{i}"] = sorted(p.name for p in (run / f"iter_{i:03d}/critics").iterdir())
+        result[f"critics_{i}"] = sorted(p.name for p in (run / f"iter_{i:03d}/refit").iterdir())
         result[f"policy_{i}"] = (run / f"iter_{i:03d}/train/policy/config.json").exists()
     return result
 
@@ -124,10 +124,11 @@ def test_resume_extends_iterations_and_refuses_other_changes(reference_run, tmp_
     run = tmp_path / "moved" / "run"
     shutil.copytree(reference, run)
     for text in [(run / "manifest.json").read_text(),
-                 *(p.read_text() for p in run.glob("iter_000/critics/*/meta.json"))]:
+                 *(p.read_text() for p in run.glob("iter_000/refit/*/meta.json"))]:
         assert str(reference) not in text
-    assert json.loads((run / "iter_000/critics/value/meta.json").read_text())["backbone"] \
-        == RunStore(run).manifest["config"]["model"]["name"]  # policy_0: by name
+    trained = not RunStore(run).metrics(0, "train").get("skipped")
+    assert json.loads((run / "iter_000/refit/value/meta.json").read_text())["backbone"] == (
+        "../train/policy" if trained else RunStore(run).manifest["config"]["model"]["name"])
     with pytest.raises(ConfigError, match=r"search\.c_puct cannot change on resume"):
         resume_run(str(run), ["search.c_puct=2.0"])
     hidden = reference.with_name("run.hidden")
@@ -137,9 +138,9 @@ def test_resume_extends_iterations_and_refuses_other_changes(reference_run, tmp_
     finally:
         hidden.rename(reference)
     store = RunStore(run)
-    trained = not store.metrics(0, "train").get("skipped")
-    assert json.loads((run / "iter_001/critics/value/meta.json").read_text())["backbone"] == (
-        "../../iter_000/train/policy" if trained else store.manifest["config"]["model"]["name"])
+    policy_2 = store.policy_ref(2, store.manifest["config"]["model"]["name"])  # refit's backbone
+    assert json.loads((run / "iter_001/refit/value/meta.json").read_text())["backbone"] == (
+        os.path.relpath(run / policy_2, run / "iter_001/refit") if store.in_run(policy_2) else policy_2)
     assert store.done(1, "eval") and store.manifest["iterations"] == 2
     assert (run / "iter_001/search/shard_0000.jsonl").exists()
 

@@ -92,9 +92,10 @@ def test_search_and_eval_share_the_policy_with_the_refit_heads(two_iterations):
         loaded = [(what, model) for i, stage, what, model in calls if (i, stage) == at]
         assert [what for what, _ in loaded] == ["policy", "critics"], at  # no backbone load
         assert loaded[1][1] is loaded[0][1], at  # the critics read the policy's own weights
-    # the critics and refit stages load their backbone once each (the policy being fitted to)
-    assert [what for i, stage, what, _ in calls if stage in ("critics", "refit")] == \
-        ["backbone"] * 4
+    # only the refit stage loads a backbone (the policy being fitted to), once per iteration:
+    # the critics stage leaves the heads to it
+    assert [(i, stage, what) for i, stage, what, _ in calls if stage in ("critics", "refit")] == \
+        [(0, "refit", "backbone"), (1, "refit", "backbone")]
 
 
 def test_qstar_run_search_scores_leaves_from_its_own_decoding_pass(two_iterations):
@@ -106,13 +107,12 @@ def test_qstar_run_search_scores_leaves_from_its_own_decoding_pass(two_iteration
     assert scored["generation"] > 0 and scored["backbone"] == 0
 
 
-def test_refit_heads_differ_from_the_critics_stage_heads(two_iterations):
+def test_the_critics_stage_leaves_the_heads_to_the_refit(two_iterations):
     run, _ = two_iterations
-    for kind in KINDS:
-        before = load_file(str(run / f"iter_000/critics/{kind}/head.safetensors"))
-        after = load_file(str(run / f"iter_000/refit/{kind}/head.safetensors"))
-        assert before.keys() == after.keys()
-        assert any(not torch.equal(before[k], after[k]) for k in before), kind
+    store = RunStore(run)
+    for i in range(2):
+        assert "refit stage fits the heads once" in store.metrics(i, "critics")["skipped"]
+        assert not (run / f"iter_{i:03d}/critics").exists()
 
 
 def test_refit_metrics_judge_the_dpo_trained_policy(two_iterations):
@@ -122,8 +122,6 @@ def test_refit_metrics_judge_the_dpo_trained_policy(two_iterations):
         assert {"within_problem_auc", "within_problem_problems", "auc"} <= refit[kind].keys()
     assert "skipped" not in refit["implicit"]  # policy_1 has a DPO reference: policy_0
     assert {"beta", "auc", "within_problem_auc"} <= refit["implicit"].keys()
-    critics = json.loads((run / "iter_000/critics/metrics.json").read_text())
-    assert "skipped" in critics["implicit"]  # policy_0, the base model: no reference
     assert critics_metrics(RunStore(run), 0) == RunStore(run).metrics(0, "refit")
 
 
@@ -136,7 +134,7 @@ def test_a_run_killed_before_refit_resumes_with_it(two_iterations, tmp_path):
         del manifest["stages"][f"iter_001/{stage}"]
         shutil.rmtree(run / f"iter_001/{stage}")
     (run / "manifest.json").write_text(json.dumps(manifest))
-    assert RunStore(run).critics_dir(2) == run / "iter_001/critics"  # until refit is done
+    assert RunStore(run).critics_dir(2) is None  # until refit is done: the critics stage deferred
     resume_run(str(run), [])
     store = RunStore(run)
     assert store.done(1, "refit") and store.done(1, "eval")
@@ -168,8 +166,8 @@ TRAINED = {"policy_dir": "iter_000/train/policy"}
 @pytest.mark.parametrize("critics, metrics, why", [
     ({"refit": False}, {"critics": HEADS, "train": TRAINED}, "critics.refit=false"),
     ({"backbone": "other/model"}, {"critics": HEADS, "train": TRAINED}, "critics.backbone="),
-    ({}, {"critics": {"skipped": "critics.enabled=false"}, "train": TRAINED}, "fitted no heads"),
-    ({}, {"critics": HEADS, "train": {**TRAINED, "skipped": "no rows"}}, "nothing was trained"),
+    ({"enabled": False}, {"critics": {"skipped": "critics.enabled=false"}, "train": TRAINED},
+     "critics.enabled=false"),
     ({}, {"critics": HEADS, "train": TRAINED, "eval": {}}, "predates the refit stage"),
 ])
 def test_refit_is_skipped_with_a_reason_and_critics_fall_back(tmp_path, critics, metrics, why):
@@ -180,8 +178,24 @@ def test_refit_is_skipped_with_a_reason_and_critics_fall_back(tmp_path, critics,
     assert store.critics_dir(1) == expected
 
 
-def test_refit_runs_when_the_heads_read_a_trained_policy(tmp_path):
-    assert refit_skipped(_loop(_store(tmp_path, critics=HEADS, train=TRAINED)), 0) is None
+@pytest.mark.parametrize("train", [TRAINED, {"policy_dir": "base", "skipped": "no rows"}])
+def test_refit_fits_the_heads_whether_or_not_a_policy_was_trained(tmp_path, train):
+    """Nothing trained: policy_{i+1} is policy_i, and the refit fits on it (the critics stage
+    deferred to it)."""
+    deferred = {"skipped": "the refit stage fits the heads once"}
+    assert refit_skipped(_loop(_store(tmp_path, critics=deferred, train=train)), 0) is None
+
+
+@pytest.mark.parametrize("critics, fits", [({}, False), ({"refit": False}, True),
+                                           ({"backbone": "other/model"}, True),
+                                           ({"enabled": False}, False)])
+def test_the_critics_stage_fits_only_when_no_refit_follows(tmp_path, monkeypatch, critics, fits):
+    fitted = []
+    monkeypatch.setattr(critics_stage, "fit_stage", lambda loop, i, stage, k: fitted.append(
+        (i, stage, k)) or {"orm": {}})
+    found = critics_stage.run(_loop(_store(tmp_path), **critics), 0)
+    assert fitted == ([(0, "critics", 0)] if fits else [])
+    assert ("skipped" in found) is not fits
 
 
 def test_a_run_from_before_the_refit_stage_stays_complete(tmp_path):

@@ -1,8 +1,10 @@
 """The critics and refit stages: value, PRM and ORM heads trained on one iteration's search trees.
 
-Features come from one frozen backbone (the iteration's policy unless critics.backbone names
-another), computed once per distinct text; the heads train on them in milliseconds. The refit
-stage, after train, fits them again on the same trees on the new policy's features. Value and
+Features come from one frozen backbone, computed once per distinct text; the heads train on
+them in milliseconds. By default the heads are fitted once, by the refit stage after train, on
+the new policy's features (the policy they will serve); the critics stage, before train, fits
+them on policy_i's only when no refit follows (critics.refit=false, or critics.backbone names
+another model, which both stages would read alike). Value and
 PRM read what critics.state_features names, the ORM what critics.orm_features names. Problems
 are split into train and held-out, so the held-out metrics judge critics on unseen problems.
 """
@@ -220,34 +222,41 @@ def fit_stage(loop: Loop, i: int, stage: str, policy_index: int) -> dict:
                            loop.cfg.model, backbone)
 
 
+def refits(cfg: CriticsConfig) -> bool:
+    """Whether the refit stage fits critics_{i+1} (on policy_{i+1}'s features): then heads
+    fitted on policy_i's would serve nothing, and the critics stage leaves them to it."""
+    return cfg.enabled and cfg.refit and not cfg.backbone
+
+
 def run(loop: Loop, i: int) -> dict:
-    """Heads fitted on iteration i's trees, on policy_i's features: critics_{i+1} unless the
-    refit stage refits them on policy_{i+1}."""
+    """Heads fitted on iteration i's trees, on policy_i's features: critics_{i+1} when no refit
+    stage fits them on policy_{i+1}'s (critics.refit=false, or a critics.backbone)."""
     if not loop.cfg.critics.enabled:
         return {"skipped": "critics.enabled=false"}
+    if refits(loop.cfg.critics):
+        return {"skipped": f"the refit stage fits the heads once, on policy_{i + 1}'s features "
+                           f"(critics.refit=false fits them here, on policy_{i}'s)"}
     return fit_stage(loop, i, "critics", i)
 
 
 def refit_skipped(loop: Loop, i: int) -> str | None:
-    """Why iteration i's refit stage has nothing to do (None: it refits)."""
+    """Why iteration i's refit stage has nothing to do (None: it fits critics_{i+1})."""
     cfg, store = loop.cfg.critics, loop.store
-    critics = store.metrics(i, "critics")
+    if not cfg.enabled:
+        return "critics.enabled=false"
     if not cfg.refit:
         return f"critics.refit=false: the heads stay fitted on policy_{i}"
     if cfg.backbone:
         return f"critics.backbone={cfg.backbone}: the heads do not read the policy"
-    if critics is None or critics.get("skipped"):
-        return "the critics stage fitted no heads"
-    if (store.metrics(i, "train") or {}).get("skipped"):
-        return f"nothing was trained: policy_{i + 1} is policy_{i}, the heads' backbone"
     if store.done(i, "eval"):  # a run from before this stage: keep what its eval used
         return "the run predates the refit stage: its eval used the critics stage's heads"
     return None
 
 
 def refit(loop: Loop, i: int) -> dict:
-    """critics_{i+1}: the critics stage's heads fitted again, on the same trees, on the trained
-    policy_{i+1}'s features, so they judge the policy they were fitted to and share its weights."""
+    """critics_{i+1}: heads fitted on iteration i's trees on the trained policy_{i+1}'s features
+    (policy_i's when nothing was trained), so they judge the policy they were fitted to and
+    share its weights."""
     why = refit_skipped(loop, i)
     if why:
         return {"skipped": why}

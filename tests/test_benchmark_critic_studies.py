@@ -1,13 +1,24 @@
-"""benchmarks/state_features.py on a 1-iteration tiny run: K folds over the training problems
-score every state and completion out of fold, once per feature set."""
+"""The critic studies on a 1-iteration tiny run: benchmarks/state_features.py (K folds over the
+training problems score every state and completion out of fold, once per feature set) and
+benchmarks/critic_features.py (the shared-prompt features against one pass per text)."""
 
 import json
 
+import pytest
 from conftest import load_benchmark
 
 from critics.critic_set import FeatureSet
 from pipeline.compose import compose_config
 from pipeline.loop import run_loop
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("studies")
+    run_loop(compose_config(["debug=default", f"model={tiny_model_dir}",
+                             f"model.cache_dir={root / 'cache'}", "search.trees_per_batch=2"]),
+             root / "run")
+    return root / "run"
 
 
 def test_folds_are_disjoint_and_cover_every_problem():
@@ -20,16 +31,14 @@ def test_folds_are_disjoint_and_cover_every_problem():
     assert folds != bench.folds_of(ids, 4, seed=1)
 
 
-def test_every_feature_set_ranks_out_of_fold(tmp_path, debug_overrides):
+def test_every_feature_set_ranks_out_of_fold(tiny_run, tmp_path):
     bench = load_benchmark("state_features")
-    run = tmp_path / "run"
-    run_loop(compose_config(debug_overrides + ["search.trees_per_batch=2"]), run)
     out = tmp_path / "state_features.json"
-    result = bench.main(["--run", str(run), "--iterations", "0", "--folds", "2",
+    result = bench.main(["--run", str(tiny_run), "--iterations", "0", "--folds", "2",
                          "--output", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     found = result["iterations"]["0"]
-    trained = run / "iter_000" / "train" / "policy"
+    trained = tiny_run / "iter_000" / "train" / "policy"
     assert (trained / "meta.json").is_file() and found["backbone"] == str(trained)  # as refit reads
     assert found["states"] > 0 and found["completions"] > 0
     for features in FeatureSet:
@@ -38,3 +47,13 @@ def test_every_feature_set_ranks_out_of_fold(tmp_path, debug_overrides):
                 r = found[features.value][kind][judged]
                 assert r["auc"] is None or 0.0 <= r["auc"] <= 1.0
                 assert set(r) == {"auc", "within_auc", "within_problems"}
+
+
+def test_shared_prompt_features_equal_one_pass_each_on_a_run(tiny_run, tmp_path):
+    bench = load_benchmark("critic_features")
+    out = tmp_path / "critic_features.json"
+    result = bench.main(["--run", str(tiny_run), "--problems", "2", "--output", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["prompts"] == 2 and result["texts"] > result["prompts"]
+    assert result["tokens"]["shared_prompt"] < result["tokens"]["one_pass_each"]
+    assert max(result["max_abs_diff"].values()) < 1e-3
