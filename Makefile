@@ -42,6 +42,8 @@ bench: install
 	$(PY) benchmarks/ablations.py
 	$(PY) benchmarks/beam_widths.py
 	$(PY) benchmarks/orm_features.py
+	$(PY) benchmarks/state_features.py --run runs/bench/mcts_dpo
+	$(PY) benchmarks/critic_features.py --run runs/bench/mcts_dpo
 
 # The matched-budget proof on the test split (hours on 2 CPU cores; resumable; README "Results").
 bench-matched: install
