@@ -6,8 +6,9 @@
 The old commit is extracted with `git archive` into a temporary directory. Each side is one
 `qstar run experiment=demo_cpu` in its own process (PYTHONPATH = its tree, `progress=false`),
 one after the other, and reports its wall seconds, its peak resident memory (the process's
-high-water mark: the in-process loop runs every stage in it) and the accuracies its baseline
-and eval stages recorded. The sides:
+high-water mark, or the largest per-stage peak its manifest records where the tree resets the
+mark per stage: the in-process loop runs every stage in it), each stage's seconds and peak, and
+the accuracies its baseline and eval stages recorded. The sides:
 
 - base: the old commit's demo, as `make demo` ran it there (the two-term `arithmetic` task);
 - same_task: this tree's demo on that task (`task=arithmetic`): the same work, this code;
@@ -73,10 +74,22 @@ def accuracies(run_dir: Path) -> dict:
     return {f"policy_{r['policy']}": r["accuracy"].get("greedy") for r in policy_rows(RunStore(run_dir))}
 
 
+def with_stages(result: dict, run_dir: Path) -> dict:
+    """The side's result with each stage's seconds and peak RSS from its run's manifest, and its
+    peak RSS the largest of the process's and the stages': a tree that resets the high-water
+    mark per stage (pipeline/run/memory.py) leaves getrusage only the last stage's peak."""
+    if not (run_dir / "manifest.json").is_file():
+        return result
+    stages = {key: {"seconds": entry["seconds"], "peak_rss_mb": entry.get("peak_rss_mb")}
+              for key, entry in sorted(RunStore(run_dir).manifest["stages"].items())}
+    peaks = [s["peak_rss_mb"] for s in stages.values() if s["peak_rss_mb"] is not None]
+    return dict(result, stages=stages, peak_rss_mb=round(max([result["peak_rss_mb"], *peaks])))
+
+
 def run_side(name: str, tree: Path, run_dir: Path, overrides: list[str]) -> dict:
     result_path = run_dir.parent / f"{name}.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        return with_stages(json.loads(result_path.read_text()), run_dir)
     if run_dir.exists():
         sys.exit(f"error: {run_dir} holds an unfinished side; delete it to time {name} again")
     env = dict(os.environ, PYTHONPATH=str(tree), TRANSFORMERS_VERBOSITY="error",
@@ -94,6 +107,7 @@ def run_side(name: str, tree: Path, run_dir: Path, overrides: list[str]) -> dict
     if Path(result["source"]).resolve().parent != (tree / "pipeline").resolve():
         sys.exit(f"error: side {name} imported {result['source']}, not {tree}/pipeline")
     result.update(overrides=overrides, run_dir=str(run_dir), greedy=accuracies(run_dir))
+    result = with_stages(result, run_dir)
     write_json(result_path, result)
     return result
 

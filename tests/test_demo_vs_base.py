@@ -45,8 +45,17 @@ def test_accuracies_are_greedy_per_policy_from_baseline_and_eval(bench, tmp_path
 
 
 def test_a_finished_side_is_read_and_an_unfinished_one_refused(bench, tmp_path):
-    (tmp_path / "demo.json").write_text(json.dumps({"seconds": 12.0}))
-    assert bench.run_side("demo", ROOT, tmp_path / "demo", []) == {"seconds": 12.0}
+    (tmp_path / "demo.json").write_text(json.dumps({"seconds": 12.0, "peak_rss_mb": 900}))
+    assert bench.run_side("demo", ROOT, tmp_path / "demo", []) == {"seconds": 12.0,
+                                                                   "peak_rss_mb": 900}
+    store = RunStore(tmp_path / "demo")  # its run: per-stage peaks above the process's last one
+    store.complete(0, "baseline", {}, 3.0, peak_rss_mb=1200.4)
+    store.complete(0, "train", {}, 9.0, peak_rss_mb=3251.1)
+    store.complete(0, "eval", {}, 2.0, peak_rss_mb=None)  # a stage without a reading
+    found = bench.run_side("demo", ROOT, tmp_path / "demo", [])
+    assert found["peak_rss_mb"] == 3251 and found["seconds"] == 12.0
+    assert found["stages"]["iter_000/train"] == {"seconds": 9.0, "peak_rss_mb": 3251.1}
+    assert list(found["stages"]) == ["iter_000/baseline", "iter_000/eval", "iter_000/train"]
     (tmp_path / "base").mkdir()
     with pytest.raises(SystemExit, match="holds an unfinished side"):
         bench.run_side("base", ROOT, tmp_path / "base", [])
