@@ -3,13 +3,14 @@ with one prompt share its pass).
 
 Three features come out of the same pass:
 - hidden: the backbone's final hidden state (after the final norm) at the last token; the
-  value and PRM heads read it, and the ORM with `critics.orm_features=hidden`.
+  heads read it with `critics.state_features=hidden` (value, PRM) or `orm_features=hidden`.
 - prompt_hidden: the same at the prompt's last token: what the backbone makes of the problem.
 - logprob: how sure the backbone LM is of the completion, token by token: the mean, minimum
   and sum of the completion tokens' log-probabilities and their count.
-The default ORM (`critics.orm_features=confidence`) reads logprob and prompt_hidden: hidden
-states separate problems from each other well but right from wrong answers *to one problem*
-poorly, which is what best-of-N selection needs (measured in the README).
+The default heads (`critics.orm_features=confidence`, `state_features=confidence`) read
+logprob and prompt_hidden: hidden states separate problems from each other well but right
+from wrong answers *to one problem* poorly, which is what best-of-N and search need (measured
+in the README).
 
 We call the model's base (`model.base_model`: the decoder inside a causal LM, or an `AutoModel`
 itself) and project to the vocabulary only at the completion's positions.

@@ -159,9 +159,9 @@ def test_train_critics_end_to_end(tiny_model_dir, tmp_path):
         assert sorted(p.name for p in (out / kind).iterdir()) == ["head.safetensors", "meta.json"]
         meta = json.loads((out / kind / "meta.json").read_text())
         assert meta["kind"] == kind and meta["backbone"] == str(tiny_model_dir)
-        assert meta["features"] == ("confidence" if kind == "orm" else "hidden")  # the default
-        assert meta["hidden_size"] == (4 + 32 if kind == "orm" else 32) and meta["max_length"] == 128
-        assert meta["linear_features"] == (32 if kind == "orm" else 0)
+        assert meta["features"] == "confidence"  # the default for every head
+        assert meta["hidden_size"] == 4 + 32 and meta["max_length"] == 128
+        assert meta["linear_features"] == 32
         assert meta["examples"]["train"] > 0 and meta["examples"]["heldout"] > 0
         assert meta["config"]["epochs"] == 10 and meta["metrics"]["trained"]
         m = metrics[kind]
@@ -188,7 +188,7 @@ def test_critic_set_loads_and_scores_what_train_critics_wrote(tiny_model, tiny_m
 def test_heads_saved_before_orm_features_existed_read_hidden_states(tiny_model, tiny_model_dir,
                                                                     tmp_path):
     model, tokenizer = tiny_model
-    cfg = replace(CFG, orm_features=FeatureSet.hidden)
+    cfg = replace(CFG, orm_features=FeatureSet.hidden, state_features=FeatureSet.hidden)
     train_critics(_shard_rows(num_problems=2, simulations=4), str(tiny_model_dir), cfg,
                   tmp_path / "critics", model, tokenizer)
     scores = CriticSet.load(tmp_path / "critics", model, tokenizer).score(PROMPTS, COMPLETIONS)
@@ -222,9 +222,10 @@ def test_state_features_choose_what_value_and_prm_read(tiny_model, tiny_model_di
     scores = critics.score(PROMPTS, COMPLETIONS)
     for kind, by_hand in expected.items():
         assert scores[kind] == pytest.approx(by_hand, abs=1e-5)
-    hidden = train_critics(_shard_rows(), str(tiny_model_dir), CFG, tmp_path / "hidden", model,
-                           tokenizer)
+    hidden = train_critics(_shard_rows(), str(tiny_model_dir), replace(CFG, state_features=FeatureSet.hidden),
+                           tmp_path / "hidden", model, tokenizer)
     assert hidden["value"]["features"] == "hidden"
+    assert CriticsConfig().state_features == FeatureSet.confidence  # the default
 
 
 def test_too_few_examples_skip_metrics_with_a_reason(tiny_model, tiny_model_dir, tmp_path):
