@@ -99,8 +99,9 @@ def backbone_features(model, tokenizer, prompts: Sequence[str], completions: Seq
     `max_length`, or with an empty prompt, runs alone, left-truncated and left-padded."""
     lm_head = model.get_output_embeddings() if logprobs else None
     if logprobs and lm_head is None:
-        raise ValueError("critics.orm_features=confidence needs a causal LM backbone (one with "
-                         "an output embedding); use critics.orm_features=hidden for a base model")
+        raise ValueError("critics.orm_features=confidence and critics.state_features=confidence "
+                         "need a causal LM backbone (one with an output embedding); set both to "
+                         "hidden for a base model")
     n = len(prompts)
     if n == 0:
         empty = torch.zeros(0, model.config.hidden_size)

@@ -1,5 +1,5 @@
 """The critic studies on a 1-iteration tiny run: benchmarks/state_features.py (K folds over the
-training problems score every state and completion out of fold, once per feature set) and
+training problems, each held out once, per feature set) and
 benchmarks/critic_features.py (the shared-prompt features against one pass per text)."""
 
 import json
@@ -31,7 +31,7 @@ def test_folds_are_disjoint_and_cover_every_problem():
     assert folds != bench.folds_of(ids, 4, seed=1)
 
 
-def test_every_feature_set_ranks_out_of_fold(tiny_run, tmp_path):
+def test_every_feature_set_is_judged_on_states_and_completions(tiny_run, tmp_path):
     bench = load_benchmark("state_features")
     out = tmp_path / "state_features.json"
     result = bench.main(["--run", str(tiny_run), "--iterations", "0", "--folds", "2",

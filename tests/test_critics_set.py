@@ -72,7 +72,7 @@ def test_a_base_model_gives_the_causal_lms_hidden_features(tiny_model, tiny_mode
     base = AutoModel.from_pretrained(tiny_model_dir).eval()
     assert torch.allclose(_features(base, tokenizer, STATES, logprobs=False).hidden,
                           _features(model, tokenizer, STATES).hidden, atol=1e-6)
-    with pytest.raises(ValueError, match="orm_features=confidence needs a causal LM"):
+    with pytest.raises(ValueError, match="state_features=confidence need a causal LM"):
         _features(base, tokenizer, STATES, logprobs=True)
 
 

@@ -4,9 +4,8 @@ Features come from one frozen backbone, computed once per distinct text; the hea
 them in milliseconds. By default the heads are fitted once, by the refit stage after train, on
 the new policy's features (the policy they will serve); the critics stage, before train, fits
 them on policy_i's only when no refit follows (critics.refit=false, or critics.backbone names
-another model, which both stages would read alike). Value and
-PRM read what critics.state_features names, the ORM what critics.orm_features names. Problems
-are split into train and held-out, so the held-out metrics judge critics on unseen problems.
+another model, which both stages would read alike). Value and PRM read what
+critics.state_features names, the ORM what critics.orm_features names. Problems are split into train and held-out, so the held-out metrics judge critics on unseen problems.
 """
 
 from __future__ import annotations
