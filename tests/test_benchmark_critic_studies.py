@@ -57,3 +57,5 @@ def test_shared_prompt_features_equal_one_pass_each_on_a_run(tiny_run, tmp_path)
     assert result["prompts"] == 2 and result["texts"] > result["prompts"]
     assert result["tokens"]["shared_prompt"] < result["tokens"]["one_pass_each"]
     assert max(result["max_abs_diff"].values()) < 1e-3
+    forced = result["teacher_forced"]
+    assert forced["max_abs_diff"] < 1e-3 and set(forced["seconds"]) == {"one_pass_each", "shared_prompt"}

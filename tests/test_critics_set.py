@@ -276,14 +276,3 @@ def test_texts_sharing_a_prompt_get_the_features_of_one_pass_each(which, request
     assert torch.allclose(shared.prompt_hidden, torch.stack(alone.prompt), atol=1e-4)
     assert torch.allclose(shared.logprob, torch.stack(alone.logprob), atol=1e-3)
     assert shared.logprob[0].tolist() == [0, 0, 0, 0] and shared.logprob[1, 3] > 0  # count
-
-
-def test_chunks_keep_every_row_once_and_bound_the_padding():
-    lengths = [1, 1, 2, 3, 3, 3, 10, 11, 12, 40, 41, 80]
-    rows = [(i, [0] * n) for i, n in enumerate(lengths)]
-    chunks = list(features_module._chunks(rows, batch_size=4))
-    assert [r for c in chunks for r in c] == rows  # in order, each once
-    for chunk in chunks:
-        real, width = sum(len(ids) for _, ids in chunk), max(len(ids) for _, ids in chunk)
-        assert len(chunk) <= 4 and len(chunk) * width <= 1.5 * real + 8
-    assert len(chunks) < len(rows)  # rows of like length still share a forward

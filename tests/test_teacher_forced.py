@@ -36,3 +36,32 @@ def test_chunked_tail_logprobs_equal_each_row_alone(which, logits_mb, request, m
         assert len(row) == len(c)
         assert row == pytest.approx(alone(model, tokenizer, prompt, c), abs=1e-4)
         assert same == pytest.approx(row, abs=1e-5)
+
+
+@pytest.mark.parametrize("which", ["varied", "smol_tiny"])
+def test_completions_sharing_a_prompt_get_their_own_pass_log_probs(which, request):
+    """A problem's samples and a node's options share their prompt: it runs once for all of
+    them, and every completion's log-probs equal a pass of its own (with SmolLM2's BPE too)."""
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = prompts_for(tokenizer)[:2]
+    completions = ["", "1 + 2 = 3\n", "1 + 2 = 3\n\n3 + 4 = 7\n", "Answer: 7", "x", "so the answer is 42"]
+    texts = [(p, c) for p in prompts for c in completions] + [(prompts[0] + "Step 1\n", "x")]
+    found = completion_logprobs(model, tokenizer, [p for p, _ in texts], [c for _, c in texts],
+                                batch_size=3)
+    for (prompt, completion), row in zip(texts, found, strict=True):
+        ids = tokenizer(completion, add_special_tokens=False).input_ids
+        assert row == pytest.approx(alone(model, tokenizer, prompt, ids), abs=1e-4)
+
+
+def test_soft_capped_logits_run_each_text_whole(varied, monkeypatch):
+    """A model whose logits are not lm_head(hidden) (Gemma 2's soft-capping) must not read
+    log-probs from shared hidden states: every text then runs its own forward."""
+    model, tokenizer = varied
+    calls = []
+    monkeypatch.setattr(teacher_forced, "completion_states", lambda *a: calls.append(a) or iter(()))
+    prompts = prompts_for(tokenizer)[:1] * 3
+    completion_logprobs(model, tokenizer, prompts, ["a", "b", "c"])
+    assert len(calls) == 1  # plain logits: the three share their prompt
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+    found = completion_logprobs(model, tokenizer, prompts, ["a", "b", "c"])
+    assert len(calls) == 1 and [len(r) for r in found] == [1, 1, 1]
