@@ -8,11 +8,14 @@ on the same test samples, and what scoring with trained critics costs the search
    trained policy was evaluated with (the refit stage's, fitted on that policy; the critics
    stage's where no refit ran) report the within-problem AUC of value, PRM, ORM and the
    policy's DPO implicit reward on their held-out completions: right against wrong completions
-   of one problem, averaged over problems with both.
+   of one problem, averaged over problems with both (`within_problem_auc_trees`: held out from
+   the heads, but DPO trained the policy on those problems).
 2. Each trained policy draws --n samples per test problem (`qstar eval eval.split=test
    decode=best_of_n` with those critics) and every selection is graded on the same samples:
    majority vote, ORM argmax, ORM-weighted vote and the summed implicit reward (against the
-   policy's DPO reference, recorded in its meta.json).
+   policy's DPO reference, recorded in its meta.json). On the same samples, of problems nothing
+   trained on, `within_problem_auc` per critic and policy, beside two untrained scores (the
+   samples' mean log-prob and their answer's vote share).
 3. search_tok_s_ratio_with_critics: the final policy searches the training problems three
    times in this process: without critics, with its trained critics reading a backbone pass
    per leaf (critics.leaf_features=backbone), and with them reading the search's own decoding
@@ -69,9 +72,11 @@ def run_loop(run_dir: Path, iterations: int, overrides: list[str]) -> RunStore:
 
 
 def within_problem(store: RunStore, iterations: int) -> dict[str, list]:
-    """Per critic, per iteration: the within-problem AUC on held-out completions of the critics
-    policy i+1 was evaluated with (None where the critic does not exist, e.g. implicit when no
-    refit judged a DPO-trained policy)."""
+    """Per critic, per iteration: the within-problem AUC the run recorded on the held-out trees
+    of the critics policy i+1 was evaluated with (None where the critic does not exist, e.g.
+    implicit when no refit judged a DPO-trained policy). Held out from the heads, not from the
+    policy: DPO trained policy i+1 on those problems' trees, which flatters the implicit reward
+    and the log-prob features; on_test_samples is the fair measure."""
     found = {kind: [] for kind in CRITICS}
     for i in range(iterations):
         metrics = critics_metrics(store, i) or {}
@@ -108,6 +113,56 @@ def selection(store: RunStore, cfg, iterations: int, n: int, out: Path) -> list[
     return rows
 
 
+def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) -> dict[str, list]:
+    """Per critic, per trained policy: the within-problem AUC on that policy's best-of-N samples
+    of the test problems (right against wrong samples of one problem, averaged over problems
+    with both), which no policy or critic trained on. Beside the critics, two untrained scores
+    for reference: the samples' mean token log-prob under the policy, and their answer's vote
+    share. Value and PRM judge the whole sample as a state. Kept per policy in `out`."""
+    from critics.metrics import within_problem_auc
+    from pipeline.lm.models import load_model, resolve_model_path
+    from pipeline.lm.teacher_forced import completion_logprobs
+    from pipeline.stages.critics import load_critics
+    from pipeline.tasks import make_task
+    from pipeline.tasks.prompt import task_prompts
+
+    task = make_task(cfg.task)
+    problems = {p.id: p for p in task.split("test")}
+    found = {kind: [] for kind in (*CRITICS, "mean_logprob", "vote_share")}
+    for i in range(1, iterations + 1):
+        part = out / f"p{i}_within_problem_test.json"
+        if not part.is_file():
+            rows = json.loads((out / f"p{i}_best_of_{n}_test.json").read_text())["rows"]
+            policy = store.policy_dir(i, resolve_model_path(cfg.model))
+            model, tokenizer = load_model(cfg.model, policy)
+            prompts = dict(zip((r["id"] for r in rows), task_prompts(
+                tokenizer, task, [problems[r["id"]] for r in rows]), strict=True))
+            texts = [(r["id"], c) for r in rows for c in r["candidates"]]
+            ids, samples = [t[0] for t in texts], [t[1] for t in texts]
+            right = [float(task.is_correct(problems[pid], c)) for pid, c in texts]
+            scores = {"implicit": [x for r in rows for x in r.get("implicit_rewards") or []] or None,
+                      "mean_logprob": [sum(lp) / max(len(lp), 1) for lp in completion_logprobs(
+                          model, tokenizer, [prompts[pid] for pid in ids], samples,
+                          cfg.critics.score_batch_size)],
+                      "vote_share": [_vote_share(r, task, c) for r in rows for c in r["candidates"]]}
+            critics = load_critics(store.critics_dir(i), policy, model, tokenizer, cfg)
+            if critics is not None:
+                scores.update({k: v.tolist() for k, v in critics.score(
+                    [prompts[pid] for pid in ids], samples, ("value", "prm", "orm")).items()})
+            write_json(part, {kind: within_problem_auc(v, right, ids)[0] if v else None
+                              for kind, v in scores.items()})
+        auc = json.loads(part.read_text())
+        for kind in found:
+            found[kind].append(auc.get(kind))
+    return found
+
+
+def _vote_share(row: dict, task, completion: str) -> float:
+    answers = [task.extract_answer(c) for c in row["candidates"]]
+    mine = task.extract_answer(completion)
+    return 0.0 if mine is None else answers.count(mine) / len(answers)
+
+
 def search_speed(store: RunStore, cfg, iterations: int, part: Path, problems: int | None) -> dict:
     """Tokens/s of the final policy's search over the training problems: without critics, with
     its trained critics reading a backbone pass per leaf (critics.leaf_features=backbone), and
@@ -119,8 +174,10 @@ def search_speed(store: RunStore, cfg, iterations: int, part: Path, problems: in
     from pipeline.tasks import make_task
     from pipeline.tasks.prompt import task_prompts
 
-    done = json.loads(part.read_text()) if part.is_file() else {}
     policy = store.policy_dir(iterations, resolve_model_path(cfg.model))
+    done = json.loads(part.read_text()) if part.is_file() else {}
+    if done.get("policy") != policy:  # kept for another final policy (a run since extended)
+        done = {"policy": policy}
     critics_dir = store.critics_dir(iterations)
     if critics_dir is None:
         return {"skipped": "the run trained no critics for its final policy"}
@@ -143,7 +200,7 @@ def search_speed(store: RunStore, cfg, iterations: int, part: Path, problems: in
                       "leaves_scored": dict(scorer.leaf_scoring)}
         write_json(part, done)
     speed = {name: done[name]["tokens_per_s"] for name, _, _ in HALVES}
-    return {"policy": policy, "critics": str(critics_dir), "problems": len(train), **done,
+    return {"critics": str(critics_dir), "problems": len(train), **done,
             "search_tok_s_ratio_with_critics": round(
                 speed["with_critics"] / speed["without_critics"], 3),
             "search_tok_s_ratio_with_critics_backbone": round(
@@ -174,9 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "critics", "smoke": args.smoke, "run": str(args.runs),
         "iterations": iterations, "overrides": overrides,
-        "within_problem_auc": within_problem(store, iterations),
+        "within_problem_auc_trees": within_problem(store, iterations),
         "best_of_n_on_test": selection(store, cfg, iterations, args.n,
                                        args.runs / "bench_test_evals"),
+        "within_problem_auc": on_test_samples(store, cfg, iterations, args.n,
+                                              args.runs / "bench_test_evals"),
         "search": search_speed(store, cfg, iterations, args.runs / "bench_search_speed.json",
                                args.search_problems),
     }

@@ -21,16 +21,20 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     result = bench.main(args)
     assert json.loads((runs / "critics.json").read_text()) == json.loads(json.dumps(result))
     assert (published.stat().st_mtime_ns if published.is_file() else None) == before  # untouched
-    assert set(result["within_problem_auc"]) == {"value", "prm", "orm", "implicit"}
-    assert all(len(v) == 1 for v in result["within_problem_auc"].values())
+    assert set(result["within_problem_auc_trees"]) == {"value", "prm", "orm", "implicit"}
+    assert all(len(v) == 1 for v in result["within_problem_auc_trees"].values())
     # the smoke run trains nothing (no pairs): the refit fitted the heads on policy_0,
     # which has no DPO reference
-    assert result["within_problem_auc"]["implicit"] == [None]
+    assert result["within_problem_auc_trees"]["implicit"] == [None]
+    on_test = result["within_problem_auc"]
+    assert set(on_test) == {"value", "prm", "orm", "implicit", "mean_logprob", "vote_share"}
+    assert on_test["implicit"] == [None] and all(len(v) == 1 for v in on_test.values())
     [row] = result["best_of_n_on_test"]
     assert row["policy"] == 1 and row["n"] == 2 and row["problems"] == 4 and row["split"] == "test"
     assert row["majority"] is not None and row["orm"] is not None and row["orm_vote"] is not None
     graded = json.loads((runs / "bench_test_evals" / "p1_best_of_2_test.json").read_text())
     assert graded["summary"]["accuracy_by_select"]["orm"] == row["orm"]
+    assert on_test["vote_share"] == [pytest.approx(vote_share_auc(graded["rows"], runs))]
     search = result["search"]
     with_, backbone, without = (search["with_critics"], search["with_critics_backbone"],
                                 search["without_critics"])
@@ -53,6 +57,26 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     monkeypatch.setattr(ts, "train_search", no_search)
     again = bench.main(args)
     assert again["search"] == search
+
+
+def vote_share_auc(rows, runs):
+    """By hand: per problem with right and wrong samples, P(a right sample's answer has more
+    votes than a wrong one's), ties one half; the mean over those problems (None: none)."""
+    from pipeline.compose import load_run_config
+    from pipeline.tasks import make_task
+
+    task = make_task(load_run_config(runs, []).task)
+    problems = {p.id: p for p in task.split("test")}
+    found = []
+    for row in rows:
+        answers = [task.extract_answer(c) for c in row["candidates"]]
+        right = [task.is_correct(problems[row["id"]], c) for c in row["candidates"]]
+        votes = [answers.count(a) if a is not None else 0 for a in answers]
+        pos = [v for v, r in zip(votes, right) if r]
+        neg = [v for v, r in zip(votes, right) if not r]
+        if pos and neg:
+            found.append(sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg)))
+    return sum(found) / len(found) if found else None
 
 
 @pytest.mark.parametrize("flag", ["--n", "--search-problems", "--iterations"])
