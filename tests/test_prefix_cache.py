@@ -85,11 +85,11 @@ def test_lru_evicts_leaves_first_within_the_byte_bound():
     insert(cache, [1, 2, 3, 4, 7, 8])
     assert cache.stats.bytes == 8 * per_token
     cache.lookup([1, 2, 3, 4, 5, 6, 0])  # touch the 5-6 branch: 7-8 is now least recent
-    insert(cache, [9, 9, 9])  # 11 tokens > 10: evict the oldest leaf
+    insert(cache, [9, 9, 9])  # 11 tokens > 10: evict the oldest leaf first, then insert
     assert cache.lookup([1, 2, 3, 4, 7, 8, 0])[0] == 4  # its branch is gone, the stem stays
     assert cache.lookup([1, 2, 3, 4, 5, 6, 0])[0] == 6
     assert cache.stats.bytes == 9 * per_token <= cache.capacity
-    assert cache.stats.peak_bytes == 11 * per_token and cache.stats.evicted_tokens == 2
+    assert cache.stats.peak_bytes == 9 * per_token and cache.stats.evicted_tokens == 2  # never over
     insert(cache, [5] * 9)  # forces out everything older, stem last
     assert cache.lookup([1, 2, 3, 4, 5, 6, 0])[0] == 0 and cache.stats.bytes <= cache.capacity
     # every cached node is reachable from the root (nothing orphaned)
@@ -99,6 +99,17 @@ def test_lru_evicts_leaves_first_within_the_byte_bound():
         seen += 1
         stack.extend(node.children.values())
     assert seen == len(cache.lru)
+
+
+def test_a_suffix_with_no_room_beside_its_prefix_is_not_cached():
+    per_token = fake_kv([0]).numel() * 4
+    cache = PrefixCache(max_mb=6 * per_token / 2**20)  # room for 6 tokens
+    insert(cache, [1, 2, 3, 4])
+    insert(cache, [1, 2, 3, 4, 5, 6, 7])  # 3 more would need its own prefix evicted
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 0])[0] == 4 and cache.stats.bytes == 4 * per_token
+    insert(cache, [8] * 7)  # bigger than the cache: not cached, and nothing evicted for it
+    assert cache.lookup([8] * 8)[0] == 0 and cache.stats.evicted_tokens == 0
+    assert cache.lookup([1, 2, 3, 4, 0])[0] == 4 and cache.stats.peak_bytes <= cache.capacity
 
 
 def test_zero_capacity_stores_nothing():

@@ -124,18 +124,26 @@ class PrefixCache:
         return m, kv[..., :m, :]
 
     def insert(self, tokens: Sequence[int], kv_from: Callable[[int], torch.Tensor]) -> None:
-        """Cache `tokens`; `kv_from(start)` gives the KV of tokens[start:] (only new ones are asked)."""
+        """Cache `tokens`; `kv_from(start)` gives the KV of tokens[start:] (only new ones are asked).
+        Room is made first (least recent leaves out), so the cache never holds more than its
+        bound; a suffix with no room beside the prefix it extends is not cached."""
         if not self.enabled or not tokens:
             return
         m, path = self.match(tokens)
+        self._touch([node for node, _ in path])
         if m == len(tokens):
-            self._touch([node for node, _ in path])
+            return
+        kv = kv_from(m).contiguous()
+        size, keep = kv.numel() * kv.element_size(), {node for node, _ in path}
+        if size + sum(_bytes(node) for node in keep) > self.capacity:
+            return  # no room even with everything else evicted: evict nothing
+        if not self._make_room(size, keep):
             return
         parent = self.root
         if path:
             last, k = path[-1]
             parent = self._split(last, k) if k < len(last.tokens) else last
-        node = _Node(tuple(tokens[m:]), kv_from(m).contiguous(), parent)
+        node = _Node(tuple(tokens[m:]), kv, parent)
         parent.children[node.tokens[0]] = node
         self.lru[node] = None
         self._account(node, +1)
@@ -145,7 +153,6 @@ class PrefixCache:
             chain.append(up)
             up = up.parent
         self._touch(chain[::-1])
-        self._evict()
 
     def _split(self, node: _Node, k: int) -> _Node:
         """Cut `node` after its first k tokens; returns the new upper half."""
@@ -162,12 +169,18 @@ class PrefixCache:
 
     def _account(self, node: _Node, sign: int) -> None:
         s = self.stats
-        s.bytes += sign * node.kv.numel() * node.kv.element_size()
+        s.bytes += sign * _bytes(node)
         s.peak_bytes = max(s.peak_bytes, s.bytes)
 
-    def _evict(self) -> None:
-        while self.stats.bytes > self.capacity and self.lru:
+    def _make_room(self, size: int, keep: set[_Node]) -> bool:
+        """Evict least recent leaves until `size` more bytes fit; False (nothing more evicted)
+        when only `keep` (the prefix being extended) would be left to evict."""
+        while self.stats.bytes + size > self.capacity:
+            if not self.lru:
+                return False
             node = next(iter(self.lru))
+            if node in keep:
+                return False
             del self.lru[node]
             if node.children:  # cannot happen while the order invariant holds; keep it safe
                 self.lru[node] = None
@@ -175,6 +188,11 @@ class PrefixCache:
             del node.parent.children[node.tokens[0]]
             self._account(node, -1)
             self.stats.evicted_tokens += len(node.tokens)
+        return True
+
+
+def _bytes(node: _Node) -> int:
+    return node.kv.numel() * node.kv.element_size()
 
 
 def _common_prefix(segment: tuple, tokens: Sequence[int], start: int) -> int:
