@@ -53,10 +53,10 @@ def test_completions_sharing_a_prompt_get_their_own_pass_log_probs(which, reques
         assert row == pytest.approx(alone(model, tokenizer, prompt, ids), abs=1e-4)
 
 
-def test_soft_capped_logits_run_each_text_whole(varied, monkeypatch):
+def test_soft_capped_logits_run_each_text_whole(request, monkeypatch):
     """A model whose logits are not lm_head(hidden) (Gemma 2's soft-capping) must not read
     log-probs from shared hidden states: every text then runs its own forward."""
-    model, tokenizer = varied
+    model, tokenizer = request.getfixturevalue("varied")
     calls = []
     monkeypatch.setattr(teacher_forced, "completion_states", lambda *a: calls.append(a) or iter(()))
     prompts = prompts_for(tokenizer)[:1] * 3
