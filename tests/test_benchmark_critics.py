@@ -34,7 +34,7 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     assert row["majority"] is not None and row["orm"] is not None and row["orm_vote"] is not None
     graded = json.loads((runs / "bench_test_evals" / "p1_best_of_2_test.json").read_text())
     assert graded["summary"]["accuracy_by_select"]["orm"] == row["orm"]
-    assert on_test["vote_share"] == [pytest.approx(vote_share_auc(graded["rows"], runs))]
+    assert on_test["vote_share"] == [vote_share_auc(graded["rows"], runs)]
     search = result["search"]
     with_, backbone, without = (search["with_critics"], search["with_critics_backbone"],
                                 search["without_critics"])
@@ -57,6 +57,35 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     monkeypatch.setattr(ts, "train_search", no_search)
     again = bench.main(args)
     assert again["search"] == search
+
+
+def test_within_problem_auc_on_test_samples_with_right_and_wrong_answers(bench, tiny_model_dir,
+                                                                           tmp_path):
+    """The tiny policy answers no test problem, so the smoke run has nothing to rank: here its
+    samples are replaced by known right and wrong answers (gold, gold, a wrong one; a lone wrong
+    one), and every score's within-problem AUC must be computed, the vote share's as by hand."""
+    from pipeline.compose import load_run_config
+    from pipeline.run.store import RunStore
+    from pipeline.tasks import make_task
+
+    runs = tmp_path / "runs"
+    bench.main(["--smoke", "--runs", str(runs), f"model={tiny_model_dir}",
+                f"model.cache_dir={tmp_path / 'cache'}"])
+    out = runs / "bench_test_evals"
+    cfg = load_run_config(runs, [])
+    task = make_task(cfg.task)
+    rows = [{"id": p.id, "candidates": [f"Answer: {p.answer}", f"Answer: {p.answer}",
+                                        f"Answer: {p.answer}1", f"Answer: {p.answer}2"]}
+            for p in task.split("test")]
+    assert all(task.is_correct(p, f"Answer: {p.answer}") for p in task.split("test"))
+    (out / "p1_best_of_2_test.json").write_text(json.dumps({"rows": rows}))
+    (out / "p1_within_problem_test.json").unlink()
+    found = bench.on_test_samples(RunStore(runs), cfg, 1, 2, out)
+    # right answers hold 2 of 4 votes, each wrong one 1: vote share ranks them perfectly
+    assert found["vote_share"] == [1.0] == [vote_share_auc(rows, runs)]
+    for kind in ("value", "prm", "orm", "mean_logprob"):
+        assert 0.0 <= found[kind][0] <= 1.0
+    assert found["implicit"] == [None]  # no implicit rewards recorded: the policy has no reference
 
 
 def vote_share_auc(rows, runs):
