@@ -80,8 +80,8 @@ def _dpo_rewards(plt, rows: list[dict], out):
 def _within_problem_auc(plt, rows: list[dict], out):
     series = {kind: _points(rows, lambda r, k=kind: (r.get("within_auc") or {}).get(k))
               for kind in CRITICS}
-    return _lines(plt, series, "Within-problem AUC (completions held out from the heads, not from DPO)", "AUC",
-                  out / "within_problem_auc.png")
+    title = "Within-problem AUC (completions held out from the heads, not from DPO)"
+    return _lines(plt, series, title, "AUC", out / "within_problem_auc.png")
 
 
 def _save(fig, path) -> str:

@@ -5,7 +5,10 @@ them in milliseconds. By default the heads are fitted once, by the refit stage a
 the new policy's features (the policy they will serve); the critics stage, before train, fits
 them on policy_i's only when no refit follows (critics.refit=false, or critics.backbone names
 another model, which both stages would read alike). Value and PRM read what
-critics.state_features names, the ORM what critics.orm_features names. Problems are split into train and held-out, so the held-out metrics judge critics on unseen problems.
+critics.state_features names, the ORM what critics.orm_features names. Problems are split into
+train and held-out, so the held-out metrics judge the heads on problems they were not fitted
+on; the policy itself was DPO-trained on every training problem's trees, held-out ones too
+(benchmarks/critics.py measures the critics on fresh test samples).
 """
 
 from __future__ import annotations
