@@ -23,7 +23,8 @@ stages read dev; every number here is graded on the test split, once, by this sc
 - wall: per MCTS-loop iteration, the chosen log-prob change during DPO, the DPO margin, the
   training solve rate, and the first iteration whose test greedy is not above the one before.
 
-`--eval-policies 1 3` limits the evaluation arm to those policies (the JSON lists which).
+`--no-grpo` neither runs nor extends the GRPO loop (a GRPO run on disk is reported as far as it
+got). `--eval-policies 1 3` limits the evaluation arm to those policies (the JSON lists which).
 Resumable: the loops resume (`qstar resume` semantics), and each test evaluation is skipped
 when its JSON exists. Writes matched_budget.json (`"split": "test"`) and three PNGs beside it.
 """
@@ -38,12 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mcts.tree import NO_PARENT  # noqa: E402
 from pipeline.compose import compose_config  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.loop import resume_run, run_loop  # noqa: E402
 from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
+from pipeline.stages.data import verified_completions  # noqa: E402
 from pipeline.stages.eval import run_eval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,30 +75,28 @@ def per_problem(summary: dict) -> float:
 
 
 def verified_solutions(store: RunStore, i: int) -> dict:
-    """Distinct verified solutions in iteration i's search (a terminal node with reward 1: a
-    distinct path in MCTS, a distinct text among samples) and their length in lines, which is
-    their number of options (search.termination=newline)."""
-    solutions, lines, solved, problems = set(), [], 0, 0
+    """Distinct verified solutions in iteration i's search and their length in lines, which is
+    their number of options (search.termination=newline). A solution is a correct terminal node's
+    path (a distinct text among samples), or a node's steps plus a fast rollout the verifier
+    accepted and that ended with EOS: the rollout's tokens are in the search's budget and the data
+    stage trains on it (pairs.sft_from_rollouts). `verified_terminals` and `solved_by_terminal`
+    count terminal nodes only."""
+    terminal_count, solutions, solved, by_terminal, problems = 0, set(), 0, 0, 0
     for shard in sorted((store.stage_dir(i, "search")).glob("shard_*.jsonl")):
         for row in map(json.loads, shard.read_text().splitlines()):
             problems += 1
-            solved += bool(row["solved"])
-            nodes = {n["id"]: n for n in row["tree"]["nodes"]}
-            for node in nodes.values():
-                if not (node["terminal"] and node["terminal_reward"] == 1.0):
-                    continue
-                path, k = [], node["id"]
-                while nodes[k]["parent"] != NO_PARENT:  # up to the root (the prompt)
-                    path.append(nodes[k]["text"])
-                    k = nodes[k]["parent"]
-                text = "".join(reversed(path))
-                if (row["problem_id"], text) not in solutions:
-                    solutions.add((row["problem_id"], text))
-                    lines.append(len([x for x in text.splitlines() if x.strip()]))
+            terminals, from_rollouts = verified_completions(row["tree"], row.get("rollouts", {}))
+            terminal_count += len(terminals)
+            solved += bool(terminals or from_rollouts)
+            by_terminal += bool(terminals)
+            solutions |= {(row["problem_id"], text) for text in terminals | from_rollouts}
+    lines = [len([x for x in text.splitlines() if x.strip()]) for _, text in solutions]
     tokens = store.metrics(i, "search")["tokens"]
-    return {"problems": problems, "solved": solved, "verified_solutions": len(solutions),
+    return {"problems": problems, "solved": solved, "solved_by_terminal": by_terminal,
+            "verified_solutions": len(solutions), "verified_terminals": terminal_count,
             "tokens": tokens,
             "verified_per_1k_tokens": round(1000 * len(solutions) / max(tokens, 1), 3),
+            "verified_terminals_per_1k_tokens": round(1000 * terminal_count / max(tokens, 1), 3),
             "solved_per_1k_tokens": round(1000 * solved / max(tokens, 1), 3),
             "options_per_solution": round(sum(lines) / len(lines), 2) if lines else None}
 
@@ -174,7 +173,7 @@ def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out:
         result[name] = {"test_greedy": greedy, "search": [
             sampled_tokens(store, i) if name == "grpo" else verified_solutions(store, i)
             for i in range(done)]}
-    both = min(len(r["test_greedy"]) for r in result.values())
+    both = min(len(result[name]["test_greedy"]) for name in ("mcts", "star"))
     result["mcts_minus_star"] = [round(result["mcts"]["test_greedy"][k]
                                        - result["star"]["test_greedy"][k], 3)
                                  for k in range(1, both)]
@@ -232,6 +231,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in (("mcts", "MCTS + critics + DPO/SFT"), ("star", "STaR"), ("grpo", "GRPO")):
+        if name not in result["loop"]:
+            continue
         curve = result["loop"][name]["test_greedy"]
         ax.plot(range(len(curve)), curve, marker="o", label=label)
     ax.set(xlabel="policy (0 = base)", ylabel="test greedy accuracy",
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-policies", type=int, nargs="+", default=None, metavar="K",
                         help="the evaluation arm grades only these policies (default: every "
                              "policy of the MCTS loop); the JSON says which")
+    parser.add_argument("--no-grpo", action="store_true",
+                        help="do not run or extend the GRPO loop (hours on a CPU); a GRPO run "
+                             "already on disk is reported as far as it got")
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every run")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -273,17 +277,20 @@ def main(argv: list[str] | None = None) -> dict:
     star = run_or_resume(runs / "star", ["experiment=star_cpu", *base,
                                          f"search.simulations={calibration['samples']}"],
                          args.iterations)
-    grpo = run_or_resume(runs / "grpo", ["experiment=grpo_cpu", *base, *grpo_budget(calibration)],
-                         args.iterations)
-    loop = loop_arm(base, {"mcts": mcts, "star": star, "grpo": grpo}, args.iterations, evals)
+    stores = {"mcts": mcts, "star": star}
+    if not args.no_grpo:
+        stores["grpo"] = run_or_resume(runs / "grpo", ["experiment=grpo_cpu", *base,
+                                                       *grpo_budget(calibration)], args.iterations)
+    elif (runs / "grpo" / "manifest.json").is_file():  # reported as far as it got, not extended
+        stores["grpo"] = RunStore(runs / "grpo")
+    loop = loop_arm(base, stores, args.iterations, evals)
     trained = range(len(loop["mcts"]["test_greedy"]))
     eval_policies = list(trained) if args.eval_policies is None else args.eval_policies
     if any(k not in trained for k in eval_policies):
         parser.error(f"--eval-policies {eval_policies}: the MCTS loop has policies 0..{len(trained) - 1}")
     result = {
         "benchmark": "matched_budget", "split": "test", "smoke": args.smoke,
-        "iterations": args.iterations, "runs": {"mcts": str(mcts.root), "star": str(star.root),
-                                               "grpo": str(grpo.root)},
+        "iterations": args.iterations, "runs": {k: str(v.root) for k, v in stores.items()},
         "star_calibration": calibration,
         "data_generation": _data_generation(loop),
         "evaluation": evaluation_arm(base, mcts, eval_policies, args.n, evals),

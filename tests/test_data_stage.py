@@ -12,7 +12,7 @@ from mcts.tree import Tree
 from pipeline.config import PairsConfig
 from pipeline.run.atomic import read_jsonl
 from pipeline.run.store import load_shards
-from pipeline.stages.data import build_rows, write_data
+from pipeline.stages.data import build_rows, verified_completions, write_data
 
 GOLDEN = Path(__file__).parent / "golden"
 PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -224,6 +224,24 @@ def test_sft_falls_back_to_a_verified_finished_rollout():
     # a verified terminal in another tree of the same problem wins over any rollout
     _, sft = build_rows([row, shard_row("p-mul", "What is 4 * 5?", tree_add())], 0, PairsConfig())
     assert sft[0]["lineage"]["from_rollout"] is False
+
+
+def test_verified_completions_count_terminals_and_finished_verified_rollouts():
+    nodes = tree_add()
+    nodes[7]["rollout"] = nodes[8]["rollout"] = nodes[2]["rollout"] = 1.0
+    nodes[1]["rollout"] = 0.0  # its rollout was wrong: not a solution
+    rollouts = {"7": {"text": "Answer: 5\n", "tokens": 3, "finished": True},
+                "8": {"text": "Answer: 5\n", "tokens": 3, "finished": False},  # cut short
+                "2": {"text": "Answer: 5\n", "tokens": 3, "finished": True},
+                "1": {"text": "Answer: 5\n", "tokens": 3, "finished": True}}
+    terminals, from_rollouts = verified_completions(tree("What is 2 + 3?", nodes), rollouts)
+    assert terminals == {"Step 1: add 2 and 3\nAnswer: 5\n", "Step 1: add 2 and 3\nAnswer: 5.\n"}
+    assert from_rollouts == {"Step 1: multiply 2 by 3\nStep 2: check it\nAnswer: 5\n",
+                             "Step 1: multiply 2 by 3\nAnswer: 5\n"}
+    # a verified rollout whose text is a correct terminal's is one solution, not two
+    nodes[1]["rollout"] = 1.0
+    assert verified_completions(tree("What is 2 + 3?", nodes), rollouts)[1] == from_rollouts
+    assert verified_completions(tree("What is 4 * 5?", tree_mul()), {}) == (set(), set())
 
 
 def test_order_is_deterministic():

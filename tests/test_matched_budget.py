@@ -42,6 +42,9 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
         d = data[arm]
         assert d["problems"] == 2 and 0 <= d["solved"] <= 2 and d["tokens"] > 0
         assert d["verified_per_1k_tokens"] == round(1000 * d["verified_solutions"] / d["tokens"], 3)
+        # verified rollouts add solutions; terminal nodes alone are a lower bound
+        assert d["verified_solutions"] >= d["verified_terminals"]
+        assert d["solved"] >= d["solved_by_terminal"]
     assert [r["policy"] for r in result["evaluation"]] == [0, 1]
     for row in result["evaluation"]:
         assert row["best_of_n_majority"]["n"] == 2
@@ -68,6 +71,9 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     only = bench.main([*argv, "--eval-policies", "1"])
     assert [r["policy"] for r in only["evaluation"]] == [1]
     assert only["evaluation"][0] == result["evaluation"][1] and only["loop"] == result["loop"]
+    assert {p: p.stat().st_mtime_ns for p in evals} == stamps
+    # --no-grpo: the GRPO run on disk is reported as far as it got, and not extended
+    assert bench.main([*argv, "--no-grpo"]) == result
     assert {p: p.stat().st_mtime_ns for p in evals} == stamps
     with pytest.raises(SystemExit):  # one line from argparse, exit code 2
         bench.main([*argv, "--eval-policies", "5"])

@@ -165,11 +165,27 @@ def best_verified(view: _TreeView) -> dict | None:
     return min(correct, key=_best_correct_key) if correct else None
 
 
+def verified_rollouts(view: _TreeView, rollouts: dict) -> list[dict]:
+    """Non-terminal nodes whose fast rollout the verifier accepted and that ended the solution
+    (EOS): each node's steps plus its rollout is a whole verified solution."""
+    return [n for n in view.nodes if not n["terminal"] and n["rollout"] == 1.0
+            and rollouts.get(str(n["id"]), {}).get("finished")]
+
+
+def verified_completions(tree: dict, rollouts: dict) -> tuple[set[str], set[str]]:
+    """The distinct verified solutions one search found: the texts of its correct terminal nodes,
+    and those of its verified rollouts (steps + rollout) that are not already a terminal's."""
+    view = _TreeView(tree)
+    terminals = {view.text_to(n["id"]) for n in view.terminals() if n["terminal_reward"] == 1.0}
+    from_rollouts = {view.text_to(n["id"]) + rollouts[str(n["id"])]["text"]
+                     for n in verified_rollouts(view, rollouts)}
+    return terminals, from_rollouts - terminals
+
+
 def best_verified_rollout(view: _TreeView, rollouts: dict) -> tuple[dict, str] | None:
     """The node whose fast rollout the verifier accepted and that ended the solution (EOS), by
     the same order as terminals (most visits, highest Q, lowest id), with the rollout's text."""
-    found = [n for n in view.nodes if not n["terminal"] and n["rollout"] == 1.0
-             and rollouts.get(str(n["id"]), {}).get("finished")]
+    found = verified_rollouts(view, rollouts)
     if not found:
         return None
     node = min(found, key=_best_correct_key)
