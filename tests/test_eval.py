@@ -10,7 +10,7 @@ import pipeline.decoding.voting
 import pipeline.lm.generation
 import pipeline.stages.eval
 from pipeline.compose import compose_config
-from pipeline.config import DecodeConfig, DecodeStrategy, Selection
+from pipeline.config import BestPath, DecodeConfig, DecodeStrategy, Selection
 from pipeline.decoding.base import Decoded
 from pipeline.decoding.best_of_n import decode_best_of_n
 from pipeline.decoding.voting import majority_vote
@@ -119,7 +119,8 @@ def test_grade_scores_every_selection_of_the_same_samples():
                       alternatives={"majority": ["Answer: 1", "Answer: 2"],
                                     "orm": ["Answer: 0", "Answer: 3"]},
                       row_extra=[{"candidates": ["Answer: 0", "Answer: 1"]},
-                                 {"candidates": ["Answer: 3", "Answer: 4"]}])
+                                 {"candidates": ["Answer: 3", "Answer: 4"]}],
+                      alternatives_of="select")
     result = grade(SpyTask(problems, []), problems, decoded, "best_of_n", 1.0)
     assert [r["candidates"] for r in result.rows] == [["Answer: 0", "Answer: 1"],
                                                       ["Answer: 3", "Answer: 4"]]
@@ -223,8 +224,10 @@ def test_decoding_never_sees_gold(tiny_model, debug_overrides, monkeypatch, stra
     first_grading = min(i for i, k in enumerate(kinds) if k in ("is_correct", "grade"))
     assert kinds.index("decoded") < first_grading
     assert all(k in ("is_correct", "grade") for k in kinds[kinds.index("decoded") + 1:])
-    # graded once per problem; best-of-N also grades its n candidates for pass@n, after decoding
-    per_problem = 1 + (cfg.decode.n if strategy == DecodeStrategy.best_of_n else 0)
+    # graded once per problem, after decoding; best-of-N also grades its n candidates for
+    # pass@n, MCTS the answer of each best_path rule (read off the same trees)
+    per_problem = {DecodeStrategy.best_of_n: 1 + cfg.decode.n,
+                   DecodeStrategy.mcts: len(BestPath)}.get(strategy, 1)
     assert kinds.count("is_correct") == len(problems) * per_problem
     assert prompts_seen and not any(SENTINEL in p for p in prompts_seen)
     assert result.total == len(problems) and result.correct == 0

@@ -4,6 +4,7 @@ score with the verifier, shards, leaf weights and fused rollouts."""
 import inspect
 import time
 from dataclasses import fields
+from types import SimpleNamespace
 
 import pytest
 
@@ -384,11 +385,11 @@ def test_sample_algorithm_builds_verified_depth_one_trees(cfg, models, tmp_path)
 # ---------------------------------------------------------------- best_path=vote
 
 
-def test_vote_completion_weighs_answers_by_visits_over_the_whole_tree():
+def voting_tree():
+    """Most visits lead to answer 3; the tree's solutions, weighted by visits, vote for 4."""
     from types import SimpleNamespace
 
     from mcts import Tree
-    from pipeline.decoding.mcts import vote_completion
     from pipeline.decoding.tree_search import Rollout
 
     tree = Tree("P:")
@@ -400,10 +401,39 @@ def test_vote_completion_weighs_answers_by_visits_over_the_whole_tree():
         tree.visits[node] = visits
     rollouts = {(0, b): Rollout("Answer: 4\n", 3, -0.1, finished=True),
                 (0, a): Rollout("Answer: 4", 3, -0.1, finished=False)}  # cut short: not counted
-    scorer = SimpleNamespace(rollouts=rollouts)
-    extract = lambda text: text.rsplit("Answer: ", 1)[1].strip() if "Answer: " in text else None  # noqa: E731
+    return tree, SimpleNamespace(rollouts=rollouts)
+
+
+def extract(text):
+    return text.rsplit("Answer: ", 1)[1].strip() if "Answer: " in text else None
+
+
+def test_vote_completion_weighs_answers_by_visits_over_the_whole_tree():
+    from pipeline.decoding.mcts import vote_completion
+
+    tree, scorer = voting_tree()
     # answer 3: node t1 (3 visits); answer 4: t2 (2) + b's finished rollout (4) = 6
     assert vote_completion(tree, scorer, extract) == "y\nAnswer: 4\n"
     # the most-visited path (a -> t1) would have answered 3
     assert dm.completion_of(tree, scorer) == "x\nAnswer: 3\n"
     assert vote_completion(tree, scorer, lambda text: None) == "x\nAnswer: 3\n"
+
+
+@pytest.mark.parametrize("rule", ["visits", "q", "vote"])
+def test_decode_mcts_grades_every_best_path_rule_on_the_same_trees(monkeypatch, rule):
+    from pipeline.stages.eval import grade
+
+    tree, scorer = voting_tree()
+    tree.value_sum[2], tree.visits[2] = 3.6, 4  # Q(b) 0.9 > Q(a) 0.5: highest Q goes to b
+    tree.value_sum[1] = 2.5
+    monkeypatch.setattr(dm, "eval_search", lambda prompts, cfg, models, desc: ([tree], scorer))
+    cfg = compose_config(["debug=default", f"search.best_path={rule}"])
+    out = dm.decode_mcts(cfg, None, None, ["P:"], None, None, extract)
+    expected = {"visits": "x\nAnswer: 3\n", "q": "y\nAnswer: 4\n", "vote": "y\nAnswer: 4\n"}
+    assert out.completions == [expected[rule]] and out.extra == {"best_path": rule}
+    assert out.alternatives == {k: [v] for k, v in expected.items() if k != rule}
+    problem = Problem("p", "q", "4", {})
+    task = SimpleNamespace(is_correct=lambda p, c: extract(c) == p.answer, extract_answer=extract)
+    result = grade(task, [problem], out, "mcts", 1.0)
+    assert result.extra["accuracy_by_best_path"] == {"visits": 0.0, "q": 1.0, "vote": 1.0}
+    assert result.accuracy == result.extra["accuracy_by_best_path"][rule]

@@ -59,4 +59,5 @@ def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed
         picks[Selection.implicit.value] = [orm_select(g, s) for g, s in zip(groups, by_group)]
     chosen = picks.pop(d.select.value)
     return Decoded(chosen, sum(g.num_tokens for group in gens for g in group),
-                   extra={"select": d.select.value}, alternatives=picks, row_extra=row_extra)
+                   extra={"select": d.select.value}, alternatives=picks, row_extra=row_extra,
+                   alternatives_of="select")

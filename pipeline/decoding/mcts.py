@@ -47,15 +47,15 @@ def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str
 
 def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
                 progress: str | None, extract: Callable[[str], str | None], implicit=None):
-    """One completion per prompt from an evaluation-time search (`search.best_path` picks it);
-    `extract` reads answers for best_path=vote and never sees gold."""
+    """One completion per prompt from an evaluation-time search (`search.best_path` picks it,
+    the other rules are kept as alternatives); `extract` reads answers for best_path=vote and
+    never sees gold."""
     models = SearchModels(policy=model, tokenizer=tokenizer, critics=critics, implicit=implicit)
     trees, scorer = eval_search(prompts, cfg, models, desc=progress)
-    mode = cfg.search.best_path
-    if mode == BestPath.vote:
-        completions = [vote_completion(t, scorer, extract) for t in trees]
-    else:
-        rule = highest_q if mode == BestPath.q else most_visited
-        completions = [completion_of(t, scorer, rule) for t in trees]
-    return Decoded(completions, sum(t.stats.total_tokens for t in trees),
-                   extra={"best_path": mode.value})
+    # every rule reads the same trees: the chosen one answers, the others are graded beside it
+    picks = {BestPath.visits.value: [completion_of(t, scorer, most_visited) for t in trees],
+             BestPath.q.value: [completion_of(t, scorer, highest_q) for t in trees],
+             BestPath.vote.value: [vote_completion(t, scorer, extract) for t in trees]}
+    mode = cfg.search.best_path.value
+    return Decoded(picks.pop(mode), sum(t.stats.total_tokens for t in trees),
+                   extra={"best_path": mode}, alternatives=picks, alternatives_of="best_path")

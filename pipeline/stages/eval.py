@@ -62,11 +62,12 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
                      **(decoded.row_extra[k] if decoded.row_extra else {})})
     correct = sum(r["correct"] for r in rows)
     extra = dict(decoded.extra)
-    if "select" in decoded.extra:  # best-of-N: every selection made from the same candidates
-        extra["accuracy_by_select"] = {decoded.extra["select"]: correct / max(len(rows), 1)}
+    if key := decoded.alternatives_of:  # every rule read off the same samples or trees
+        by_rule = extra[f"accuracy_by_{key}"] = {decoded.extra[key]: correct / max(len(rows), 1)}
         for name, completions in decoded.alternatives.items():
             hits = sum(task.is_correct(p, c) for p, c in zip(problems, completions))
-            extra["accuracy_by_select"][name] = hits / max(len(rows), 1)
+            by_rule[name] = hits / max(len(rows), 1)
+    if "select" in decoded.extra:  # best-of-N
         # pass@n: a problem counts when any of its n candidates is correct (an upper bound on
         # every selection rule)
         solved = sum(any(task.is_correct(p, c) for c in row["candidates"])
@@ -95,8 +96,9 @@ def format_table(results: Sequence[EvalResult]) -> str:
     for r in results:
         lines.append(f"{r.strategy:<10} {r.accuracy:>8.3f} {r.correct:>4}/{r.total:<4} "
                      f"{r.tokens:>8} {r.seconds:>8.1f} {r.tokens_per_s:>7.1f}")
-        for name, accuracy in r.extra.get("accuracy_by_select", {}).items():
-            lines.append(f"  {name:<8} {accuracy:>8.3f}   (same samples, select={name})")
+        for key in ("select", "best_path"):
+            for name, accuracy in r.extra.get(f"accuracy_by_{key}", {}).items():
+                lines.append(f"  {name:<8} {accuracy:>8.3f}   (same candidates, {key}={name})")
         if "pass_at_n" in r.extra:
             lines.append(f"  {'pass@n':<8} {r.extra['pass_at_n']:>8.3f}   (any sample correct)")
     return "\n".join(lines)
