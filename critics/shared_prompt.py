@@ -11,6 +11,8 @@ both read their hidden states from here.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -21,6 +23,22 @@ Row = tuple[int, list[int]]  # (index into the caller's texts, completion ids)
 
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@functools.cache
+def _cache_keyword(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(module, cache) -> dict:
+    """The KV cache as `module`'s forward takes it: `cache=` since transformers renamed it (the
+    old `past_key_values=` warns and goes in 5.40), `past_key_values=` in older versions."""
+    return {_cache_keyword(type(module).forward): cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward returned (`output.cache`; `past_key_values` before the rename)."""
+    return output.cache if "cache" in output else output.past_key_values
 
 
 def plain_lm_head(model):
@@ -64,14 +82,14 @@ def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_s
         width = max(len(ids) for _, ids in chunk)
         hidden = None
         if width:
-            cache = copy.deepcopy(first.past_key_values)
+            cache = copy.deepcopy(returned_cache(first))
             cache.batch_repeat_interleave(len(chunk))
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids in chunk], device=device)
             mask = torch.tensor([[1] * (size + len(ids)) + [0] * (width - len(ids)) for _, ids in chunk],
                                 device=device)
             positions = torch.arange(size, size + width, device=device).expand(len(chunk), width)
             hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                          past_key_values=cache, use_cache=True).last_hidden_state
+                          use_cache=True, **with_cache(base, cache)).last_hidden_state
         for j, (i, ids) in enumerate(chunk):
             yield i, ids, torch.cat([prompt_state, hidden[j, :len(ids)]]) if ids else prompt_state
 

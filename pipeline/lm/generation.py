@@ -263,8 +263,8 @@ def _step(model, cache, mask: torch.Tensor, chosen: torch.Tensor, hidden: bool):
     `hidden`, the hidden state at each chosen token."""
     mask = torch.cat([mask, mask.new_ones((len(chosen), 1))], dim=1)
     positions = mask.sum(-1, keepdim=True) - 1
-    logits, last = forward_last(model, hidden, input_ids=chosen[:, None], attention_mask=mask,
-                                position_ids=positions, past_key_values=cache)
+    logits, last = forward_last(model, hidden, cache, input_ids=chosen[:, None],
+                                attention_mask=mask, position_ids=positions)
     return mask, logits, last
 
 

@@ -33,6 +33,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from critics.shared_prompt import with_cache
+
 
 @dataclass
 class CacheStats:
@@ -212,14 +214,17 @@ class Prefilled:
     hidden: torch.Tensor | None = None  # (rows, hidden_size) at the prompt's last token, if asked
 
 
-def forward_last(model, want_hidden: bool, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forward_last(model, want_hidden: bool, cache,
+                 **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The next-token logits (float32) at each row's last position and, if asked, the final
     hidden state there (the decoder's output after its final norm, what the critics' heads read).
     With the hidden state the decoder and the output embedding run apart, which is what a causal
     LM's forward does (models that scale or cap their logits need critics.leaf_features=backbone)."""
     if not want_hidden:
-        return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float(), None
-    last = model.base_model(**inputs, use_cache=True).last_hidden_state[:, -1, :]
+        return model(**inputs, use_cache=True, logits_to_keep=1,
+                     **with_cache(model, cache)).logits[:, -1, :].float(), None
+    base = model.base_model
+    last = base(**inputs, use_cache=True, **with_cache(base, cache)).last_hidden_state[:, -1, :]
     return model.get_output_embeddings()(last).float(), last.float()
 
 
@@ -250,8 +255,8 @@ def prefill(model, tokenizer, prompts: Sequence[str], store: PrefixCache | None,
     positions = offsets + (new_mask.cumsum(-1) - 1).clamp(min=0)
     cache = _cache_with_past(model, found, past_len)
     mask = torch.cat([past_mask, new_mask], dim=1)
-    logits, last = forward_last(model, hidden, input_ids=input_ids, attention_mask=mask,
-                                position_ids=positions, past_key_values=cache)
+    logits, last = forward_last(model, hidden, cache, input_ids=input_ids, attention_mask=mask,
+                                position_ids=positions)
     if len(seqs) < len(rows):
         select = torch.tensor(rows, device=device)
         cache.batch_select_indices(select)
