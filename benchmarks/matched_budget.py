@@ -75,24 +75,28 @@ def per_problem(summary: dict) -> float:
 
 
 def verified_solutions(store: RunStore, i: int) -> dict:
-    """Distinct verified solutions in iteration i's search and their length in lines, which is
-    their number of options (search.termination=newline). A solution is a correct terminal node's
-    path (a distinct text among samples), or a node's steps plus a fast rollout the verifier
-    accepted and that ended with EOS: the rollout's tokens are in the search's budget and the data
-    stage trains on it (pairs.sft_from_rollouts). `verified_terminals` and `solved_by_terminal`
-    count terminal nodes only."""
-    terminal_count, solutions, solved, by_terminal, problems = 0, set(), 0, 0, 0
-    for shard in sorted((store.stage_dir(i, "search")).glob("shard_*.jsonl")):
-        for row in map(json.loads, shard.read_text().splitlines()):
-            problems += 1
-            terminals, from_rollouts = verified_completions(row["tree"], row.get("rollouts", {}))
-            terminal_count += len(terminals)
-            solved += bool(terminals or from_rollouts)
-            by_terminal += bool(terminals)
-            solutions |= {(row["problem_id"], text) for text in terminals | from_rollouts}
+    """count_verified over iteration i's search shards."""
+    rows = [row for shard in sorted(store.stage_dir(i, "search").glob("shard_*.jsonl"))
+            for row in map(json.loads, shard.read_text().splitlines())]
+    return count_verified(rows, store.metrics(i, "search")["tokens"])
+
+
+def count_verified(rows: list[dict], tokens: int) -> dict:
+    """Distinct verified solutions in one search's shard rows and their length in lines, which
+    is their number of options (search.termination=newline). A solution is a correct terminal
+    node's path (a distinct text among samples), or a node's steps plus a fast rollout the
+    verifier accepted and that ended with EOS: the rollout's tokens are in the search's budget
+    and the data stage trains on it (pairs.sft_from_rollouts). `verified_terminals` and
+    `solved_by_terminal` count terminal nodes only."""
+    terminal_count, solutions, solved, by_terminal = 0, set(), 0, 0
+    for row in rows:
+        terminals, from_rollouts = verified_completions(row["tree"], row.get("rollouts", {}))
+        terminal_count += len(terminals)
+        solved += bool(terminals or from_rollouts)
+        by_terminal += bool(terminals)
+        solutions |= {(row["problem_id"], text) for text in terminals | from_rollouts}
     lines = [len([x for x in text.splitlines() if x.strip()]) for _, text in solutions]
-    tokens = store.metrics(i, "search")["tokens"]
-    return {"problems": problems, "solved": solved, "solved_by_terminal": by_terminal,
+    return {"problems": len(rows), "solved": solved, "solved_by_terminal": by_terminal,
             "verified_solutions": len(solutions), "verified_terminals": terminal_count,
             "tokens": tokens,
             "verified_per_1k_tokens": round(1000 * len(solutions) / max(tokens, 1), 3),

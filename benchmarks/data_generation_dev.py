@@ -1,0 +1,112 @@
+"""Tune data generation on dev: verified solutions per 1,000 generated tokens, per search setting.
+
+    python benchmarks/data_generation_dev.py [--problems 64] [OVERRIDE...] \
+        [--variant "NAME OVERRIDE..."]...
+
+The matched-budget proof's data_generation arm (benchmarks/matched_budget.py) measures the
+search of the MCTS loop's iteration 0 on the *training* problems. Search settings that might
+find more verified solutions per token are compared here instead, on the first --problems
+*dev* problems, with the verifier scoring terminals and rollouts as in a training search (dev
+is the split that tuning reads; test is never loaded). Every variant is one training-time
+search (`train_search`) with the base policy under `experiment=demo_cpu` plus its overrides,
+counted as matched_budget counts (count_verified: correct terminals and verified finished
+rollouts); `sampling` is the STaR search (`search.algorithm=sample`) at the samples per problem
+that spend the default search's tokens. Each variant's counts are cached in --runs, so a killed
+run resumes. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from matched_budget import count_verified  # noqa: E402
+
+from pipeline.compose import compose_config  # noqa: E402
+from pipeline.decoding.tree_search import SearchModels, train_search  # noqa: E402
+from pipeline.lm.models import load_model  # noqa: E402
+from pipeline.run.atomic import write_json  # noqa: E402
+from pipeline.stages.search import shard_rows, summarize_search  # noqa: E402
+from pipeline.tasks import make_task  # noqa: E402
+from pipeline.tasks.prompt import task_prompts  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+VARIANTS = {  # name -> overrides on top of experiment=demo_cpu; "default" comes first
+    "default": [],
+    "no_merge_retries": ["search.merge_retries=0"],
+    "narrow": ["search.c_min=1", "search.c_max=2", "search.root_c_min=2", "search.root_c_max=3"],
+    "no_rollouts": ["search.rollout.enabled=false"],
+}
+
+
+def searched(base: list[str], overrides: list[str], problems: int, cache: Path, models) -> dict:
+    """One training-time search of the first `problems` dev problems; its counts are cached."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    cfg = compose_config(["experiment=demo_cpu", *base, *overrides, "progress=false"])
+    task = make_task(cfg.task)
+    chosen = task.split("dev")[:problems]
+    prompts = task_prompts(models.tokenizer, task, chosen)
+    start = time.perf_counter()
+    trees, scorer = train_search(chosen, task, prompts, cfg, models, desc=cache.stem)
+    rows = shard_rows(trees, scorer, chosen, 0)
+    summary = summarize_search(rows, time.perf_counter() - start)
+    result = {"overrides": overrides, **count_verified(rows, summary["tokens"]),
+              "seconds": summary["seconds"], "merges": summary["merges"], "nodes": summary["nodes"]}
+    write_json(cache, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", type=int, default=64, help="the first K dev problems")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "data_generation_dev")
+    parser.add_argument("--output", type=Path, default=RESULTS / "data_generation_dev.json")
+    parser.add_argument("--variant", action="append", metavar='"NAME OVERRIDE..."',
+                        help="a name and its search overrides, in one argument (repeatable; "
+                             "default: the built-in variants)")
+    parser.add_argument("overrides", nargs="*", help="qstar overrides for every search (model=...)")
+    args = parser.parse_args(argv)
+    variants = dict(VARIANTS) if not args.variant else {"default": [], **{
+        v.split()[0]: v.split()[1:] for v in args.variant if v.split()}}
+    cfg = compose_config(["experiment=demo_cpu", *args.overrides])
+    model, tokenizer = load_model(cfg.model)
+    models = SearchModels(policy=model, tokenizer=tokenizer)
+    found = {}
+    for name, overrides in variants.items():
+        found[name] = searched(args.overrides, overrides, args.problems,
+                               args.runs / f"{name}.json", models)
+        print(f"{name:<18} {found[name]['verified_per_1k_tokens']:>6.3f} verified / 1k tokens "
+              f"({found[name]['verified_solutions']} in {found[name]['tokens']})", flush=True)
+    per_sample = sample_length(args, models)
+    samples = max(1, round(found["default"]["tokens"] / args.problems / per_sample))
+    found["sampling"] = searched(args.overrides, ["search.algorithm=sample",
+                                                  f"search.simulations={samples}"],
+                                 args.problems, args.runs / f"sampling_{samples}.json", models)
+    sampling = found["sampling"]["verified_per_1k_tokens"]
+    result = {"benchmark": "data_generation_dev", "split": "dev", "problems": args.problems,
+              "policy": str(cfg.model.name), "samples_per_problem": samples, "variants": found,
+              "over_sampling": {k: round(v["verified_per_1k_tokens"] / sampling, 3) if sampling
+                                else None for k, v in found.items()}}
+    write_json(args.output, result)
+    print(f"wrote {args.output}")
+    return result
+
+
+def sample_length(args, models) -> float:
+    """Mean tokens of one sample (one sample per dev problem, cached): sets the sampling arm's
+    samples per problem so that it spends the default search's tokens."""
+    one = searched(args.overrides, ["search.algorithm=sample", "search.simulations=1"],
+                   args.problems, args.runs / "sampling_1.json", models)
+    return max(one["tokens"] / max(one["problems"], 1), 1.0)
+
+
+if __name__ == "__main__":
+    main()

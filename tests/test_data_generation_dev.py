@@ -1,0 +1,52 @@
+"""benchmarks/data_generation_dev.py on the tiny model: every variant searched on dev problems
+only, counted as the matched-budget proof counts, cached, and the sampling arm calibrated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import load_benchmark
+
+import pipeline.decoding.tree_search as ts
+from pipeline.compose import compose_config
+from pipeline.tasks import make_task
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("data_generation_dev")
+
+
+def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path, monkeypatch):
+    overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
+                 "debug=default", "search.simulations=2"]
+    seen = []
+    real = ts.train_search
+
+    def spy(problems, *args, **kwargs):
+        seen.append([p.id for p in problems])
+        return real(problems, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_search", spy)
+    argv = ["--problems", "2", "--runs", str(tmp_path / "runs"),
+            "--output", str(tmp_path / "out.json"),
+            "--variant", "no_retries search.merge_retries=0", *overrides]
+    result = bench.main(argv)
+    assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(result))
+    assert result["policy"] == str(tiny_model_dir)  # the overrides reach every search
+    assert result["split"] == "dev" and set(result["variants"]) == {"default", "no_retries",
+                                                                    "sampling"}
+    dev = [p.id for p in make_task(compose_config(["experiment=demo_cpu", *overrides]).task)
+           .split("dev")[:2]]
+    assert len(seen) == 4 and all(ids == dev for ids in seen)  # dev problems only, each time
+    for name, v in result["variants"].items():
+        assert v["problems"] == 2 and v["tokens"] > 0
+        assert v["verified_per_1k_tokens"] == round(1000 * v["verified_solutions"] / v["tokens"], 3)
+        assert v["verified_solutions"] >= v["verified_terminals"]
+    assert result["variants"]["no_retries"]["overrides"] == ["search.merge_retries=0"]
+    sampling = result["variants"]["sampling"]["overrides"]
+    assert sampling == ["search.algorithm=sample", f"search.simulations={result['samples_per_problem']}"]
+    # resumable: a second call searches nothing and reports the same numbers
+    seen.clear()
+    assert bench.main(argv) == result and seen == []
