@@ -40,7 +40,7 @@ def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path
     dev = [p.id for p in make_task(compose_config(["experiment=demo_cpu", *overrides]).task)
            .split("dev")[:2]]
     assert len(seen) == 4 and all(ids == dev for ids in seen)  # dev problems only, each time
-    for name, v in result["variants"].items():
+    for v in result["variants"].values():
         assert v["problems"] == 2 and v["tokens"] > 0
         assert v["verified_per_1k_tokens"] == round(1000 * v["verified_solutions"] / v["tokens"], 3)
         assert v["verified_solutions"] >= v["verified_terminals"]
