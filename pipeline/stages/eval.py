@@ -67,7 +67,7 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
         for name, completions in decoded.alternatives.items():
             hits = sum(task.is_correct(p, c) for p, c in zip(problems, completions))
             by_rule[name] = hits / max(len(rows), 1)
-    if "select" in decoded.extra:  # best-of-N
+    if rows and "candidates" in rows[0]:  # best-of-N
         # pass@n: a problem counts when any of its n candidates is correct (an upper bound on
         # every selection rule)
         solved = sum(any(task.is_correct(p, c) for c in row["candidates"])
