@@ -1,14 +1,17 @@
-"""Which train mode turns one iteration's search data into the best next policy? On dev.
+"""Which train settings turn one iteration's search data into the best next policy? On dev.
 
     python benchmarks/train_mode_dev.py --run runs/matched_budget/mcts [--iteration 0] \
-        [--modes sft dpo dpo_then_sft]
+        [--variant "NAME OVERRIDE..."]...
 
 Takes a finished iteration of a `qstar run` (its policy and its data stage's dpo.jsonl and
-sft.jsonl), trains the iteration's policy once per `train.mode` with the run's own train
-settings otherwise (pipeline.stages.train.train_policy; the run's own mode is the run's
-iter_NNN/train/policy, not retrained), and grades each next policy greedily on the **dev**
-split (`qstar eval`, the split tuning reads). Each trained policy and each eval JSON is kept
-under --out, so a killed run resumes. Writes benchmarks/results/train_mode_dev.json.
+sft.jsonl), trains the iteration's policy once per variant: the run's own config with the
+variant's `train.*` overrides (default: one variant per train.mode, sft, dpo and
+dpo_then_sft; e.g. `--variant "rpo train.loss_type=[sigmoid,sft]"`), through
+pipeline.stages.train.train_policy. A variant whose train config is the run's own reuses the
+run's iter_NNN/train/policy. Each next policy is graded greedily on the **dev** split, with the
+run's task and decoding, as its eval stage grades (the split tuning reads). Each trained policy
+and eval JSON is kept under --out, so a killed run resumes. Writes
+benchmarks/results/train_mode_dev.json.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.compose import load_run_config  # noqa: E402
-from pipeline.config import DecodeStrategy, Split, TrainMode  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from pipeline.compose import load_run_config, one_line, to_config  # noqa: E402
+from pipeline.config import DecodeStrategy, QstarConfig, Split, TrainConfig, TrainMode  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
@@ -31,17 +38,31 @@ from pipeline.stages.eval import run_eval  # noqa: E402
 from pipeline.stages.train import train_policy  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+TRAINED_BY_DATA = (TrainMode.sft, TrainMode.dpo, TrainMode.dpo_then_sft)  # grpo samples its own
 
 
-def next_policy(store: RunStore, cfg, i: int, mode: TrainMode, out: Path) -> Path:
-    """policy_{i+1} trained from the iteration's data with `mode`; the run's own when it matches."""
-    if mode == cfg.train.mode:
+def next_policy(store: RunStore, cfg, train: TrainConfig, i: int, out: Path) -> str:
+    """policy_{i+1} trained from the iteration's data with `train`; the run's own when it is
+    the run's train config."""
+    if train == cfg.train:
         return store.policy_dir(i + 1, resolve_model_path(cfg.model))
+    if train.mode not in TRAINED_BY_DATA:
+        raise SystemExit(f"error: train.mode={train.mode.value}: allowed here: "
+                         f"{', '.join(m.value for m in TRAINED_BY_DATA)}")
     source = store.policy_dir(i, resolve_model_path(cfg.model))
-    metrics = train_policy(source, store.stage_dir(i, "data"), replace(cfg.train, mode=mode),
-                           out / mode.value, model_cfg=replace(cfg.model, name=str(source)),
-                           iteration=i, progress=cfg.progress)
-    return Path(metrics["policy_dir"])
+    metrics = train_policy(source, store.stage_dir(i, "data"), train, out,
+                           model_cfg=replace(cfg.model, name=str(source)), iteration=i,
+                           progress=cfg.progress)
+    return str(metrics["policy_dir"])
+
+
+def run_config_with(run: Path, overrides: list[str]) -> QstarConfig:
+    """The run's recorded config with dotlist overrides (which a resume would refuse)."""
+    base = OmegaConf.merge(OmegaConf.structured(QstarConfig), RunStore(run).manifest["config"])
+    try:
+        return to_config(OmegaConf.merge(base, OmegaConf.from_dotlist(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(one_line(exc)) from None
 
 
 def dev_greedy(cfg, policy: Path, output: Path) -> dict:
@@ -57,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a qstar run directory")
     parser.add_argument("--iteration", type=int, default=0)
-    parser.add_argument("--modes", nargs="+", default=[m.value for m in TrainMode],
-                        choices=[m.value for m in TrainMode])
+    parser.add_argument("--variant", action="append", metavar='"NAME OVERRIDE..."',
+                        help="a name and its train.* overrides, in one argument (repeatable; "
+                             "default: one variant per train mode)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the trained policies and eval JSONs go (default: "
                              "RUN/bench_train_mode/iter_NNN)")
@@ -69,18 +91,27 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--run {args.run} has no finished data stage in iteration {i}")
     cfg = load_run_config(args.run, [])
     out = args.out or args.run / "bench_train_mode" / f"iter_{i:03d}"
+    variants = {m.value: [f"train.mode={m.value}"] for m in TRAINED_BY_DATA}
+    if args.variant:
+        variants = {v.split()[0]: v.split()[1:] for v in args.variant if v.split()}
     rows = {}
-    for mode in map(TrainMode, args.modes):
-        policy = next_policy(store, cfg, i, mode, out)
-        summary = dev_greedy(cfg, policy, out / f"{mode.value}_dev_greedy.json")
-        rows[mode.value] = {"policy": str(policy), "dev_greedy": summary["accuracy"],
-                            "correct": summary["correct"], "total": summary["total"]}
-        print(f"{mode.value:<14} dev greedy {summary['accuracy']:.3f}", flush=True)
+    for name, overrides in variants.items():
+        if any(not o.startswith("train.") for o in overrides):
+            parser.error(f"--variant {name}: only train.* overrides are allowed, got {overrides}")
+        try:
+            train = run_config_with(args.run, overrides).train
+        except ConfigError as exc:
+            parser.error(f"--variant {name}: {exc}")
+        policy = next_policy(store, cfg, train, i, out / name)
+        summary = dev_greedy(cfg, Path(policy), out / f"{name}_dev_greedy.json")
+        rows[name] = {"overrides": overrides, "policy": policy, "dev_greedy": summary["accuracy"],
+                      "correct": summary["correct"], "total": summary["total"]}
+        print(f"{name:<14} dev greedy {summary['accuracy']:.3f}", flush=True)
     base = dev_greedy(cfg, store.policy_dir(i, resolve_model_path(cfg.model)),
                       out / "start_dev_greedy.json")
     result = {"benchmark": "train_mode_dev", "split": "dev", "run": str(args.run), "iteration": i,
               "run_mode": cfg.train.mode.value, "start_dev_greedy": base["accuracy"],
-              "modes": rows}
+              "variants": rows}
     write_json(args.output, result)
     print(f"wrote {args.output}")
     return result

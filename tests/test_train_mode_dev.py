@@ -34,12 +34,13 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 def test_each_mode_trains_and_is_graded_on_dev(tiny_run, tmp_path):
     bench = load_benchmark("train_mode_dev")
     run, overrides = tiny_run
-    argv = ["--run", str(run), "--modes", "sft", "dpo_then_sft", "--out", str(tmp_path / "out"),
+    argv = ["--run", str(run), "--variant", "sft train.mode=sft",
+            "--variant", "dpo_then_sft train.mode=dpo_then_sft", "--out", str(tmp_path / "out"),
             "--output", str(tmp_path / "result.json")]
     result = bench.main(argv)
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
     assert result["split"] == "dev" and result["run_mode"] == "dpo_then_sft"
-    sft, own = result["modes"]["sft"], result["modes"]["dpo_then_sft"]
+    sft, own = result["variants"]["sft"], result["variants"]["dpo_then_sft"]
     store = RunStore(run)
     own_policy = store.policy_dir(1, resolve_model_path(compose_config(overrides).model))
     assert own["policy"] == own_policy  # the run's own next policy, not retrained
@@ -57,3 +58,18 @@ def test_each_mode_trains_and_is_graded_on_dev(tiny_run, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json")}
     assert bench.main(argv) == result
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json")} == stamps
+
+
+def test_a_variant_may_only_change_train_keys(tiny_run, tmp_path):
+    bench = load_benchmark("train_mode_dev")
+    run, _ = tiny_run
+    with pytest.raises(SystemExit) as exc:  # argparse: one line, exit code 2
+        bench.main(["--run", str(run), "--variant", "bad search.simulations=4",
+                    "--out", str(tmp_path / "out"), "--output", str(tmp_path / "r.json")])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # a value the schema refuses: one line, exit code 2
+        bench.main(["--run", str(run), "--variant", "bad train.mode=sometimes",
+                    "--out", str(tmp_path / "out"), "--output", str(tmp_path / "r.json")])
+    assert exc.value.code == 2
+    rpo = bench.run_config_with(run, ["train.loss_type=[sigmoid,sft]"]).train
+    assert [t.value for t in rpo.loss_type] == ["sigmoid", "sft"]
