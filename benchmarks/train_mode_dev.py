@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from pipeline.compose import load_run_config, one_line, to_config  # noqa: E402
+from pipeline.compose import load_run_config, one_line, recorded_config, to_config  # noqa: E402
 from pipeline.config import DecodeStrategy, QstarConfig, Split, TrainConfig, TrainMode  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
@@ -46,9 +46,6 @@ def next_policy(store: RunStore, cfg, train: TrainConfig, i: int, out: Path) -> 
     the run's train config."""
     if train == cfg.train:
         return store.policy_dir(i + 1, resolve_model_path(cfg.model))
-    if train.mode not in TRAINED_BY_DATA:
-        raise SystemExit(f"error: train.mode={train.mode.value}: allowed here: "
-                         f"{', '.join(m.value for m in TRAINED_BY_DATA)}")
     source = store.policy_dir(i, resolve_model_path(cfg.model))
     metrics = train_policy(source, store.stage_dir(i, "data"), train, out,
                            model_cfg=replace(cfg.model, name=str(source)), iteration=i,
@@ -58,11 +55,24 @@ def next_policy(store: RunStore, cfg, train: TrainConfig, i: int, out: Path) -> 
 
 def run_config_with(run: Path, overrides: list[str]) -> QstarConfig:
     """The run's recorded config with dotlist overrides (which a resume would refuse)."""
-    base = OmegaConf.merge(OmegaConf.structured(QstarConfig), RunStore(run).manifest["config"])
     try:
-        return to_config(OmegaConf.merge(base, OmegaConf.from_dotlist(overrides)))
+        return to_config(OmegaConf.merge(recorded_config(run), OmegaConf.from_dotlist(overrides)))
     except OmegaConfBaseException as exc:
         raise ConfigError(one_line(exc)) from None
+
+
+def variant_train(parser, run: Path, name: str, overrides: list[str]) -> TrainConfig:
+    """The train config of one variant, or one line (exit 2) saying what is not allowed."""
+    if any(not o.startswith("train.") for o in overrides):
+        parser.error(f"--variant {name}: only train.* overrides are allowed, got {overrides}")
+    try:
+        train = run_config_with(run, overrides).train
+    except ConfigError as exc:
+        parser.error(f"--variant {name}: {exc}")
+    if train.mode not in TRAINED_BY_DATA:
+        parser.error(f"--variant {name}: train.mode={train.mode.value}: allowed here: "
+                     f"{', '.join(m.value for m in TRAINED_BY_DATA)}")
+    return train
 
 
 def dev_greedy(cfg, policy: Path, output: Path) -> dict:
@@ -94,18 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {m.value: [f"train.mode={m.value}"] for m in TRAINED_BY_DATA}
     if args.variant:
         variants = {v.split()[0]: v.split()[1:] for v in args.variant if v.split()}
+    trains = {name: variant_train(parser, args.run, name, overrides)  # all checked before
+              for name, overrides in variants.items()}                # any variant trains
     rows = {}
-    for name, overrides in variants.items():
-        if any(not o.startswith("train.") for o in overrides):
-            parser.error(f"--variant {name}: only train.* overrides are allowed, got {overrides}")
-        try:
-            train = run_config_with(args.run, overrides).train
-        except ConfigError as exc:
-            parser.error(f"--variant {name}: {exc}")
+    for name, train in trains.items():
         policy = next_policy(store, cfg, train, i, out / name)
         summary = dev_greedy(cfg, Path(policy), out / f"{name}_dev_greedy.json")
-        rows[name] = {"overrides": overrides, "policy": policy, "dev_greedy": summary["accuracy"],
-                      "correct": summary["correct"], "total": summary["total"]}
+        rows[name] = {"overrides": variants[name], "policy": policy,
+                      "dev_greedy": summary["accuracy"], "correct": summary["correct"],
+                      "total": summary["total"]}
         print(f"{name:<14} dev greedy {summary['accuracy']:.3f}", flush=True)
     base = dev_greedy(cfg, store.policy_dir(i, resolve_model_path(cfg.model)),
                       out / "start_dev_greedy.json")

@@ -79,15 +79,20 @@ def one_line(exc: BaseException) -> str:
 RESUMABLE = ("iterations", "progress", "cluster", "tracking")
 
 
-def load_run_config(run_dir: Path, overrides: list[str]) -> QstarConfig:
-    """The config a run recorded in its manifest, plus the few overrides a resume allows."""
+def recorded_config(run_dir: Path) -> DictConfig:
+    """The config a run recorded in its manifest, on the schema."""
     stored = RunStore(run_dir).manifest.get("config")
     if not stored:
         raise ConfigError(f"{run_dir}/manifest.json records no config; cannot resume it")
     if "num_heldout" in stored.get("task", {}):
         raise ConfigError(f"{run_dir} was made before the train/dev/test splits (it records "
                           "task.num_heldout); start a new run instead of resuming it")
-    base = OmegaConf.merge(OmegaConf.structured(QstarConfig), stored)
+    return OmegaConf.merge(OmegaConf.structured(QstarConfig), stored)
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> QstarConfig:
+    """The config a run recorded in its manifest, plus the few overrides a resume allows."""
+    base = recorded_config(run_dir)
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep:

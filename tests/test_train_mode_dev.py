@@ -71,5 +71,10 @@ def test_a_variant_may_only_change_train_keys(tiny_run, tmp_path):
         bench.main(["--run", str(run), "--variant", "bad train.mode=sometimes",
                     "--out", str(tmp_path / "out"), "--output", str(tmp_path / "r.json")])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # GRPO samples its own data: refused before training
+        bench.main(["--run", str(run), "--variant", "sft train.mode=sft",
+                    "--variant", "g train.mode=grpo", "--out", str(tmp_path / "out"),
+                    "--output", str(tmp_path / "r.json")])
+    assert exc.value.code == 2 and not (tmp_path / "out").exists()
     rpo = bench.run_config_with(run, ["train.loss_type=[sigmoid,sft]"]).train
     assert [t.value for t in rpo.loss_type] == ["sigmoid", "sft"]
