@@ -20,8 +20,10 @@ stages read dev; every number here is graded on the test split, once, by this sc
 - loop: test greedy after every iteration of each loop, their search tokens (GRPO: the
   tokens it sampled while training), and options_per_solution (mean lines of the verified
   solutions each search found).
-- wall: per MCTS-loop iteration, the chosen log-prob change during DPO, the DPO margin, the
-  training solve rate, and the first iteration whose test greedy is not above the one before.
+- wall: per MCTS-loop iteration, the chosen log-prob change during DPO, the DPO margin and pair
+  accuracy (means over every pair with the trained policy, against its reference; the last
+  logged step, one batch, beside them), the training solve rate, and the first iteration whose
+  test greedy is not above the one before.
 
 `--no-grpo` neither runs nor extends the GRPO loop (a GRPO run on disk is reported as far as it
 got). `--eval-policies 1 3` limits the evaluation arm to those policies (the JSON lists which).
@@ -34,18 +36,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.compose import compose_config  # noqa: E402
+from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.loop import resume_run, run_loop  # noqa: E402
 from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
 from pipeline.stages.data import verified_completions  # noqa: E402
 from pipeline.stages.eval import run_eval  # noqa: E402
+from pipeline.stages.train import pair_metrics_of  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GRPO_EPOCHS = 4  # the GRPO arm's cap on epochs per iteration; the token budget stops it first
@@ -193,20 +197,48 @@ def sampled_tokens(store: RunStore, i: int) -> dict:
 
 
 def wall_arm(store: RunStore, greedy: list[float], iterations: int) -> dict:
+    """Per iteration: the DPO metrics over all pairs after training (pair_metrics_of computes them,
+    once, for iterations trained before the train stage recorded them), the last logged step's
+    batch beside them, and the training solve rate."""
     rows = []
     for i in range(iterations):
         if not store.done(i, "train"):
             break
         train, search = store.metrics(i, "train"), store.metrics(i, "search")
+        after = dpo_after(store, i, train)
+        change = after.get("dpo/logps/chosen_change")
+        logp = after.get("dpo/after/logps/chosen")
         rows.append({"iteration": i, "training_solve_rate": search.get("solve_rate"),
-                     "dpo_chosen_logp_change": train.get("dpo/logps/chosen_change"),
-                     "dpo_chosen_logp_first": train.get("dpo/logps/chosen_first"),
-                     "dpo_chosen_logp_last": train.get("dpo/logps/chosen_last"),
-                     "dpo_margin": train.get("dpo/rewards/margins"),
-                     "dpo_pairs": train.get("pairs"), "skipped": train.get("skipped")})
+                     "dpo_pairs": train.get("pairs"), "skipped": train.get("skipped"),
+                     # means over every pair: the trained policy against its reference
+                     "dpo_chosen_logp_change": change,
+                     "dpo_chosen_logp_before": None if logp is None else logp - change,
+                     "dpo_chosen_logp_after": logp,
+                     "dpo_margin": after.get("dpo/after/rewards/margins"),
+                     "dpo_pair_accuracy": after.get("dpo/after/rewards/accuracies"),
+                     "last_step": {"pairs_in_batch_differ_each_step": True,
+                                   "margin": train.get("dpo/rewards/margins"),
+                                   "pair_accuracy": train.get("dpo/rewards/accuracies"),
+                                   "chosen_logp_first": train.get("dpo/logps/chosen_first"),
+                                   "chosen_logp_last": train.get("dpo/logps/chosen_last")}})
     stops = next((k for k in range(1, len(greedy)) if greedy[k] <= greedy[k - 1]), None)
     return {"per_iteration": rows, "test_greedy": greedy,
             "test_curve_stops_rising_at_policy": stops}
+
+
+def dpo_after(store: RunStore, i: int, train: dict) -> dict:
+    """Iteration i's dpo/after/* metrics: recorded by its train stage, or computed now from its
+    policy, reference and pairs and kept in bench_dpo_after/ (one no-grad pass)."""
+    if "dpo/after/rewards/chosen" in train or "dpo" not in train.get("phases", []):
+        return train
+    path = store.root / "bench_dpo_after" / f"iter_{i:03d}.json"
+    if not path.is_file():
+        cfg = to_config(recorded_config(store.root))
+        with tempfile.TemporaryDirectory() as work:
+            found = pair_metrics_of(str(store.stage_dir(i, "train") / "policy"),
+                                    store.stage_dir(i, "data"), cfg.train, cfg.model, Path(work))
+        write_json(path, found)
+    return json.loads(path.read_text())
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:

@@ -4,11 +4,16 @@ graded on the test split, and a second call reuses what is on disk."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import load_benchmark
 
 from pipeline.compose import compose_config
+from pipeline.config import TrainMode
+from pipeline.loop import run_loop
+from pipeline.run.atomic import write_jsonl
+from pipeline.stages.train import train_policy
 from pipeline.tasks import make_task
 
 
@@ -77,3 +82,31 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     assert {p: p.stat().st_mtime_ns for p in evals} == stamps
     with pytest.raises(SystemExit):  # one line from argparse, exit code 2
         bench.main([*argv, "--eval-policies", "5"])
+
+
+def test_wall_computes_dpo_metrics_over_all_pairs_for_runs_trained_before(bench, tiny_model_dir,
+                                                                          tmp_path):
+    """A run whose train stage predates dpo/after/*: the wall computes them from the policy, its
+    recorded reference and its pairs, equal to what the train stage records now, and keeps them."""
+    overrides = ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'c'}"]
+    cfg = compose_config(overrides)
+    store = run_loop(cfg, tmp_path / "run")
+    data = store.stage_dir(0, "data")  # the tiny model solves nothing: pairs by hand
+    prompts = [json.loads(line)["prompt"] for line in
+               sorted(store.stage_dir(0, "search").glob("shard_*.jsonl"))[0].read_text().splitlines()]
+    write_jsonl(data / "dpo.jsonl", [{"prompt": p, "chosen": f"1 + {k} = {1 + k}\nAnswer: {1 + k}",
+                                      "rejected": "Answer: 0", "lineage": {"terminal": [True, True]}}
+                                     for k, p in enumerate(prompts)])
+    train_cfg = replace(cfg.train, mode=TrainMode.dpo, learning_rate=1e-3)
+    recorded = train_policy(str(tiny_model_dir), data, train_cfg, store.stage_dir(0, "train"),
+                            model_cfg=cfg.model)
+    after = {k: v for k, v in recorded.items() if k.startswith("dpo/after/")}
+    assert len(after) == 6 and recorded["dpo/after/rewards/margins"] != 0
+    older = {k: v for k, v in recorded.items() if k not in after}
+    again = bench.dpo_after(store, 0, older)
+    assert {k: again[k] for k in after} == pytest.approx(after, abs=1e-4)
+    assert again["dpo/logps/chosen_change"] == pytest.approx(recorded["dpo/logps/chosen_change"],
+                                                             abs=1e-3)
+    kept = store.root / "bench_dpo_after" / "iter_000.json"
+    assert json.loads(kept.read_text()) == again
+    assert bench.dpo_after(store, 0, recorded) is recorded  # recorded: nothing computed

@@ -146,15 +146,19 @@ def test_plots_show_dpo_rewards_and_within_problem_auc_per_iteration(tmp_path):
                                       "value": {"within_problem_auc": 0.55},
                                       "implicit": {"skipped": "no reference"} if k == 0 else
                                       {"within_problem_auc": 0.8}}, 1.0)
+        after = {"dpo/after/rewards/chosen": chosen - 0.05, "dpo/after/rewards/rejected": -0.8}
         store.complete(k, "train", {"source_policy": f"p{k}", "reference": "p0",
                                     "dpo/rewards/chosen": chosen, "dpo/rewards/rejected": rejected,
-                                    "dpo/logps/chosen_change": chosen / 0.1}, 1.0)
+                                    "dpo/logps/chosen_change": chosen / 0.1,
+                                    **(after if k == 1 else {})}, 1.0)
         store.complete(k, "eval", {"decodes": {"greedy": {"accuracy": 0.3}}}, 1.0)
     rows = policy_rows(store)
     assert [r.get("reference") for r in rows] == [None, "previous", "base"]
     assert rows[2]["within_auc"] == {"value": 0.55, "prm": None, "orm": 0.7, "implicit": 0.8}
     assert rows[1]["within_auc"]["implicit"] is None
-    assert (rows[2]["chosen_reward"], rows[2]["rejected_reward"]) == (-0.2, -0.9)
+    # over all pairs after DPO where the run measured it, else the last logged step's batch
+    assert (rows[2]["chosen_reward"], rows[2]["rejected_reward"]) == (pytest.approx(-0.25), -0.8)
+    assert (rows[1]["chosen_reward"], rows[1]["rejected_reward"]) == (0.1, -0.3)
     written = write_plots(store)
     for name in ("dpo_rewards.png", "within_problem_auc.png"):
         path = tmp_path / "run" / "plots" / name

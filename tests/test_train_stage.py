@@ -115,6 +115,46 @@ def test_dpo_loss_falls_every_parameter_changes_and_checkpoint_loads(tiny_model_
     assert train_policy(str(tiny_model_dir), data, config(), out) == meta["metrics"]
 
 
+def test_dpo_after_metrics_are_means_over_every_pair(tiny_model_dir, tmp_path):
+    """dpo/after/*: the trained policy against the reference over all pairs, computed by hand
+    here; the post-hoc path (pair_metrics_of, for runs trained before) gives the same numbers."""
+    from pipeline.lm.teacher_forced import completion_logprobs
+    from pipeline.stages.train import pair_metrics_of
+
+    rows = dpo_rows()[:4]  # terminal pairs: TRL's EOS ends each completion
+    data = write_rows(tmp_path / "data", dpo=rows)
+    cfg = config(epochs=3, batch_size=2)  # 2 steps a epoch: the last logged step sees 2 pairs
+    metrics = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "train",
+                           model_cfg=ModelConfig(name="x"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "train" / "policy")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    def logps(model, key):
+        texts = [r[key] + tokenizer.eos_token for r in rows]
+        return [sum(t) for t in completion_logprobs(model, tokenizer, [r["prompt"] for r in rows], texts)]
+
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    chosen, rejected = logps(policy, "chosen"), logps(policy, "rejected")
+    ref_chosen, ref_rejected = logps(reference, "chosen"), logps(reference, "rejected")
+    reward_c = [cfg.beta * (a - b) for a, b in zip(chosen, ref_chosen)]
+    reward_r = [cfg.beta * (a - b) for a, b in zip(rejected, ref_rejected)]
+    assert metrics["dpo/after/logps/chosen"] == pytest.approx(mean(chosen), abs=1e-3)
+    assert metrics["dpo/after/logps/rejected"] == pytest.approx(mean(rejected), abs=1e-3)
+    assert metrics["dpo/after/rewards/chosen"] == pytest.approx(mean(reward_c), abs=1e-3)
+    assert metrics["dpo/after/rewards/margins"] == pytest.approx(
+        mean([c - r for c, r in zip(reward_c, reward_r)]), abs=1e-3)
+    wins = [c - r > 1e-4 for c, r in zip(reward_c, reward_r)]  # a tie (equal texts to the tiny
+    assert 0 < mean(wins) < 1  # tokenizer) is no win; the pairs neither all win nor all lose
+    assert metrics["dpo/after/rewards/accuracies"] == mean(wins)
+    assert metrics["dpo/logps/chosen_change"] == pytest.approx(mean(chosen) - mean(ref_chosen), abs=1e-2)
+
+    again = pair_metrics_of(str(tmp_path / "train" / "policy"), data, cfg, ModelConfig(name="x"),
+                            tmp_path / "posthoc")
+    assert again == pytest.approx({k: v for k, v in metrics.items() if k in again}, abs=1e-4)
+    assert set(again) == {k for k in metrics if k.startswith("dpo/after/")} | {"dpo/logps/chosen_change"}
+
+
 def test_sft_and_dpo_then_sft(tiny_model_dir, tmp_path):
     data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
     sft = train_policy(str(tiny_model_dir), data, config(mode=TrainMode.sft, batch_size=4),

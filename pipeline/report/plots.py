@@ -67,8 +67,8 @@ def _points(rows: list[dict], get) -> list[tuple]:
 
 
 def _dpo_rewards(plt, rows: list[dict], out):
-    """DPO's implicit rewards of chosen and rejected (last step) and the chosen log-prob change
-    against the reference: "From r to Q*" predicts the chosen likelihood falls."""
+    """DPO's implicit rewards of chosen and rejected (means over all pairs after DPO) and the
+    chosen log-prob change against the reference: "From r to Q*" predicts the chosen likelihood falls."""
     references = sorted({r["reference"] for r in rows if r.get("reference")})
     return _lines(plt, {"chosen reward": _points(rows, lambda r: r.get("chosen_reward")),
                         "rejected reward": _points(rows, lambda r: r.get("rejected_reward")),

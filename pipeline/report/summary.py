@@ -16,6 +16,13 @@ def _value(metrics: dict | None, *path):
     return metrics
 
 
+def _dpo(train: dict | None, key: str):
+    """A DPO metric over all pairs after training (dpo/after/<key>); runs trained before that was
+    measured have only the last logged step's batch (dpo/<key>)."""
+    after = _value(train, f"dpo/after/{key}")
+    return after if after is not None else _value(train, f"dpo/{key}")
+
+
 def policy_rows(store: RunStore) -> list[dict]:
     rows = []
     base = store.metrics(0, BASELINE)
@@ -31,10 +38,10 @@ def policy_rows(store: RunStore) -> list[dict]:
             "accuracy": _accuracies(store.metrics(k, "eval")),
             "pairs": _value(data, "dpo"),
             "sft_rows": _value(data, "sft"),
-            "dpo_margin": _value(train, "dpo/rewards/margins"),
+            "dpo_margin": _dpo(train, "rewards/margins"),
             "chosen_dlogp": _value(train, "dpo/logps/chosen_change"),
-            "chosen_reward": _value(train, "dpo/rewards/chosen"),
-            "rejected_reward": _value(train, "dpo/rewards/rejected"),
+            "chosen_reward": _dpo(train, "rewards/chosen"),
+            "rejected_reward": _dpo(train, "rewards/rejected"),
             "reference": _reference_kind(train),
             "within_auc": {kind: _value(critics, kind, "within_problem_auc") for kind in CRITICS},
             "orm_auc": _value(critics, "orm", "auc"),

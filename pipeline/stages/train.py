@@ -48,9 +48,12 @@ Metrics (flat dict; `<phase>` is dpo or sft):
     <phase>/loss_first, <phase>/loss_last, <phase>/loss_mean, <phase>/train_loss,
     dpo/rewards/{chosen,rejected,margins,accuracies} (last logged step) and their _mean,
     dpo/logps/chosen_first, dpo/logps/chosen_last, dpo/logps/rejected_first,
-    dpo/logps/rejected_last (per-step batch means), dpo/logps/chosen_change
-    (rewards/chosen / beta at the last step: the chosen log-prob against the reference; the r -> Q*
-    paper predicts it falls during DPO), <phase>/mean_token_accuracy (last step) and its _mean.
+    dpo/logps/rejected_last (per-step batch means: each step sees other pairs, so first and last
+    are not one pair's change), dpo/after/{rewards/chosen,rewards/rejected,rewards/margins,
+    rewards/accuracies,logps/chosen,logps/rejected} (means over every pair with the trained
+    policy: `pair_metrics_after`), dpo/logps/chosen_change (dpo/after/rewards/chosen / beta: the
+    chosen log-prob against the reference, mean over all pairs; the r -> Q* paper predicts it
+    falls during DPO), <phase>/mean_token_accuracy (last step) and its _mean.
 """
 
 from __future__ import annotations
@@ -59,16 +62,24 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
-from pipeline.lm.models import load_tokenizer
+from pipeline.config import (
+    ModelConfig,
+    Reference,
+    TrainConfig,
+    TrainMode,
+    replace_model_name,
+    to_dict,
+)
+from pipeline.lm.models import load_tokenizer, resolve_model_path
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
-from pipeline.stages.reference import training_reference
+from pipeline.stages.reference import dpo_reference, training_reference
 from pipeline.stages.trl_trainers import (
     dpo_trainer,
     load_policy_for_training,
@@ -80,6 +91,8 @@ DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/ac
 
 
 FIRST_LAST_KEYS = ("loss", "logps/chosen", "logps/rejected")
+
+AFTER_KEYS = (*DPO_KEYS, "logps/chosen", "logps/rejected")  # dpo/after/<key>: over all pairs
 
 
 _PHASES = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"], TrainMode.dpo_then_sft: ["dpo", "sft"]}
@@ -245,14 +258,48 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
         histories[phase] = trainer.state.log_history
         metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,
                                       time.perf_counter() - phase_start, len(trainer.train_dataset)))
-        if phase == "dpo" and "dpo/rewards/chosen" in metrics:
-            # rewards/chosen = beta * (log pi - log pi_ref) of the chosen completions: their
-            # log-probability change against the reference at the last step (r -> Q*: it falls)
-            metrics["dpo/logps/chosen_change"] = metrics["dpo/rewards/chosen"] / cfg.beta
+        if phase == "dpo":
+            with quiet_unless(progress):
+                metrics.update(pair_metrics_after(trainer, cfg.beta))
         model = trainer.model
         if cfg.lora:
             model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
     return model, trainer, histories
+
+
+def pair_metrics_after(trainer, beta: float) -> dict:
+    """TRL's DPO metrics over every pair with the trained policy, by one no-grad pass of
+    `trainer.evaluate` over the training pairs (their reference log-probs are the precomputed
+    dataset columns). The per-step logs are one batch each, a different batch every step (the
+    last may be a single pair); these are means over all pairs, each pair weighed alike.
+    dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob
+    change against the reference (r -> Q*: it falls)."""
+    trainer.eval_dataset = trainer.train_dataset
+    logged = trainer.evaluate()
+    out = {f"dpo/after/{key}": logged[f"eval_{key}"] for key in AFTER_KEYS}
+    out["dpo/logps/chosen_change"] = out["dpo/after/rewards/chosen"] / beta
+    return out
+
+
+def pair_metrics_of(policy_dir: str, data_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
+                    work_dir: Path) -> dict:
+    """`pair_metrics_after` for a policy trained before the train stage measured it: the trained
+    policy against the reference its meta.json records, over the DPO pairs of `data_dir`."""
+    found = dpo_reference(policy_dir)
+    if found is None:
+        return {}
+    reference = found[0] if Path(found[0]).is_dir() else resolve_model_path(
+        replace_model_name(model_cfg, found[0]))  # the base model, recorded by name
+    rows = {"dpo": _read_rows(Path(data_dir) / "dpo.jsonl")}
+    tokenizer = load_tokenizer(model_cfg, policy_dir)
+    if not _drop_long_prompts(rows, ["dpo"], tokenizer, cfg.max_length, {}):
+        return {}
+    cfg = replace(cfg, lora=False)  # the saved policy is plain: LoRA was merged before saving
+    model = load_policy_for_training(policy_dir, cfg, model_cfg)
+    ref_model = training_reference(reference, policy_dir, cfg, model_cfg)
+    trainer = dpo_trainer(model, tokenizer, rows["dpo"], cfg, model_cfg, work_dir, "none", 10**9,
+                          None, False, ref_model=ref_model)
+    return pair_metrics_after(trainer, cfg.beta)
 
 
 def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict) -> None:
