@@ -156,9 +156,14 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
                      "greedy": {"accuracy": greedy["accuracy"],
                                 "tokens_per_problem": per_problem(greedy)},
                      "best_of_n_majority": {"n": n, "accuracy": bon["accuracy"],
-                                            "tokens_per_problem": per_problem(bon)},
+                                            "tokens_per_problem": per_problem(bon),
+                                            # the same samples under every select rule
+                                            "accuracy_by_select": bon.get("accuracy_by_select"),
+                                            "pass_at_n": bon.get("pass_at_n")},
                      "mcts": {"accuracy": mcts["accuracy"], "token_budget": budget,
-                              "tokens_per_problem": per_problem(mcts)},
+                              "tokens_per_problem": per_problem(mcts),
+                              # the same trees under every best_path rule (None: graded before)
+                              "accuracy_by_best_path": mcts.get("accuracy_by_best_path")},
                      "mcts_over_best_of_n_tokens": round(ratio, 3),
                      "matched": abs(ratio - 1) <= 0.1,
                      "mcts_minus_best_of_n": round(mcts["accuracy"] - bon["accuracy"], 3)})

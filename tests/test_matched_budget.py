@@ -56,6 +56,9 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
         assert row["mcts"]["token_budget"] == max(1, round(row["best_of_n_majority"]
                                                            ["tokens_per_problem"]))
         assert row["matched"] == (abs(row["mcts_over_best_of_n_tokens"] - 1) <= 0.1)
+        by_path, by_select = row["mcts"]["accuracy_by_best_path"], row["best_of_n_majority"]["accuracy_by_select"]
+        assert set(by_path) == {"visits", "q", "vote"} and by_select["majority"] == row["best_of_n_majority"]["accuracy"]
+        assert by_path[bench.compose_config(bench.SMOKE).search.best_path.value] == row["mcts"]["accuracy"]
     loop = result["loop"]
     assert len(loop["mcts"]["test_greedy"]) == len(loop["star"]["test_greedy"]) == 2
     assert len(loop["grpo"]["test_greedy"]) == 2
