@@ -277,7 +277,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         curve = result["loop"][name]["test_greedy"]
         ax.plot(range(len(curve)), curve, marker="o", label=label)
     ax.set(xlabel="policy (0 = base)", ylabel="test greedy accuracy",
-           title="Loops at matched search tokens")
+           title="Loops (search tokens matched in iteration 0)")
     ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir / "matched_budget_loop.png"))
     plt.close("all")
@@ -285,6 +285,10 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # policies
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
     return path
