@@ -217,7 +217,8 @@ def wall_arm(store: RunStore, greedy: list[float], iterations: int) -> dict:
                      "dpo_pairs": train.get("pairs"), "skipped": train.get("skipped"),
                      # means over every pair: the trained policy against its reference
                      "dpo_chosen_logp_change": change,
-                     "dpo_chosen_logp_before": None if logp is None else logp - change,
+                     # the reference's (with train.reference=previous: the starting policy's)
+                     "dpo_chosen_logp_reference": None if logp is None else logp - change,
                      "dpo_chosen_logp_after": logp,
                      "dpo_margin": after.get("dpo/after/rewards/margins"),
                      "dpo_pair_accuracy": after.get("dpo/after/rewards/accuracies"),

@@ -11,6 +11,8 @@ from conftest import load_benchmark
 
 from pipeline.compose import compose_config
 from pipeline.config import TrainMode
+from pipeline.lm.models import load_model
+from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.loop import run_loop
 from pipeline.run.atomic import write_jsonl
 from pipeline.stages.train import train_policy
@@ -113,3 +115,13 @@ def test_wall_computes_dpo_metrics_over_all_pairs_for_runs_trained_before(bench,
     kept = store.root / "bench_dpo_after" / "iter_000.json"
     assert json.loads(kept.read_text()) == again
     assert bench.dpo_after(store, 0, recorded) is recorded  # recorded: nothing computed
+    # the wall of such a run: the reference's mean chosen log-prob is the base model's, by hand
+    store.complete(0, "train", older, 1.0)
+    wall = bench.wall_arm(store, [0.0, 0.0], 1)["per_iteration"][0]
+    assert wall["dpo_margin"] == again["dpo/after/rewards/margins"]
+    model, tokenizer = load_model(cfg.model)
+    chosen = [json.loads(line) for line in (data / "dpo.jsonl").read_text().splitlines()]
+    logps = completion_logprobs(model, tokenizer, [r["prompt"] for r in chosen],
+                                [r["chosen"] + tokenizer.eos_token for r in chosen])
+    by_hand = sum(map(sum, logps)) / len(logps)
+    assert wall["dpo_chosen_logp_reference"] == pytest.approx(by_hand, abs=1e-2)
