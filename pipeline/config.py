@@ -177,6 +177,11 @@ class RolloutConfig:
     enabled: bool = True  # score leaves by a fast rollout to the end of the solution
     model: str | None = None  # None: the policy itself (fused with expansion); else a name/path
     max_new_tokens: int = 96  # tokens per rollout
+    # 0: greedy (each rollout is the policy's most likely finish); above 0: sampled at this
+    # temperature from the node's own seed, so sibling rollouts are independent finishes. 0.8
+    # (search.temperature's, so a rollout is one policy sample): 30 verified solutions on 17 of
+    # 32 dev problems against greedy's 19 on 9 at equal tokens (benchmarks/data_generation_dev.py)
+    temperature: float = 0.8
 
 
 @dataclass

@@ -101,6 +101,8 @@ def _validate_search(s: SearchConfig) -> None:
     _require(s.leaves_per_tree >= 1, "search.leaves_per_tree", "must be >= 1", s.leaves_per_tree)
     _require(s.trees_per_batch >= 1, "search.trees_per_batch", "must be >= 1", s.trees_per_batch)
     _require(s.temperature > 0, "search.temperature", "must be > 0", s.temperature)
+    _require(s.rollout.temperature >= 0, "search.rollout.temperature", "must be >= 0 (0 = greedy)",
+             s.rollout.temperature)
     _require(s.alpha >= 0, "search.alpha", "must be >= 0", s.alpha)
     _require(s.kv_cache_mb >= 0, "search.kv_cache_mb", "must be >= 0 MiB (0 = off)", s.kv_cache_mb)
     _require(s.virtual_loss >= 0, "search.virtual_loss", "must be >= 0", s.virtual_loss)

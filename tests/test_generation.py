@@ -270,6 +270,43 @@ def test_rollout_equals_separate_greedy_continuation(varied, rule):
     assert with_rollout >= 2
 
 
+def test_sampled_rollout_continues_the_rows_own_sample(varied):
+    """At rollout_temperature == temperature a fused row is one sample: option + rollout are the
+    first tokens a plain sampled row with the same seed draws (one uniform per step either way)."""
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer) * 2
+    seeds = list(range(100, 100 + len(prompts)))
+    cap, rollout = 6, 12
+    gens = generate(model, tokenizer, prompts, max_new_tokens=cap, temperature=1.0, seeds=seeds,
+                    stop=newline(cap), rollout_tokens=rollout, rollout_temperature=1.0)
+    plain = generate(model, tokenizer, prompts, max_new_tokens=cap + rollout, temperature=1.0,
+                     seeds=seeds)
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=cap, temperature=1.0, seeds=seeds,
+                      stop=newline(cap), rollout_tokens=rollout)
+    rolled = 0
+    for g, p, q in zip(gens, plain, greedy):
+        assert g.token_ids == q.token_ids  # the option is drawn as before
+        n = g.num_tokens + g.rollout_tokens
+        assert g.logprobs + (g.rollout_logprobs or []) == pytest.approx(p.logprobs[:n], abs=1e-4)
+        assert p.text.startswith(g.text + g.rollout)
+        rolled += g.rollout_tokens > 0
+    assert rolled >= 2
+    assert any(g.rollout != q.rollout for g, q in zip(gens, greedy))  # not the greedy finish
+
+
+def test_sampled_rollout_does_not_depend_on_the_batch(varied):
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    seeds = [7, 8, 9, 10, 11, 12]
+    kwargs = dict(max_new_tokens=6, temperature=1.0, stop=newline(6), rollout_tokens=10,
+                  rollout_temperature=0.5)
+    together = generate(model, tokenizer, prompts, seeds=seeds, **kwargs)
+    alone = [generate(model, tokenizer, [p], seeds=[s], **kwargs)[0] for p, s in zip(prompts, seeds)]
+    assert [(g.text, g.rollout) for g in together] == [(g.text, g.rollout) for g in alone]
+    other = generate(model, tokenizer, prompts, seeds=[s + 50 for s in seeds], **kwargs)
+    assert [g.text + g.rollout for g in other] != [g.text + g.rollout for g in together]
+
+
 def test_final_ends_rollout(varied):
     model, tokenizer = varied
     prompts = prompts_for(tokenizer) * 2

@@ -354,6 +354,28 @@ def test_separate_rollout_model_needs_more_calls(cfg, models, monkeypatch):
     assert len(calls) > len(record["rounds"]) + 1
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_sampled_rollouts_are_seeded_per_node(cfg, models, monkeypatch, separate):
+    """search.rollout.temperature > 0: rollouts are sampled (fused, or by a separate rollout model
+    with one seed per node), and the same search gives the same rollouts."""
+    cfg.search.simulations = 6
+    cfg.search.rollout.temperature = 1.0
+    searching = models if not separate else SearchModels(
+        policy=models.policy, tokenizer=models.tokenizer, rollout_model=models.policy,
+        rollout_tokenizer=models.tokenizer)
+    prompts = render_prompts(models.tokenizer, ["What is 1 + 1?", "What is 2 + 2?"])
+    record = spy_search(monkeypatch)
+    _, first = eval_search(prompts, cfg, searching)
+    _, again = eval_search(prompts, cfg, searching)
+    assert {k: r.text for k, r in first.rollouts.items()} == \
+        {k: r.text for k, r in again.rollouts.items()}
+    fused = [c[1] for c in record["generate"] if c[1].get("rollout_tokens")]
+    alone = [(c[0], c[1]) for c in record["generate"] if c[1].get("stop") is None]
+    assert all(k["rollout_temperature"] == 1.0 for k in fused)
+    assert bool(fused) != separate
+    assert alone and all(k["temperature"] == 1.0 and len(k["seeds"]) == len(p) for p, k in alone)
+
+
 # ---------------------------------------------------------------- the STaR baseline's sampler
 
 

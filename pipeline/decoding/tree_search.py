@@ -136,7 +136,7 @@ class LeafScorer:
                         max_new_tokens=s.max_option_tokens, temperature=s.temperature,
                         stop=option_end(s), batch_size=self.generation_batch,
                         rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
-                        final=is_answer_line,
+                        rollout_temperature=s.rollout.temperature, final=is_answer_line,
                         seeds=[option_seed(r.seed, k) for r in requests for k in range(r.num_options)],
                         prefix_cache=self.kv, hidden=self.generation_features)
         self._implicit_rewards(requests, prompts, gens)
@@ -214,7 +214,9 @@ class LeafScorer:
         tokenizer = self.models.rollout_tokenizer or self.models.tokenizer
         prompts = [r.prompt + "".join(r.steps) for r in requests]
         hidden = self.generation_features and self.models.rollout_model is None
-        gens = generate(model, tokenizer, prompts, max_new_tokens=self.cfg.search.rollout.max_new_tokens,
+        rollout = self.cfg.search.rollout
+        gens = generate(model, tokenizer, prompts, max_new_tokens=rollout.max_new_tokens,
+                        temperature=rollout.temperature, seeds=[r.seed for r in requests],
                         batch_size=self.generation_batch, hidden=hidden)
         for r, g in zip(requests, gens if hidden else []):
             self.features.record_rollout(r.tree_index, "".join(r.steps), g)

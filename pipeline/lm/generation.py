@@ -108,8 +108,8 @@ def _length_sorted_batches(prompts: Sequence[str], batch_size: int) -> list[list
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop: StopRule | None = None,
-             rollout_tokens: int = 0, final=None, batch_size: int = 32,
-             seed: int | None = None, seeds: Sequence[int] | None = None,
+             rollout_tokens: int = 0, rollout_temperature: float = 0.0, final=None,
+             batch_size: int = 32, seed: int | None = None, seeds: Sequence[int] | None = None,
              progress: str | None = None,
              prefix_cache: PrefixCache | None = None, hidden: bool = False) -> list[Generation]:
     """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
@@ -118,7 +118,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     does not depend on the other prompts or on the batching; else `seed` seeds each batch.
 
     With `stop`, `max_new_tokens` caps the option. With `rollout_tokens` > 0 each row then goes
-    on greedily, up to that many tokens, as the fast rollout of the new node (unless
+    on, up to that many tokens, as the fast rollout of the new node: greedily, or sampled at
+    `rollout_temperature` from the row's own uniforms when it is above 0 (unless
     `final(option_text)` is true: an answer line needs no rollout). With `prefix_cache`, prompts
     reuse the KV of earlier rows' token prefixes, and each finished row's KV is kept there.
 
@@ -131,7 +132,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     rule = _Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
                  newline_token_ids(tokenizer).to(model.device) if stop is not None and
                  stop.kind == "newline" else None, max_new_tokens, rollout_tokens,
-                 final or (lambda text: False))
+                 final or (lambda text: False), rollout_temperature)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     results: list[Generation | None] = [None] * len(prompts)
@@ -160,6 +161,7 @@ class _Rule:
     option_cap: int
     rollout_tokens: int
     final: object
+    rollout_temperature: float = 0.0  # 0: the rollout is greedy
 
 
 @dataclass
@@ -223,7 +225,9 @@ def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature
         uniform = _uniforms(len(prompts), live, generators)
         in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=logits.device)
         sampled = _sample(logits, temperature, top_p, uniform)
-        chosen = torch.where(in_rollout, logits.argmax(dim=-1), sampled)
+        rolled = (sampled if rule.rollout_temperature == temperature else
+                  _sample(logits, rule.rollout_temperature, top_p, uniform))
+        chosen = torch.where(in_rollout, rolled, sampled)
         live_index = torch.tensor(live, device=logits.device)
         logprobs[live_index, step] = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
         newline = torch.isin(chosen, rule.newline_ids) if rule.newline_ids is not None else never
