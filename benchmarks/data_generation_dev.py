@@ -11,8 +11,9 @@ is the split that tuning reads; test is never loaded). Every variant is one trai
 search (`train_search`) with the base policy under `experiment=demo_cpu` plus its overrides,
 counted as matched_budget counts (count_verified: correct terminals and verified finished
 rollouts); `sampling` is the STaR search (`search.algorithm=sample`) at the samples per problem
-that spend the default search's tokens. Each variant's counts are cached in --runs, so a killed
-run resumes. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
+that spend the default search's tokens. Each variant's counts are cached in --runs with the
+search config they came from, so a killed run resumes, and a variant whose config changed since
+(a new default) is searched again. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from matched_budget import count_verified  # noqa: E402
 
 from pipeline.compose import compose_config  # noqa: E402
+from pipeline.config import SearchAlgorithm  # noqa: E402
 from pipeline.decoding.tree_search import SearchModels, train_search  # noqa: E402
 from pipeline.lm.models import load_model  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
@@ -46,11 +49,24 @@ VARIANTS = {  # name -> overrides on top of experiment=demo_cpu; "default" comes
 }
 
 
+def search_key(cfg) -> dict:
+    """What a cached count was searched with: the whole search config (a default changed since
+    makes it stale), less the rollout for the sampler, which does not roll out."""
+    key = json.loads(json.dumps(asdict(cfg.search), default=str))
+    if cfg.search.algorithm == SearchAlgorithm.sample:
+        key.pop("rollout")
+    return {"model": str(cfg.model.name), "search": key}
+
+
 def searched(base: list[str], overrides: list[str], problems: int, cache: Path, models) -> dict:
-    """One training-time search of the first `problems` dev problems; its counts are cached."""
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    """One training-time search of the first `problems` dev problems; its counts are cached
+    under `cache` with the search config they came from, and searched again when it differs."""
     cfg = compose_config(["experiment=demo_cpu", *base, *overrides, "progress=false"])
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("config") == search_key(cfg):
+            return {**cached, "overrides": overrides}
+        print(f"{cache.name}: searched with another config; searching again", flush=True)
     task = make_task(cfg.task)
     chosen = task.split("dev")[:problems]
     prompts = task_prompts(models.tokenizer, task, chosen)
@@ -59,7 +75,8 @@ def searched(base: list[str], overrides: list[str], problems: int, cache: Path, 
     rows = shard_rows(trees, scorer, chosen, 0)
     summary = summarize_search(rows, time.perf_counter() - start)
     result = {"overrides": overrides, **count_verified(rows, summary["tokens"]),
-              "seconds": summary["seconds"], "merges": summary["merges"], "nodes": summary["nodes"]}
+              "seconds": summary["seconds"], "merges": summary["merges"], "nodes": summary["nodes"],
+              "config": search_key(cfg)}
     write_json(cache, result)
     return result
 

@@ -127,6 +127,16 @@ def star_samples(base: list[str], mcts: RunStore, out: Path) -> dict:
             "samples": max(1, round(mcts_per_problem / max(per_sample, 1e-9)))}
 
 
+def star_used(calibration: dict, star: RunStore) -> dict:
+    """What the STaR run on disk actually did: a run started before (resumed, not restarted)
+    keeps the samples per problem it was started with, so the JSON says which, and how close
+    its iteration-0 search tokens came to the MCTS loop's."""
+    tokens = star.metrics(0, "search")["tokens"]
+    return {**calibration, "samples_used": star.manifest["config"]["search"]["simulations"],
+            "star_search_tokens": tokens,
+            "star_over_mcts_tokens": round(tokens / max(calibration["mcts_search_tokens"], 1), 3)}
+
+
 def grpo_budget(calibration: dict) -> list[str]:
     """GRPO's group is STaR's samples per problem; it trains until it has sampled the MCTS loop's
     iteration-0 search tokens (train.grpo.token_budget), for GRPO_EPOCHS epochs at most."""
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "matched_budget", "split": "test", "smoke": args.smoke,
         "iterations": args.iterations, "runs": {k: str(v.root) for k, v in stores.items()},
-        "star_calibration": calibration,
+        "star_calibration": star_used(calibration, star),
         "data_generation": _data_generation(loop),
         "evaluation": evaluation_arm(base, mcts, eval_policies, args.n, evals),
         "loop": loop,

@@ -50,3 +50,38 @@ def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path
     # resumable: a second call searches nothing and reports the same numbers
     seen.clear()
     assert bench.main(argv) == result and seen == []
+
+
+def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
+                 "debug=default", "search.simulations=2"]
+    seen = []
+    real = ts.train_search
+
+    def spy(problems, task, prompts, cfg, *args, **kwargs):
+        seen.append((cfg.search.algorithm.value, cfg.search.rollout.temperature))
+        return real(problems, task, prompts, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_search", spy)
+    argv = ["--problems", "2", "--runs", str(tmp_path / "runs"),
+            "--output", str(tmp_path / "out.json"), *overrides]
+    first = bench.main(argv)
+    assert first["variants"]["default"]["config"]["search"]["rollout"]["temperature"] == 0.8
+    assert "rollout" not in first["variants"]["sampling"]["config"]["search"]
+    # a count made before a default changed (here: greedy rollouts) is stale, the sampler's is not
+    cache = tmp_path / "runs" / "default.json"
+    stale = json.loads(cache.read_text())
+    stale["config"]["search"]["rollout"]["temperature"] = 0.0
+    cache.write_text(json.dumps(stale))
+    seen.clear()
+    again = bench.main(argv)
+    assert seen == [("mcts", 0.8)]  # the default alone, with today's config
+    def counts(result):  # a search's seconds vary
+        return {k: {f: x for f, x in v.items() if f != "seconds"} for k, v in result["variants"].items()}
+
+    assert counts(again) == counts(first)
+    # the sampler does not roll out: a rollout setting leaves its one-sample count cached
+    seen.clear()
+    bench.main([*argv, "search.rollout.max_new_tokens=5"])
+    assert ("mcts", 0.8) in seen and seen.count(("sample", 0.8)) <= 1

@@ -15,6 +15,7 @@ from pipeline.lm.models import load_model
 from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.loop import run_loop
 from pipeline.run.atomic import write_jsonl
+from pipeline.run.store import RunStore
 from pipeline.stages.train import train_policy
 from pipeline.tasks import make_task
 
@@ -69,7 +70,12 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     grpo = loop["grpo"]["search"][0]  # GRPO samples the MCTS loop's iteration-0 search tokens
     assert grpo["token_budget"] == result["star_calibration"]["mcts_search_tokens"] > 0
     assert grpo["tokens"] >= grpo["token_budget"] or grpo["steps"] == bench.GRPO_EPOCHS  # 1 step/epoch
-    assert result["star_calibration"]["samples"] >= 1
+    calibration = result["star_calibration"]
+    assert calibration["samples"] >= 1 and calibration["samples_used"] == calibration["samples"]
+    star_tokens = RunStore(result["runs"]["star"]).metrics(0, "search")["tokens"]
+    assert calibration["star_search_tokens"] == star_tokens
+    assert calibration["star_over_mcts_tokens"] == round(
+        star_tokens / calibration["mcts_search_tokens"], 3)
     assert [r["iteration"] for r in result["wall"]["per_iteration"]] == [0]
 
     # resumable: a second call recomputes nothing and reports the same numbers

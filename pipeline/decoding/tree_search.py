@@ -2,7 +2,8 @@
 
 `mcts.search` is pure; this module supplies its callbacks:
 - expand: one batched `generate` call samples every requested option of every tree. When the
-  rollout policy is the policy itself, each row continues greedily past its option boundary,
+  rollout policy is the policy itself, each row continues past its option boundary
+  (sampled at search.rollout.temperature; 0 = greedy),
   so the new node's fast rollout comes from the same KV cache (no second prefill).
 - evaluate: ONE leaf value for training and evaluation (README, "Leaf value"): the weighted mean
   of the parts that exist: V(s), PRM(s), the ORM on s + its fast rollout (before any critic

@@ -5,8 +5,8 @@ It is a small KV-cached decoding loop (left padding, greedy or temperature/top-p
 rather than `model.generate`, for two reasons measured on CPU: rows leave the batch and the
 cache as soon as they stop (arithmetic answers end after ~10 tokens while a few rows ramble
 to the cap, and `generate` keeps computing every row until the longest stops), and a row can
-switch from sampling its option to a greedy rollout at the option boundary without a second
-prefill. It records each token's log-prob under the model's own (unwarped) distribution and
+go on from its option into its rollout (sampled or greedy) at the option boundary without a
+second prefill. It records each token's log-prob under the model's own (unwarped) distribution and
 ends options at a boundary (newline fast path on token ids; any text rule by decoding only the
 new tokens). Rows with the same prompt share one prefill, and with a `PrefixCache`
 (pipeline/lm/prefix_cache.py) a prompt prefills only what no earlier row already ran.
@@ -152,7 +152,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
 
 @dataclass
 class _Rule:
-    """Where rows stop: EOS, the option boundary (+ optional greedy rollout), the caps."""
+    """Where rows stop: EOS, the option boundary (+ optional rollout), the caps."""
 
     tokenizer: object
     eos_ids: torch.Tensor
