@@ -175,6 +175,8 @@ def test_model_directory_without_config(debug_overrides, tmp_path, capsys):
 INVALID_VALUES = [
     (["search.simulations=-1"], "config key search.simulations=-1 is invalid: must be >= 1"),
     (["search.simulations=0"], "config key search.simulations=0 is invalid: must be >= 1"),
+    (["search.rollout.temperature=-0.5"],
+     "config key search.rollout.temperature=-0.5 is invalid: must be >= 0 (0 = greedy)"),
     (["search.c_min=4", "search.c_max=3"], "config key search.c_min=4 is invalid: need 1 <= c_min <= c_max"),
     (["search.root_c_min=6", "search.root_c_max=5"], "search.root_c_min=6 is invalid"),
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
