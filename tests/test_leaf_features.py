@@ -90,7 +90,9 @@ def test_generation_features_are_the_teacher_forced_ones(which, request, debug_o
         compared += 1
         assert leaf.state_hidden == pytest.approx(state.hidden[0], abs=1e-4)
         assert leaf.state.row() == pytest.approx(state.logprob[0].tolist(), abs=1e-4)
-        if rollout is not None and rollout.tokens and which == "varied":  # ids = text per char
+        # ids = text per char, unless the (sampled) rollout drew a special token: no text
+        if rollout is not None and rollout.tokens and which == "varied" and rollout.tokens == len(
+                tokenizer(rollout.text, add_special_tokens=False).input_ids):
             full = backbone_features(model, tokenizer, [r.prompt], [r.steps[0] + rollout.text], 1,
                                      512, logprobs=True)
             assert leaf.end_hidden == pytest.approx(full.hidden[0], abs=1e-4)
@@ -117,13 +119,18 @@ def test_leaves_are_scored_without_a_backbone_pass(debug_overrides, monkeypatch,
 
     monkeypatch.setattr(critic_set, "backbone_features", no_backbone)
     counts = {key: leaf.state.count for key, leaf in own.features.leaves.items()}
+    rollouts = dict(own.pending)  # the fused rollouts, sampled: they may hold special tokens too
     found = own.evaluate(leaves)
     assert own.leaf_scoring == {"generation": len(found), "backbone": 0}
     # the same options (same seeds), scored alike where the per-character text is the sampled
     # ids (a random model also samples special tokens, which the text drops)
     assert [f.tokens for f in found] == [e.tokens for e in expected]
-    alike = [i for i, r in enumerate(leaves)
-             if counts[(r.tree_index, r.steps[0])] == len(tokenizer(r.steps[0]).input_ids)]
+    def text_is_ids(key) -> bool:
+        rollout = rollouts.get(key)
+        return counts[key] == len(tokenizer(key[1]).input_ids) and (
+            rollout is None or rollout.tokens == len(tokenizer(rollout.text).input_ids))
+
+    alike = [i for i, r in enumerate(leaves) if text_is_ids((r.tree_index, r.steps[0]))]
     assert len(alike) >= len(leaves) // 2
     for kind in ("value", "prm", "orm", "total"):
         assert [getattr(found[i], kind) for i in alike] == pytest.approx(
