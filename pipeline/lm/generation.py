@@ -199,6 +199,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.searchsorted(cdf, threshold).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
+def _choose(logits: torch.Tensor, in_rollout: torch.Tensor, rule: _Rule, temperature: float,
+            top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Each live row's next token: its option's sample, or once past the boundary its rollout's
+    (the same draw when the two temperatures agree, greedy at rollout temperature 0)."""
+    sampled = _sample(logits, temperature, top_p, uniform)
+    rolled = (sampled if rule.rollout_temperature == temperature else
+              _sample(logits, rule.rollout_temperature, top_p, uniform))
+    return torch.where(in_rollout, rolled, sampled)
+
+
 def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature: float,
                   top_p: float, generators: list | None = None,
                   store: PrefixCache | None = None, hidden: bool = False) -> list[Generation]:
@@ -222,12 +232,9 @@ def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature
     hiddens = start.hidden.new_zeros((len(prompts), steps, start.hidden.shape[-1])) if hidden else None
     never = torch.zeros((), dtype=torch.bool, device=logits.device)
     for step in range(steps):
-        uniform = _uniforms(len(prompts), live, generators)
         in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=logits.device)
-        sampled = _sample(logits, temperature, top_p, uniform)
-        rolled = (sampled if rule.rollout_temperature == temperature else
-                  _sample(logits, rule.rollout_temperature, top_p, uniform))
-        chosen = torch.where(in_rollout, rolled, sampled)
+        chosen = _choose(logits, in_rollout, rule, temperature, top_p,
+                         _uniforms(len(prompts), live, generators))
         live_index = torch.tensor(live, device=logits.device)
         logprobs[live_index, step] = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
         newline = torch.isin(chosen, rule.newline_ids) if rule.newline_ids is not None else never
