@@ -26,7 +26,8 @@ stages read dev; every number here is graded on the test split, once, by this sc
   test greedy is not above the one before.
 
 `--no-grpo` neither runs nor extends the GRPO loop (a GRPO run on disk is reported as far as it
-got). `--eval-policies 1 3` limits the evaluation arm to those policies (the JSON lists which).
+got). `--eval-policies 1 3` limits the evaluation arm to those policies (the JSON lists which;
+put `--` after the list when overrides follow).
 Resumable: the loops resume (`qstar resume` semantics), and each test evaluation is skipped
 when its JSON exists. Writes matched_budget.json (`"split": "test"`) and three PNGs beside it.
 """

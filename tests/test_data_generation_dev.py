@@ -60,7 +60,7 @@ def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_mode
     real = ts.train_search
 
     def spy(problems, task, prompts, cfg, *args, **kwargs):
-        seen.append((cfg.search.algorithm.value, cfg.search.rollout.temperature))
+        seen.append((cfg.search.algorithm.value, cfg.search.simulations))
         return real(problems, task, prompts, cfg, *args, **kwargs)
 
     monkeypatch.setattr(bench, "train_search", spy)
@@ -76,12 +76,16 @@ def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_mode
     cache.write_text(json.dumps(stale))
     seen.clear()
     again = bench.main(argv)
-    assert seen == [("mcts", 0.8)]  # the default alone, with today's config
+    assert seen == [("mcts", 2)]  # the default alone, with today's config
+
     def counts(result):  # a search's seconds vary
         return {k: {f: x for f, x in v.items() if f != "seconds"} for k, v in result["variants"].items()}
 
     assert counts(again) == counts(first)
     # the sampler does not roll out: a rollout setting leaves its one-sample count cached
     seen.clear()
-    bench.main([*argv, "search.rollout.max_new_tokens=5"])
-    assert ("mcts", 0.8) in seen and seen.count(("sample", 0.8)) <= 1
+    shorter = bench.main([*argv, "search.rollout.max_new_tokens=5"])
+    assert seen.count(("mcts", 2)) == len(bench.VARIANTS)  # every search variant, again
+    samples = shorter["samples_per_problem"]  # follows the default's tokens, which changed
+    assert [x for x in seen if x[0] == "sample"] == (
+        [] if samples == first["samples_per_problem"] else [("sample", samples)])  # not sampling_1
