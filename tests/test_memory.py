@@ -1,5 +1,6 @@
 """Per-stage peak memory: the high-water mark resets at each stage, and the manifest records it."""
 
+import mmap
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,15 @@ from pipeline.run.store import RunStore
 MB = 1024 * 1024
 
 
-def _allocate(mb: int) -> bytes:
-    return b"\x01" * (mb * MB)  # written, so resident (a zeroed buffer may not be)
+def _allocate(mb: int) -> mmap.mmap:
+    """Fresh anonymous pages, written so that they are resident. Not a bytes object: malloc may
+    serve that from heap memory freed by earlier tests in the same process (an xdist worker),
+    which is already resident and moves neither the RSS nor its high-water mark."""
+    block = mmap.mmap(-1, mb * MB)
+    page = b"\x01" * MB
+    for _ in range(mb):
+        block.write(page)
+    return block
 
 
 def test_the_peak_counts_an_allocation_and_the_reset_forgets_it():
@@ -23,7 +31,7 @@ def test_the_peak_counts_an_allocation_and_the_reset_forgets_it():
     before = peak_rss_mb()
     block = _allocate(200)
     assert peak_rss_mb() >= before + 190
-    del block
+    block.close()
     reset_peak_rss()
     assert peak_rss_mb() < before + 100
 
@@ -38,7 +46,9 @@ def test_run_stage_records_each_stages_own_peak(tmp_path):
 
     def big_stage(loop, i):
         block = _allocate(300)
-        return {**baseline, "size": len(block)}
+        size = len(block)
+        block.close()
+        return {**baseline, "size": size}
 
     run_stage(loop, 0, "baseline", big_stage)
     run_stage(loop, 0, "search", lambda loop, i: {"tokens": 1})
