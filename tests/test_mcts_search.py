@@ -116,8 +116,27 @@ def test_token_budget_stops_each_tree_between_rounds():
     for tree in trees:
         assert tree.stats.total_tokens == spent[tree.tree_index]
         assert tree.stats.stop_reason in ("token_budget", "exhausted")
-        if tree.stats.stop_reason == "token_budget":
-            assert tree.stats.total_tokens >= budget
+        if tree.stats.stop_reason == "token_budget":  # short of it only after a non-root round
+            assert tree.stats.total_tokens >= budget or tree.stats.simulations > 1
+
+
+@pytest.mark.parametrize("budget, spent", [(108, 100), (112, 120), (100, 100), (1, 20)])
+def test_token_budget_ends_nearest_to_the_budget(budget, spent):
+    """Every simulation costs 20 tokens (2 distinct options of 10, no rollout tokens), one per
+    round: the tree stops at the multiple of 20 nearest the budget, not the first one at or above
+    it (108 -> 100, where stopping once reached spends 120)."""
+    def expand(requests):
+        return [[Option(f"s{len(r.steps)}.{r.node_id}.{i}\n", -1.0, 10, False)
+                 for i in range(r.num_options)] for r in requests]
+
+    def evaluate(requests):
+        return [LeafEval(total=0.5) for _ in requests]
+
+    params = SearchParams(simulations=1000, token_budget=budget, leaves_per_tree=1, c_min=2,
+                          c_max=2, root_c_min=2, root_c_max=2, max_depth=50, merge_threshold=2.0)
+    (tree,) = search(["p"], expand, evaluate, params)
+    assert tree.stats.stop_reason == "token_budget"
+    assert tree.stats.total_tokens == spent
 
 
 def test_evaluation_time_never_needs_a_reward_and_scores_terminals_by_critics():
