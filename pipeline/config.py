@@ -69,6 +69,7 @@ class BestPath(str, Enum):
     visits = "visits"  # follow the most-visited child
     q = "q"  # follow the highest-Q child
     vote = "vote"  # evaluation: the answer most visits back, over every solution in the tree
+    majority = "majority"  # evaluation: the answer most of the tree's whole solutions give, one vote each
 
 
 class Reference(str, Enum):

@@ -441,7 +441,17 @@ def test_vote_completion_weighs_answers_by_visits_over_the_whole_tree():
     assert vote_completion(tree, scorer, lambda text: None) == "x\nAnswer: 3\n"
 
 
-@pytest.mark.parametrize("rule", ["visits", "q", "vote"])
+def test_majority_counts_each_solution_once_whatever_its_visits():
+    from pipeline.decoding.mcts import vote_completion
+
+    tree, scorer = voting_tree()
+    tree.visits[3] = 10  # t1: answer 3 now outweighs answer 4 by visits (10 against 2 + 4)
+    assert vote_completion(tree, scorer, extract) == "x\nAnswer: 3\n"
+    # ... but two solutions answer 4 (t2 and b's finished rollout) and one answers 3
+    assert vote_completion(tree, scorer, extract, by_visits=False) == "y\nAnswer: 4\n"
+
+
+@pytest.mark.parametrize("rule", ["visits", "q", "vote", "majority"])
 def test_decode_mcts_grades_every_best_path_rule_on_the_same_trees(monkeypatch, rule):
     from pipeline.stages.eval import grade
 
@@ -451,11 +461,13 @@ def test_decode_mcts_grades_every_best_path_rule_on_the_same_trees(monkeypatch, 
     monkeypatch.setattr(dm, "eval_search", lambda prompts, cfg, models, desc: ([tree], scorer))
     cfg = compose_config(["debug=default", f"search.best_path={rule}"])
     out = dm.decode_mcts(cfg, None, None, ["P:"], None, None, extract)
-    expected = {"visits": "x\nAnswer: 3\n", "q": "y\nAnswer: 4\n", "vote": "y\nAnswer: 4\n"}
+    expected = {"visits": "x\nAnswer: 3\n", "q": "y\nAnswer: 4\n", "vote": "y\nAnswer: 4\n",
+                "majority": "y\nAnswer: 4\n"}
     assert out.completions == [expected[rule]] and out.extra == {"best_path": rule}
     assert out.alternatives == {k: [v] for k, v in expected.items() if k != rule}
     problem = Problem("p", "q", "4", {})
     task = SimpleNamespace(is_correct=lambda p, c: extract(c) == p.answer, extract_answer=extract)
     result = grade(task, [problem], out, "mcts", 1.0)
-    assert result.extra["accuracy_by_best_path"] == {"visits": 0.0, "q": 1.0, "vote": 1.0}
+    assert result.extra["accuracy_by_best_path"] == {"visits": 0.0, "q": 1.0, "vote": 1.0,
+                                                     "majority": 1.0}
     assert result.accuracy == result.extra["accuracy_by_best_path"][rule]

@@ -37,11 +37,14 @@ def tree_solutions(tree: Tree, scorer: LeafScorer) -> list[tuple[str, int]]:
     return found
 
 
-def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None]) -> str:
+def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None],
+                    by_visits: bool = True) -> str:
     """Self-consistency over the tree: the answer whose solutions' visits sum highest, as its
-    most-visited solution. No answer anywhere: the most-visited path."""
+    most-visited solution (by_visits=False: the answer most solutions give, each one vote, as
+    its first solution). No answer anywhere: the most-visited path."""
     solutions = tree_solutions(tree, scorer)
-    best = weighted_vote([text for text, _ in solutions], [v for _, v in solutions], extract)
+    weights = [v if by_visits else 1 for _, v in solutions]
+    best = weighted_vote([text for text, _ in solutions], weights, extract)
     return completion_of(tree, scorer) if best is None else solutions[best][0]
 
 
@@ -55,7 +58,9 @@ def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
     # every rule reads the same trees: the chosen one answers, the others are graded beside it
     picks = {BestPath.visits.value: [completion_of(t, scorer, most_visited) for t in trees],
              BestPath.q.value: [completion_of(t, scorer, highest_q) for t in trees],
-             BestPath.vote.value: [vote_completion(t, scorer, extract) for t in trees]}
+             BestPath.vote.value: [vote_completion(t, scorer, extract) for t in trees],
+             BestPath.majority.value: [vote_completion(t, scorer, extract, by_visits=False)
+                                       for t in trees]}
     mode = cfg.search.best_path.value
     return Decoded(picks.pop(mode), sum(t.stats.total_tokens for t in trees),
                    extra={"best_path": mode}, alternatives=picks, alternatives_of="best_path")
