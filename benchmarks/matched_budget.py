@@ -2,6 +2,7 @@
 
     python benchmarks/matched_budget.py [--iterations 4] [--n 8] [--runs runs/matched_budget]
     python benchmarks/matched_budget.py --smoke model=<tiny checkpoint>   # minutes, plumbing only
+    python benchmarks/matched_budget.py --eval-run RUN --eval-policies 0 1  # the evaluation arm alone
 
 Three loops on the default task (same training problems, same base policy, same test split):
 the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT), the STaR loop
@@ -320,8 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-grpo", action="store_true",
                         help="do not run or extend the GRPO loop (hours on a CPU); a GRPO run "
                              "already on disk is reported as far as it got")
+    parser.add_argument("--eval-run", type=Path, default=None, metavar="RUN",
+                        help="run no loop: grade the evaluation arm alone for RUN's policies "
+                             "(--eval-policies, default 0; a RUN not on disk has the base policy "
+                             "only) into --output (default matched_budget_evaluation.json)")
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every run")
     args = parser.parse_args(argv)
+    if args.eval_run is not None:
+        return evaluation_only(args, parser)
     if args.smoke:
         args.iterations, args.n = 1, 2
     if args.eval_policies and max(args.eval_policies) > args.iterations:  # before hours of loops
@@ -358,6 +365,26 @@ def main(argv: list[str] | None = None) -> dict:
     for path in plot(result, args.output.parent):
         print(f"wrote {path}")
     print(f"wrote {args.output}")
+    return result
+
+
+def evaluation_only(args, parser) -> dict:
+    """The evaluation arm for one run's policies, no loop run or extended: policies trained by
+    any run (`qstar run experiment=demo_cpu ...`), graded on test as the full proof grades
+    them; its test evaluations are cached under RUN/test_evals."""
+    run = args.eval_run.resolve()
+    store, policies = RunStore(run), args.eval_policies or [0]
+    trained = 1 + sum(store.done(i, "train") for i in range(max(policies)))
+    if max(policies) >= trained:
+        parser.error(f"--eval-policies {policies}: {run} has policies 0..{trained - 1}")
+    base = [*(SMOKE if args.smoke else []), *args.overrides]
+    result = {"benchmark": "matched_budget", "split": "test", "smoke": args.smoke,
+              "runs": {"mcts": str(run)},
+              "evaluation": evaluation_arm(base, store, policies, args.n, run / "test_evals")}
+    output = (args.output if args.output != RESULTS / "matched_budget.json"
+              else RESULTS / "matched_budget_evaluation.json")
+    write_json(output, result)
+    print(f"wrote {output}")
     return result
 
 

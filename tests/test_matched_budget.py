@@ -10,7 +10,7 @@ import pytest
 from conftest import load_benchmark
 
 from pipeline.compose import compose_config
-from pipeline.config import TrainMode
+from pipeline.config import BestPath, TrainMode
 from pipeline.lm.models import load_model
 from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.loop import run_loop
@@ -23,6 +23,28 @@ from pipeline.tasks import make_task
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("matched_budget")
+
+
+def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_model_dir, tmp_path):
+    """--eval-run: no loop runs; a run not on disk has the base policy only, graded on test."""
+    overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
+    run, output = tmp_path / "run", tmp_path / "out" / "evaluation.json"
+    argv = ["--smoke", "--eval-run", str(run), "--output", str(output), *overrides]
+    result = bench.main(argv)
+    assert json.loads(output.read_text()) == json.loads(json.dumps(result))
+    assert result["split"] == "test" and set(result) >= {"evaluation", "runs"}
+    assert "loop" not in result and not (run / "manifest.json").exists()
+    (row,) = result["evaluation"]
+    assert row["policy"] == 0 and row["critics"] is None
+    assert row["mcts"]["token_budget"] == max(1, round(row["best_of_n_majority"]["tokens_per_problem"]))
+    cached = sorted((run / "test_evals").glob("p0_*.json"))
+    assert len(cached) == 3
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert bench.main(argv) == result
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # graded once
+    with pytest.raises(SystemExit) as exit_info:  # no policy 1 without a trained iteration
+        bench.main([*argv, "--eval-policies", "0", "1", "--"])
+    assert exit_info.value.code == 2
 
 
 def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_path):
@@ -60,7 +82,7 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
                                                            ["tokens_per_problem"]))
         assert row["matched"] == (abs(row["mcts_over_best_of_n_tokens"] - 1) <= 0.1)
         by_path, by_select = row["mcts"]["accuracy_by_best_path"], row["best_of_n_majority"]["accuracy_by_select"]
-        assert set(by_path) == {"visits", "q", "vote"} and by_select["majority"] == row["best_of_n_majority"]["accuracy"]
+        assert set(by_path) == {rule.value for rule in BestPath} and by_select["majority"] == row["best_of_n_majority"]["accuracy"]
         assert by_path[bench.compose_config(bench.SMOKE).search.best_path.value] == row["mcts"]["accuracy"]
     loop = result["loop"]
     assert len(loop["mcts"]["test_greedy"]) == len(loop["star"]["test_greedy"]) == 2
