@@ -210,7 +210,10 @@ class SearchConfig:
     widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
     trees_per_batch: int = 16  # problems per search shard, searched together
     temperature: float = 0.8  # sampling temperature of options
-    best_path: BestPath = BestPath.visits  # evaluation: how the answer is read off the tree
+    # evaluation: how the answer is read off the tree. majority, chosen on dev (README "Results"):
+    # without a verifier the critics rank a problem's completions near chance, so the visits
+    # they steer say less than how many of the tree's solutions agree
+    best_path: BestPath = BestPath.majority
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # MiB of KV cache kept across expansions (LRU), so a child's expansion prefills only its own
     # option's tokens; 0 = off (a node's prefix is still prefilled once for all its options).
