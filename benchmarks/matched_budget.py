@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
+from pipeline.config import to_dict  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.loop import resume_run, run_loop  # noqa: E402
 from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
@@ -67,12 +68,26 @@ def run_or_resume(run_dir: Path, overrides: list[str], iterations: int) -> RunSt
                     run_dir)
 
 
+def graded_with(config: dict) -> dict:
+    """What decides a grade, from a config as an eval JSON records it: all but where the JSON
+    goes, how progress is shown and, for a decoding other than MCTS, the search config."""
+    dropped = ("progress", "tracking") + (() if config["decode"]["strategy"] == "mcts" else ("search",))
+    key = {k: v for k, v in config.items() if k not in dropped}
+    key["eval"] = {k: v for k, v in config["eval"].items() if k != "output"}
+    return json.loads(json.dumps(key, default=str))
+
+
 def graded_on_test(base: list[str], extra: list[str], output: Path) -> dict:
-    """`qstar eval eval.split=test ...` once; the JSON on disk is the cache."""
-    if not output.is_file():
-        print(f"eval -> {output}", flush=True)
-        run_eval(compose_config([*base, *extra, "eval.split=test", f"eval.output={output}",
-                                 "progress=false"]))
+    """`qstar eval eval.split=test ...` once; the JSON on disk is the cache, graded again when
+    it was graded with another config (a default changed since)."""
+    cfg = compose_config([*base, *extra, "eval.split=test", f"eval.output={output}",
+                          "progress=false"])
+    if output.is_file():
+        saved = json.loads(output.read_text())
+        if graded_with(saved["config"]) == graded_with(to_dict(cfg)):
+            return saved["summary"]
+    print(f"eval -> {output}", flush=True)
+    run_eval(cfg)
     return json.loads(output.read_text())["summary"]
 
 

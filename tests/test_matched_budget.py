@@ -42,6 +42,10 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     stamps = [p.stat().st_mtime_ns for p in cached]
     assert bench.main(argv) == result
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # graded once
+    # graded with another search config: MCTS is graded again, greedy and best-of-N are not
+    bench.main([*argv, "search.best_path=visits"])
+    again = {p.name: p.stat().st_mtime_ns != t for p, t in zip(cached, stamps)}
+    assert again == {p.name: "mcts" in p.name for p in cached}
     with pytest.raises(SystemExit) as exit_info:  # no policy 1 without a trained iteration
         bench.main([*argv, "--eval-policies", "0", "1", "--"])
     assert exit_info.value.code == 2
