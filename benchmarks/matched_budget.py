@@ -2,7 +2,8 @@
 
     python benchmarks/matched_budget.py [--iterations 4] [--n 8] [--runs runs/matched_budget]
     python benchmarks/matched_budget.py --smoke model=<tiny checkpoint>   # minutes, plumbing only
-    python benchmarks/matched_budget.py --eval-run RUN --eval-policies 0 1  # the evaluation arm alone
+    python benchmarks/matched_budget.py --eval-run RUN --eval-policies 0 1 [--split dev]
+                                        # the evaluation arm alone, no loop (dev: to tune on)
 
 Three loops on the default task (same training problems, same base policy, same test split):
 the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT), the STaR loop
@@ -77,10 +78,11 @@ def graded_with(config: dict) -> dict:
     return json.loads(json.dumps(key, default=str))
 
 
-def graded_on_test(base: list[str], extra: list[str], output: Path) -> dict:
-    """`qstar eval eval.split=test ...` once; the JSON on disk is the cache, graded again when
-    it was graded with another config (a default changed since)."""
-    cfg = compose_config([*base, *extra, "eval.split=test", f"eval.output={output}",
+def graded(base: list[str], extra: list[str], output: Path, split: str = "test") -> dict:
+    """`qstar eval eval.split=SPLIT ...` once (test: reported numbers; dev: tuning); the JSON on
+    disk is the cache, graded again when it was graded with another config (a default changed
+    since)."""
+    cfg = compose_config([*base, *extra, f"eval.split={split}", f"eval.output={output}",
                           "progress=false"])
     if output.is_file():
         saved = json.loads(output.read_text())
@@ -163,21 +165,21 @@ def grpo_budget(calibration: dict) -> list[str]:
 
 
 def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int,
-                   out: Path) -> list:
+                   out: Path, split: str = "test") -> list:
     rows = []
     base_policy = resolve_model_path(compose_config(base).model)
     for i in policies:
         policy = store.policy_dir(i, base_policy)
         critics = store.critics_dir(i)
         model = [f"model={policy}"]
-        greedy = graded_on_test(base, [*model, "decode=greedy"], out / f"p{i}_greedy.json")
-        bon = graded_on_test(base, [*model, "decode=best_of_n", f"decode.n={n}",
-                               "decode.select=majority"], out / f"p{i}_best_of_{n}.json")
+        greedy = graded(base, [*model, "decode=greedy"], out / f"p{i}_greedy.json", split)
+        bon = graded(base, [*model, "decode=best_of_n", f"decode.n={n}",
+                               "decode.select=majority"], out / f"p{i}_best_of_{n}.json", split)
         budget = max(1, round(per_problem(bon)))
-        mcts = graded_on_test(base, [*model, "decode=mcts", f"search.token_budget={budget}",
+        mcts = graded(base, [*model, "decode=mcts", f"search.token_budget={budget}",
                                 "search.simulations=64",
                                 *([f"eval.critics={critics}"] if critics else [])],
-                         out / f"p{i}_mcts_budget{budget}.json")
+                         out / f"p{i}_mcts_budget{budget}.json", split)
         ratio = per_problem(mcts) / max(per_problem(bon), 1e-9)
         rows.append({"policy": i, "critics": str(critics) if critics else None,
                      "greedy": {"accuracy": greedy["accuracy"],
@@ -209,7 +211,7 @@ def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out:
             # the MCTS loop's policies share their greedy JSON with the evaluation arm
             output = out / (f"p{i}_greedy.json" if i == 0 or name == "mcts"
                             else f"{name}_p{i}_greedy.json")
-            greedy.append(graded_on_test(base, [f"model={policy}", "decode=greedy"], output)["accuracy"])
+            greedy.append(graded(base, [f"model={policy}", "decode=greedy"], output)["accuracy"])
         result[name] = {"test_greedy": greedy, "search": [
             sampled_tokens(store, i) if name == "grpo" else verified_solutions(store, i)
             for i in range(done)]}
@@ -339,9 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-run", type=Path, default=None, metavar="RUN",
                         help="run no loop: grade the evaluation arm alone for RUN's policies "
                              "(--eval-policies, default 0; a RUN not on disk has the base policy "
-                             "only) into --output (default matched_budget_evaluation.json)")
+                             "only) into --output (default matched_budget_evaluation_SPLIT.json)")
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="with --eval-run: dev grades the arm on dev, for choosing defaults")
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every run")
     args = parser.parse_args(argv)
+    if args.split != "test" and args.eval_run is None:
+        parser.error("--split dev needs --eval-run: the proof's numbers are on test")
     if args.eval_run is not None:
         return evaluation_only(args, parser)
     if args.smoke:
@@ -386,18 +392,18 @@ def main(argv: list[str] | None = None) -> dict:
 def evaluation_only(args, parser) -> dict:
     """The evaluation arm for one run's policies, no loop run or extended: policies trained by
     any run (`qstar run experiment=demo_cpu ...`), graded on test as the full proof grades
-    them; its test evaluations are cached under RUN/test_evals."""
+    them (on dev with --split dev); its evaluations are cached under RUN/SPLIT_evals."""
     run = args.eval_run.resolve()
     store, policies = RunStore(run), args.eval_policies or [0]
     trained = 1 + sum(store.done(i, "train") for i in range(max(policies)))
     if max(policies) >= trained:
         parser.error(f"--eval-policies {policies}: {run} has policies 0..{trained - 1}")
     base = [*(SMOKE if args.smoke else []), *args.overrides]
-    result = {"benchmark": "matched_budget", "split": "test", "smoke": args.smoke,
-              "runs": {"mcts": str(run)},
-              "evaluation": evaluation_arm(base, store, policies, args.n, run / "test_evals")}
+    rows = evaluation_arm(base, store, policies, args.n, run / f"{args.split}_evals", args.split)
+    result = {"benchmark": "matched_budget", "split": args.split, "smoke": args.smoke,
+              "runs": {"mcts": str(run)}, "evaluation": rows}
     output = (args.output if args.output != RESULTS / "matched_budget.json"
-              else RESULTS / "matched_budget_evaluation.json")
+              else RESULTS / f"matched_budget_evaluation_{args.split}.json")
     write_json(output, result)
     print(f"wrote {output}")
     return result

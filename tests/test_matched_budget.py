@@ -50,6 +50,16 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
         bench.main([*argv, "--eval-policies", "0", "1", "--"])
     assert exit_info.value.code == 2
 
+    # --split dev: the same arm on dev problems, cached apart from the test grades
+    dev = bench.main([*argv[:-len(overrides)], "--split", "dev", *overrides])
+    assert dev["split"] == "dev" and len(sorted((run / "dev_evals").glob("p0_*.json"))) == 3
+    dev_ids = {p.id for p in make_task(compose_config([*bench.SMOKE, *overrides]).task).split("dev")}
+    for path in (run / "dev_evals").glob("p0_*.json"):
+        assert {r["id"] for r in json.loads(path.read_text())["rows"]} == dev_ids
+    with pytest.raises(SystemExit) as exit_info:  # the proof itself is graded on test only
+        bench.main(["--smoke", "--split", "dev", *overrides])
+    assert exit_info.value.code == 2
+
 
 def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_path):
     overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
