@@ -17,8 +17,9 @@ stages read dev; every number here is graded on the test split, once, by this sc
 - data_generation: verified solutions found per 1,000 generated tokens on the training
   problems, MCTS against sampling, both with the base policy (iteration 0 of each loop).
 - evaluation: for policies 0..N of the MCTS loop, greedy, best-of-N majority (n=--n) and MCTS
-  with the policy's critics (no verifier) capped at best-of-N's tokens per problem
-  (`search.token_budget`); `matched` says whether MCTS's tokens are within 10% of best-of-N's.
+  with the policy's critics (no verifier) given best-of-N's tokens per problem as its
+  `search.token_budget` (spent as nearly as whole rounds allow, not capped); `matched` says
+  whether MCTS's tokens are within 10% of best-of-N's.
 - loop: test greedy after every iteration of each loop, their search tokens (GRPO: the
   tokens it sampled while training), and options_per_solution (mean lines of the verified
   solutions each search found).
@@ -86,8 +87,8 @@ def graded(base: list[str], extra: list[str], output: Path, split: str = "test")
                           "progress=false"])
     if output.is_file():
         saved = json.loads(output.read_text())
-        if graded_with(saved["config"]) == graded_with(to_dict(cfg)):
-            return saved["summary"]
+        if saved.get("config") and graded_with(saved["config"]) == graded_with(to_dict(cfg)):
+            return saved["summary"]  # (a grade that records no config is graded again)
     print(f"eval -> {output}", flush=True)
     run_eval(cfg)
     return json.loads(output.read_text())["summary"]

@@ -46,6 +46,12 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     bench.main([*argv, "search.best_path=visits"])
     again = {p.name: p.stat().st_mtime_ns != t for p, t in zip(cached, stamps)}
     assert again == {p.name: "mcts" in p.name for p in cached}
+    # a grade that records no config (written by hand, or by an older qstar) is graded again
+    greedy = run / "test_evals" / "p0_greedy.json"
+    stripped = {k: v for k, v in json.loads(greedy.read_text()).items() if k != "config"}
+    greedy.write_text(json.dumps(stripped))
+    bench.main(argv)
+    assert "config" in json.loads(greedy.read_text())
     with pytest.raises(SystemExit) as exit_info:  # no policy 1 without a trained iteration
         bench.main([*argv, "--eval-policies", "0", "1", "--"])
     assert exit_info.value.code == 2
