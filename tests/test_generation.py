@@ -247,12 +247,15 @@ def test_option_cap_respected(tiny_model, varied, cap):
 
 @pytest.mark.parametrize("rule", [newline(6), token_cap(4), sentence_end(6)])
 def test_rollout_equals_separate_greedy_continuation(varied, rule):
+    """After the boundary the rollout is greedy. Where the cap cut the option back to a word's
+    start, the tokens already sampled past the cut open the rollout (the char tokenizer: one
+    character each) and the greedy continuation follows them."""
     model, tokenizer = varied
     prompts = prompts_for(tokenizer) * 2
     cap, rollout = rule.max_tokens, 12
     gens = generate(model, tokenizer, prompts, max_new_tokens=cap, temperature=1.0, seed=5,
                     stop=rule, rollout_tokens=rollout)
-    with_rollout = 0
+    with_rollout = cut_back = 0
     for prompt, g in zip(prompts, gens):
         assert g.num_tokens <= cap
         if not g.stopped:
@@ -260,14 +263,20 @@ def test_rollout_equals_separate_greedy_continuation(varied, rule):
             continue
         option_ids = tokenizer(g.text, add_special_tokens=False).input_ids
         assert g.token_ids == option_ids  # for these rules the option is its tokens
-        separate = generate(model, tokenizer, [prompt + g.text], max_new_tokens=rollout)[0]
-        assert g.rollout == separate.text
-        assert g.rollout_tokens == separate.num_tokens
-        assert g.rollout_logprobs == pytest.approx(separate.logprobs, abs=1e-4)
+        at_boundary = rule.kind != "token_cap" and rule.ends(g.text)
+        sampled = 0 if at_boundary else cap - g.num_tokens  # drawn past the cut, before the cap
+        cut_back += sampled > 0
+        separate = generate(model, tokenizer, [prompt + g.text + g.rollout[:sampled]],
+                            max_new_tokens=rollout - sampled)[0]
+        assert g.rollout == g.rollout[:sampled] + separate.text
+        assert g.rollout_tokens == sampled + separate.num_tokens
+        assert g.rollout_logprobs[sampled:] == pytest.approx(separate.logprobs, abs=1e-4)
         assert g.rollout_finished == separate.finished
         assert not g.finished
         with_rollout += 1
     assert with_rollout >= 2
+    if rule.kind == "token_cap":
+        assert cut_back >= 1  # the case above is exercised
 
 
 def test_sampled_rollout_continues_the_rows_own_sample(varied):

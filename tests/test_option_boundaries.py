@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mcts.options import newline, sentence_end, token_cap
-from pipeline.lm.generation import _Row, _row_ends, _row_result, _Rule, newline_token_ids
+from pipeline.lm.generation import newline_token_ids
+from pipeline.lm.stopping import Row, Rule, row_ends, row_result
 
 # BPE pieces: "So", " we", " subtract", " ", "1", ..., "7", " from", " both", " sides", ",", " uns",
 # "impl", "ifiable", " otherwise": a cap inside the number or "unsimplifiable" cuts a word.
@@ -33,16 +34,16 @@ def scripted(tokenizer, text, stop, cap, rollout_tokens=0):
     (`text`: a string, tokenized, or a list of pieces for `token_ids`)."""
     ids = token_ids(tokenizer, [text] if isinstance(text, str) else text)
     newline_ids = newline_token_ids(tokenizer) if stop.kind == "newline" else None
-    rule = _Rule(tokenizer, torch.tensor([tokenizer.eos_token_id]), stop, newline_ids, cap,
+    rule = Rule(tokenizer, torch.tensor([tokenizer.eos_token_id]), stop, newline_ids, cap,
                  rollout_tokens, lambda option: False)
-    row = _Row([], [])
+    row = Row([], [])
     for token in ids:
         row.tokens.append(token)
         row.logprobs.append(-1.0)
         is_newline = newline_ids is not None and token in newline_ids.tolist()
-        if _row_ends(row, rule, False, is_newline):
+        if row_ends(row, rule, False, is_newline):
             break
-    return _row_result(tokenizer, row, stop), ids
+    return row_result(tokenizer, row, stop), ids
 
 
 def test_the_tokenizer_loads_fast_and_is_bpe(smollm2_tokenizer):

@@ -16,9 +16,10 @@ from mcts.options import newline, sentence_end
 from pipeline.compose import compose_config
 from pipeline.config import ModelConfig
 from pipeline.decoding.tree_search import SearchModels, eval_search
-from pipeline.lm.generation import _extend_text, _Row, chat_prompt, generate
+from pipeline.lm.generation import chat_prompt, generate
 from pipeline.lm.models import embedded_gguf, load_model
 from pipeline.lm.prefix_cache import PrefixCache, prefill
+from pipeline.lm.stopping import Row, extend_text
 from pipeline.stages.search import kv_summary
 
 QUESTIONS = ["What is 2+3?", "Hi", "Compute 17*3 then add 4.", "x", "Name three primes."]
@@ -292,10 +293,10 @@ def test_incremental_text_equals_whole_decode_with_smollm2_tokenizer(smol_tokeni
     sequences += [[rng.randrange(len(tokenizer)) for _ in range(40)] for _ in range(5)]
     sequences.append(tokenizer("🙂🙂").input_ids + [tokenizer.eos_token_id] + [33, 198])
     for ids in sequences:
-        row = _Row([], [])
+        row = Row([], [])
         for token in ids:
             row.tokens.append(token)
-            _extend_text(tokenizer, row)
+            extend_text(tokenizer, row)
             whole = tokenizer.decode(row.tokens, skip_special_tokens=True)
             assert whole.startswith(row.text)
             if not whole.endswith("\ufffd"):

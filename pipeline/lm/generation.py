@@ -2,68 +2,31 @@
 
 MCTS options, fast rollouts, best-of-N, beam scoring and eval all come through here.
 It is a small KV-cached decoding loop (left padding, greedy or temperature/top-p sampling)
-rather than `model.generate`, for two reasons measured on CPU: rows leave the batch and the
+rather than `model.generate`, for three reasons measured on CPU: rows leave the batch and the
 cache as soon as they stop (arithmetic answers end after ~10 tokens while a few rows ramble
-to the cap, and `generate` keeps computing every row until the longest stops), and a row can
-go on from its option into its rollout (sampled or greedy) at the option boundary without a
-second prefill. It records each token's log-prob under the model's own (unwarped) distribution and
-ends options at a boundary (newline fast path on token ids; any text rule by decoding only the
-new tokens). Rows with the same prompt share one prefill, and with a `PrefixCache`
-(pipeline/lm/prefix_cache.py) a prompt prefills only what no earlier row already ran.
+to the cap, and `generate` keeps computing every row until the longest stops); waiting rows
+join the running batch as others leave (pipeline/lm/running_batch.py), so it stays full; and
+a row can go on from its option into its rollout (sampled or greedy) at the option boundary
+without a second prefill. It records each token's log-prob under the model's own (unwarped)
+distribution and ends options at a boundary (pipeline/lm/stopping.py). Rows with the same
+prompt share one prefill, and with a `PrefixCache` (pipeline/lm/prefix_cache.py) a prompt
+prefills only what no earlier row already ran.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from mcts.options import word_starts
-from pipeline.lm.prefix_cache import PrefixCache, forward_last, prefill, retire
+from pipeline.lm.prefix_cache import PrefixCache, forward_last, plain_kv_layers, prefill, retire
+from pipeline.lm.running_batch import HiddenSlots, RunningBatch
+from pipeline.lm.stopping import Generation, Row, Rule, StopRule, row_ends, row_result
 from pipeline.run.progress import progress_bar
 
-
-class StopRule(Protocol):
-    """What ends an option (mcts.options.OptionEnd satisfies this)."""
-
-    kind: str  # "newline" gets the token-id fast path
-
-    def ends(self, new_text: str) -> bool: ...
-
-    def cut(self, new_text: str) -> str: ...
-
-
-@dataclass
-class Generation:
-    text: str  # decoded new text (cut at the stop rule's boundary)
-    token_ids: list[int]  # new tokens, through the stop token
-    logprobs: list[float]  # per new token, under the model's unwarped distribution
-    finished: bool  # ended with EOS (the solution is complete)
-    stopped: bool  # ended by the stop rule (an option boundary) or the option cap with a rollout
-    # With rollout_tokens > 0: the greedy continuation after the boundary (the fast rollout).
-    rollout: str = ""
-    rollout_logprobs: list[float] | None = None
-    rollout_finished: bool = False
-    # With hidden=True: the final hidden state at the prompt's last token, at the option's last
-    # text token and at the row's last text token (the rollout's, or the option's when it has
-    # none). A final EOS is no text: the state before it is the prompt + text's last.
-    prompt_hidden: torch.Tensor | None = None
-    option_hidden: torch.Tensor | None = None
-    end_hidden: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def logprob(self) -> float:
-        return float(sum(self.logprobs))
-
-    @property
-    def rollout_tokens(self) -> int:
-        return len(self.rollout_logprobs or [])
+__all__ = ["Generation", "StopRule", "chat_prompt", "eos_token_ids", "generate",
+           "newline_token_ids", "plain_generate_tokens", "row_seed", "sampling_kwargs"]
 
 
 def newline_token_ids(tokenizer) -> torch.Tensor:
@@ -114,8 +77,12 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              prefix_cache: PrefixCache | None = None, hidden: bool = False) -> list[Generation]:
     """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
 
-    Randomness: `seeds` (one per prompt) gives each row its own generator, so a row's sample
-    does not depend on the other prompts or on the batching; else `seed` seeds each batch.
+    At most `batch_size` rows decode at once; as rows stop, the next prompts join the running
+    batch (pipeline/lm/running_batch.py), so the batch stays full until the call runs out.
+
+    Randomness: every row draws from its own generator, seeded by `seeds[i]` (one per prompt)
+    or, with `seed`, by (seed, i); so a row's sample depends on neither the other prompts nor
+    the batching. With neither, rows draw from the global generator.
 
     With `stop`, `max_new_tokens` caps the option. With `rollout_tokens` > 0 each row then goes
     on, up to that many tokens, as the fast rollout of the new node: greedily, or sampled at
@@ -129,57 +96,126 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     """
     if rollout_tokens and stop is None:
         raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
-    rule = _Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
-                 newline_token_ids(tokenizer).to(model.device) if stop is not None and
-                 stop.kind == "newline" else None, max_new_tokens, rollout_tokens,
-                 final or (lambda text: False), rollout_temperature)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    results: list[Generation | None] = [None] * len(prompts)
-    for b, rows in enumerate(progress_bar(_length_sorted_batches(prompts, batch_size),
-                                          desc=progress, unit="batch")):
-        generators = None
-        if seeds is not None:
-            generators = [torch.Generator().manual_seed(int(seeds[i]) % 2**63) for i in rows]
-        elif seed is not None:
-            torch.manual_seed(seed + b)
-        for i, row in zip(rows, _decode_batch(model, tokenizer, [prompts[i] for i in rows], rule,
-                                              temperature, top_p, generators, prefix_cache,
-                                              hidden)):
-            results[i] = row
-    return results
+    if seeds is None and seed is not None:
+        seeds = [row_seed(seed, i) for i in range(len(prompts))]
+    rule = Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
+                newline_token_ids(tokenizer).to(model.device) if stop is not None and
+                stop.kind == "newline" else None, max_new_tokens, rollout_tokens,
+                final or (lambda text: False), rollout_temperature)
+    decoding = _Decoding(model, tokenizer, list(prompts), rule, temperature, top_p, seeds,
+                         prefix_cache, hidden)
+    return decoding.run(batch_size, progress)
 
 
-@dataclass
-class _Rule:
-    """Where rows stop: EOS, the option boundary (+ optional rollout), the caps."""
-
-    tokenizer: object
-    eos_ids: torch.Tensor
-    stop: StopRule | None
-    newline_ids: torch.Tensor | None  # fast path for the newline stop rule
-    option_cap: int
-    rollout_tokens: int
-    final: object
-    rollout_temperature: float = 0.0  # 0: the rollout is greedy
+def row_seed(seed: int, index: int) -> int:
+    """Row `index`'s generator seed in a call seeded with `seed`."""
+    return (int(seed) * 1_000_003 + index) % 2**63
 
 
-@dataclass
-class _Row:
-    tokens: list[int]
-    logprobs: list[float]  # filled at the end of the batch (recorded on the device meanwhile)
-    boundary: int = -1  # index of the option's last token; -1 while still in the option
-    eos: bool = False
-    text: str = ""  # text rules only: the decoded option so far, extended token by token
-    prefix_at: int = 0  # incremental decoding window: tokens[prefix_at:read_at] are context
-    read_at: int = 0
-    prompt_hidden: torch.Tensor | None = None  # hidden=True only: see Generation
-    option_hidden: torch.Tensor | None = None
-    end_hidden: torch.Tensor | None = None
+class _Decoding:
+    """One `generate` call: KV-cached decoding in a running batch. A row leaves the batch (and
+    the cache) once it stops, and waiting rows join, so the call costs the sum of its rows'
+    lengths at a nearly full batch. One prefill per distinct prompt of a joining group (with a
+    usable `store`, only past its cached prefix); one host sync per step (the chosen tokens and
+    their stop flags). With `hidden` the step's forward runs before the stopped rows leave, so
+    it sees their last token."""
 
-    @property
-    def option_len(self) -> int:
-        return self.boundary + 1 if self.boundary >= 0 else len(self.tokens)
+    def __init__(self, model, tokenizer, prompts: list[str], rule: Rule, temperature: float,
+                 top_p: float, seeds: Sequence[int] | None, store: PrefixCache | None,
+                 hidden: bool):
+        self.model, self.tokenizer, self.prompts, self.rule = model, tokenizer, prompts, rule
+        self.temperature, self.top_p, self.store, self.hidden = temperature, top_p, store, hidden
+        self.generators = None if seeds is None else [
+            torch.Generator().manual_seed(int(s) % 2**63) for s in seeds]
+        self.keep_kv = store if store is not None and store.usable(model) else None
+        self.can_join = plain_kv_layers(model)
+        self.rows = [Row([], []) for _ in prompts]
+        self.prompt_ids: list[list[int]] = [[] for _ in prompts]
+        self.steps = rule.option_cap + rule.rollout_tokens
+        # each row's k-th token's log-prob at [row, k]: read once, at the end
+        self.logprobs = torch.zeros((len(prompts), self.steps), device=model.device)
+        self.slots = HiddenSlots(self.steps) if hidden else None
+        self.never = torch.zeros((), dtype=torch.bool, device=model.device)
+
+    def run(self, batch_size: int, progress: str | None) -> list[Generation]:
+        # Similar lengths side by side waste less compute on padding; a prompt's rows join together.
+        waiting = deque(sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i])))
+        batch = RunningBatch()
+        with progress_bar(total=len(self.prompts), desc=progress, unit="row") as bar:
+            while waiting or batch.live:
+                if batch.wants_rows(batch_size, len(waiting), self.can_join):
+                    self._join(batch, _next_group(waiting, batch_size - len(batch.live), self.prompts))
+                bar.update(self._step(batch))
+        for row, lps in zip(self.rows, self.logprobs.tolist()):
+            row.logprobs = lps[:len(row.tokens)]
+        return [row_result(self.tokenizer, row, self.rule.stop) for row in self.rows]
+
+    def _join(self, batch: RunningBatch, group: list[int]) -> None:
+        start = prefill(self.model, self.tokenizer, [self.prompts[i] for i in group], self.store,
+                        self.hidden)
+        for k, r in enumerate(group):
+            self.prompt_ids[r] = start.prompt_ids[k]
+        for r, h in zip(group, start.hidden.cpu() if self.hidden else []):
+            self.rows[r].prompt_hidden = h
+        batch.join(start, group)
+
+    def _step(self, batch: RunningBatch) -> int:
+        """Choose every running row's next token; the rows that stop leave. Returns how many."""
+        rule, rows, live, device = self.rule, self.rows, batch.live, batch.logits.device
+        in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=device)
+        chosen = _choose(batch.logits, in_rollout, rule, self.temperature, self.top_p,
+                         _uniforms(live, self.generators))
+        cols = torch.tensor([len(rows[r].tokens) for r in live], device=device)
+        self.logprobs[torch.tensor(live, device=device), cols] = (
+            torch.log_softmax(batch.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1))
+        newline = torch.isin(chosen, rule.newline_ids) if rule.newline_ids is not None else self.never
+        flags = torch.stack([chosen, torch.isin(chosen, rule.eos_ids).long(),
+                             newline.long().expand_as(chosen)]).tolist()  # the step's one sync
+        keep, stopped = [], []
+        for j, (r, token, eos, nl) in enumerate(zip(live, *flags)):
+            rows[r].tokens.append(token)
+            ends = row_ends(rows[r], rule, bool(eos), bool(nl)) or len(rows[r].tokens) >= self.steps
+            (stopped if ends else keep).append(j)
+        if self.hidden:  # every row feeds its token: the stopped ones for their last hidden state
+            batch.mask, batch.logits, states = _forward(self.model, batch.cache, batch.mask, chosen, True)
+            self.slots.write(live, cols, states)
+            self._read_hidden([live[j] for j in stopped])
+        for j in stopped if self.keep_kv is not None else []:
+            retire(self.keep_kv, batch.cache, j, batch.mask[j], self.prompt_ids[live[j]],
+                   rows[live[j]].tokens)
+        select = batch.keep(keep)
+        if batch.live and not self.hidden:
+            chosen = chosen if select is None else chosen[select]
+            batch.mask, batch.logits, _ = _forward(self.model, batch.cache, batch.mask, chosen, False)
+        return len(stopped)
+
+    def _read_hidden(self, stopped: list[int]) -> None:
+        """Each stopped row's hidden state at its option's and its own last text token (not a
+        final EOS; where no text token precedes it, the prompt's last token)."""
+        if not stopped:
+            return
+
+        def last_text(row: Row, length: int) -> int:
+            return length - 1 - (row.eos and length == len(row.tokens))
+
+        at = [(last_text(self.rows[r], self.rows[r].option_len),
+               last_text(self.rows[r], len(self.rows[r].tokens))) for r in stopped]
+        picked = self.slots.read([(r, max(o, 0), max(e, 0)) for r, (o, e) in zip(stopped, at)])
+        for r, (option, end), (o, e) in zip(stopped, picked, at):
+            row = self.rows[r]
+            row.option_hidden = option if o >= 0 else row.prompt_hidden
+            row.end_hidden = end if e >= 0 else row.prompt_hidden
+
+
+def _next_group(waiting: deque, free: int, prompts: list[str]) -> list[int]:
+    """The next rows to join: as many as are free (at least one), and the rest of the last
+    one's prompt, so that a prompt is prefilled once."""
+    group = [waiting.popleft() for _ in range(min(max(free, 1), len(waiting)))]
+    while waiting and prompts[waiting[0]] == prompts[group[-1]]:
+        group.append(waiting.popleft())
+    return group
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -199,7 +235,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.searchsorted(cdf, threshold).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
-def _choose(logits: torch.Tensor, in_rollout: torch.Tensor, rule: _Rule, temperature: float,
+def _choose(logits: torch.Tensor, in_rollout: torch.Tensor, rule: Rule, temperature: float,
             top_p: float, uniform: torch.Tensor) -> torch.Tensor:
     """Each live row's next token: its option's sample, or once past the boundary its rollout's
     (the same draw when the two temperatures agree, greedy at rollout temperature 0)."""
@@ -209,67 +245,7 @@ def _choose(logits: torch.Tensor, in_rollout: torch.Tensor, rule: _Rule, tempera
     return torch.where(in_rollout, rolled, sampled)
 
 
-def _decode_batch(model, tokenizer, prompts: list[str], rule: _Rule, temperature: float,
-                  top_p: float, generators: list | None = None,
-                  store: PrefixCache | None = None, hidden: bool = False) -> list[Generation]:
-    """KV-cached decoding that drops each row from the batch (and the cache) once it stops,
-    so a batch costs the sum of its rows' lengths, not batch size x the longest row.
-    One prefill per distinct prompt (and, with a usable `store`, only past its cached prefix);
-    one host sync per step (the chosen tokens and their stop flags).
-    `generators` (one per row): each live row draws its uniform from its own generator.
-    `hidden`: the step's forward runs before the stopped rows leave, so it sees their last token."""
-    start = prefill(model, tokenizer, prompts, store, hidden)
-    cache, mask, logits = start.cache, start.mask, start.logits
-    keep_kv = store if store is not None and store.usable(model) else None
-    rows = [_Row([], []) for _ in prompts]
-    live = list(range(len(prompts)))  # original index of each row still in the batch
-    steps = rule.option_cap + rule.rollout_tokens
-    logprobs = torch.zeros((len(prompts), steps), device=logits.device)  # read once, at the end
-    for row, h in zip(rows, start.hidden.cpu() if hidden else []):
-        row.prompt_hidden = h
-    # hidden=True: the hidden state at each row's k-th new token, written at step k (a row adds
-    # one token per step while it is live); read once, at the end, like the log-probs
-    hiddens = start.hidden.new_zeros((len(prompts), steps, start.hidden.shape[-1])) if hidden else None
-    never = torch.zeros((), dtype=torch.bool, device=logits.device)
-    for step in range(steps):
-        in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=logits.device)
-        chosen = _choose(logits, in_rollout, rule, temperature, top_p,
-                         _uniforms(len(prompts), live, generators))
-        live_index = torch.tensor(live, device=logits.device)
-        logprobs[live_index, step] = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
-        newline = torch.isin(chosen, rule.newline_ids) if rule.newline_ids is not None else never
-        flags = torch.stack([chosen, torch.isin(chosen, rule.eos_ids).long(),
-                             newline.long().expand_as(chosen)]).tolist()  # the step's one sync
-        keep = []
-        for j, (r, token, eos, nl) in enumerate(zip(live, *flags)):
-            rows[r].tokens.append(token)
-            if not _row_ends(rows[r], rule, bool(eos), bool(nl)):
-                keep.append(j)
-        if hidden:  # every row feeds its token: the stopped ones for their last hidden state
-            mask, logits, hiddens[live_index, step] = _step(model, cache, mask, chosen, True)
-        if len(keep) < len(live) and keep_kv is not None:
-            for j in sorted(set(range(len(live))) - set(keep)):
-                retire(keep_kv, cache, j, mask[j], start.prompt_ids[live[j]], rows[live[j]].tokens)
-        if not keep:
-            break
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=logits.device)
-            cache.batch_select_indices(index)
-            mask, chosen, logits = mask[index], chosen[index], logits[index]
-            live = [live[j] for j in keep]
-        if not hidden:
-            mask, logits, _ = _step(model, cache, mask, chosen, False)
-    else:
-        for j, r in enumerate(live if keep_kv is not None else []):
-            retire(keep_kv, cache, j, mask[j], start.prompt_ids[r], rows[r].tokens)
-    for row, lps in zip(rows, logprobs.tolist()):
-        row.logprobs = lps[:len(row.tokens)]
-    if hidden:
-        _read_hidden(rows, hiddens)
-    return [_row_result(tokenizer, row, rule.stop) for row in rows]
-
-
-def _step(model, cache, mask: torch.Tensor, chosen: torch.Tensor, hidden: bool):
+def _forward(model, cache, mask: torch.Tensor, chosen: torch.Tensor, hidden: bool):
     """Run the chosen tokens through the model: the extended mask, the next logits and, with
     `hidden`, the hidden state at each chosen token."""
     mask = torch.cat([mask, mask.new_ones((len(chosen), 1))], dim=1)
@@ -279,93 +255,12 @@ def _step(model, cache, mask: torch.Tensor, chosen: torch.Tensor, hidden: bool):
     return mask, logits, last
 
 
-def _read_hidden(rows: list[_Row], hiddens: torch.Tensor) -> None:
-    """Each row's hidden state at its option's and its own last text token (not a final EOS;
-    where no text token precedes it, the prompt's last token)."""
-    def last_text(length: int, row: _Row) -> int:
-        return length - 1 - (row.eos and length == len(row.tokens))
-
-    at = [[last_text(row.option_len, row), last_text(len(row.tokens), row)] for row in rows]
-    index = torch.tensor(at, device=hiddens.device).clamp(min=0)
-    picked = hiddens[torch.arange(len(rows), device=hiddens.device)[:, None], index].float().cpu()
-    for row, (option, end), (o, e) in zip(rows, picked, at):
-        row.option_hidden = option if o >= 0 else row.prompt_hidden
-        row.end_hidden = end if e >= 0 else row.prompt_hidden
-
-
-def _uniforms(num_rows: int, live: list[int], generators: list | None) -> torch.Tensor:
-    """One uniform per live row for this step: from each row's own generator, or one draw per
-    original row from the global generator (so a row's draw ignores which rows still run)."""
+def _uniforms(live: list[int], generators: list | None) -> torch.Tensor:
+    """One uniform per live row for this step, from the row's own generator (or, unseeded, the
+    global generator)."""
     if generators is None:
-        return torch.rand(num_rows)[live]
+        return torch.rand(len(live))
     return torch.cat([torch.rand(1, generator=generators[r]) for r in live])
-
-
-def _row_ends(row: _Row, rule: _Rule, eos: bool, newline: bool) -> bool:
-    """Update the row after its newest token; True when it stops generating."""
-    if eos:
-        row.eos = True
-        return True
-    n = len(row.tokens)
-    if row.boundary >= 0:  # in the rollout
-        return n - 1 - row.boundary >= rule.rollout_tokens
-    if rule.stop is None:
-        return n >= rule.option_cap
-    if rule.newline_ids is not None:  # decode only at a newline (leading newlines are no end)
-        at_boundary = newline and rule.stop.ends(_text(rule, row))
-    else:  # a text rule: decode only the new token(s), then ask the rule
-        _extend_text(rule.tokenizer, row)
-        at_boundary = rule.stop.ends(row.text)
-    if not (at_boundary or n >= rule.option_cap):
-        return False
-    row.boundary = n - 1 if at_boundary else _last_word_end(rule.tokenizer, row.tokens)
-    if rule.rollout_tokens == 0:
-        return True
-    return bool(rule.final(rule.stop.cut(_text(rule, row, row.boundary + 1))))
-
-
-def _last_word_end(tokenizer, tokens: list[int]) -> int:
-    """The option cap: index of the last token before a word starts, so the cap never cuts a
-    word (the tokens after it go to the rollout, or are dropped). One word longer than the cap
-    is cut at the cap."""
-    pieces = tokenizer.batch_decode([[t] for t in tokens], skip_special_tokens=True)
-    if pieces[-1][-1:].isspace():
-        return len(tokens) - 1
-    for k in range(len(tokens) - 1, 0, -1):
-        if word_starts(pieces[k], pieces[k - 1]):
-            return k - 1
-    return len(tokens) - 1
-
-
-def _extend_text(tokenizer, row: _Row) -> None:
-    """Incremental detokenization (as vLLM's): decode a short window of tokens with one token of
-    left context, so leading spaces and multi-byte characters split over tokens come out as in
-    a decode of the whole row; text is only appended once it is not a partial character."""
-    before = tokenizer.decode(row.tokens[row.prefix_at:row.read_at], skip_special_tokens=True)
-    after = tokenizer.decode(row.tokens[row.prefix_at:], skip_special_tokens=True)
-    if len(after) > len(before) and not after.endswith("\ufffd"):
-        row.text += after[len(before):]
-        row.prefix_at, row.read_at = row.read_at, len(row.tokens)
-
-
-def _text(rule: _Rule, row: _Row, length: int | None = None) -> str:
-    return rule.tokenizer.decode(row.tokens[:length], skip_special_tokens=True)
-
-
-def _row_result(tokenizer, row: _Row, stop: StopRule | None) -> Generation:
-    option_len = row.option_len
-    option_ids, rollout_ids = row.tokens[:option_len], row.tokens[option_len:]
-    option = tokenizer.decode(option_ids, skip_special_tokens=True)
-    if stop is not None and row.boundary >= 0:
-        option = stop.cut(option)
-    full = tokenizer.decode(row.tokens, skip_special_tokens=True)
-    return Generation(
-        text=option, token_ids=option_ids, logprobs=row.logprobs[:option_len],
-        finished=row.eos and not rollout_ids, stopped=row.boundary >= 0,
-        rollout=full[len(option):] if row.boundary >= 0 else "",
-        rollout_logprobs=row.logprobs[option_len:], rollout_finished=row.eos and bool(rollout_ids),
-        prompt_hidden=row.prompt_hidden, option_hidden=row.option_hidden, end_hidden=row.end_hidden,
-    )
 
 
 @torch.no_grad()

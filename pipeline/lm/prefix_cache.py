@@ -83,7 +83,6 @@ class PrefixCache:
         self.root = _Node((), None, None)
         self.lru: OrderedDict[_Node, None] = OrderedDict()
         self.stats = CacheStats()
-        self._supported: dict[int, bool] = {}
 
     @property
     def enabled(self) -> bool:
@@ -94,11 +93,7 @@ class PrefixCache:
 
     def supports(self, model) -> bool:
         """Only plain full-attention KV layers can be sliced by position and reused."""
-        key = id(model.config)
-        if key not in self._supported:
-            layers = DynamicCache(config=model.config).layers
-            self._supported[key] = bool(layers) and all(type(x) is DynamicLayer for x in layers)
-        return self._supported[key]
+        return plain_kv_layers(model)
 
     def match(self, tokens: Sequence[int]) -> tuple[int, list[tuple[_Node, int]]]:
         """Length of the longest cached prefix of `tokens`, and the (node, tokens used) path."""
@@ -191,6 +186,19 @@ class PrefixCache:
             self._account(node, -1)
             self.stats.evicted_tokens += len(node.tokens)
         return True
+
+
+_PLAIN_KV: dict[int, bool] = {}  # id(model.config) -> every cache layer a plain DynamicLayer
+
+
+def plain_kv_layers(model) -> bool:
+    """Are all of the model's KV cache layers plain full-attention ones (no sliding window), so
+    that their KV can be sliced by position, padded and stacked across batches?"""
+    key = id(model.config)
+    if key not in _PLAIN_KV:
+        layers = DynamicCache(config=model.config).layers
+        _PLAIN_KV[key] = bool(layers) and all(type(x) is DynamicLayer for x in layers)
+    return _PLAIN_KV[key]
 
 
 def _bytes(node: _Node) -> int:

@@ -1,0 +1,155 @@
+"""Where a decoding row stops, and what it becomes: EOS, the option boundary (a stop rule,
+checked on the new tokens only), the option cap (never mid-word), the fused rollout after the
+boundary; then the row's `Generation` (option text, rollout text, log-probs, hidden states).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mcts.options import word_starts
+
+
+class StopRule(Protocol):
+    """What ends an option (mcts.options.OptionEnd satisfies this)."""
+
+    kind: str  # "newline" gets the token-id fast path
+
+    def ends(self, new_text: str) -> bool: ...
+
+    def cut(self, new_text: str) -> str: ...
+
+
+@dataclass
+class Generation:
+    text: str  # decoded new text (cut at the stop rule's boundary)
+    token_ids: list[int]  # new tokens, through the stop token
+    logprobs: list[float]  # per new token, under the model's unwarped distribution
+    finished: bool  # ended with EOS (the solution is complete)
+    stopped: bool  # ended by the stop rule (an option boundary) or the option cap with a rollout
+    # With rollout_tokens > 0: the greedy continuation after the boundary (the fast rollout).
+    rollout: str = ""
+    rollout_logprobs: list[float] | None = None
+    rollout_finished: bool = False
+    # With hidden=True: the final hidden state at the prompt's last token, at the option's last
+    # text token and at the row's last text token (the rollout's, or the option's when it has
+    # none). A final EOS is no text: the state before it is the prompt + text's last.
+    prompt_hidden: torch.Tensor | None = None
+    option_hidden: torch.Tensor | None = None
+    end_hidden: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def rollout_tokens(self) -> int:
+        return len(self.rollout_logprobs or [])
+
+
+@dataclass
+class Rule:
+    """Where rows stop: EOS, the option boundary (+ optional rollout), the caps."""
+
+    tokenizer: object
+    eos_ids: torch.Tensor
+    stop: StopRule | None
+    newline_ids: torch.Tensor | None  # fast path for the newline stop rule
+    option_cap: int
+    rollout_tokens: int
+    final: object
+    rollout_temperature: float = 0.0  # 0: the rollout is greedy
+
+
+@dataclass
+class Row:
+    tokens: list[int]
+    logprobs: list[float]  # filled at the end of the batch (recorded on the device meanwhile)
+    boundary: int = -1  # index of the option's last token; -1 while still in the option
+    eos: bool = False
+    text: str = ""  # text rules only: the decoded option so far, extended token by token
+    prefix_at: int = 0  # incremental decoding window: tokens[prefix_at:read_at] are context
+    read_at: int = 0
+    prompt_hidden: torch.Tensor | None = None  # hidden=True only: see Generation
+    option_hidden: torch.Tensor | None = None
+    end_hidden: torch.Tensor | None = None
+
+    @property
+    def option_len(self) -> int:
+        return self.boundary + 1 if self.boundary >= 0 else len(self.tokens)
+
+
+def row_ends(row: Row, rule: Rule, eos: bool, newline: bool) -> bool:
+    """Update the row after its newest token; True when it stops generating."""
+    if eos:
+        row.eos = True
+        return True
+    n = len(row.tokens)
+    if row.boundary >= 0:  # in the rollout
+        return n - 1 - row.boundary >= rule.rollout_tokens
+    if rule.stop is None:
+        return n >= rule.option_cap
+    if rule.newline_ids is not None:  # decode only at a newline (leading newlines are no end)
+        at_boundary = newline and rule.stop.ends(row_text(rule, row))
+    else:  # a text rule: decode only the new token(s), then ask the rule
+        extend_text(rule.tokenizer, row)
+        at_boundary = rule.stop.ends(row.text)
+    if not (at_boundary or n >= rule.option_cap):
+        return False
+    row.boundary = n - 1 if at_boundary else last_word_end(rule.tokenizer, row.tokens)
+    if rule.rollout_tokens == 0:
+        return True
+    return bool(rule.final(rule.stop.cut(row_text(rule, row, row.boundary + 1))))
+
+
+def last_word_end(tokenizer, tokens: list[int]) -> int:
+    """The option cap: index of the last token before a word starts, so the cap never cuts a
+    word (the tokens after it go to the rollout, or are dropped). One word longer than the cap
+    is cut at the cap."""
+    pieces = tokenizer.batch_decode([[t] for t in tokens], skip_special_tokens=True)
+    if pieces[-1][-1:].isspace():
+        return len(tokens) - 1
+    for k in range(len(tokens) - 1, 0, -1):
+        if word_starts(pieces[k], pieces[k - 1]):
+            return k - 1
+    return len(tokens) - 1
+
+
+def extend_text(tokenizer, row: Row) -> None:
+    """Incremental detokenization (as vLLM's): decode a short window of tokens with one token of
+    left context, so leading spaces and multi-byte characters split over tokens come out as in
+    a decode of the whole row; text is only appended once it is not a partial character."""
+    before = tokenizer.decode(row.tokens[row.prefix_at:row.read_at], skip_special_tokens=True)
+    after = tokenizer.decode(row.tokens[row.prefix_at:], skip_special_tokens=True)
+    if len(after) > len(before) and not after.endswith("\ufffd"):
+        row.text += after[len(before):]
+        row.prefix_at, row.read_at = row.read_at, len(row.tokens)
+
+
+def row_text(rule: Rule, row: Row, length: int | None = None) -> str:
+    return rule.tokenizer.decode(row.tokens[:length], skip_special_tokens=True)
+
+
+def row_result(tokenizer, row: Row, stop: StopRule | None) -> Generation:
+    option_len = row.option_len
+    option_ids, rollout_ids = row.tokens[:option_len], row.tokens[option_len:]
+    option = tokenizer.decode(option_ids, skip_special_tokens=True)
+    if stop is not None and row.boundary >= 0:
+        option = stop.cut(option)
+    full = tokenizer.decode(row.tokens, skip_special_tokens=True)
+    return Generation(
+        text=option, token_ids=option_ids, logprobs=row.logprobs[:option_len],
+        finished=row.eos and not rollout_ids, stopped=row.boundary >= 0,
+        rollout=full[len(option):] if row.boundary >= 0 else "",
+        rollout_logprobs=row.logprobs[option_len:], rollout_finished=row.eos and bool(rollout_ids),
+        prompt_hidden=row.prompt_hidden, option_hidden=row.option_hidden, end_hidden=row.end_hidden,
+    )
+
+
