@@ -51,9 +51,9 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(which, temperature, req
     assert len({g.text + g.rollout for g in running}) > 2  # not vacuous: the rows differ
 
 
-def test_seed_gives_each_row_its_own_stream(varied):
+def test_seed_gives_each_row_its_own_stream(request):
     """`seed` seeds every row apart: a row's sample does not depend on the batch size."""
-    model, tokenizer = varied
+    model, tokenizer = request.getfixturevalue("varied")
     prompts = prompts_for(tokenizer) * 2
     kwargs = dict(max_new_tokens=10, temperature=1.0, seed=11)
     wide = generate(model, tokenizer, prompts, batch_size=32, **kwargs)
