@@ -170,7 +170,7 @@ class DecodeConfig:
     temperature: float = 0.8  # sampling temperature (sample, best_of_n, beam options)
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
     max_new_tokens: int = 192  # tokens per completion (a whole solution)
-    batch_size: int = 32  # rows per generation batch (also search's generation batch)
+    batch_size: int = 32  # most rows decoding at once; waiting rows join as others stop (also search's)
 
 
 @dataclass
