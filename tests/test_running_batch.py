@@ -113,3 +113,33 @@ def test_hidden_slots_are_reused_and_read_per_row():
     slots.write([9], torch.tensor([0]), torch.tensor([[-1.0, -1.0]]))  # takes row 7's slot
     assert len(slots.buffer) == 3
     assert slots.read([(5, 0, 1), (9, 0, 0)]).tolist() == [[[0, 1], [10, 11]], [[-1, -1], [-1, -1]]]
+
+
+def test_a_sliding_window_model_decodes_in_whole_batches(tmp_path, monkeypatch):
+    """KV layers that are not plain (a sliding window) cannot be padded and stacked: rows then
+    join only an empty batch, and still decode as if alone."""
+    from tiny import tiny_tokenizer
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from pipeline.config import ModelConfig
+    from pipeline.lm.models import load_model
+    from pipeline.lm.prefix_cache import plain_kv_layers
+
+    tokenizer = tiny_tokenizer()
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        sliding_window=64, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False, initializer_range=0.3)
+    torch.manual_seed(1)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    model, tokenizer = load_model(ModelConfig(name=str(tmp_path / "m")))
+    assert not plain_kv_layers(model)
+    prompts = prompts_for(tokenizer)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    joins = _joins(monkeypatch)
+    together = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    assert joins == [0, 0]  # 4 rows, then the other 2 once the first 4 are done
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
