@@ -30,7 +30,8 @@ class Generation:
     logprobs: list[float]  # per new token, under the model's unwarped distribution
     finished: bool  # ended with EOS (the solution is complete)
     stopped: bool  # ended by the stop rule (an option boundary) or the option cap with a rollout
-    # With rollout_tokens > 0: the greedy continuation after the boundary (the fast rollout).
+    # With rollout_tokens > 0: the continuation after the boundary (the fast rollout: sampled
+    # at the rollout temperature, or greedy at 0).
     rollout: str = ""
     rollout_logprobs: list[float] | None = None
     rollout_finished: bool = False
@@ -71,7 +72,7 @@ class Rule:
 @dataclass
 class Row:
     tokens: list[int]
-    logprobs: list[float]  # filled at the end of the batch (recorded on the device meanwhile)
+    logprobs: list[float]  # filled at the end of the call (recorded on the device meanwhile)
     boundary: int = -1  # index of the option's last token; -1 while still in the option
     eos: bool = False
     text: str = ""  # text rules only: the decoded option so far, extended token by token
