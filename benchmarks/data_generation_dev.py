@@ -14,6 +14,12 @@ rollouts); `sampling` is the STaR search (`search.algorithm=sample`) at the samp
 that spend the default search's tokens. Each variant's counts are cached in --runs with the
 search config they came from, so a killed run resumes, and a variant whose config changed since
 (a new default) is searched again. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
+
+`--split train` measures the proof's arm (a) itself without running the loops: the same two
+searches as the MCTS and STaR loops' iteration 0 (the default variant is `experiment=demo_cpu`'s
+search; `sampling` is `experiment=star_cpu`'s, which differs from it only in the algorithm and
+the samples per problem) on the training problems. Nothing is tuned on it. It writes
+data_generation_train.json and caches under runs/data_generation_train.
 """
 
 from __future__ import annotations
@@ -58,9 +64,11 @@ def search_key(cfg) -> dict:
     return {"model": str(cfg.model.name), "search": key}
 
 
-def searched(base: list[str], overrides: list[str], problems: int, cache: Path, models) -> dict:
-    """One training-time search of the first `problems` dev problems; its counts are cached
-    under `cache` with the search config they came from, and searched again when it differs."""
+def searched(base: list[str], overrides: list[str], problems: int, cache: Path, models,
+             split: str = "dev") -> dict:
+    """One training-time search of the first `problems` problems of `split`; its counts are
+    cached under `cache` with the search config they came from, and searched again when it
+    differs."""
     cfg = compose_config(["experiment=demo_cpu", *base, *overrides, "progress=false"])
     if cache.is_file():
         cached = json.loads(cache.read_text())
@@ -68,7 +76,7 @@ def searched(base: list[str], overrides: list[str], problems: int, cache: Path, 
             return {**cached, "overrides": overrides}
         print(f"{cache.name}: searched with another config; searching again", flush=True)
     task = make_task(cfg.task)
-    chosen = task.split("dev")[:problems]
+    chosen = task.split(split)[:problems]
     prompts = task_prompts(models.tokenizer, task, chosen)
     start = time.perf_counter()
     trees, scorer = train_search(chosen, task, prompts, cfg, models, desc=cache.stem)
@@ -83,14 +91,20 @@ def searched(base: list[str], overrides: list[str], problems: int, cache: Path, 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", type=int, default=64, help="the first K dev problems")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "data_generation_dev")
-    parser.add_argument("--output", type=Path, default=RESULTS / "data_generation_dev.json")
+    parser.add_argument("--problems", type=int, default=64, help="the first K problems of the split")
+    parser.add_argument("--split", choices=("dev", "train"), default="dev",
+                        help="dev: to tune on; train: the proof's arm (a), measured alone")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="default: runs/data_generation_{split}")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: benchmarks/results/data_generation_{split}.json")
     parser.add_argument("--variant", action="append", metavar='"NAME OVERRIDE..."',
                         help="a name and its search overrides, in one argument (repeatable; "
                              "default: the built-in variants)")
     parser.add_argument("overrides", nargs="*", help="qstar overrides for every search (model=...)")
     args = parser.parse_args(argv)
+    args.runs = args.runs or ROOT / "runs" / f"data_generation_{args.split}"
+    args.output = args.output or RESULTS / f"data_generation_{args.split}.json"
     variants = dict(VARIANTS) if not args.variant else {"default": [], **{
         v.split()[0]: v.split()[1:] for v in args.variant if v.split()}}
     cfg = compose_config(["experiment=demo_cpu", *args.overrides])
@@ -99,16 +113,17 @@ def main(argv: list[str] | None = None) -> dict:
     found = {}
     for name, overrides in variants.items():
         found[name] = searched(args.overrides, overrides, args.problems,
-                               args.runs / f"{name}.json", models)
+                               args.runs / f"{name}.json", models, args.split)
         print(f"{name:<18} {found[name]['verified_per_1k_tokens']:>6.3f} verified / 1k tokens "
               f"({found[name]['verified_solutions']} in {found[name]['tokens']})", flush=True)
     per_sample = sample_length(args, models)
     samples = max(1, round(found["default"]["tokens"] / args.problems / per_sample))
     found["sampling"] = searched(args.overrides, ["search.algorithm=sample",
                                                   f"search.simulations={samples}"],
-                                 args.problems, args.runs / f"sampling_{samples}.json", models)
+                                 args.problems, args.runs / f"sampling_{samples}.json", models,
+                                 args.split)
     sampling = found["sampling"]["verified_per_1k_tokens"]
-    result = {"benchmark": "data_generation_dev", "split": "dev", "problems": args.problems,
+    result = {"benchmark": "data_generation_dev", "split": args.split, "problems": args.problems,
               "policy": str(cfg.model.name), "samples_per_problem": samples, "variants": found,
               "over_sampling": {k: round(v["verified_per_1k_tokens"] / sampling, 3) if sampling
                                 else None for k, v in found.items()}}
@@ -118,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def sample_length(args, models) -> float:
-    """Mean tokens of one sample (one sample per dev problem, cached): sets the sampling arm's
+    """Mean tokens of one sample (one sample per problem, cached): sets the sampling arm's
     samples per problem so that it spends the default search's tokens."""
     one = searched(args.overrides, ["search.algorithm=sample", "search.simulations=1"],
-                   args.problems, args.runs / "sampling_1.json", models)
+                   args.problems, args.runs / "sampling_1.json", models, args.split)
     return max(one["tokens"] / max(one["problems"], 1), 1.0)
 
 

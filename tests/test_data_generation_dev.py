@@ -89,3 +89,25 @@ def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_mode
     samples = shorter["samples_per_problem"]  # follows the default's tokens, which changed
     assert [x for x in seen if x[0] == "sample"] == (
         [] if samples == first["samples_per_problem"] else [("sample", samples)])  # not sampling_1
+
+
+def test_split_train_searches_the_training_problems(bench, tiny_model_dir, tmp_path, monkeypatch):
+    """--split train: the proof's arm (a) alone, on the training problems the loops search."""
+    overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
+                 "debug=default", "search.simulations=2"]
+    seen = []
+    real = ts.train_search
+
+    def spy(problems, *args, **kwargs):
+        seen.append([p.id for p in problems])
+        return real(problems, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_search", spy)
+    result = bench.main(["--problems", "2", "--split", "train", "--variant", "default",
+                         "--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out.json"),
+                         *overrides])
+    task = make_task(compose_config(["experiment=demo_cpu", *overrides]).task)
+    train = [p.id for p in task.split("train")[:2]]
+    assert result["split"] == "train" and set(result["variants"]) == {"default", "sampling"}
+    assert seen and all(ids == train for ids in seen)
+    assert not set(train) & {p.id for p in task.split("dev")}
