@@ -62,6 +62,13 @@ def test_seed_gives_each_row_its_own_stream(request):
     assert wide[0].token_ids != wide[6].token_ids  # same prompt, own stream
 
 
+def test_no_prompts_or_no_new_tokens_give_empty_results(request):
+    model, tokenizer = request.getfixturevalue("varied")
+    assert generate(model, tokenizer, [], max_new_tokens=5) == []
+    empty = generate(model, tokenizer, prompts_for(tokenizer)[:2], max_new_tokens=0)
+    assert [(g.token_ids, g.text, g.finished) for g in empty] == [([], "", False)] * 2
+
+
 def _prefilled(lengths: list[int], fill: float) -> Prefilled:
     """Rows whose real tokens are the last `length` of a common cache length (left padding)."""
     width = max(lengths)
@@ -143,3 +150,22 @@ def test_a_sliding_window_model_decodes_in_whole_batches(tmp_path, monkeypatch):
     together = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
     assert joins == [0, 0]  # 4 rows, then the other 2 once the first 4 are done
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+
+
+def test_the_batch_never_holds_more_than_batch_size_rows(request, monkeypatch):
+    model, tokenizer = request.getfixturevalue("varied")
+    prompts = [p for p in prompts_for(tokenizer) for _ in range(3)]  # a prompt's rows straddle joins
+    sizes: list[int] = []
+    join = RunningBatch.join
+
+    def spy(self, start, rows):
+        join(self, start, rows)
+        sizes.append(len(self.live))
+
+    monkeypatch.setattr(RunningBatch, "join", spy)
+    out = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=2,
+                   batch_size=4)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=8, temperature=1.0,
+                      seeds=[row_seed(2, i)])[0] for i, p in enumerate(prompts)]
+    assert len(sizes) > 2 and max(sizes) <= 4
+    assert [g.token_ids for g in out] == [g.token_ids for g in alone]

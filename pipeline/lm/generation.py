@@ -140,13 +140,13 @@ class _Decoding:
         self.never = torch.zeros((), dtype=torch.bool, device=model.device)
 
     def run(self, batch_size: int, progress: str | None) -> list[Generation]:
-        # Similar lengths side by side waste less compute on padding; a prompt's rows join together.
+        # Similar lengths side by side waste less compute on padding.
         waiting = deque(sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i])))
         batch = RunningBatch()
         with progress_bar(total=len(self.prompts), desc=progress, unit="row") as bar:
-            while waiting or batch.live:
+            while self.steps and (waiting or batch.live):  # max_new_tokens=0: nothing to run
                 if batch.wants_rows(batch_size, len(waiting), self.can_join):
-                    self._join(batch, _next_group(waiting, batch_size - len(batch.live), self.prompts))
+                    self._join(batch, _next_group(waiting, batch_size - len(batch.live)))
                 bar.update(self._step(batch))
         for row, lps in zip(self.rows, self.logprobs.tolist()):
             row.logprobs = lps[:len(row.tokens)]
@@ -209,13 +209,12 @@ class _Decoding:
             row.end_hidden = end if e >= 0 else row.prompt_hidden
 
 
-def _next_group(waiting: deque, free: int, prompts: list[str]) -> list[int]:
-    """The next rows to join: as many as are free (at least one), and the rest of the last
-    one's prompt, so that a prompt is prefilled once."""
-    group = [waiting.popleft() for _ in range(min(max(free, 1), len(waiting)))]
-    while waiting and prompts[waiting[0]] == prompts[group[-1]]:
-        group.append(waiting.popleft())
-    return group
+def _next_group(waiting: deque, free: int) -> list[int]:
+    """The next rows to join: as many as are free (at least one), so the batch never holds more
+    than batch_size rows. Rows of one prompt are adjacent in the waiting order, so they mostly
+    join together and share one prefill; one split at the group's edge prefills its prompt
+    again, past what the prefix cache holds."""
+    return [waiting.popleft() for _ in range(min(max(free, 1), len(waiting)))]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float,

@@ -3,8 +3,8 @@
 One `generate` call often holds far more rows than one batch (a search round asks for every
 option of every tree at once). Decoded in fixed batches, each batch ends with a few long rows
 decoding alone while the rest of the call waits. Instead the loop keeps one running batch of
-at most `batch_size` rows; once enough rows have left, the next prompts (length-sorted, all
-rows of a prompt together) are prefilled, past whatever prefix the `PrefixCache` holds (often
+at most `batch_size` rows; once enough rows have left, the next prompts (length-sorted, a
+prompt's rows side by side) are prefilled, past whatever prefix the `PrefixCache` holds (often
 a row that left a moment ago), and join it.
 
 Joining pads the shorter of the two KV caches on the left with masked positions and stacks
