@@ -18,10 +18,14 @@ def bench():
     return load_benchmark("data_generation_dev")
 
 
-def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path, monkeypatch):
-    overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
-                 "debug=default", "search.simulations=2"]
-    seen = []
+def tiny_overrides(tiny_model_dir, tmp_path) -> list[str]:
+    return [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
+            "debug=default", "search.simulations=2"]
+
+
+def spy_on_problems(bench, monkeypatch) -> list[list[str]]:
+    """The problem ids of every search the benchmark runs, in order."""
+    seen: list[list[str]] = []
     real = ts.train_search
 
     def spy(problems, *args, **kwargs):
@@ -29,6 +33,12 @@ def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path
         return real(problems, *args, **kwargs)
 
     monkeypatch.setattr(bench, "train_search", spy)
+    return seen
+
+
+def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path, monkeypatch):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path)
+    seen = spy_on_problems(bench, monkeypatch)
     argv = ["--problems", "2", "--runs", str(tmp_path / "runs"),
             "--output", str(tmp_path / "out.json"),
             "--variant", "no_retries search.merge_retries=0", *overrides]
@@ -54,8 +64,7 @@ def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path
 
 def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_model_dir, tmp_path,
                                                                 monkeypatch):
-    overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
-                 "debug=default", "search.simulations=2"]
+    overrides = tiny_overrides(tiny_model_dir, tmp_path)
     seen = []
     real = ts.train_search
 
@@ -93,16 +102,8 @@ def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_mode
 
 def test_split_train_searches_the_training_problems(bench, tiny_model_dir, tmp_path, monkeypatch):
     """--split train: the proof's arm (a) alone, on the training problems the loops search."""
-    overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
-                 "debug=default", "search.simulations=2"]
-    seen = []
-    real = ts.train_search
-
-    def spy(problems, *args, **kwargs):
-        seen.append([p.id for p in problems])
-        return real(problems, *args, **kwargs)
-
-    monkeypatch.setattr(bench, "train_search", spy)
+    overrides = tiny_overrides(tiny_model_dir, tmp_path)
+    seen = spy_on_problems(bench, monkeypatch)
     result = bench.main(["--problems", "2", "--split", "train", "--variant", "default",
                          "--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out.json"),
                          *overrides])
