@@ -175,12 +175,12 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
         model = [f"model={policy}"]
         greedy = graded(base, [*model, "decode=greedy"], out / f"p{i}_greedy.json", split)
         bon = graded(base, [*model, "decode=best_of_n", f"decode.n={n}",
-                               "decode.select=majority"], out / f"p{i}_best_of_{n}.json", split)
+                            "decode.select=majority"], out / f"p{i}_best_of_{n}.json", split)
         budget = max(1, round(per_problem(bon)))
         mcts = graded(base, [*model, "decode=mcts", f"search.token_budget={budget}",
-                                "search.simulations=64",
-                                *([f"eval.critics={critics}"] if critics else [])],
-                         out / f"p{i}_mcts_budget{budget}.json", split)
+                             "search.simulations=64",
+                             *([f"eval.critics={critics}"] if critics else [])],
+                      out / f"p{i}_mcts_budget{budget}.json", split)
         ratio = per_problem(mcts) / max(per_problem(bon), 1e-9)
         rows.append({"policy": i, "critics": str(critics) if critics else None,
                      "greedy": {"accuracy": greedy["accuracy"],
