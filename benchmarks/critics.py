@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pipeline.compose import load_run_config  # noqa: E402
+from pipeline.config import Selection  # noqa: E402
 from pipeline.report.summary import critics_metrics  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
@@ -50,7 +51,7 @@ from pipeline.run.store import RunStore  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 QSTAR = str(Path(sys.executable).parent / "qstar")
 CRITICS = ("value", "prm", "orm", "implicit")
-SELECTIONS = ("majority", "orm", "orm_vote", "implicit")
+SELECTIONS = tuple(s.value for s in Selection)  # majority, orm, orm_vote, implicit, implicit_vote
 HALVES = (("without_critics", False, "generation"),  # (name, with critics, critics.leaf_features)
           ("with_critics_backbone", True, "backbone"),
           ("with_critics", True, "generation"))

@@ -45,6 +45,9 @@ class Selection(str, Enum):
     # the candidate whose summed DPO implicit reward beta * sum(log pi - log pi_ref) is highest;
     # pi_ref is the reference recorded in the policy's meta.json (README "The implicit reward")
     implicit = "implicit"
+    # the answer whose candidates' sigmoid(summed implicit reward) sum highest: DPO's own link,
+    # so each vote weighs its Bradley-Terry odds against a zero-reward completion
+    implicit_vote = "implicit_vote"
 
 
 class SearchAlgorithm(str, Enum):

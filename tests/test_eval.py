@@ -1,5 +1,7 @@
 """pipeline.decoding and pipeline.stages.eval: voting, grading, and the rule that decoding never sees the gold answer."""
 
+import math
+
 import pytest
 
 import pipeline.decoding.beam
@@ -94,13 +96,36 @@ def test_best_of_n_selects_by_the_summed_implicit_reward(monkeypatch):
     d = DecodeConfig(strategy=DecodeStrategy.best_of_n, n=3, select=Selection.implicit)
     out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, None, FakeImplicit())
     assert out.completions == ["2|b", "5|a"]  # highest reward; the 0.3 tie goes to the earliest
-    assert out.extra == {"select": "implicit"} and out.alternatives == {"majority": ["2|b", "5|a"]}
+    assert out.extra == {"select": "implicit"}
+    assert out.alternatives == {"majority": ["2|b", "5|a"], "implicit_vote": ["2|b", "5|a"]}
     # pi's log-probs and the exact token ids come from the sampling pass, not a re-tokenization
     assert calls == [(["p1"] * 3 + ["p2"] * 3, [[0, 1], [1, 2], [2, 3]] * 2,
                       [[-0.5, 0.0], [-0.5, -0.25], [-0.5, -0.5]] * 2)]
     assert out.row_extra[1]["implicit_rewards"] == [0.3, 0.3, -1.0]
     assert out.tokens == 12
     with pytest.raises(QstarError, match="decode.select=implicit needs a policy trained by DPO"):
+        decode_best_of_n(None, None, ["p1"], d, 0, None, before_bar, None, None)
+
+
+def test_implicit_vote_weighs_each_answer_by_sigmoid_of_its_rewards(monkeypatch):
+    groups = [["4|a", "5|b", "5|c"], ["4|d", "5|e", "5|f"]]
+    gens = [[Generation(c, [k], [-0.5], True, False) for k, c in enumerate(g)] for g in groups]
+    monkeypatch.setattr(pipeline.decoding.best_of_n, "sample_generations", lambda *a, **k: gens)
+    rewards = {"4|a": 0.5, "5|b": 0.4, "5|c": 0.45, "4|d": 3.0, "5|e": -2.0, "5|f": -2.0}
+
+    class FakeImplicit:
+        def of_tokens(self, prompts, token_ids, logprobs):
+            return [rewards[c] for g in groups for c in g]
+
+    d = DecodeConfig(strategy=DecodeStrategy.best_of_n, n=3, select=Selection.implicit_vote)
+    out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, before_bar, None, FakeImplicit())
+    sig = [1 / (1 + math.exp(-r)) for r in (0.5, 0.4, 0.45, 3.0, -2.0)]
+    assert sig[1] + sig[2] > sig[0] and sig[3] > 2 * sig[4]  # the sums the picks below follow
+    # group 1: two votes for 5 outweigh 4's higher reward, and 5's best-rewarded candidate wins;
+    # group 2: one confident vote for 4 outweighs two low-reward votes for 5
+    assert out.completions == ["5|c", "4|d"]
+    assert out.alternatives == {"majority": ["5|b", "5|e"], "implicit": ["4|a", "4|d"]}
+    with pytest.raises(QstarError, match="decode.select=implicit_vote needs a policy trained by DPO"):
         decode_best_of_n(None, None, ["p1"], d, 0, None, before_bar, None, None)
 
 

@@ -1,12 +1,13 @@
 """decode=best_of_n: n samples per prompt, selected by majority vote, ORM argmax, ORM-weighted
-vote or the policy's summed DPO implicit reward (`decode.select`); every selection the critics
-allow is graded on the same samples."""
+vote, or the policy's summed DPO implicit reward, argmax or weighted vote (`decode.select`);
+every selection the critics allow is graded on the same samples."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from critics.critic_set import Scorer
+from critics.implicit import implicit_score
 from pipeline.config import DecodeConfig, Selection
 from pipeline.decoding.base import Decoded
 from pipeline.decoding.sampling import sample_generations
@@ -19,8 +20,8 @@ def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool) -> None:
     if d.select in (Selection.orm, Selection.orm_vote) and not has_orm:
         raise QstarError(f"decode.select={d.select.value} needs a trained ORM: pass "
                          "eval.critics=<run>/iter_NNN/refit, or use decode.select=majority")
-    if d.select == Selection.implicit and not has_implicit:
-        raise QstarError("decode.select=implicit needs a policy trained by DPO (its meta.json "
+    if d.select in (Selection.implicit, Selection.implicit_vote) and not has_implicit:
+        raise QstarError(f"decode.select={d.select.value} needs a policy trained by DPO (its meta.json "
                          "names the reference): use model=<run>/iter_NNN/train/policy")
 
 
@@ -57,6 +58,9 @@ def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed
         for extra, scores in zip(row_extra, by_group):
             extra["implicit_rewards"] = scores
         picks[Selection.implicit.value] = [orm_select(g, s) for g, s in zip(groups, by_group)]
+        picks[Selection.implicit_vote.value] = [
+            orm_weighted_vote(g, [implicit_score(r) for r in s], extract)
+            for g, s in zip(groups, by_group)]
     chosen = picks.pop(d.select.value)
     return Decoded(chosen, sum(g.num_tokens for group in gens for g in group),
                    extra={"select": d.select.value}, alternatives=picks, row_extra=row_extra,

@@ -35,7 +35,8 @@ def orm_select(candidates: list[str], scores: list[float]) -> str:
 
 def orm_weighted_vote(candidates: list[str], scores: list[float],
                       extract: Callable[[str], str | None]) -> str:
-    """Votes weighted by the ORM: agreement still counts, but a confident ORM can outvote a weak
-    majority. No extracted answer: plain ORM selection."""
+    """Votes weighted by a critic's scores (the ORM's, or sigmoid of the implicit reward):
+    agreement still counts, but a confident critic can outvote a weak majority. No extracted
+    answer: plain selection by the highest score."""
     best = weighted_vote(candidates, scores, extract)
     return orm_select(candidates, scores) if best is None else candidates[best]
