@@ -169,3 +169,25 @@ def test_the_batch_never_holds_more_than_batch_size_rows(request, monkeypatch):
                       seeds=[row_seed(2, i)])[0] for i, p in enumerate(prompts)]
     assert len(sizes) > 2 and max(sizes) <= 4
     assert [g.token_ids for g in out] == [g.token_ids for g in alone]
+
+
+def test_plain_kv_layers_is_not_fooled_by_a_reused_config_id(monkeypatch):
+    """The answer is cached per config object: a new config that gets a freed config's id (as
+    CPython reuses ids) is looked at afresh, not given the old config's answer."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MistralConfig
+
+    import pipeline.lm.prefix_cache as prefix_cache
+
+    small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2)
+    plain = SimpleNamespace(config=LlamaConfig(**small))
+    assert prefix_cache.plain_kv_layers(plain)
+    windowed = SimpleNamespace(config=MistralConfig(sliding_window=4, **small))
+    # the Llama config is freed and its id handed to the Mistral one
+    monkeypatch.setitem(prefix_cache._PLAIN_KV, id(windowed.config),
+                        prefix_cache._PLAIN_KV.pop(id(plain.config)))
+    del plain
+    assert not prefix_cache.plain_kv_layers(windowed)
+    assert prefix_cache.plain_kv_layers(SimpleNamespace(config=LlamaConfig(**small)))
