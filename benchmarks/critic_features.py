@@ -1,17 +1,18 @@
-"""Critic features and teacher-forced log-probs with the prompt run once per tree against one
-pass per text, side by side.
+"""Critic features and teacher-forced log-probs with a tree's texts run as one token tree, with
+the prompt run once per tree, and with one pass per text, side by side.
 
     python benchmarks/critic_features.py [--run runs/matched_budget/mcts] [--iteration 0]
                                          [--problems 16]
 
 Takes the critics' texts of an MCTS run's iteration (the first --problems trees, the critics
-stage's text cap applied) and computes their features on that iteration's policy twice in one
-process, alternating: `backbone_features` (texts that share a prompt run it once) and one
-left-padded pass per text (what it did before). Prints both times, the tokens each ran through
-the model, and the largest difference between the two paths' features. Then the same for the
-teacher-forced log-probs of the same texts (pipeline.lm.teacher_forced: the implicit reward's
-two passes in the refit, best-of-N selection and credit maps). Writes
-benchmarks/results/critic_features.json.
+stage's text cap applied) and computes their features on that iteration's policy three ways in
+one process, alternating: `backbone_features` as it runs (`shared_tree`: the completions after a
+prompt run as one token tree, critics.shared_prompt), the same with tree attention off
+(`shared_prompt`: the prompt runs once, each completion in its own right-padded row) and one
+left-padded pass per text (`one_pass_each`). Prints the times, the tokens each input to the
+model, and the largest difference from one pass per text. Then the same for the teacher-forced
+log-probs of the same texts (pipeline.lm.teacher_forced: the implicit reward's two passes in the
+refit, best-of-N selection and credit maps). Writes benchmarks/results/critic_features.json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from critics import critic_examples  # noqa: E402
+from critics import critic_examples, shared_prompt  # noqa: E402
 from critics import features as features_module  # noqa: E402
 from critics.targets import cap_state_examples  # noqa: E402
 from pipeline.compose import load_run_config  # noqa: E402
@@ -48,6 +50,24 @@ def one_pass_each(model, tokenizer, prompts, completions, batch_size, max_length
                                     torch.stack(out.logprob))
 
 
+@contextmanager
+def tree_attention_off():
+    """critics.shared_prompt with TREE_TOKENS=0: each completion in its own padded row."""
+    kept = shared_prompt.TREE_TOKENS
+    shared_prompt.TREE_TOKENS = 0
+    try:
+        yield
+    finally:
+        shared_prompt.TREE_TOKENS = kept
+
+
+def prompt_only(call):
+    def run():
+        with tree_attention_off():
+            return call()
+    return run
+
+
 def alternate(sides: dict, repeats: int = 2) -> tuple[dict, dict]:
     """Each side's mean seconds over `repeats` alternating calls, and its last result."""
     seconds, found = dict.fromkeys(sides, 0.0), {}
@@ -60,18 +80,41 @@ def alternate(sides: dict, repeats: int = 2) -> tuple[dict, dict]:
 
 
 def teacher_forced_sides(model, tokenizer, prompts, completions, batch_size) -> dict:
-    """Teacher-forced log-probs of the texts: a left-padded pass per text against shared
-    prompts; seconds, speedup and the largest log-prob difference."""
+    """Teacher-forced log-probs of the texts: a left-padded pass per text, shared prompts and
+    token trees; seconds, speedups and the largest log-prob difference from one pass each."""
     pairs = [(tokenizer(p, add_special_tokens=False).input_ids,
               tokenizer(c, add_special_tokens=False).input_ids if c else [])
              for p, c in zip(prompts, completions, strict=True)]
+    shared = lambda: teacher_forced._tail_logprobs(model, tokenizer, pairs, batch_size)  # noqa: E731
     seconds, found = alternate({
         "one_pass_each": lambda: teacher_forced._left_padded(model, tokenizer, pairs, batch_size),
-        "shared_prompt": lambda: teacher_forced._tail_logprobs(model, tokenizer, pairs, batch_size)})
-    diff = max((abs(x - y) for a, b in zip(found["one_pass_each"], found["shared_prompt"], strict=True)
+        "shared_prompt": prompt_only(shared), "shared_tree": shared})
+    diff = max((abs(x - y) for side in ("shared_prompt", "shared_tree")
+                for a, b in zip(found["one_pass_each"], found[side], strict=True)
                 for x, y in zip(a, b, strict=True)), default=0.0)
-    return {"seconds": seconds, "speedup": round(seconds["one_pass_each"] / seconds["shared_prompt"], 2),
-            "max_abs_diff": diff}
+    return {"seconds": seconds, "speedup": speedups(seconds), "max_abs_diff": diff}
+
+
+def speedups(seconds: dict) -> dict:
+    return {"shared_prompt": round(seconds["one_pass_each"] / seconds["shared_prompt"], 2),
+            "shared_tree": round(seconds["one_pass_each"] / seconds["shared_tree"], 2),
+            "tree_over_prompt": round(seconds["shared_prompt"] / seconds["shared_tree"], 2)}
+
+
+def input_tokens(tokenizer, texts: list[tuple[str, str]], length: int, batch_size: int) -> dict:
+    """Tokens each side inputs to the model (padding not counted). As in backbone_features, a
+    text over `length` tokens or with a prompt of its own runs whole (its tail) on every side."""
+    pairs = [(tokenizer(p, add_special_tokens=False).input_ids,
+              tokenizer(c, add_special_tokens=False).input_ids if c else []) for p, c in texts]
+    whole = [min(len(p) + len(c), length) for p, c in pairs]
+    groups, alone = shared_prompt.group_by_prompt(pairs, length, min_group=2)
+    rest = sum(whole[i] for i in alone)
+    tokens = {"one_pass_each": sum(whole), "shared_prompt": rest, "shared_tree": rest}
+    for prompt, rows in groups.items():
+        trees = shared_prompt.token_trees(rows, batch_size, shared_prompt.TREE_TOKENS)
+        tokens["shared_prompt"] += len(prompt) + sum(len(ids) for _, ids in rows)
+        tokens["shared_tree"] += len(prompt) + sum(len(tree.tokens) for tree in trees)
+    return tokens
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,7 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iteration", type=int, default=0)
     parser.add_argument("--problems", type=int, default=16)
     parser.add_argument("--output", type=Path, default=RESULTS / "critic_features.json")
+    parser.add_argument("--tree-tokens", type=int, default=shared_prompt.TREE_TOKENS,
+                        help="tree tokens per forward (critics.shared_prompt.TREE_TOKENS)")
     args = parser.parse_args(argv)
+    shared_prompt.TREE_TOKENS = args.tree_tokens
     run = args.run.resolve()
     cfg, store = load_run_config(run, []), RunStore(run)
     if not store.done(args.iteration, "search"):
@@ -92,41 +138,31 @@ def main(argv: list[str] | None = None) -> dict:
     policy = store.policy_dir(args.iteration, resolve_model_path(cfg.model))
     model, tokenizer = load_model(replace(cfg.model, name=policy))
     size, length = cfg.critics.score_batch_size, cfg.critics.max_length
+    features = lambda: features_module.backbone_features(  # noqa: E731
+        model, tokenizer, prompts, completions, size, length, logprobs=True)
     with torch.no_grad():
         seconds, found = alternate({
             "one_pass_each": lambda: one_pass_each(model, tokenizer, prompts, completions, size, length),
-            "shared_prompt": lambda: features_module.backbone_features(model, tokenizer, prompts, completions,
-                                                                       size, length, logprobs=True)})
+            "shared_prompt": prompt_only(features), "shared_tree": features})
         forced = teacher_forced_sides(model, tokenizer, prompts, completions, size)
-    tokens = {"one_pass_each": 0, "shared_prompt": 0}
-    for prompt in set(prompts):
-        tokens["shared_prompt"] += len(tokenizer(prompt, add_special_tokens=False).input_ids)
-    for prompt, completion in texts:
-        p = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        c = len(tokenizer(completion, add_special_tokens=False).input_ids) if completion else 0
-        tokens["one_pass_each"] += min(p + c, length)
-        tokens["shared_prompt"] += c
-    a, b = found["shared_prompt"], found["one_pass_each"]
+    b = found["one_pass_each"]
     result = {
         "benchmark": "critic_features", "run": str(run), "iteration": args.iteration,
         "problems": len(rows), "texts": len(texts), "prompts": len(set(prompts)),
-        "seconds": seconds,  # mean of two repeats
-        "speedup": round(seconds["one_pass_each"] / seconds["shared_prompt"], 2),
-        "tokens": tokens,
-        "max_abs_diff": {"hidden": float((a.hidden - b.hidden).abs().max()),
-                         "prompt_hidden": float((a.prompt_hidden - b.prompt_hidden).abs().max()),
-                         "logprob": float((a.logprob - b.logprob).abs().max())},
+        "tree_tokens": shared_prompt.TREE_TOKENS, "seconds": seconds,  # mean of two repeats
+        "speedup": speedups(seconds), "tokens": input_tokens(tokenizer, texts, length, size),
+        "max_abs_diff": {side: {key: float((getattr(found[side], key) - getattr(b, key)).abs().max())
+                                for key in ("hidden", "prompt_hidden", "logprob")}
+                         for side in ("shared_prompt", "shared_tree")},
         "teacher_forced": forced,
         "threads": torch.get_num_threads(),
     }
     write_json(args.output, result)
-    print(f"{len(texts)} texts of {len(rows)} problems: one pass per text "
-          f"{result['seconds']['one_pass_each']} s ({tokens['one_pass_each']} tokens), prompt shared "
-          f"{result['seconds']['shared_prompt']} s ({tokens['shared_prompt']} tokens): "
-          f"{result['speedup']}x; largest feature difference {result['max_abs_diff']}")
-    print(f"teacher-forced log-probs: one pass per text {forced['seconds']['one_pass_each']} s, prompt "
-          f"shared {forced['seconds']['shared_prompt']} s: {forced['speedup']}x; largest difference "
-          f"{forced['max_abs_diff']:.2g}")
+    print(f"{len(texts)} texts of {len(rows)} problems, seconds (tokens input): "
+          + ", ".join(f"{side} {seconds[side]} s ({result['tokens'][side]})" for side in seconds)
+          + f"; speedups {result['speedup']}; largest feature difference {result['max_abs_diff']}")
+    print(f"teacher-forced log-probs, seconds: {forced['seconds']}; speedups {forced['speedup']}; "
+          f"largest difference {forced['max_abs_diff']:.2g}")
     return result
 
 

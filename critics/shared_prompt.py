@@ -6,6 +6,14 @@ once and its KV cache serves up to `batch_size` completions per forward, right-p
 positions that continue the prompt's: each completion sees exactly what a pass of its own would.
 Critic features (critics.features) and teacher-forced log-probs (pipeline.lm.teacher_forced)
 both read their hidden states from here.
+
+The completions themselves share prefixes too: a tree node's text is its parent's plus one
+option, and siblings share their parent's. Where the model allows it (`tree_attention_fits`),
+the completions after one prompt run as a token tree (a trie of their ids) in one forward:
+every tree token is input once, attends to the prompt and to its own ancestors only (a 4D
+attention mask) and sits at the position it has in its own text, so each completion's states
+are what a pass of its own would give. On the demo's search trees this inputs about half the
+tokens that one row per completion does (README, benchmarks/critic_features.py).
 """
 
 from __future__ import annotations
@@ -13,12 +21,25 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 Row = tuple[int, list[int]]  # (index into the caller's texts, completion ids)
+NO_PARENT = -1  # a tree token right after the prompt
+# Tree tokens per forward: its attention scores are (heads, tokens, prompt + tokens), mostly
+# masked, so a wide tree costs attention a padded batch would not; 0 turns tree attention off.
+TREE_TOKENS = 512
+TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+
+# id(model.config) -> (a weak reference to that config, every cache layer a plain DynamicLayer);
+# the reference tells a live config from a freed one whose id a new config was given
+_PLAIN_KV: dict[int, tuple[weakref.ref, bool]] = {}
 
 
 def pad_id(tokenizer) -> int:
@@ -39,6 +60,26 @@ def with_cache(module, cache) -> dict:
 def returned_cache(output):
     """The KV cache a forward returned (`output.cache`; `past_key_values` before the rename)."""
     return output.cache if "cache" in output else output.past_key_values
+
+
+def plain_kv_layers(model) -> bool:
+    """Are all of the model's KV cache layers plain full-attention ones (no sliding window), so
+    that their KV can be sliced by position, padded and stacked across batches?"""
+    config = model.config
+    found = _PLAIN_KV.get(id(config))
+    if found is None or found[0]() is not config:
+        layers = DynamicCache(config=config).layers
+        found = (weakref.ref(config), bool(layers) and all(type(x) is DynamicLayer for x in layers))
+        _PLAIN_KV[id(config)] = found
+    return found[1]
+
+
+def tree_attention_fits(model) -> bool:
+    """Can completions run as a token tree: full-attention layers (a sliding window would need
+    its own mask) under an attention implementation that takes a custom 4D mask (not flash
+    attention), and TREE_TOKENS > 0?"""
+    return (TREE_TOKENS > 0 and plain_kv_layers(model)
+            and getattr(model.config, "_attn_implementation", None) in TREE_ATTENTION)
 
 
 def plain_lm_head(model):
@@ -73,16 +114,24 @@ def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_s
                       pad: int) -> Iterator[tuple[int, list[int], torch.Tensor]]:
     """Per row sharing `prompt_ids`: (index, completion ids, states), where states is
     (1 + len(ids), hidden): the final hidden state at the prompt's last token, then at each
-    completion token. states[k] predicts completion token k. Rows come back shortest first."""
-    base, device = model.base_model, model.device
-    first = base(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    completion token. states[k] predicts completion token k. At most `batch_size` rows run in
+    one forward: as token trees where the model allows it, else right-padded, shortest first."""
+    first = model.base_model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True)
     prompt_state = first.last_hidden_state[0, -1:]
-    size = len(prompt_ids)
+    run = _tree_states if tree_attention_fits(model) else _padded_states
+    for i, ids, hidden in run(model, returned_cache(first), len(prompt_ids), rows, batch_size, pad):
+        yield i, ids, torch.cat([prompt_state, hidden]) if ids else prompt_state
+
+
+def _padded_states(model, prompt_cache, size: int, rows: Sequence[Row], batch_size: int, pad: int):
+    """(index, ids, states of the ids) per row, in right-padded batches of like length; each
+    batch reads a copy of the prompt's cache, repeated per row."""
+    base, device = model.base_model, model.device
     for chunk in chunks(sorted(rows, key=lambda row: len(row[1])), batch_size):
         width = max(len(ids) for _, ids in chunk)
         hidden = None
         if width:
-            cache = copy.deepcopy(returned_cache(first))
+            cache = copy.deepcopy(prompt_cache)
             cache.batch_repeat_interleave(len(chunk))
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids in chunk], device=device)
             mask = torch.tensor([[1] * (size + len(ids)) + [0] * (width - len(ids)) for _, ids in chunk],
@@ -91,7 +140,88 @@ def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_s
             hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                           use_cache=True, **with_cache(base, cache)).last_hidden_state
         for j, (i, ids) in enumerate(chunk):
-            yield i, ids, torch.cat([prompt_state, hidden[j, :len(ids)]]) if ids else prompt_state
+            yield i, ids, hidden[j, :len(ids)] if ids else None
+
+
+@dataclass
+class TokenTree:
+    """The completions of some rows as a trie of their token ids: each distinct prefix is one
+    tree token. Tree token k is `tokens[k]` after its `parent[k]` (NO_PARENT: the prompt), at
+    `depth[k]` tokens past the prompt; a parent comes before its children."""
+
+    tokens: list[int] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    rows: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # index, ids, path
+    _child: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def shared(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of `ids` the tree holds already."""
+        node = NO_PARENT
+        for k, token in enumerate(ids):
+            node = self._child.get((node, token), None)
+            if node is None:
+                return k
+        return len(ids)
+
+    def add(self, i: int, ids: list[int]) -> None:
+        node, path = NO_PARENT, []
+        for token in ids:
+            child = self._child.get((node, token))
+            if child is None:
+                child = self._child[node, token] = len(self.tokens)
+                self.tokens.append(token)
+                self.parent.append(node)
+                self.depth.append(len(path))
+            path.append(child)
+            node = child
+        self.rows.append((i, ids, path))
+
+    def visible(self) -> torch.Tensor:
+        """(tokens, tokens) bool: which tree tokens each one sees (its ancestors and itself)."""
+        n = len(self.tokens)
+        seen = torch.zeros(n, n, dtype=torch.bool)
+        for k, parent in enumerate(self.parent):
+            if parent != NO_PARENT:
+                seen[k] = seen[parent]
+            seen[k, k] = True
+        return seen
+
+
+def token_trees(rows: Sequence[Row], batch_size: int, budget: int) -> Iterator[TokenTree]:
+    """The rows, in the order of their ids (rows that share a prefix side by side), cut into
+    trees of at most `batch_size` rows and `budget` tree tokens (a longer row makes a tree of
+    its own)."""
+    tree = TokenTree()
+    for i, ids in sorted(rows, key=lambda row: row[1]):
+        new = len(ids) - tree.shared(ids)
+        if tree.rows and (len(tree.rows) == batch_size or len(tree.tokens) + new > budget):
+            yield tree
+            tree = TokenTree()
+        tree.add(i, list(ids))
+    if tree.rows:
+        yield tree
+
+
+def _tree_states(model, prompt_cache, size: int, rows: Sequence[Row], batch_size: int, pad: int):
+    """(index, ids, states of the ids) per row, one forward per token tree after the prompt's
+    cache (cut back to the prompt after each); `pad` is unused: a tree has no padding."""
+    base, device = model.base_model, model.device
+    blocked = torch.finfo(model.dtype).min
+    for tree in token_trees(rows, batch_size, TREE_TOKENS):
+        hidden = None
+        if tree.tokens:
+            n = len(tree.tokens)
+            mask = torch.full((n, size + n), blocked, dtype=model.dtype)
+            mask[:, :size] = 0.0
+            mask[:, size:].masked_fill_(tree.visible(), 0.0)
+            positions = torch.tensor([[size + d for d in tree.depth]], device=device)
+            hidden = base(input_ids=torch.tensor([tree.tokens], device=device),
+                          attention_mask=mask[None, None].to(device), position_ids=positions,
+                          use_cache=True, **with_cache(base, prompt_cache)).last_hidden_state[0]
+            prompt_cache.crop(-n)  # back to the prompt alone (a negative count: tokens to drop)
+        for i, ids, path in tree.rows:
+            yield i, ids, hidden[torch.tensor(path, device=device)] if ids else None
 
 
 def chunks(rows: list[Row], batch_size: int, waste: float = 1.5) -> Iterator[list[Row]]:

@@ -49,13 +49,19 @@ def test_every_feature_set_is_judged_on_states_and_completions(tiny_run, tmp_pat
                 assert set(r) == {"auc", "within_auc", "within_problems"}
 
 
-def test_shared_prompt_features_equal_one_pass_each_on_a_run(tiny_run, tmp_path):
+def test_shared_prompt_and_tree_features_equal_one_pass_each_on_a_run(tiny_run, tmp_path):
+    from critics import shared_prompt
+
     bench = load_benchmark("critic_features")
     out = tmp_path / "critic_features.json"
     result = bench.main(["--run", str(tiny_run), "--problems", "2", "--output", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["prompts"] == 2 and result["texts"] > result["prompts"]
-    assert result["tokens"]["shared_prompt"] < result["tokens"]["one_pass_each"]
-    assert max(result["max_abs_diff"].values()) < 1e-3
+    tokens = result["tokens"]
+    assert tokens["shared_tree"] < tokens["shared_prompt"] < tokens["one_pass_each"]
+    for side in ("shared_prompt", "shared_tree"):
+        assert max(result["max_abs_diff"][side].values()) < 1e-3
     forced = result["teacher_forced"]
-    assert forced["max_abs_diff"] < 1e-3 and set(forced["seconds"]) == {"one_pass_each", "shared_prompt"}
+    sides = {"one_pass_each", "shared_prompt", "shared_tree"}
+    assert forced["max_abs_diff"] < 1e-3 and set(forced["seconds"]) == sides
+    assert shared_prompt.TREE_TOKENS == result["tree_tokens"] > 0  # the prompt-only side restored it

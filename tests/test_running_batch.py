@@ -128,9 +128,9 @@ def test_a_sliding_window_model_decodes_in_whole_batches(tmp_path, monkeypatch):
     from tiny import tiny_tokenizer
     from transformers import MistralConfig, MistralForCausalLM
 
+    from critics.shared_prompt import plain_kv_layers
     from pipeline.config import ModelConfig
     from pipeline.lm.models import load_model
-    from pipeline.lm.prefix_cache import plain_kv_layers
 
     tokenizer = tiny_tokenizer()
     config = MistralConfig(
@@ -178,16 +178,16 @@ def test_plain_kv_layers_is_not_fooled_by_a_reused_config_id(monkeypatch):
 
     from transformers import LlamaConfig, MistralConfig
 
-    import pipeline.lm.prefix_cache as prefix_cache
+    from critics import shared_prompt
 
     small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=2)
     plain = SimpleNamespace(config=LlamaConfig(**small))
-    assert prefix_cache.plain_kv_layers(plain)
+    assert shared_prompt.plain_kv_layers(plain)
     windowed = SimpleNamespace(config=MistralConfig(sliding_window=4, **small))
     # the Llama config is freed and its id handed to the Mistral one
-    monkeypatch.setitem(prefix_cache._PLAIN_KV, id(windowed.config),
-                        prefix_cache._PLAIN_KV.pop(id(plain.config)))
+    monkeypatch.setitem(shared_prompt._PLAIN_KV, id(windowed.config),
+                        shared_prompt._PLAIN_KV.pop(id(plain.config)))
     del plain
-    assert not prefix_cache.plain_kv_layers(windowed)
-    assert prefix_cache.plain_kv_layers(SimpleNamespace(config=LlamaConfig(**small)))
+    assert not shared_prompt.plain_kv_layers(windowed)
+    assert shared_prompt.plain_kv_layers(SimpleNamespace(config=LlamaConfig(**small)))

@@ -1,9 +1,12 @@
 """critics.shared_prompt: which texts share a prompt's pass, and how their completions batch."""
 
 import warnings
+from types import SimpleNamespace
 
+import pytest
 import torch
-from transformers import DynamicCache
+from test_prefix_cache import prompts_for, smol_tiny, smol_tokenizer, varied  # noqa: F401 fixtures
+from transformers import DynamicCache, LlamaConfig
 
 from critics import shared_prompt
 from critics.shared_prompt import group_by_prompt
@@ -50,3 +53,92 @@ def test_with_cache_names_the_keyword_the_forward_takes(tiny_model):
         step = model.base_model(input_ids=torch.tensor([[4]]), use_cache=True,
                                 **with_cache(model.base_model, returned_cache(out)))
     assert returned_cache(step).get_seq_length() == 4
+
+
+def test_a_token_tree_inputs_each_distinct_prefix_once():
+    tree = shared_prompt.TokenTree()
+    for i, ids in enumerate([[5, 6, 7], [5, 6], [5, 8], [5, 6, 7], [9], []]):
+        tree.add(i, ids)
+    # distinct prefixes: 5, 5 6, 5 6 7, 5 8, 9
+    assert tree.tokens == [5, 6, 7, 8, 9]
+    assert tree.parent == [shared_prompt.NO_PARENT, 0, 1, 0, shared_prompt.NO_PARENT]
+    assert tree.depth == [0, 1, 2, 1, 0]
+    assert [path for _, _, path in tree.rows] == [[0, 1, 2], [0, 1], [0, 3], [0, 1, 2], [4], []]
+    assert tree.shared([5, 6, 9]) == 2 and tree.shared([1]) == 0
+    seen = tree.visible()
+    expected = torch.tensor([[1, 0, 0, 0, 0],  # 5 sees itself
+                             [1, 1, 0, 0, 0],  # 6 sees 5
+                             [1, 1, 1, 0, 0],  # 7 sees 5 6
+                             [1, 0, 0, 1, 0],  # 8 sees 5, not its cousins
+                             [0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(seen, expected)
+
+
+def test_token_trees_keep_every_row_once_within_the_bounds():
+    rows = [(i, ids) for i, ids in enumerate(
+        [[1, 2, 3], [1, 2, 4], [1, 2], [7] * 12, [1, 5], [2, 2, 2], [1, 2, 3, 4]])]
+    trees = list(shared_prompt.token_trees(rows, batch_size=3, budget=6))
+    assert sorted(i for t in trees for i, _, _ in t.rows) == list(range(len(rows)))
+    for tree in trees:
+        assert len(tree.rows) <= 3
+        assert len(tree.tokens) <= 6 or len(tree.rows) == 1  # a longer row alone
+        for _, ids, path in tree.rows:
+            assert [tree.tokens[k] for k in path] == ids
+    # rows sharing a prefix land in one tree: [1 2] [1 2 3] [1 2 3 4] share 1 2 3
+    first = trees[0]
+    assert [ids for _, ids, _ in first.rows] == [[1, 2], [1, 2, 3], [1, 2, 3, 4]]
+    assert len(first.tokens) == 4
+
+
+def _tree_rows(tokenizer):
+    """Completions as a search tree makes them: paths that extend each other, siblings that
+    share a parent, a duplicate, a rollout past a node, a long row and an empty completion."""
+    steps = ["12 + 5 = 17\n", "17 + 30 = 47\n", "17 + 3 = 20\n", "Answer: 47", "47 - 2 = 45\n\n"]
+    texts = ["", steps[0], steps[0] + steps[1], steps[0] + steps[2], steps[0] + steps[1] + steps[3],
+             steps[0] + steps[1], steps[0] + steps[4], steps[0] + steps[1] + "Answer: 4" + "7" * 30]
+    return [(i, tokenizer(t, add_special_tokens=False).input_ids if t else [])
+            for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("which", ["varied", "smol_tiny"])
+@pytest.mark.parametrize("wide", [True, False])
+def test_tree_attention_gives_each_completion_the_states_of_its_own_pass(which, wide, request,
+                                                                         monkeypatch):
+    """Tree attention against right-padded rows (one row per completion, the prompt's cache
+    shared): the same states for every completion, with SmolLM2's real tokenizer too (BPE:
+    "\\n\\n" is one token); a small budget cuts the rows into several trees."""
+    model, tokenizer = request.getfixturevalue(which)
+    assert shared_prompt.tree_attention_fits(model)
+    prompt = tokenizer(prompts_for(tokenizer)[0], add_special_tokens=False).input_ids
+    rows = _tree_rows(tokenizer)
+    budget = 512 if wide else max(len(ids) for _, ids in rows) // 2
+    monkeypatch.setattr(shared_prompt, "TREE_TOKENS", budget)
+    trees = list(shared_prompt.token_trees(rows, 32, budget))
+    if wide:  # one tree, which shares
+        assert len(trees) == 1 and len(trees[0].tokens) < sum(len(ids) for _, ids in rows)
+    else:
+        assert len(trees) > 2
+    tree = {i: (ids, s) for i, ids, s in shared_prompt.completion_states(model, prompt, rows, 32, 0)}
+    monkeypatch.setattr(shared_prompt, "TREE_TOKENS", 0)
+    assert not shared_prompt.tree_attention_fits(model)
+    padded = {i: (ids, s) for i, ids, s in shared_prompt.completion_states(model, prompt, rows, 3, 0)}
+    assert sorted(tree) == sorted(padded) == [i for i, _ in rows]
+    for i, ids in rows:
+        assert tree[i][0] == padded[i][0] == ids
+        assert tree[i][1].shape == (1 + len(ids), model.config.hidden_size)
+        assert torch.allclose(tree[i][1], padded[i][1], atol=1e-4)
+
+
+def test_a_sliding_window_model_runs_padded_rows(tmp_path):
+    from transformers import MistralConfig
+
+    small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2)
+    windowed = SimpleNamespace(config=MistralConfig(sliding_window=4, **small))
+    windowed.config._attn_implementation = "sdpa"
+    assert not shared_prompt.tree_attention_fits(windowed)
+    plain = SimpleNamespace(config=LlamaConfig(**small))
+    plain.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
+    assert not shared_prompt.tree_attention_fits(plain)
+    plain.config._attn_implementation = "sdpa"
+    assert shared_prompt.tree_attention_fits(plain)

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.lm.prefix_cache import PrefixCache, forward_last, plain_kv_layers, prefill, retire
+from critics.shared_prompt import plain_kv_layers
+from pipeline.lm.prefix_cache import PrefixCache, forward_last, prefill, retire
 from pipeline.lm.running_batch import HiddenSlots, RunningBatch
 from pipeline.lm.stopping import Generation, Row, Rule, StopRule, row_ends, row_result
 from pipeline.run.progress import progress_bar

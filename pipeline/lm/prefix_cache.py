@@ -25,16 +25,14 @@ with prefill sharing inside a batch but no reuse across calls.
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from critics.shared_prompt import with_cache
+from critics.shared_prompt import plain_kv_layers, with_cache
 
 
 @dataclass
@@ -187,23 +185,6 @@ class PrefixCache:
             self._account(node, -1)
             self.stats.evicted_tokens += len(node.tokens)
         return True
-
-
-# id(model.config) -> (a weak reference to that config, every cache layer a plain DynamicLayer);
-# the reference tells a live config from a freed one whose id a new config was given
-_PLAIN_KV: dict[int, tuple[weakref.ref, bool]] = {}
-
-
-def plain_kv_layers(model) -> bool:
-    """Are all of the model's KV cache layers plain full-attention ones (no sliding window), so
-    that their KV can be sliced by position, padded and stacked across batches?"""
-    config = model.config
-    found = _PLAIN_KV.get(id(config))
-    if found is None or found[0]() is not config:
-        layers = DynamicCache(config=config).layers
-        found = (weakref.ref(config), bool(layers) and all(type(x) is DynamicLayer for x in layers))
-        _PLAIN_KV[id(config)] = found
-    return found[1]
 
 
 def _bytes(node: _Node) -> int:
