@@ -303,6 +303,9 @@ class TrainConfig:
     epochs: float = 2.0  # passes over the rows per phase
     batch_size: int = 4  # rows per device step
     gradient_accumulation_steps: int = 1  # device steps per optimizer step
+    # DPO pairs per no-grad forward of the reference log-prob pass before training (TRL's
+    # precompute_ref_batch_size): per-pair sums, so the batch changes only the speed
+    reference_batch_size: int = 8
     # recompute each layer's activations in the backward pass instead of holding them: less
     # memory for about a third more compute (TRL's default; the demo's 4 GB needs it on a CPU)
     activation_checkpointing: bool = True

@@ -128,6 +128,7 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
         beta=cfg.beta,
         loss_type=[loss.value for loss in cfg.loss_type],
         precompute_ref_log_probs=True,
+        precompute_ref_batch_size=cfg.reference_batch_size,
         remove_unused_columns=False,  # the collator reads chosen_eos / rejected_eos
         per_device_eval_batch_size=1,  # TRL averages batch means: one pair a batch weighs all alike
     )
