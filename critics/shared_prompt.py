@@ -159,7 +159,7 @@ class TokenTree:
         """How many leading tokens of `ids` the tree holds already."""
         node = NO_PARENT
         for k, token in enumerate(ids):
-            node = self._child.get((node, token), None)
+            node = self._child.get((node, token))
             if node is None:
                 return k
         return len(ids)

@@ -123,7 +123,8 @@ def _validate_learning(cfg: QstarConfig) -> None:
     _require(tr.learning_rate > 0, "train.learning_rate", "must be > 0", tr.learning_rate)
     _require(tr.epochs > 0, "train.epochs", "must be > 0", tr.epochs)
     _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
-    _require(tr.reference_batch_size >= 1, "train.reference_batch_size", "must be >= 1",
+    _require(tr.reference_batch_size is None or tr.reference_batch_size >= 1,
+             "train.reference_batch_size", "must be >= 1 (or null: train.batch_size)",
              tr.reference_batch_size)
     _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
     _validate_grpo(tr)

@@ -270,7 +270,7 @@ def test_activation_checkpointing_saves_memory_not_results(tiny_model_dir, tmp_p
         torch.testing.assert_close(value, trained[False][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("size", [1, 5])
+@pytest.mark.parametrize("size", [None, 1, 5])
 def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp_path, size):
     """train.reference_batch_size batches the reference pass before DPO; each pair's reference
     log-probs stay its own: computed here by hand, one text at a time (a step option without
@@ -278,12 +278,13 @@ def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp
     from pipeline.lm.teacher_forced import completion_logprobs
     from pipeline.stages.trl_trainers import dpo_trainer
 
-    rows = dpo_rows() if size == 1 else dpo_rows()[::-1]  # another dataset: no cached pass
+    # another dataset each time: no cached pass is reused
+    rows = {None: dpo_rows()[1:], 1: dpo_rows(), 5: dpo_rows()[::-1]}[size]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trainer = dpo_trainer(model, tokenizer, rows, config(reference_batch_size=size),
                           ModelConfig(name="x"), tmp_path / "out", "none", 10, None, False)
-    assert trainer.args.precompute_ref_batch_size == size
+    assert trainer.args.precompute_ref_batch_size == size  # None: TRL's, train.batch_size
     for side in ("chosen", "rejected"):
         texts = [r[side] + (tokenizer.eos_token if r["lineage"]["terminal"][0] else "") for r in rows]
         hand = [sum(t) for t in completion_logprobs(model, tokenizer, [r["prompt"] for r in rows], texts)]
