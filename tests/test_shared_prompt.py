@@ -129,7 +129,9 @@ def test_tree_attention_gives_each_completion_the_states_of_its_own_pass(which, 
         assert torch.allclose(tree[i][1], padded[i][1], atol=1e-4)
 
 
-def test_a_sliding_window_model_runs_padded_rows(tmp_path):
+def test_tree_attention_needs_full_attention_layers_and_a_custom_mask():
+    """A sliding window or flash attention (no custom 4D mask): completion_states runs the
+    right-padded rows instead."""
     from transformers import MistralConfig
 
     small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
