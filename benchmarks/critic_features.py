@@ -85,7 +85,7 @@ def teacher_forced_sides(model, tokenizer, prompts, completions, batch_size) -> 
     pairs = [(tokenizer(p, add_special_tokens=False).input_ids,
               tokenizer(c, add_special_tokens=False).input_ids if c else [])
              for p, c in zip(prompts, completions, strict=True)]
-    shared = lambda: teacher_forced._tail_logprobs(model, tokenizer, pairs, batch_size)  # noqa: E731
+    shared = lambda: teacher_forced.tail_logprobs(model, tokenizer, pairs, batch_size)  # noqa: E731
     seconds, found = alternate({
         "one_pass_each": lambda: teacher_forced._left_padded(model, tokenizer, pairs, batch_size),
         "shared_prompt": prompt_only(shared), "shared_tree": shared})

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_prefix_cache import smol_tiny, smol_tokenizer  # noqa: F401 fixtures
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from pipeline.config import ModelConfig, TrainConfig, TrainMode
@@ -153,6 +154,38 @@ def test_dpo_after_metrics_are_means_over_every_pair(tiny_model_dir, tmp_path):
                             tmp_path / "posthoc")
     assert again == pytest.approx({k: v for k, v in metrics.items() if k in again}, abs=1e-4)
     assert set(again) == {k for k in metrics if k.startswith("dpo/after/")} | {"dpo/logps/chosen_change"}
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol_tiny"])
+def test_pair_metrics_equal_trls_evaluate(which, tiny_model_dir, tmp_path, request):
+    """pair_metrics_after runs each pair's prompt once for both completions (a token tree) on
+    the ids TRL's collator gives: the same numbers as TRL's own `evaluate`, with a step pair
+    whose EOS is removed, a chosen completion cut by max_length and SmolLM2's real BPE."""
+    from pipeline.stages.train import pair_metrics_after
+    from pipeline.stages.trl_trainers import dpo_trainer
+
+    if which == "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    else:
+        model, tokenizer = request.getfixturevalue("smol_tiny")
+    rows = dpo_rows()
+    rows.append({**rows[0], "chosen": "Step 1: 2 + 3 = 5\n" * 20 + "Answer: 5\n"})  # cut
+    longest = max(len(tokenizer(r["prompt"]).input_ids) for r in rows)
+    cfg = config(max_length=longest + 12, beta=0.3)
+    trainer = dpo_trainer(model, tokenizer, rows, cfg, ModelConfig(name="x"), tmp_path / "out",
+                          "none", 10**9, None, False)
+    assert trainer.data_collator([trainer.train_dataset[5]])["input_ids"].shape[1] == longest + 12
+    with torch.no_grad():  # the trained policy: away from the reference the columns hold
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    ours = pair_metrics_after(model, trainer, cfg.beta)
+    trainer.eval_dataset = trainer.train_dataset  # the path it replaces, one pair per batch
+    trls = trainer.evaluate()
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert ours[f"dpo/after/{key}"] == pytest.approx(trls[f"eval_{key}"], abs=1e-4), key
+    assert ours["dpo/after/rewards/margins"] != 0 and 0 < ours["dpo/after/rewards/accuracies"] < 1
 
 
 def test_sft_and_dpo_then_sft(tiny_model_dir, tmp_path):

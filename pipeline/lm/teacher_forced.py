@@ -21,7 +21,7 @@ def completion_logprobs(model, tokenizer, prompts: Sequence[str], completions: S
     scoring."""
     pairs = [(tokenizer(p, add_special_tokens=False).input_ids,
               tokenizer(c, add_special_tokens=False).input_ids) for p, c in zip(prompts, completions)]
-    return _tail_logprobs(model, tokenizer, pairs, batch_size)
+    return tail_logprobs(model, tokenizer, pairs, batch_size)
 
 
 @torch.no_grad()
@@ -34,11 +34,11 @@ def token_logprobs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence
         raise ValueError(f"{len(prompts)} prompts for {len(token_ids)} token id lists")
     pairs = [(tokenizer(p, add_special_tokens=False).input_ids, list(ids))
              for p, ids in zip(prompts, token_ids)]
-    return _tail_logprobs(model, tokenizer, pairs, batch_size)
+    return tail_logprobs(model, tokenizer, pairs, batch_size)
 
 
-def _tail_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]],
-                   batch_size: int) -> list[list[float]]:
+def tail_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]],
+                  batch_size: int) -> list[list[float]]:
     """Per (prompt ids, completion ids): the completion tokens' log-probs. Completions that share
     a prompt (a problem's samples, a node's sibling options) run it once (critics.shared_prompt);
     the rest run in left-padded batches."""

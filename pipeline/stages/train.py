@@ -94,6 +94,8 @@ FIRST_LAST_KEYS = ("loss", "logps/chosen", "logps/rejected")
 
 AFTER_KEYS = (*DPO_KEYS, "logps/chosen", "logps/rejected")  # dpo/after/<key>: over all pairs
 
+PAIR_METRICS_BATCH = 16  # completions per token tree in pair_metrics_after (8 pairs)
+
 
 _PHASES = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"], TrainMode.dpo_then_sft: ["dpo", "sft"]}
 
@@ -258,25 +260,51 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
         histories[phase] = trainer.state.log_history
         metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,
                                       time.perf_counter() - phase_start, len(trainer.train_dataset)))
-        if phase == "dpo":
-            with quiet_unless(progress):
-                metrics.update(pair_metrics_after(trainer, cfg.beta))
         model = trainer.model
         if cfg.lora:
             model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
+        if phase == "dpo":
+            metrics.update(pair_metrics_after(model, trainer, cfg.beta))
     return model, trainer, histories
 
 
-def pair_metrics_after(trainer, beta: float) -> dict:
-    """TRL's DPO metrics over every pair with the trained policy, by one no-grad pass of
-    `trainer.evaluate` over the training pairs (their reference log-probs are the precomputed
-    dataset columns). The per-step logs are one batch each, a different batch every step (the
-    last may be a single pair); these are means over all pairs, each pair weighed alike.
-    dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob
-    change against the reference (r -> Q*: it falls)."""
-    trainer.eval_dataset = trainer.train_dataset
-    logged = trainer.evaluate()
-    out = {f"dpo/after/{key}": logged[f"eval_{key}"] for key in AFTER_KEYS}
+def pair_metrics_after(model, trainer, beta: float) -> dict:
+    """TRL's DPO metrics over every pair with the trained `model`, each pair weighed alike (the
+    per-step logs are one batch each, a different batch every step). The reference log-probs are
+    the trainer's precomputed dataset columns; each pair's token ids are the ones TRL trained on,
+    from the trainer's own collator (EOS rule and truncation included). The policy's log-probs
+    are one no-grad pass per pair's prompt, shared by its chosen and rejected completions as a
+    token tree (pipeline.lm.teacher_forced.tail_logprobs), instead of `trainer.evaluate`'s full
+    forward of each completion with its prompt. rewards/x = beta * (log pi(x) - log pi_ref(x));
+    dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob change
+    against the reference (r -> Q*: it falls)."""
+    from pipeline.lm.teacher_forced import tail_logprobs  # heavy (torch): a training worker's
+
+    pairs, refs = [], []
+    for row in trainer.train_dataset:
+        batch = trainer.data_collator([row])  # rows [chosen, rejected]
+        for side in range(2):
+            real = batch["attention_mask"][side].bool()
+            completion = batch["completion_mask"][side].bool()
+            pairs.append((batch["input_ids"][side][real & ~completion].tolist(),
+                          batch["input_ids"][side][completion].tolist()))
+        refs.append((row["ref_chosen_logps"], row["ref_rejected_logps"]))
+    training = model.training
+    model.eval()
+    try:
+        logps = [sum(tokens) for tokens in tail_logprobs(model, trainer.processing_class, pairs,
+                                                        PAIR_METRICS_BATCH)]
+    finally:
+        model.train(training)
+    chosen, rejected = logps[0::2], logps[1::2]
+    reward_c = [beta * (c - ref) for c, (ref, _) in zip(chosen, refs)]
+    reward_r = [beta * (r - ref) for r, (_, ref) in zip(rejected, refs)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    found = {"rewards/chosen": reward_c, "rewards/rejected": reward_r,
+             "rewards/margins": [c - r for c, r in zip(reward_c, reward_r)],
+             "rewards/accuracies": [float(c > r) for c, r in zip(reward_c, reward_r)],
+             "logps/chosen": chosen, "logps/rejected": rejected}
+    out = {f"dpo/after/{key}": mean(found[key]) for key in AFTER_KEYS}
     out["dpo/logps/chosen_change"] = out["dpo/after/rewards/chosen"] / beta
     return out
 
@@ -299,7 +327,7 @@ def pair_metrics_of(policy_dir: str, data_dir: Path, cfg: TrainConfig, model_cfg
     ref_model = training_reference(reference, policy_dir, cfg, model_cfg)
     trainer = dpo_trainer(model, tokenizer, rows["dpo"], cfg, model_cfg, work_dir, "none", 10**9,
                           None, False, ref_model=ref_model)
-    return pair_metrics_after(trainer, cfg.beta)
+    return pair_metrics_after(model, trainer, cfg.beta)
 
 
 def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict) -> None:
