@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from critics.shared_prompt import completion_states, group_by_prompt, pad_id
+from critics.shared_prompt import group_by_prompt, grouped_states, pad_id
 
 LOGPROB_STATS = ("mean", "min", "sum", "tokens")
 
@@ -113,14 +113,12 @@ def backbone_features(model, tokenizer, prompts: Sequence[str], completions: Seq
               tokenizer(c, add_special_tokens=False).input_ids if c else [])
              for p, c in zip(prompts, completions, strict=True)]
     groups, alone = group_by_prompt(pairs, max_length, min_group=2)
-    for prompt_ids, rows in groups.items():
-        for i, ids, states in completion_states(model, list(prompt_ids), rows, batch_size,
-                                                pad_id(tokenizer)):
-            stats = None
-            if lm_head is not None:
-                stats = _logprob_stats(lm_head, states[:-1],
-                                       torch.tensor(ids, device=model.device, dtype=torch.long))
-            out.put(i, states[-1], states[0], stats)
+    for i, ids, states in grouped_states(model, groups, batch_size, pad_id(tokenizer)):
+        stats = None
+        if lm_head is not None:
+            stats = _logprob_stats(lm_head, states[:-1],
+                                   torch.tensor(ids, device=model.device, dtype=torch.long))
+        out.put(i, states[-1], states[0], stats)
     _left_padded(model, lm_head, tokenizer, prompts, completions, alone, batch_size, max_length, out)
     return Features(torch.stack(out.hidden), torch.stack(out.prompt),
                     torch.stack(out.logprob) if logprobs else None)

@@ -14,6 +14,10 @@ every tree token is input once, attends to the prompt and to its own ancestors o
 attention mask) and sits at the position it has in its own text, so each completion's states
 are what a pass of its own would give. On the demo's search trees this inputs about half the
 tokens that one row per completion does (README, benchmarks/critic_features.py).
+
+The prompts themselves share a prefix too: a task's system prompt and worked example open every
+problem's prompt (113 of the demo's ~135 tokens). `grouped_states` runs that common prefix once
+(`shared_prefix`) and each prompt only past it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ NO_PARENT = -1  # a tree token right after the prompt
 # masked, so a wide tree costs attention a padded batch would not; 0 turns tree attention off.
 TREE_TOKENS = 512
 TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+# Tokens: a prefix common to every prompt shorter than this is not worth a forward of its own
+MIN_SHARED = 16
 
 # id(model.config) -> (a weak reference to that config, every cache layer a plain DynamicLayer);
 # the reference tells a live config from a freed one whose id a new config was given
@@ -109,14 +115,68 @@ def group_by_prompt(pairs: Sequence[Pair], max_length: int | None = None,
     return groups, sorted(alone)
 
 
+@dataclass
+class PromptPrefix:
+    """The KV cache of `ids`, a token prefix that several prompts open with, run once."""
+
+    ids: list[int]
+    cache: DynamicCache
+
+    def opens(self, prompt_ids: Sequence[int]) -> bool:
+        """Does `prompt_ids` start with this prefix and go on past it?"""
+        n = len(self.ids)
+        return len(prompt_ids) > n and list(prompt_ids[:n]) == self.ids
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    first, k = prompts[0], min(len(p) for p in prompts) - 1
+    for other in prompts[1:]:
+        j = 0
+        while j < k and first[j] == other[j]:
+            j += 1
+        k = j
+    return max(k, 0)
+
+
+@torch.no_grad()
+def shared_prefix(model, prompts: Sequence[Sequence[int]]) -> PromptPrefix | None:
+    """The prefix all `prompts` share, run once; None when it is shorter than MIN_SHARED tokens
+    or the model's KV layers cannot be copied and extended as plain ones (a sliding window)."""
+    k = common_prefix_length(prompts)
+    if k < MIN_SHARED or not plain_kv_layers(model):
+        return None
+    ids = list(prompts[0][:k])
+    out = model.base_model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
+    return PromptPrefix(ids, returned_cache(out))
+
+
+def grouped_states(model, groups: dict[tuple[int, ...], list[Row]], batch_size: int,
+                   pad: int) -> Iterator[tuple[int, list[int], torch.Tensor]]:
+    """completion_states for every prompt group, the prefix the prompts share run once."""
+    prefix = shared_prefix(model, list(groups))
+    for prompt_ids, rows in groups.items():
+        yield from completion_states(model, list(prompt_ids), rows, batch_size, pad, prefix)
+
+
 @torch.no_grad()
 def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_size: int,
-                      pad: int) -> Iterator[tuple[int, list[int], torch.Tensor]]:
+                      pad: int, prefix: PromptPrefix | None = None
+                      ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
     """Per row sharing `prompt_ids`: (index, completion ids, states), where states is
     (1 + len(ids), hidden): the final hidden state at the prompt's last token, then at each
     completion token. states[k] predicts completion token k. At most `batch_size` rows run in
-    one forward: as token trees where the model allows it, else right-padded, shortest first."""
-    first = model.base_model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True)
+    one forward: as token trees where the model allows it, else right-padded, shortest first.
+    With a `prefix` the prompt opens with, only the prompt's tokens past it run."""
+    base, start, cache = model.base_model, 0, {}
+    if prefix is not None and prefix.opens(prompt_ids):
+        start = len(prefix.ids)
+        cache = with_cache(base, copy.deepcopy(prefix.cache))
+    first = base(input_ids=torch.tensor([prompt_ids[start:]], device=model.device),
+                 position_ids=torch.arange(start, len(prompt_ids), device=model.device)[None],
+                 use_cache=True, **cache)
     prompt_state = first.last_hidden_state[0, -1:]
     run = _tree_states if tree_attention_fits(model) else _padded_states
     for i, ids, hidden in run(model, returned_cache(first), len(prompt_ids), rows, batch_size, pad):

@@ -6,6 +6,7 @@ equal-outputs property (reuse on == reuse off, greedy and sampled at the same se
 where tokenize(prefix + option) can differ from the generated ids at the seam.
 """
 
+import os
 import random
 from pathlib import Path
 
@@ -309,3 +310,67 @@ def test_search_stage_kv_summary_weights_shards_by_tokens():
     b = dict(a, prompt_tokens=300, reused_tokens=30, prefill_tokens=270, peak_mb=7.5)
     assert kv_summary([a, b]) == {"kv_hit_rate": 0.3, "kv_peak_mb": 7.5, "prefill_tokens": 280}
     assert kv_summary([]) == {}  # every shard was already on disk
+
+
+# ---------------------------------------------------------------- a prefix common to the prompts
+
+FEW_SHOT = ("Add or subtract one number at a time, one partial result per line.\n"
+            "Compute 12 + 34 - 5.\n12 + 34 = 46\n46 - 5 = 41\nAnswer: 41\n")
+
+
+def few_shot_prompts(tokenizer) -> list[str]:
+    """Prompts that open alike (an instruction and a worked example), as a task's do."""
+    return [chat_prompt(tokenizer, [{"role": "system", "content": FEW_SHOT},
+                                    {"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("which", ["varied", "smol_tiny"])
+@pytest.mark.parametrize("with_store", [True, False])
+def test_a_prefix_common_to_the_prompts_runs_once_and_changes_no_output(
+        which, temperature, with_store, request, monkeypatch):
+    """The prompts' common prefix is run once per prefill call (and cached), each prompt only
+    past it: tokens, log-probs and hidden states equal those with it off (with SmolLM2's BPE
+    too), rows joining a running batch included, with or without a PrefixCache."""
+    from pipeline.lm import prefix_cache
+
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = [p for p in few_shot_prompts(tokenizer) for _ in range(2)]
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in dict.fromkeys(prompts)]
+    k = len(os.path.commonprefix(ids))
+    assert k >= prefix_cache.MIN_SHARED and k < min(len(x) for x in ids)
+    kwargs = dict(max_new_tokens=8, temperature=temperature, stop=newline(8), rollout_tokens=6,
+                  rollout_temperature=temperature, hidden=True, seed=5, batch_size=4)
+    monkeypatch.setattr(prefix_cache, "MIN_SHARED", 10**9)
+    off = generate(model, tokenizer, prompts, **kwargs)
+    monkeypatch.undo()
+    store = PrefixCache(16) if with_store else None
+    on = generate(model, tokenizer, prompts, prefix_cache=store, **kwargs)
+    for a, b in zip(off, on, strict=True):
+        assert a.token_ids == b.token_ids and a.text == b.text and a.rollout == b.rollout
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        for h in ("prompt_hidden", "option_hidden", "end_hidden"):
+            assert torch.allclose(getattr(a, h), getattr(b, h), atol=1e-4)
+    assert len({g.text + g.rollout for g in on}) > 2  # not vacuous: the rows differ
+    if with_store:
+        assert store.stats.shared_tokens > 0
+
+
+def test_the_shared_prefix_is_prefilled_once_counted_by_hand(varied):
+    """One prefill call: the common prefix's k tokens run once, then each distinct prompt's
+    tokens past it; a second call finds the prefix in the store."""
+    model, tokenizer = varied
+    prompts = few_shot_prompts(tokenizer)
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    k = len(os.path.commonprefix(ids))
+    store = PrefixCache(16)
+    fresh = prefill(model, tokenizer, prompts, None)
+    found = prefill(model, tokenizer, prompts, store)
+    assert torch.allclose(found.logits, fresh.logits, atol=1e-5)
+    s = store.stats
+    assert s.prefill_tokens == k + sum(len(x) - k for x in ids)
+    assert s.shared_tokens == k * len(ids) and s.reused_tokens == 0 and s.stored_tokens == k
+    again = prefill(model, tokenizer, prompts[::-1], store)
+    assert torch.allclose(again.logits, fresh.logits.flip(0), atol=1e-5)
+    assert s.reused_tokens == k * len(ids)  # from the store: the prefix did not run again
+    assert s.prefill_tokens == k + 2 * sum(len(x) - k for x in ids)

@@ -1,5 +1,6 @@
 """critics.shared_prompt: which texts share a prompt's pass, and how their completions batch."""
 
+import functools
 import warnings
 from types import SimpleNamespace
 
@@ -144,3 +145,48 @@ def test_tree_attention_needs_full_attention_layers_and_a_custom_mask():
     assert not shared_prompt.tree_attention_fits(plain)
     plain.config._attn_implementation = "sdpa"
     assert shared_prompt.tree_attention_fits(plain)
+
+
+def test_common_prefix_length_leaves_each_prompt_a_token():
+    length = shared_prompt.common_prefix_length
+    assert length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert length([(1, 2), (1, 2, 3)]) == 1  # (1, 2) keeps its last token to run
+    assert length([[1, 2, 3]]) == 0 and length([[4, 5], [6, 5]]) == 0
+
+
+@pytest.mark.parametrize("which", ["varied", "smol_tiny"])
+def test_grouped_states_run_the_prompts_common_prefix_once(which, request, monkeypatch):
+    """Prompt groups that open alike (a task's instruction and worked example): the prefix
+    runs once, each prompt past it, and every completion's states equal those of a prompt run
+    whole (SmolLM2's BPE too); a prefix under MIN_SHARED tokens is not run on its own."""
+    from test_prefix_cache import few_shot_prompts
+
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = [tuple(tokenizer(p, add_special_tokens=False).input_ids)
+               for p in few_shot_prompts(tokenizer)[:3]]
+    rows = _tree_rows(tokenizer)
+    groups = {p: [(10 * g + i, ids) for i, ids in rows] for g, p in enumerate(prompts)}
+    prefix = shared_prompt.shared_prefix(model, list(groups))
+    k = shared_prompt.common_prefix_length(prompts)
+    assert prefix is not None and prefix.ids == list(prompts[0][:k]) and k >= shared_prompt.MIN_SHARED
+    assert all(prefix.opens(p) for p in prompts) and not prefix.opens(prompts[0][:k])
+    unmasked = []  # tokens of each forward without an attention mask: the prefix and prompts
+    base_forward = type(model.base_model).forward
+
+    @functools.wraps(base_forward)
+    def counted(self, *args, **kwargs):
+        if kwargs.get("attention_mask") is None:
+            unmasked.append(kwargs["input_ids"].shape[1])
+        return base_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.base_model), "forward", counted)
+    together = {i: s for i, _, s in shared_prompt.grouped_states(model, groups, 32, 0)}
+    assert unmasked == [k] + [len(p) - k for p in prompts]
+    monkeypatch.undo()
+    whole = {i: s for p, group in groups.items()
+             for i, _, s in shared_prompt.completion_states(model, list(p), group, 32, 0)}
+    assert sorted(together) == sorted(whole) == sorted(i for g in groups.values() for i, _ in g)
+    for i in whole:
+        assert torch.allclose(together[i], whole[i], atol=1e-4)
+    monkeypatch.setattr(shared_prompt, "MIN_SHARED", k + 1)
+    assert shared_prompt.shared_prefix(model, list(groups)) is None

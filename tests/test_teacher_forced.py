@@ -58,7 +58,8 @@ def test_soft_capped_logits_run_each_text_whole(request, monkeypatch):
     log-probs from shared hidden states: every text then runs its own forward."""
     model, tokenizer = request.getfixturevalue("varied")
     calls = []
-    monkeypatch.setattr(teacher_forced, "completion_states", lambda *a: calls.append(a) or iter(()))
+    monkeypatch.setattr(teacher_forced, "grouped_states",  # records the prompt groups it is given
+                        lambda model, groups, *a: calls.extend(groups) or iter(()))
     prompts = prompts_for(tokenizer)[:1] * 3
     completion_logprobs(model, tokenizer, prompts, ["a", "b", "c"])
     assert len(calls) == 1  # plain logits: the three share their prompt

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from critics.shared_prompt import plain_kv_layers, with_cache
+from critics.shared_prompt import common_prefix_length, plain_kv_layers, returned_cache, with_cache
+
+MIN_SHARED = 16  # tokens: a shorter prefix common to a call's prompts is not run on its own
 
 
 @dataclass
@@ -42,7 +44,8 @@ class CacheStats:
     row_prompt_tokens: int = 0  # prompt tokens of every row: what a prefill per row would run
     prompt_tokens: int = 0  # prompt tokens of the distinct prompts (one prefill per node)
     reused_tokens: int = 0  # of those, served from the cache
-    prefill_tokens: int = 0  # of those, run through the model (prompt_tokens - reused_tokens)
+    shared_tokens: int = 0  # of the rest, served by a prefix common to a call's prompts, run once
+    prefill_tokens: int = 0  # tokens run through the model (each shared prefix counted once)
     lookups: int = 0  # distinct prompts looked up
     hits: int = 0  # lookups that reused at least one token
     stored_tokens: int = 0  # tokens written into the cache
@@ -235,7 +238,8 @@ def prefill(model, tokenizer, prompts: Sequence[str], store: PrefixCache | None,
     rows = [index.setdefault(tuple(x), len(index)) for x in ids]
     seqs = list(index)
     use = store if store is not None and store.usable(model) else None
-    found = [use.lookup(s) if use else (0, None) for s in seqs]
+    cached = [use.lookup(s) if use else (0, None) for s in seqs]
+    found, ran = _share_prefix(model, seqs, cached, use)
     past_len = max(m for m, _ in found)
     new_len = max(len(s) - m for s, (m, _) in zip(seqs, found))
     pad, device = tokenizer.pad_token_id, model.device
@@ -256,7 +260,7 @@ def prefill(model, tokenizer, prompts: Sequence[str], store: PrefixCache | None,
         cache.batch_select_indices(select)
         mask, logits = mask[select], logits[select]
         last = last[select] if last is not None else None
-    _count(store, ids, seqs, found)
+    _count(store, ids, seqs, cached, found, ran)
     return Prefilled(cache, mask, logits, [list(x) for x in ids], last)
 
 
@@ -272,16 +276,42 @@ def _cache_with_past(model, found: list, past_len: int) -> DynamicCache:
     return DynamicCache([(past[i, 0], past[i, 1]) for i in range(layers)], config=model.config)
 
 
-def _count(store: PrefixCache | None, ids: list, seqs: list, found: list) -> None:
+def _share_prefix(model, seqs: list, found: list,
+                  store: PrefixCache | None) -> tuple[list, int]:
+    """`found`, where the distinct prompts share a longer token prefix than the cache served
+    them (a task's system prompt and worked example): that prefix runs once, for all of them,
+    and goes into the store. Also the number of tokens that run took (0: none ran)."""
+    k = common_prefix_length(seqs)
+    if k < MIN_SHARED or not plain_kv_layers(model) or all(m >= k for m, _ in found):
+        return found, 0
+    m, kv = max(((min(m, k), kv) for m, kv in found), key=lambda x: x[0])
+    shared = kv[..., :k, :] if m == k else _run_prefix(model, list(seqs[0][:k]), m, kv)
+    if store is not None:
+        store.insert(seqs[0][:k], lambda start: shared[..., start:, :])
+    return [(k, shared) if mu < k else (mu, kvu) for mu, kvu in found], k - m
+
+
+def _run_prefix(model, tokens: list[int], m: int, kv: torch.Tensor | None) -> torch.Tensor:
+    """The KV, (layers, 2, kv_heads, tokens, head_dim), of `tokens`, whose first m are `kv`."""
+    base, device = model.base_model, model.device
+    out = base(input_ids=torch.tensor([tokens[m:]], device=device),
+               position_ids=torch.arange(m, len(tokens), device=device)[None], use_cache=True,
+               **with_cache(base, _cache_with_past(model, [(m, kv)], m)))
+    return torch.stack([torch.stack([x.keys[0], x.values[0]]) for x in returned_cache(out).layers])
+
+
+def _count(store: PrefixCache | None, ids: list, seqs: list, cached: list, found: list,
+           shared_run: int) -> None:
     if store is None:
         return
     s = store.stats
     s.row_prompt_tokens += sum(len(x) for x in ids)
     s.lookups += len(seqs)
-    s.hits += sum(m > 0 for m, _ in found)
+    s.hits += sum(m > 0 for m, _ in cached)
     s.prompt_tokens += sum(len(x) for x in seqs)
-    s.reused_tokens += sum(m for m, _ in found)
-    s.prefill_tokens += sum(len(x) - m for x, (m, _) in zip(seqs, found))
+    s.reused_tokens += sum(m for m, _ in cached)
+    s.shared_tokens += sum(m - c for (m, _), (c, _) in zip(found, cached))
+    s.prefill_tokens += shared_run + sum(len(x) - m for x, (m, _) in zip(seqs, found))
 
 
 def retire(store: PrefixCache | None, cache: DynamicCache, j: int, mask_row: torch.Tensor,

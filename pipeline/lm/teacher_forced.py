@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from critics.shared_prompt import completion_states, group_by_prompt, pad_id, plain_lm_head
+from critics.shared_prompt import group_by_prompt, grouped_states, pad_id, plain_lm_head
 
 LOGITS_MB = 256  # float32 logits (and their log-softmax) one forward may hold; rows are chunked
 
@@ -40,19 +40,18 @@ def token_logprobs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence
 def tail_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]],
                   batch_size: int) -> list[list[float]]:
     """Per (prompt ids, completion ids): the completion tokens' log-probs. Completions that share
-    a prompt (a problem's samples, a node's sibling options) run it once (critics.shared_prompt);
-    the rest run in left-padded batches."""
+    a prompt (a problem's samples, a node's sibling options) run it once, and the prefix all
+    those prompts open with once for all of them (critics.shared_prompt); the rest run in
+    left-padded batches."""
     lm_head = plain_lm_head(model)
     groups, alone = group_by_prompt(pairs, min_group=2)
     if lm_head is None:  # scaled or soft-capped logits: each text runs whole
         groups, alone = {}, list(range(len(pairs)))
     results: list[list[float] | None] = [None] * len(pairs)
-    for prompt_ids, rows in groups.items():
-        for i, ids, states in completion_states(model, list(prompt_ids), rows, batch_size,
-                                                pad_id(tokenizer)):
-            logits = lm_head(states[:-1]).float()
-            target = torch.tensor(ids, device=logits.device, dtype=torch.long)
-            results[i] = torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1).tolist()
+    for i, ids, states in grouped_states(model, groups, batch_size, pad_id(tokenizer)):
+        logits = lm_head(states[:-1]).float()
+        target = torch.tensor(ids, device=logits.device, dtype=torch.long)
+        results[i] = torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1).tolist()
     for i, found in zip(alone, _left_padded(model, tokenizer, [pairs[i] for i in alone], batch_size)):
         results[i] = found
     return results
