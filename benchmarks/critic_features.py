@@ -1,15 +1,18 @@
-"""Critic features and teacher-forced log-probs with a tree's texts run as one token tree, with
-the prompt run once per tree, and with one pass per text, side by side.
+"""Critic features and teacher-forced log-probs with the trees' prompts' common prefix run once,
+with a tree's texts run as one token tree, with the prompt run once per tree, and with one pass
+per text, side by side.
 
     python benchmarks/critic_features.py [--run runs/matched_budget/mcts] [--iteration 0]
                                          [--problems 16]
 
 Takes the critics' texts of an MCTS run's iteration (the first --problems trees, the critics
 stage's text cap applied) and computes their features on that iteration's policy three ways in
-one process, alternating: `backbone_features` as it runs (`shared_tree`: the completions after a
-prompt run as one token tree, critics.shared_prompt), the same with tree attention off
-(`shared_prompt`: the prompt runs once, each completion in its own right-padded row) and one
-left-padded pass per text (`one_pass_each`). Prints the times, the tokens each input to the
+one process, alternating: `backbone_features` as it runs (`shared_prefix`: the prefix every
+tree's prompt opens with, the task's instruction and worked example, runs once, and the
+completions after a prompt run as one token tree, critics.shared_prompt), the same with each
+prompt run whole (`shared_tree`), the same with tree attention off too (`shared_prompt`: the
+prompt runs once, each completion in its own right-padded row) and one left-padded pass per text
+(`one_pass_each`). Prints the times, the tokens each input to the
 model, and the largest difference from one pass per text. Then the same for the teacher-forced
 log-probs of the same texts (pipeline.lm.teacher_forced: the implicit reward's two passes in the
 refit, best-of-N selection and credit maps). Writes benchmarks/results/critic_features.json.
@@ -39,6 +42,7 @@ from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore, load_shards  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ("shared_prompt", "shared_tree", "shared_prefix")  # the sides that share a prompt's pass
 
 
 def one_pass_each(model, tokenizer, prompts, completions, batch_size, max_length) -> features_module.Features:
@@ -51,21 +55,29 @@ def one_pass_each(model, tokenizer, prompts, completions, batch_size, max_length
 
 
 @contextmanager
-def tree_attention_off():
-    """critics.shared_prompt with TREE_TOKENS=0: each completion in its own padded row."""
-    kept = shared_prompt.TREE_TOKENS
-    shared_prompt.TREE_TOKENS = 0
+def patched(**values):
+    """critics.shared_prompt's constants set to `values` for the block."""
+    kept = {name: getattr(shared_prompt, name) for name in values}
+    for name, value in values.items():
+        setattr(shared_prompt, name, value)
     try:
         yield
     finally:
-        shared_prompt.TREE_TOKENS = kept
+        for name, value in kept.items():
+            setattr(shared_prompt, name, value)
 
 
-def prompt_only(call):
-    def run():
-        with tree_attention_off():
-            return call()
-    return run
+def sides_of(call) -> dict:
+    """`call` as it runs (shared_prefix), with each prompt run whole (shared_tree), and with
+    tree attention off too (shared_prompt)."""
+    def under(**values):
+        def run():
+            with patched(**values):
+                return call()
+        return run
+    whole = dict(MIN_SHARED=10**9)
+    return {"shared_prompt": under(TREE_TOKENS=0, **whole), "shared_tree": under(**whole),
+            "shared_prefix": call}
 
 
 def alternate(sides: dict, repeats: int = 2) -> tuple[dict, dict]:
@@ -88,17 +100,17 @@ def teacher_forced_sides(model, tokenizer, prompts, completions, batch_size) -> 
     shared = lambda: teacher_forced.tail_logprobs(model, tokenizer, pairs, batch_size)  # noqa: E731
     seconds, found = alternate({
         "one_pass_each": lambda: teacher_forced._left_padded(model, tokenizer, pairs, batch_size),
-        "shared_prompt": prompt_only(shared), "shared_tree": shared})
-    diff = max((abs(x - y) for side in ("shared_prompt", "shared_tree")
+        **sides_of(shared)})
+    diff = max((abs(x - y) for side in SHARED
                 for a, b in zip(found["one_pass_each"], found[side], strict=True)
                 for x, y in zip(a, b, strict=True)), default=0.0)
     return {"seconds": seconds, "speedup": speedups(seconds), "max_abs_diff": diff}
 
 
 def speedups(seconds: dict) -> dict:
-    return {"shared_prompt": round(seconds["one_pass_each"] / seconds["shared_prompt"], 2),
-            "shared_tree": round(seconds["one_pass_each"] / seconds["shared_tree"], 2),
-            "tree_over_prompt": round(seconds["shared_prompt"] / seconds["shared_tree"], 2)}
+    out = {side: round(seconds["one_pass_each"] / seconds[side], 2) for side in SHARED}
+    return {**out, "tree_over_prompt": round(seconds["shared_prompt"] / seconds["shared_tree"], 2),
+            "prefix_over_tree": round(seconds["shared_tree"] / seconds["shared_prefix"], 2)}
 
 
 def input_tokens(tokenizer, texts: list[tuple[str, str]], length: int, batch_size: int) -> dict:
@@ -114,6 +126,9 @@ def input_tokens(tokenizer, texts: list[tuple[str, str]], length: int, batch_siz
         trees = shared_prompt.token_trees(rows, batch_size, shared_prompt.TREE_TOKENS)
         tokens["shared_prompt"] += len(prompt) + sum(len(ids) for _, ids in rows)
         tokens["shared_tree"] += len(prompt) + sum(len(tree.tokens) for tree in trees)
+    k = shared_prompt.common_prefix_length(list(groups))
+    k = k if k >= shared_prompt.MIN_SHARED else 0
+    tokens["shared_prefix"] = tokens["shared_tree"] - k * (len(groups) - 1)
     return tokens
 
 
@@ -143,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         seconds, found = alternate({
             "one_pass_each": lambda: one_pass_each(model, tokenizer, prompts, completions, size, length),
-            "shared_prompt": prompt_only(features), "shared_tree": features})
+            **sides_of(features)})
         forced = teacher_forced_sides(model, tokenizer, prompts, completions, size)
     b = found["one_pass_each"]
     result = {
@@ -153,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": speedups(seconds), "tokens": input_tokens(tokenizer, texts, length, size),
         "max_abs_diff": {side: {key: float((getattr(found[side], key) - getattr(b, key)).abs().max())
                                 for key in ("hidden", "prompt_hidden", "logprob")}
-                         for side in ("shared_prompt", "shared_tree")},
+                         for side in SHARED},
         "teacher_forced": forced,
         "threads": torch.get_num_threads(),
     }

@@ -58,10 +58,11 @@ def test_shared_prompt_and_tree_features_equal_one_pass_each_on_a_run(tiny_run, 
     assert json.loads(out.read_text()) == result
     assert result["prompts"] == 2 and result["texts"] > result["prompts"]
     tokens = result["tokens"]
-    assert tokens["shared_tree"] < tokens["shared_prompt"] < tokens["one_pass_each"]
-    for side in ("shared_prompt", "shared_tree"):
+    assert tokens["shared_prefix"] < tokens["shared_tree"] < tokens["shared_prompt"] < tokens["one_pass_each"]
+    for side in ("shared_prompt", "shared_tree", "shared_prefix"):
         assert max(result["max_abs_diff"][side].values()) < 1e-3
     forced = result["teacher_forced"]
-    sides = {"one_pass_each", "shared_prompt", "shared_tree"}
+    sides = {"one_pass_each", "shared_prompt", "shared_tree", "shared_prefix"}
     assert forced["max_abs_diff"] < 1e-3 and set(forced["seconds"]) == sides
-    assert shared_prompt.TREE_TOKENS == result["tree_tokens"] > 0  # the prompt-only side restored it
+    assert shared_prompt.TREE_TOKENS == result["tree_tokens"] > 0  # the other sides restored it
+    assert shared_prompt.MIN_SHARED < 10**9
