@@ -76,6 +76,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.lm.models import load_tokenizer, resolve_model_path
+from pipeline.lm.teacher_forced import tail_logprobs
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
@@ -278,8 +279,6 @@ def pair_metrics_after(model, trainer, beta: float) -> dict:
     forward of each completion with its prompt. rewards/x = beta * (log pi(x) - log pi_ref(x));
     dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob change
     against the reference (r -> Q*: it falls)."""
-    from pipeline.lm.teacher_forced import tail_logprobs  # heavy (torch): a training worker's
-
     pairs, refs = [], []
     for row in trainer.train_dataset:
         batch = trainer.data_collator([row])  # rows [chosen, rejected]
