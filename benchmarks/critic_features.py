@@ -113,7 +113,7 @@ def speedups(seconds: dict) -> dict:
             "prefix_over_tree": round(seconds["shared_tree"] / seconds["shared_prefix"], 2)}
 
 
-def input_tokens(tokenizer, texts: list[tuple[str, str]], length: int, batch_size: int) -> dict:
+def input_tokens(model, tokenizer, texts: list[tuple[str, str]], length: int, batch_size: int) -> dict:
     """Tokens each side inputs to the model (padding not counted). As in backbone_features, a
     text over `length` tokens or with a prompt of its own runs whole (its tail) on every side."""
     pairs = [(tokenizer(p, add_special_tokens=False).input_ids,
@@ -126,8 +126,7 @@ def input_tokens(tokenizer, texts: list[tuple[str, str]], length: int, batch_siz
         trees = shared_prompt.token_trees(rows, batch_size, shared_prompt.TREE_TOKENS)
         tokens["shared_prompt"] += len(prompt) + sum(len(ids) for _, ids in rows)
         tokens["shared_tree"] += len(prompt) + sum(len(tree.tokens) for tree in trees)
-    k = shared_prompt.common_prefix_length(list(groups))
-    k = k if k >= shared_prompt.MIN_SHARED else 0
+    k = shared_prompt.shareable_prefix_length(model, list(groups))
     tokens["shared_prefix"] = tokens["shared_tree"] - k * (len(groups) - 1)
     return tokens
 
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "critic_features", "run": str(run), "iteration": args.iteration,
         "problems": len(rows), "texts": len(texts), "prompts": len(set(prompts)),
         "tree_tokens": shared_prompt.TREE_TOKENS, "seconds": seconds,  # mean of two repeats
-        "speedup": speedups(seconds), "tokens": input_tokens(tokenizer, texts, length, size),
+        "speedup": speedups(seconds), "tokens": input_tokens(model, tokenizer, texts, length, size),
         "max_abs_diff": {side: {key: float((getattr(found[side], key) - getattr(b, key)).abs().max())
                                 for key in ("hidden", "prompt_hidden", "logprob")}
                          for side in SHARED},

@@ -141,12 +141,18 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return max(k, 0)
 
 
+def shareable_prefix_length(model, prompts: Sequence[Sequence[int]]) -> int:
+    """common_prefix_length where a forward of its own pays (MIN_SHARED tokens or more) and the
+    model's KV layers can be copied and extended as plain ones (no sliding window); else 0."""
+    k = common_prefix_length(prompts)
+    return k if k >= MIN_SHARED and plain_kv_layers(model) else 0
+
+
 @torch.no_grad()
 def shared_prefix(model, prompts: Sequence[Sequence[int]]) -> PromptPrefix | None:
-    """The prefix all `prompts` share, run once; None when it is shorter than MIN_SHARED tokens
-    or the model's KV layers cannot be copied and extended as plain ones (a sliding window)."""
-    k = common_prefix_length(prompts)
-    if k < MIN_SHARED or not plain_kv_layers(model):
+    """The prefix all `prompts` share, run once; None where none is shareable."""
+    k = shareable_prefix_length(model, prompts)
+    if not k:
         return None
     ids = list(prompts[0][:k])
     out = model.base_model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)

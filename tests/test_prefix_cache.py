@@ -332,16 +332,16 @@ def test_a_prefix_common_to_the_prompts_runs_once_and_changes_no_output(
     """The prompts' common prefix is run once per prefill call (and cached), each prompt only
     past it: tokens, log-probs and hidden states equal those with it off (with SmolLM2's BPE
     too), rows joining a running batch included, with or without a PrefixCache."""
-    from pipeline.lm import prefix_cache
+    from critics import shared_prompt
 
     model, tokenizer = request.getfixturevalue(which)
     prompts = [p for p in few_shot_prompts(tokenizer) for _ in range(2)]
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in dict.fromkeys(prompts)]
     k = len(os.path.commonprefix(ids))
-    assert k >= prefix_cache.MIN_SHARED and k < min(len(x) for x in ids)
+    assert k >= shared_prompt.MIN_SHARED and k < min(len(x) for x in ids)
     kwargs = dict(max_new_tokens=8, temperature=temperature, stop=newline(8), rollout_tokens=6,
                   rollout_temperature=temperature, hidden=True, seed=5, batch_size=4)
-    monkeypatch.setattr(prefix_cache, "MIN_SHARED", 10**9)
+    monkeypatch.setattr(shared_prompt, "MIN_SHARED", 10**9)
     off = generate(model, tokenizer, prompts, **kwargs)
     monkeypatch.undo()
     store = PrefixCache(16) if with_store else None

@@ -132,7 +132,7 @@ def test_tree_attention_gives_each_completion_the_states_of_its_own_pass(which, 
 
 def test_tree_attention_needs_full_attention_layers_and_a_custom_mask():
     """A sliding window or flash attention (no custom 4D mask): completion_states runs the
-    right-padded rows instead."""
+    right-padded rows instead; a sliding window's KV is not shared as a common prompt prefix."""
     from transformers import MistralConfig
 
     small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
@@ -145,6 +145,9 @@ def test_tree_attention_needs_full_attention_layers_and_a_custom_mask():
     assert not shared_prompt.tree_attention_fits(plain)
     plain.config._attn_implementation = "sdpa"
     assert shared_prompt.tree_attention_fits(plain)
+    prompts = [[1] * 20 + [2], [1] * 20 + [3]]  # 20 tokens in common: shareable, unless windowed
+    assert shared_prompt.shareable_prefix_length(plain, prompts) == 20
+    assert shared_prompt.shareable_prefix_length(windowed, prompts) == 0
 
 
 def test_common_prefix_length_leaves_each_prompt_a_token():

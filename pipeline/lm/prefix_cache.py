@@ -32,9 +32,12 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from critics.shared_prompt import common_prefix_length, plain_kv_layers, returned_cache, with_cache
-
-MIN_SHARED = 16  # tokens: a shorter prefix common to a call's prompts is not run on its own
+from critics.shared_prompt import (
+    plain_kv_layers,
+    returned_cache,
+    shareable_prefix_length,
+    with_cache,
+)
 
 
 @dataclass
@@ -281,8 +284,8 @@ def _share_prefix(model, seqs: list, found: list,
     """`found`, where the distinct prompts share a longer token prefix than the cache served
     them (a task's system prompt and worked example): that prefix runs once, for all of them,
     and goes into the store. Also the number of tokens that run took (0: none ran)."""
-    k = common_prefix_length(seqs)
-    if k < MIN_SHARED or not plain_kv_layers(model) or all(m >= k for m, _ in found):
+    k = shareable_prefix_length(model, seqs)
+    if not k or all(m >= k for m, _ in found):
         return found, 0
     m, kv = max(((min(m, k), kv) for m, kv in found), key=lambda x: x[0])
     shared = kv[..., :k, :] if m == k else _run_prefix(model, list(seqs[0][:k]), m, kv)
