@@ -180,7 +180,8 @@ def test_pair_metrics_equal_trls_evaluate(which, tiny_model_dir, tmp_path, reque
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
     ours = pair_metrics_after(model, trainer, cfg.beta)
-    trainer.eval_dataset = trainer.train_dataset  # the path it replaces, one pair per batch
+    trainer.eval_dataset = trainer.train_dataset  # the path it replaces, one pair per batch:
+    trainer.args.per_device_eval_batch_size = 1  # TRL averages batch means
     trls = trainer.evaluate()
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected"):

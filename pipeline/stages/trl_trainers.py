@@ -130,7 +130,6 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=cfg.reference_batch_size,
         remove_unused_columns=False,  # the collator reads chosen_eos / rejected_eos
-        per_device_eval_batch_size=1,  # TRL averages batch means: one pair a batch weighs all alike
     )
     collator = EosAwareCollator(
         DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
