@@ -46,6 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from paired import correct_by_problem, paired  # noqa: E402
+
 from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
 from pipeline.config import to_dict  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
@@ -58,6 +60,7 @@ from pipeline.stages.train import pair_metrics_of  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GRPO_EPOCHS = 4  # the GRPO arm's cap on epochs per iteration; the token budget stops it first
+GRADED_BY = ("model", "task", "decode", "critics", "eval", "seed")  # what run_eval reads
 SMOKE = ["debug=default", "task.num_train=2", "task.num_dev=2", "task.num_test=2",
          "decode.n=2", "search.simulations=2", "train.grpo.prompts_per_step=2",
          "train.grpo.max_completion_length=16"]
@@ -71,10 +74,11 @@ def run_or_resume(run_dir: Path, overrides: list[str], iterations: int) -> RunSt
 
 
 def graded_with(config: dict) -> dict:
-    """What decides a grade, from a config as an eval JSON records it: all but where the JSON
-    goes, how progress is shown and, for a decoding other than MCTS, the search config."""
-    dropped = ("progress", "tracking") + (() if config["decode"]["strategy"] == "mcts" else ("search",))
-    key = {k: v for k, v in config.items() if k not in dropped}
+    """What decides a grade, from a config as an eval JSON records it: the sections `qstar eval`
+    reads (GRADED_BY; the search config only for MCTS), less where the JSON goes. A key added to
+    a section it never reads (train, cluster, ...) does not send a cached grade back to grading."""
+    wanted = GRADED_BY + (("search",) if config["decode"]["strategy"] == "mcts" else ())
+    key = {k: v for k, v in config.items() if k in wanted}
     key["eval"] = {k: v for k, v in config["eval"].items() if k != "output"}
     return json.loads(json.dumps(key, default=str))
 
@@ -177,10 +181,10 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
         bon = graded(base, [*model, "decode=best_of_n", f"decode.n={n}",
                             "decode.select=majority"], out / f"p{i}_best_of_{n}.json", split)
         budget = max(1, round(per_problem(bon)))
+        mcts_json = out / f"p{i}_mcts_budget{budget}.json"
         mcts = graded(base, [*model, "decode=mcts", f"search.token_budget={budget}",
                              "search.simulations=64",
-                             *([f"eval.critics={critics}"] if critics else [])],
-                      out / f"p{i}_mcts_budget{budget}.json", split)
+                             *([f"eval.critics={critics}"] if critics else [])], mcts_json, split)
         ratio = per_problem(mcts) / max(per_problem(bon), 1e-9)
         rows.append({"policy": i, "critics": str(critics) if critics else None,
                      "greedy": {"accuracy": greedy["accuracy"],
@@ -196,7 +200,11 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
                               "accuracy_by_best_path": mcts.get("accuracy_by_best_path")},
                      "mcts_over_best_of_n_tokens": round(ratio, 3),
                      "matched": abs(ratio - 1) <= 0.1,
-                     "mcts_minus_best_of_n": round(mcts["accuracy"] - bon["accuracy"], 3)})
+                     "mcts_minus_best_of_n": round(mcts["accuracy"] - bon["accuracy"], 3),
+                     # problem by problem: the discordant counts, standard error, sign test
+                     "paired": paired(correct_by_problem(mcts_json),
+                                      correct_by_problem(out / f"p{i}_best_of_{n}.json"),
+                                      ("mcts", "best_of_n"))})
     return rows
 
 
@@ -220,6 +228,9 @@ def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out:
     result["mcts_minus_star"] = [round(result["mcts"]["test_greedy"][k]
                                        - result["star"]["test_greedy"][k], 3)
                                  for k in range(1, both)]
+    result["mcts_vs_star_paired"] = [paired(correct_by_problem(out / f"p{k}_greedy.json"),
+                                            correct_by_problem(out / f"star_p{k}_greedy.json"),
+                                            ("mcts", "star")) for k in range(1, both)]
     return result
 
 

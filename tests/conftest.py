@@ -23,13 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package). Its folder
+    goes last on sys.path, for the siblings it imports (paired, ...): last, so that its
+    critics.py and search.py never shadow the project's packages."""
     import importlib.util
 
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.append(str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 

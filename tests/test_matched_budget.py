@@ -46,8 +46,15 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     bench.main([*argv, "search.best_path=visits"])
     again = {p.name: p.stat().st_mtime_ns != t for p, t in zip(cached, stamps)}
     assert again == {p.name: "mcts" in p.name for p in cached}
-    # a grade that records no config (written by hand, or by an older qstar) is graded again
+    # a key the eval never reads (train.*, as a key added since) does not send it back to grading
     greedy = run / "test_evals" / "p0_greedy.json"
+    saved = json.loads(greedy.read_text())
+    saved["config"]["train"]["a_key_added_later"] = 1
+    greedy.write_text(json.dumps(saved))
+    stamp = greedy.stat().st_mtime_ns
+    bench.main(argv)
+    assert greedy.stat().st_mtime_ns == stamp
+    # a grade that records no config (written by hand, or by an older qstar) is graded again
     stripped = {k: v for k, v in json.loads(greedy.read_text()).items() if k != "config"}
     greedy.write_text(json.dumps(stripped))
     bench.main(argv)
@@ -104,10 +111,22 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
         by_path, by_select = row["mcts"]["accuracy_by_best_path"], row["best_of_n_majority"]["accuracy_by_select"]
         assert set(by_path) == {rule.value for rule in BestPath} and by_select["majority"] == row["best_of_n_majority"]["accuracy"]
         assert by_path[bench.compose_config(bench.SMOKE).search.best_path.value] == row["mcts"]["accuracy"]
+        pair, rows = row["paired"], {}
+        for name, path in (("mcts", f"p{row['policy']}_mcts_budget{row['mcts']['token_budget']}"),
+                           ("bon", f"p{row['policy']}_best_of_2")):
+            graded = json.loads((tmp_path / "runs" / "test_evals" / f"{path}.json").read_text())
+            rows[name] = {r["id"]: r["correct"] for r in graded["rows"]}
+        assert pair["problems"] == 2 and pair["mcts_only"] == sum(
+            rows["mcts"][k] and not rows["bon"][k] for k in test_ids)
+        assert pair["best_of_n_only"] == sum(rows["bon"][k] and not rows["mcts"][k] for k in test_ids)
+        assert pair["difference"] == pytest.approx(row["mcts_minus_best_of_n"], abs=1e-3)
     loop = result["loop"]
     assert len(loop["mcts"]["test_greedy"]) == len(loop["star"]["test_greedy"]) == 2
     assert len(loop["grpo"]["test_greedy"]) == 2
     assert loop["mcts"]["test_greedy"][0] == loop["star"]["test_greedy"][0]  # the same base
+    (star_pair,) = loop["mcts_vs_star_paired"]  # policy 1 of each loop, problem by problem
+    assert star_pair["problems"] == 2
+    assert star_pair["difference"] == pytest.approx(loop["mcts_minus_star"][0], abs=1e-3)
     assert loop["grpo"]["test_greedy"][0] == loop["mcts"]["test_greedy"][0]
     grpo = loop["grpo"]["search"][0]  # GRPO samples the MCTS loop's iteration-0 search tokens
     assert grpo["token_budget"] == result["star_calibration"]["mcts_search_tokens"] > 0
