@@ -149,7 +149,8 @@ class TaskConfig:
     num_train: int = 64  # problems
     num_dev: int = 100  # problems
     num_test: int = 100  # problems; laid out first, so it stays put when num_train/num_dev change
-    seed: int = 0  # fixes generation (reasoning-gym) and the split order
+    # >= 0; fixes the split order and reasoning-gym's generation (each seed an independent draw)
+    seed: int = 0
     skip_bad_rows: bool = False  # JSONL/HF: skip (and count) unusable rows instead of refusing
     # task=custom: the user's task class, `package.module:ClassName` (pipeline/tasks/custom.py
     # documents the protocol), and the keyword arguments its constructor gets

@@ -34,6 +34,7 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
 def _validate_task(t: TaskConfig) -> None:
     for key in ("num_train", "num_dev", "num_test"):
         _require(getattr(t, key) >= 1, f"task.{key}", "must be >= 1", getattr(t, key))
+    _require(t.seed >= 0, "task.seed", "must be >= 0", t.seed)
     _require(1 <= t.min_terms <= t.max_terms, "task.min_terms", "need 1 <= min_terms <= max_terms",
              t.min_terms)
     _require(1 <= t.min_digits <= t.max_digits, "task.min_digits",

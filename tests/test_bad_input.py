@@ -182,6 +182,7 @@ INVALID_VALUES = [
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
     (["train.beta=-0.1"], "config key train.beta=-0.1 is invalid: must be > 0"),
     (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1 (or null: train.batch_size)"),
+    (["task.seed=-1"], "config key task.seed=-1 is invalid: must be >= 0"),
     (["iterations=0"], "config key iterations=0 is invalid: must be >= 1"),
     (["iterations=-3"], "config key iterations=-3 is invalid: must be >= 1"),
     (["critics.weights.value=0", "critics.weights.prm=0", "critics.weights.orm=0",

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from pipeline.config import TaskConfig
 from pipeline.errors import QstarError
 from pipeline.tasks.base import Problem, Task, _one_line, _too_few, layout, split_sizes
+
+# reasoning-gym draws item idx from random.Random(seed + idx), so seeds s and s + 1 would share
+# every item but one. Each task.seed > 0 starts the generator at its own offset, a hash of the
+# seed in [0, 2**31): two seeds' runs of `size` items overlap with odds about 2 * size / 2**31,
+# and every generator seed stays one 32-bit word (Mersenne Twister seeds of two words can
+# collide with one-word ones: Random(2) and Random(2**32 + 2) are the same stream).
+# task.seed=0 keeps offset 0, the problems it always had.
+GENERATOR_SEEDS = 2**31
+
+
+def generation_seed(task_seed: int) -> int:
+    """The reasoning-gym seed of a task.seed (>= 0, validated)."""
+    if task_seed == 0:
+        return 0
+    digest = hashlib.sha256(f"qstar task.seed {task_seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % GENERATOR_SEEDS
 
 
 class ReasoningGymTask(Task):
@@ -25,7 +43,7 @@ class ReasoningGymTask(Task):
         size = 4 * need + 100  # room for duplicate questions; fixed by cfg, so deterministic
         try:
             self.dataset = reasoning_gym.create_dataset(
-                self.generator, seed=cfg.seed, size=size, **generator_config
+                self.generator, seed=generation_seed(cfg.seed), size=size, **generator_config
             )
             problems = self._distinct(need, cfg.seed)
         except Exception as e:  # config validation or generation inside reasoning-gym
