@@ -4,6 +4,8 @@
     python benchmarks/matched_budget.py --smoke model=<tiny checkpoint>   # minutes, plumbing only
     python benchmarks/matched_budget.py --eval-run RUN --eval-policies 0 1 [--split dev]
                                         # the evaluation arm alone, no loop (dev: to tune on)
+    python benchmarks/matched_budget.py --pool A.json B.json --output POOLED.json
+                                        # arms graded on disjoint held-out sets, pooled
 
 Three loops on the default task (same training problems, same base policy, same test split):
 the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT), the STaR loop
@@ -181,7 +183,7 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
         bon = graded(base, [*model, "decode=best_of_n", f"decode.n={n}",
                             "decode.select=majority"], out / f"p{i}_best_of_{n}.json", split)
         budget = max(1, round(per_problem(bon)))
-        mcts_json = out / f"p{i}_mcts_budget{budget}.json"
+        mcts_json, bon_json = arm_grades(out, i, n, budget)
         mcts = graded(base, [*model, "decode=mcts", f"search.token_budget={budget}",
                              "search.simulations=64",
                              *([f"eval.critics={critics}"] if critics else [])], mcts_json, split)
@@ -202,10 +204,39 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
                      "matched": abs(ratio - 1) <= 0.1,
                      "mcts_minus_best_of_n": round(mcts["accuracy"] - bon["accuracy"], 3),
                      # problem by problem: the discordant counts, standard error, sign test
-                     "paired": paired(correct_by_problem(mcts_json),
-                                      correct_by_problem(out / f"p{i}_best_of_{n}.json"),
+                     "paired": paired(correct_by_problem(mcts_json), correct_by_problem(bon_json),
                                       ("mcts", "best_of_n"))})
     return rows
+
+
+def arm_grades(out: Path, i: int, n: int, budget: int) -> tuple[Path, Path]:
+    """Where the evaluation arm keeps policy i's MCTS and best-of-n grades."""
+    return out / f"p{i}_mcts_budget{budget}.json", out / f"p{i}_best_of_{n}.json"
+
+
+def pooled(arms: list[dict]) -> dict:
+    """Several evaluation arms of one run's policies on disjoint held-out sets (e.g. the test
+    split of two task seeds) as one: per policy, MCTS against best-of-N problem by problem over
+    every set's problems, read from the grades each arm cached beside its run."""
+    by_policy: dict[int, list] = {}
+    for arm in arms:
+        out = Path(arm["runs"]["mcts"]) / f"{arm['split']}_evals"
+        for row in arm["evaluation"]:
+            grades = arm_grades(out, row["policy"], row["best_of_n_majority"]["n"],
+                                row["mcts"]["token_budget"])
+            by_policy.setdefault(row["policy"], []).append(tuple(map(correct_by_problem, grades)))
+    rows = []
+    for i, sets in sorted(by_policy.items()):
+        mcts = {k: v for found, _ in sets for k, v in found.items()}
+        bon = {k: v for _, found in sets for k, v in found.items()}
+        if len(mcts) != sum(len(found) for found, _ in sets):
+            raise SystemExit(f"--pool: policy {i}'s held-out sets share problems")
+        rows.append({"policy": i, "sets": len(sets),
+                     "mcts_accuracy": round(sum(mcts.values()) / len(mcts), 4),
+                     "best_of_n_accuracy": round(sum(bon.values()) / len(bon), 4),
+                     "paired": paired(mcts, bon, ("mcts", "best_of_n"))})
+    return {"benchmark": "matched_budget", "pooled": [str(a["runs"]["mcts"]) for a in arms],
+            "splits": sorted({a["split"] for a in arms}), "evaluation": rows}
 
 
 def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out: Path) -> dict:
@@ -356,8 +387,19 @@ def main(argv: list[str] | None = None) -> dict:
                              "only) into --output (default matched_budget_evaluation_SPLIT.json)")
     parser.add_argument("--split", choices=("test", "dev"), default="test",
                         help="with --eval-run: dev grades the arm on dev, for choosing defaults")
+    parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: pool --eval-run outputs graded on disjoint held-out "
+                             "sets (say the test split of task.seed 0 and 1) into --output, "
+                             "MCTS against best-of-N per policy over all their problems")
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every run")
     args = parser.parse_args(argv)
+    if args.pool:
+        if args.output == RESULTS / "matched_budget.json":
+            parser.error("--pool needs --output: the proof's own JSON is not the pooled arm's")
+        result = pooled([json.loads(path.read_text()) for path in args.pool])
+        write_json(args.output, result)
+        print(f"wrote {args.output}")
+        return result
     if args.split != "test" and args.eval_run is None:
         parser.error("--split dev needs --eval-run: the proof's numbers are on test")
     if args.eval_run is not None:

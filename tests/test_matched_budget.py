@@ -73,6 +73,24 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
         bench.main(["--smoke", "--split", "dev", *overrides])
     assert exit_info.value.code == 2
 
+    # --pool: the test and dev arms are disjoint problem sets, pooled problem by problem
+    arms = []
+    for name, arm in (("test", result), ("dev", dev)):
+        arms.append(tmp_path / f"{name}.json")
+        arms[-1].write_text(json.dumps(arm))
+    pooled = bench.main(["--pool", *map(str, arms), "--output", str(tmp_path / "pooled.json")])
+    (row,) = pooled["evaluation"]
+    assert row["policy"] == 0 and row["sets"] == 2 and row["paired"]["problems"] == 4
+    for key in ("mcts_only", "best_of_n_only"):
+        assert row["paired"][key] == result["evaluation"][0]["paired"][key] + dev["evaluation"][0]["paired"][key]
+    assert row["mcts_accuracy"] == (result["evaluation"][0]["mcts"]["accuracy"]
+                                    + dev["evaluation"][0]["mcts"]["accuracy"]) / 2
+    with pytest.raises(SystemExit, match="share problems"):  # one set twice is not two sets
+        bench.main(["--pool", str(arms[0]), str(arms[0]), "--output", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit) as exit_info:  # never over the proof's own JSON
+        bench.main(["--pool", str(arms[0])])
+    assert exit_info.value.code == 2
+
 
 def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_path):
     overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
