@@ -396,7 +396,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pool:
         if args.output == RESULTS / "matched_budget.json":
             parser.error("--pool needs --output: the proof's own JSON is not the pooled arm's")
-        result = pooled([json.loads(path.read_text()) for path in args.pool])
+        try:
+            result = pooled([json.loads(path.read_text()) for path in args.pool])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a file that is not an arm
+            parser.error(f"--pool: {e.__class__.__name__}: {e} (expected --eval-run outputs whose "
+                         "runs still hold their grades)")
         write_json(args.output, result)
         print(f"wrote {args.output}")
         return result

@@ -90,6 +90,10 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     with pytest.raises(SystemExit) as exit_info:  # never over the proof's own JSON
         bench.main(["--pool", str(arms[0])])
     assert exit_info.value.code == 2
+    for bad in (tmp_path / "missing.json", tmp_path / "pooled.json"):  # no file; not an arm
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--pool", str(bad), "--output", str(tmp_path / "x.json")])
+        assert exit_info.value.code == 2
 
 
 def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_path):
