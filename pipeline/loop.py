@@ -32,6 +32,7 @@ from pipeline.stages import critics, data, grpo, search, train
 from pipeline.stages import eval as evaluation
 from pipeline.stages.base import Loop
 from pipeline.tasks import make_task
+from pipeline.tasks.base import problems_digest
 
 STAGE_RUNNERS: dict[str, Callable[[Loop, int], dict]] = {
     "search": search.run, "critics": critics.run, "data": data.run, "train": train.run,
@@ -80,7 +81,8 @@ def run_loop(cfg: QstarConfig, run_dir: str | Path) -> RunStore:
     store = RunStore(run_dir)
     with store.lock():
         loop = open_loop(cfg, store)  # refuses bad task/model input before the manifest exists
-        store.set_info(iterations=cfg.iterations, config=to_dict(cfg))
+        problems = same_problems(store, loop)
+        store.set_info(iterations=cfg.iterations, config=to_dict(cfg), problems=problems)
         try:
             run_iterations(loop)
         finally:
@@ -88,6 +90,23 @@ def run_loop(cfg: QstarConfig, run_dir: str | Path) -> RunStore:
     print(iteration_table(store))
     print(f"run directory: {store.root}   plots: {store.root / 'plots'}")
     return store
+
+
+def same_problems(store: RunStore, loop: Loop) -> dict[str, str]:
+    """The digests of the loop's train and eval problems, checked against those the run
+    recorded when it started (a run from before digests were recorded is taken as it is): a
+    task whose data file, generator or reasoning-gym version changed since makes other
+    problems under the same ids, and a resumed run must not mix them."""
+    found = {"train": problems_digest(loop.train_problems),
+             loop.cfg.eval.split.value: problems_digest(loop.eval_problems)}
+    recorded = store.manifest.get("problems") or {}
+    for split, digest in found.items():
+        if recorded.get(split, digest) != digest:
+            t = loop.cfg.task
+            raise QstarError(f"{store.root}: the task's {split} problems are not the ones this "
+                             f"run started with (task {t.kind.value}, name {t.name}, seed "
+                             f"{t.seed}): its data or generator changed since; start a new run")
+    return found
 
 
 def resume_run(run_dir: str, overrides: list[str]) -> RunStore:

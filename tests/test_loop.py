@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import loop as loop_module
-from pipeline.compose import compose_config
+from pipeline.compose import compose_config, load_run_config
 from pipeline.errors import ConfigError, QstarError
 from pipeline.loop import resume_run, run_loop
 from pipeline.run.store import STAGES, RunStore
 from pipeline.tasks import make_task
+from pipeline.tasks.base import problems_digest
 
 QSTAR = str(Path(sys.executable).parent / "qstar")
 
@@ -143,6 +144,34 @@ def test_resume_extends_iterations_and_refuses_other_changes(reference_run, tmp_
         os.path.relpath(run / policy_2, run / "iter_001/refit") if store.in_run(policy_2) else policy_2)
     assert store.done(1, "eval") and store.manifest["iterations"] == 2
     assert (run / "iter_001/search/shard_0000.jsonl").exists()
+
+
+def test_resume_refuses_problems_the_run_did_not_start_with(reference_run, tmp_path,
+                                                              monkeypatch):
+    """A task whose generator (or data file) changed makes other problems under the same ids:
+    resuming on them is one line, and the run is left as it was."""
+    import shutil
+
+    import pipeline.tasks.reasoning_gym as reasoning_gym
+
+    reference, _ = reference_run
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    task = make_task(load_run_config(run, []).task)
+    assert manifest["problems"] == {"train": problems_digest(task.split("train")),
+                                    "dev": problems_digest(task.split("dev"))}
+    before = (run / "manifest.json").read_bytes()
+    monkeypatch.setattr(reasoning_gym, "generation_seed", lambda seed: 12345)  # a new generator
+    with pytest.raises(QstarError, match=r"train problems are not the ones this run started with"):
+        resume_run(str(run), ["iterations=2"])
+    assert (run / "manifest.json").read_bytes() == before and not (run / "iter_001").exists()
+    monkeypatch.undo()
+    # a run from before digests were recorded resumes, and records them
+    del manifest["problems"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    resume_run(str(run), [])
+    assert RunStore(run).manifest["problems"] == json.loads(before)["problems"]
 
 
 def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):

@@ -9,6 +9,8 @@ The test split is laid out first, so it stays the same when only num_train or nu
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from pipeline.config import TaskConfig
@@ -70,6 +72,13 @@ class Task:
         """A whole completion's reward in [0, 1], 1.0 = correct: the verifier's value of a
         terminal node and GRPO's reward. A custom task may give partial credit."""
         return 1.0 if self.is_correct(problem, completion) else 0.0
+
+
+def problems_digest(problems: list[Problem]) -> str:
+    """A short hash of a split's problems (ids, questions, gold answers, in order): a run records
+    it, so that resuming it on problems its task no longer makes is refused, not mixed in."""
+    text = json.dumps([[p.id, p.question, p.answer] for p in problems], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _one_line(e: Exception) -> str:
