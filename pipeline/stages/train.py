@@ -65,6 +65,7 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from pipeline.config import (
@@ -298,12 +299,11 @@ def pair_metrics_after(model, trainer, beta: float) -> dict:
     chosen, rejected = logps[0::2], logps[1::2]
     reward_c = [beta * (c - ref) for c, (ref, _) in zip(chosen, refs)]
     reward_r = [beta * (r - ref) for r, (_, ref) in zip(rejected, refs)]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     found = {"rewards/chosen": reward_c, "rewards/rejected": reward_r,
              "rewards/margins": [c - r for c, r in zip(reward_c, reward_r)],
              "rewards/accuracies": [float(c > r) for c, r in zip(reward_c, reward_r)],
              "logps/chosen": chosen, "logps/rejected": rejected}
-    out = {f"dpo/after/{key}": mean(found[key]) for key in AFTER_KEYS}
+    out = {f"dpo/after/{key}": fmean(found[key]) for key in AFTER_KEYS}
     out["dpo/logps/chosen_change"] = out["dpo/after/rewards/chosen"] / beta
     return out
 
