@@ -230,7 +230,7 @@ def pooled(arms: list[dict]) -> dict:
         mcts = {k: v for found, _ in sets for k, v in found.items()}
         bon = {k: v for _, found in sets for k, v in found.items()}
         if len(mcts) != sum(len(found) for found, _ in sets):
-            raise SystemExit(f"--pool: policy {i}'s held-out sets share problems")
+            raise ValueError(f"policy {i}'s held-out sets share problems")
         rows.append({"policy": i, "sets": len(sets),
                      "mcts_accuracy": round(sum(mcts.values()) / len(mcts), 4),
                      "best_of_n_accuracy": round(sum(bon.values()) / len(bon), 4),
@@ -396,11 +396,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pool:
         if args.output == RESULTS / "matched_budget.json":
             parser.error("--pool needs --output: the proof's own JSON is not the pooled arm's")
+        arms = []
+        for path in args.pool:
+            try:
+                arm = json.loads(path.read_text())
+                arm["runs"]["mcts"], arm["split"], arm["evaluation"]  # noqa: B018 (what pooled reads)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                parser.error(f"--pool {path}: not an --eval-run output ({e.__class__.__name__}: {e})")
+            arms.append(arm)
         try:
-            result = pooled([json.loads(path.read_text()) for path in args.pool])
-        except (OSError, ValueError, KeyError, TypeError) as e:  # a file that is not an arm
-            parser.error(f"--pool: {e.__class__.__name__}: {e} (expected --eval-run outputs whose "
-                         "runs still hold their grades)")
+            result = pooled(arms)
+        except OSError as e:  # FileNotFoundError names the grade
+            parser.error(f"--pool: {e} (the arm's run no longer holds its grades)")
+        except ValueError as e:
+            parser.error(f"--pool: {e}")
         write_json(args.output, result)
         print(f"wrote {args.output}")
         return result

@@ -25,7 +25,8 @@ def bench():
     return load_benchmark("matched_budget")
 
 
-def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_model_dir, tmp_path):
+def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_model_dir, tmp_path,
+                                                               capsys):
     """--eval-run: no loop runs; a run not on disk has the base policy only, graded on test."""
     overrides = [f"model={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
     run, output = tmp_path / "run", tmp_path / "out" / "evaluation.json"
@@ -85,15 +86,24 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
         assert row["paired"][key] == result["evaluation"][0]["paired"][key] + dev["evaluation"][0]["paired"][key]
     assert row["mcts_accuracy"] == (result["evaluation"][0]["mcts"]["accuracy"]
                                     + dev["evaluation"][0]["mcts"]["accuracy"]) / 2
-    with pytest.raises(SystemExit, match="share problems"):  # one set twice is not two sets
-        bench.main(["--pool", str(arms[0]), str(arms[0]), "--output", str(tmp_path / "x.json")])
-    with pytest.raises(SystemExit) as exit_info:  # never over the proof's own JSON
-        bench.main(["--pool", str(arms[0])])
-    assert exit_info.value.code == 2
-    for bad in (tmp_path / "missing.json", tmp_path / "pooled.json"):  # no file; not an arm
+    def refused(argv: list[str]) -> str:  # one line from argparse, exit code 2
+        capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            bench.main(["--pool", str(bad), "--output", str(tmp_path / "x.json")])
+            bench.main(argv)
         assert exit_info.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+        return line
+
+    out = ["--output", str(tmp_path / "x.json")]
+    # one set twice is not two sets
+    assert "policy 0's held-out sets share problems" in refused(["--pool", *map(str, [arms[0]] * 2), *out])
+    assert "--pool needs --output" in refused(["--pool", str(arms[0])])  # never the proof's JSON
+    for bad in (tmp_path / "missing.json", tmp_path / "pooled.json"):  # no file; not an arm
+        assert f"--pool {bad}: not an --eval-run output" in refused(["--pool", str(bad), *out])
+    (graded,) = (run / "test_evals").glob("p0_best_of_*.json")
+    graded.rename(graded.with_name("moved.json"))  # the run lost a grade the arm names
+    assert "no longer holds its grades" in refused(["--pool", str(arms[0]), *out])
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_path):
