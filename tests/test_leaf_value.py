@@ -5,6 +5,8 @@ critic: the policy's confidence, exp(mean token log-prob), terminal and non-term
 and the verifier on steps + rollout on training problems only."""
 
 import math
+from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +116,22 @@ def test_eval_search_terminals_get_their_confidence(cfg, tiny_model):
         assert tree.terminal[node]
         expected = math.exp(tree.logprob[node] / tree.num_tokens[node])
         assert tree.total[node] == pytest.approx(expected)
+
+
+def test_readme_leaf_value_table_names_every_part_with_its_default_weights():
+    """The README's table is the leaf value's documentation: one row per CriticWeights field,
+    whose "before critics" and "with critics" columns are the two defaults ("absent" = 0)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Leaf value", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells
+    cfg = compose_config([])
+    parts = [f.name for f in fields(CriticWeights)]
+    assert sorted(rows) == sorted(parts)
+    for part in parts:
+        before, trained = (0.0 if c == "absent" else float(c) for c in rows[part][2:4])
+        assert before == getattr(cfg.critics.weights, part), part
+        assert trained == getattr(cfg.critics.trained_weights, part), part
