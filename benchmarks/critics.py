@@ -13,7 +13,8 @@ on the same test samples, and what scoring with trained critics costs the search
 2. Each trained policy draws --n samples per test problem (`qstar eval eval.split=test
    decode=best_of_n` with those critics) and every selection is graded on the same samples:
    majority vote, ORM argmax, ORM-weighted vote and the summed implicit reward (against the
-   policy's DPO reference, recorded in its meta.json). On the same samples, of problems nothing
+   policy's DPO reference, recorded in its meta.json), each also against majority problem by
+   problem (`paired_with_majority`, benchmarks/paired.py). On the same samples, of problems nothing
    trained on, `within_problem_auc` per critic and policy, beside two untrained scores (the
    samples' mean log-prob and their answer's vote share).
 3. search_tok_s_ratio_with_critics: the final policy searches the training problems three
@@ -41,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from paired import against_rule  # noqa: E402
 
 from pipeline.compose import load_run_config  # noqa: E402
 from pipeline.config import Selection  # noqa: E402
@@ -106,11 +109,14 @@ def selection(store: RunStore, cfg, iterations: int, n: int, out: Path) -> list[
                 decode=replace(cfg.decode, strategy=DecodeStrategy.best_of_n, n=n),
                 eval=replace(cfg.eval, split=Split.test, output=str(output),
                              critics=str(critics) if critics else None)))
-        best = json.loads(output.read_text())["summary"]
+        graded = json.loads(output.read_text())
+        best = graded["summary"]
         by_select = best.get("accuracy_by_select", {})
         rows.append({"policy": i, "n": n, "problems": best["total"], "split": best["split"],
                      "critics": str(critics) if critics else None, "pass_at_n": best.get("pass_at_n"),
-                     **{name: by_select.get(name) for name in SELECTIONS}})
+                     **{name: by_select.get(name) for name in SELECTIONS},
+                     "paired_with_majority": against_rule(graded["rows"], "select",
+                                                          Selection.majority.value)})
     return rows
 
 

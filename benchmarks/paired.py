@@ -46,3 +46,15 @@ def paired(a: dict[str, bool], b: dict[str, bool], names: tuple[str, str]) -> di
             "difference": round(mean, 4), "standard_error": round(se, 4),
             "ci95": [round(mean - Z95 * se, 4), round(mean + Z95 * se, 4)],
             "sign_test_p": round(sign_test_p(a_only, b_only), 4)}
+
+
+def against_rule(rows: list[dict], key: str, base: str) -> dict[str, dict]:
+    """Every other rule read off the same samples or trees (a `qstar eval` JSON's rows, each
+    with `correct_by_<key>`, e.g. key "select") compared with rule `base`, problem by problem.
+    Empty for rows graded before rows carried their rules."""
+    if not rows or f"correct_by_{key}" not in rows[0]:
+        return {}
+    grades = {rule: {row["id"]: bool(row[f"correct_by_{key}"][rule]) for row in rows}
+              for rule in rows[0][f"correct_by_{key}"]}
+    return {rule: paired(grades[rule], grades[base], (rule, base))
+            for rule in grades if rule != base}

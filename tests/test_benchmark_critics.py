@@ -34,6 +34,12 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     assert row["majority"] is not None and row["orm"] is not None and row["orm_vote"] is not None
     graded = json.loads((runs / "bench_test_evals" / "p1_best_of_2_test.json").read_text())
     assert graded["summary"]["accuracy_by_select"]["orm"] == row["orm"]
+    # every other selection against majority, problem by problem, from the same rows
+    versus = row["paired_with_majority"]
+    assert set(versus) == set(graded["summary"]["accuracy_by_select"]) - {"majority"}
+    for rule, comparison in versus.items():
+        assert comparison["problems"] == 4
+        assert comparison["difference"] == pytest.approx(row[rule] - row["majority"], abs=1e-4)
     assert on_test["vote_share"] == [vote_share_auc(graded["rows"], runs)]
     search = result["search"]
     with_, backbone, without = (search["with_critics"], search["with_critics_backbone"],

@@ -152,6 +152,14 @@ def test_grade_scores_every_selection_of_the_same_samples():
     assert result.extra["pass_at_n"] == 0.5  # a has a correct candidate, b has none
     assert result.accuracy == 0.5
     assert result.extra["accuracy_by_select"] == {"orm_vote": 0.5, "majority": 1.0, "orm": 0.0}
+    # each row says which rules got it right, so two rules compare problem by problem
+    assert [r["correct_by_select"] for r in result.rows] == [
+        {"orm_vote": True, "majority": True, "orm": False},
+        {"orm_vote": False, "majority": True, "orm": False}]
+    for rule, accuracy in result.extra["accuracy_by_select"].items():
+        assert sum(r["correct_by_select"][rule] for r in result.rows) / 2 == accuracy
+    assert [r["correct"] for r in result.rows] == [r["correct_by_select"]["orm_vote"]
+                                                   for r in result.rows]
     assert "majority" in pipeline.stages.eval.format_table([result])
     assert "pass@n" in pipeline.stages.eval.format_table([result])
 

@@ -47,3 +47,17 @@ def test_paired_refuses_different_problems_and_reads_eval_rows(paired, tmp_path)
     path.write_text(json.dumps({"summary": {}, "rows": [{"id": "a", "correct": True},
                                                         {"id": "b", "correct": False}]}))
     assert paired.correct_by_problem(path) == {"a": True, "b": False}
+
+
+def test_against_rule_compares_each_rule_of_the_rows_with_one(paired):
+    rows = [{"id": "a", "correct_by_select": {"majority": True, "orm": False, "implicit": True}},
+            {"id": "b", "correct_by_select": {"majority": False, "orm": True, "implicit": False}},
+            {"id": "c", "correct_by_select": {"majority": False, "orm": True, "implicit": False}}]
+    out = paired.against_rule(rows, "select", "majority")
+    assert set(out) == {"orm", "implicit"}
+    assert (out["orm"]["orm_only"], out["orm"]["majority_only"]) == (2, 1)
+    assert out["orm"]["difference"] == round(1 / 3, 4)
+    assert (out["implicit"]["implicit_only"], out["implicit"]["difference"]) == (0, 0.0)
+    # rows graded before they carried their rules: nothing to compare
+    assert paired.against_rule([{"id": "a", "correct": True}], "select", "majority") == {}
+    assert paired.against_rule([], "select", "majority") == {}

@@ -471,3 +471,5 @@ def test_decode_mcts_grades_every_best_path_rule_on_the_same_trees(monkeypatch, 
     assert result.extra["accuracy_by_best_path"] == {"visits": 0.0, "q": 1.0, "vote": 1.0,
                                                      "majority": 1.0}
     assert result.accuracy == result.extra["accuracy_by_best_path"][rule]
+    assert result.rows[0]["correct_by_best_path"] == {"visits": False, "q": True, "vote": True,
+                                                      "majority": True}

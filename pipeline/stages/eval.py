@@ -63,10 +63,15 @@ def grade(task: Task, problems: Sequence[Problem], decoded: Decoded, strategy: s
     correct = sum(r["correct"] for r in rows)
     extra = dict(decoded.extra)
     if key := decoded.alternatives_of:  # every rule read off the same samples or trees
-        by_rule = extra[f"accuracy_by_{key}"] = {decoded.extra[key]: correct / max(len(rows), 1)}
+        chosen = decoded.extra[key]
+        by_rule = extra[f"accuracy_by_{key}"] = {chosen: correct / max(len(rows), 1)}
+        for row in rows:  # per problem too, so two rules compare problem by problem
+            row[f"correct_by_{key}"] = {chosen: row["correct"]}
         for name, completions in decoded.alternatives.items():
-            hits = sum(task.is_correct(p, c) for p, c in zip(problems, completions))
-            by_rule[name] = hits / max(len(rows), 1)
+            hits = [task.is_correct(p, c) for p, c in zip(problems, completions)]
+            by_rule[name] = sum(hits) / max(len(rows), 1)
+            for row, hit in zip(rows, hits):
+                row[f"correct_by_{key}"][name] = hit
     if rows and "candidates" in rows[0]:  # best-of-N
         # pass@n: a problem counts when any of its n candidates is correct (an upper bound on
         # every selection rule)
