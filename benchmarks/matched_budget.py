@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from paired import correct_by_problem, paired  # noqa: E402
+from paired import correct_by_problem, paired, rule_grades  # noqa: E402
 
 from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
 from pipeline.config import to_dict  # noqa: E402
@@ -205,8 +205,17 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
                      "mcts_minus_best_of_n": round(mcts["accuracy"] - bon["accuracy"], 3),
                      # problem by problem: the discordant counts, standard error, sign test
                      "paired": paired(correct_by_problem(mcts_json), correct_by_problem(bon_json),
-                                      ("mcts", "best_of_n"))})
+                                      ("mcts", "best_of_n")),
+                     "paired_by_best_path": rules_against(mcts_json, bon_json)})
     return rows
+
+
+def rules_against(mcts_json: Path, bon_json: Path) -> dict[str, dict]:
+    """Each best_path rule read off the same trees against best-of-N, problem by problem
+    ({}: the trees were graded before rows recorded their rules)."""
+    rows = json.loads(mcts_json.read_text())["rows"]
+    return {rule: paired(grades, correct_by_problem(bon_json), (rule, "best_of_n"))
+            for rule, grades in rule_grades(rows, "best_path").items()}
 
 
 def arm_grades(out: Path, i: int, n: int, budget: int) -> tuple[Path, Path]:

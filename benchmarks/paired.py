@@ -48,13 +48,19 @@ def paired(a: dict[str, bool], b: dict[str, bool], names: tuple[str, str]) -> di
             "sign_test_p": round(sign_test_p(a_only, b_only), 4)}
 
 
-def against_rule(rows: list[dict], key: str, base: str) -> dict[str, dict]:
-    """Every other rule read off the same samples or trees (a `qstar eval` JSON's rows, each
-    with `correct_by_<key>`, e.g. key "select") compared with rule `base`, problem by problem.
-    Empty for rows graded before rows carried their rules."""
+def rule_grades(rows: list[dict], key: str) -> dict[str, dict[str, bool]]:
+    """Per rule read off the same samples or trees (a `qstar eval` JSON's rows, each with
+    `correct_by_<key>`, e.g. key "select" or "best_path"): problem id -> graded right. Empty
+    for rows graded before rows carried their rules."""
     if not rows or f"correct_by_{key}" not in rows[0]:
         return {}
-    grades = {rule: {row["id"]: bool(row[f"correct_by_{key}"][rule]) for row in rows}
-              for rule in rows[0][f"correct_by_{key}"]}
+    return {rule: {row["id"]: bool(row[f"correct_by_{key}"][rule]) for row in rows}
+            for rule in rows[0][f"correct_by_{key}"]}
+
+
+def against_rule(rows: list[dict], key: str, base: str) -> dict[str, dict]:
+    """Every other rule of the rows (see rule_grades) compared with rule `base`, problem by
+    problem; empty for rows graded before rows carried their rules."""
+    grades = rule_grades(rows, key)
     return {rule: paired(grades[rule], grades[base], (rule, base))
             for rule in grades if rule != base}

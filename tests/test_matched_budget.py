@@ -152,6 +152,16 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
             rows["mcts"][k] and not rows["bon"][k] for k in test_ids)
         assert pair["best_of_n_only"] == sum(rows["bon"][k] and not rows["mcts"][k] for k in test_ids)
         assert pair["difference"] == pytest.approx(row["mcts_minus_best_of_n"], abs=1e-3)
+        # every best_path rule of the same trees against majority: the chosen rule's comparison
+        # is `paired`, and each difference is that rule's accuracy minus majority's
+        by_rule = row["paired_by_best_path"]
+        assert set(by_rule) == set(by_path)
+        assert by_rule[bench.compose_config(bench.SMOKE).search.best_path.value] == {
+            **{k: v for k, v in pair.items() if k != "mcts_only"},
+            f"{bench.compose_config(bench.SMOKE).search.best_path.value}_only": pair["mcts_only"]}
+        for rule, comparison in by_rule.items():
+            assert comparison["difference"] == pytest.approx(
+                by_path[rule] - row["best_of_n_majority"]["accuracy"], abs=1e-3)
     loop = result["loop"]
     assert len(loop["mcts"]["test_greedy"]) == len(loop["star"]["test_greedy"]) == 2
     assert len(loop["grpo"]["test_greedy"]) == 2
