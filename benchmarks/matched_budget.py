@@ -213,8 +213,8 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
 def rules_against(mcts_json: Path, bon_json: Path) -> dict[str, dict]:
     """Each best_path rule read off the same trees against best-of-N, problem by problem
     ({}: the trees were graded before rows recorded their rules)."""
-    rows = json.loads(mcts_json.read_text())["rows"]
-    return {rule: paired(grades, correct_by_problem(bon_json), (rule, "best_of_n"))
+    rows, bon = json.loads(mcts_json.read_text())["rows"], correct_by_problem(bon_json)
+    return {rule: paired(grades, bon, (rule, "best_of_n"))
             for rule, grades in rule_grades(rows, "best_path").items()}
 
 
