@@ -49,8 +49,9 @@ def implicit_score(reward: float) -> float:
 
 @dataclass
 class ImplicitCritic:
-    """A DPO policy's implicit reward as a critic. `reference` is the model DPO trained the policy
-    against (the pipeline reads it from the policy's meta.json); both share `tokenizer`."""
+    """A DPO policy's implicit reward as a critic. `policy` is the model DPO trained and
+    `reference` the model it trained against (the pipeline reads both from the policy's
+    meta.json); all share `tokenizer`."""
 
     policy: object
     reference: object
@@ -59,13 +60,21 @@ class ImplicitCritic:
     logprob_fn: LogprobFn  # teacher-forced log-probs of completion texts
     token_logprob_fn: TokenLogprobFn  # teacher-forced log-probs of given token ids
     batch_size: int = 16
+    # whether `policy` is also the model that generates the tokens of_tokens scores, so the
+    # generation pass's log-probs are its own; False when a later training phase (SFT after
+    # DPO) made the generating model: then `policy` is teacher-forced over the tokens too
+    generates: bool = True
 
     def of_tokens(self, prompts: Sequence[str], token_ids: Sequence[Sequence[int]],
                   policy_logprobs: Sequence[Sequence[float]]) -> list[float]:
-        """Summed reward of tokens the policy generated after each prompt: log pi from the
-        generation pass, log pi_ref from one batched teacher-forced forward of the reference."""
+        """Summed reward of tokens the generating model produced after each prompt: log pi_ref
+        from one batched teacher-forced forward of the reference; log pi from the generation
+        pass (`policy_logprobs`) when `policy` generated them, else from a forward of `policy`."""
         ref = self.token_logprob_fn(self.reference, self.tokenizer, prompts, token_ids,
                                     self.batch_size)
+        if not self.generates:
+            policy_logprobs = self.token_logprob_fn(self.policy, self.tokenizer, prompts,
+                                                    token_ids, self.batch_size)
         return [self.beta * (sum(pol) - sum(r)) for pol, r in zip(policy_logprobs, ref, strict=True)]
 
     def of_texts(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:

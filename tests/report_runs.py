@@ -83,6 +83,11 @@ def make_run(root: Path, trees: int = 4, nodes: int = 12, iterations: int = 1,
              model_name: str = "/nonexistent/base") -> RunStore:
     """A run with `trees` problems of `nodes` nodes each. `done_stages`: how many of the
     iteration-0 stages (baseline, search, critics, ...) the manifest lists (default: all)."""
+    if Path(policy_dir).is_dir() and not (Path(policy_dir) / "meta.json").is_file():
+        # as the train stage records it: one DPO phase against policy_0 (the base model)
+        (Path(policy_dir) / "meta.json").write_text(json.dumps(
+            {"config": {"beta": 0.1}, "metrics": {"phases": ["dpo"]}, "source_policy": model_name,
+             "reference": model_name}))
     store = RunStore(root)
     store.set_info(iterations=iterations, config={
         "model": {"name": model_name, "dtype": "float32", "device": "cpu", "cache_dir": str(root)},

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from test_train_stage import config, dpo_rows, write_rows
+from test_train_stage import config, dpo_rows, sft_rows, write_rows
 from tiny import build_tiny_model
 
 from critics import KINDS
@@ -13,7 +13,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import QstarError
 from pipeline.run.atomic import write_json
 from pipeline.stages.critics import load_critic_set, train_critics
-from pipeline.stages.reference import dpo_reference, load_implicit
+from pipeline.stages.reference import dpo_reference, implicit_policy, load_implicit
 from pipeline.stages.train import train_policy
 
 
@@ -63,6 +63,42 @@ def test_train_reference_base_trains_against_the_base_and_records_it(tiny_model_
     with pytest.raises(QstarError, match="train.reference=previous: cannot load the reference"):
         train_policy(str(tiny_model_dir), data, config(epochs=1), tmp_path / "bad",
                      reference_dir=str(tmp_path / "missing"))
+
+
+def test_after_sft_the_implicit_reward_is_the_dpo_phases(tiny_model_dir, tmp_path):
+    """dpo_then_sft: the log-ratio is DPO's model against the reference, teacher-forced, not the
+    SFT-trained policy's; a kept model that went missing is one line; DPO alone: the policy."""
+    from pipeline.config import TrainMode
+    from pipeline.lm.models import load_model
+    from pipeline.lm.teacher_forced import completion_logprobs
+
+    data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
+    both = train_policy(str(tiny_model_dir), data, config(mode=TrainMode.dpo_then_sft, epochs=2),
+                        tmp_path / "both")["policy_dir"]
+    alone = train_policy(str(tiny_model_dir), data, config(epochs=2), tmp_path / "alone")["policy_dir"]
+    assert implicit_policy(alone) is None and implicit_policy(str(tiny_model_dir)) is None
+    assert implicit_policy(both) == str(tmp_path / "both" / "policy" / "dpo_phase")
+    model, tokenizer = load_model(ModelConfig(name=both))
+    critic = load_implicit(both, model, tokenizer, ModelConfig(), 4)
+    assert not critic.generates and critic.policy is not model
+    prompts, texts = ["Q: 2 + 3?\n", "Q: 6 + 2?\n"], ["Answer: 5\n", "Answer: 9\n"]
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    by_hand = [completion_logprobs(load_model(ModelConfig(name=d))[0], tokenizer, prompts, texts)
+               for d in (alone, both, str(tiny_model_dir))]  # DPO alone == the kept DPO phase
+    expected = [0.5 * (sum(a) - sum(r)) for a, r in zip(by_hand[0], by_hand[2])]
+    sft_too = [0.5 * (sum(p) - sum(r)) for p, r in zip(by_hand[1], by_hand[2])]
+    # the generation pass's log-probs are the SFT-trained policy's: not the reward's pi
+    got = critic.of_tokens(prompts, ids, [[0.0] * len(i) for i in ids])
+    assert got == pytest.approx(expected, abs=1e-4) and critic.of_texts(prompts, texts) == \
+        pytest.approx(expected, abs=1e-4)
+    assert got != pytest.approx(sft_too, abs=1e-4)
+    plain = load_implicit(alone, model, tokenizer, ModelConfig(), 4)
+    assert plain.generates and plain.policy is model
+    import shutil
+    shutil.rmtree(tmp_path / "both" / "policy" / "dpo_phase")
+    with pytest.raises(QstarError) as exc:
+        load_implicit(both, model, tokenizer, ModelConfig(), 4)
+    assert "\n" not in str(exc.value) and "implicit_policy='dpo_phase'" in str(exc.value)
 
 
 def test_critics_report_within_problem_auc_for_every_critic(tiny_model, tiny_model_dir, tmp_path):

@@ -215,6 +215,21 @@ def test_sft_and_dpo_then_sft(tiny_model_dir, tmp_path):
     meta = json.loads((tmp_path / "both" / "policy" / "meta.json").read_text())
     assert meta["rows"] == {"dpo": 5, "sft": 4} and meta["metrics"]["mode"] == "dpo_then_sft"
 
+    # the DPO phase's own model is kept inside the policy (the implicit reward's pi), saved
+    # again by the resumed run: the weights DPO alone reaches, not the SFT-trained policy's
+    assert meta["implicit_policy"] == "dpo_phase" and not (tmp_path / "both" / "dpo_phase").exists()
+    kept = tmp_path / "both" / "policy" / "dpo_phase"
+    dpo_only = train_policy(str(tiny_model_dir), data, config(epochs=2), tmp_path / "dpo_only")
+    assert dpo_only["phases"] == ["dpo"] and "implicit_policy" not in json.loads(
+        (tmp_path / "dpo_only" / "policy" / "meta.json").read_text())
+    phase, alone, final = weights(kept), weights(tmp_path / "dpo_only" / "policy"), weights(
+        tmp_path / "both" / "policy")
+    assert all(torch.allclose(phase[k], alone[k], atol=1e-5) for k in phase)
+    assert any(not torch.allclose(phase[k], final[k], atol=1e-5) for k in phase)
+    # as loaded, not as training left it (activation checkpointing switches the cache off)
+    assert json.loads((kept / "config.json").read_text()).get("use_cache", True) is True
+    assert (kept / "tokenizer_config.json").is_file()
+
 
 def test_no_rows_skips_and_keeps_the_old_policy(tiny_model_dir, tmp_path):
     data = write_rows(tmp_path / "data", dpo=[], sft=sft_rows())

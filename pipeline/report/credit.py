@@ -11,7 +11,10 @@
   a minute per 50 nodes with SmolLM2-135M on a busy 2-core CPU: a GPU job for 64 x 100 nodes).
   Cached in iter_NNN/credit.json, so a second report reads it instead of loading the models.
 
-Both need the trained policy_{N+1} and its reference policy_N on disk.
+Both need the trained policy_{N+1} and its DPO reference on disk (policy_N, or policy_0 with
+`train.reference=base`, as its meta.json records). The log-ratio is DPO's own model's: with
+`train.mode=dpo_then_sft` the DPO phase's model kept inside policy_{N+1} (the implicit reward's
+policy, pipeline.stages.reference), not the SFT-trained policy.
 """
 
 from __future__ import annotations
@@ -27,24 +30,32 @@ from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.run.atomic import write_json, write_text
 from pipeline.run.store import RunStore
+from pipeline.stages.reference import dpo_reference, implicit_policy
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the recorded reference and the DPO phase's model (was policy_{N+1}, policy_N)
 SCOPES = ("best", "all")  # which nodes get an implicit reward; "all" covers "best"
 
 
 def trained_pair(store: RunStore, iteration: int) -> tuple[str, str]:
-    """(policy_{N+1}, policy_N) directories; a QstarError saying why when there is no pair."""
+    """(DPO's model, its reference) directories for policy_{N+1}; a QstarError saying why when
+    there is no pair."""
     train = store.metrics(iteration, "train")
     if train is None or train.get("skipped"):
         raise QstarError(f"iteration {iteration} has no trained policy: the credit map compares "
-                         "policy_{N+1} with its reference policy_N")
+                         "policy_{N+1} with its DPO reference")
     policy = store.policy_dir(iteration + 1, "")  # recorded run-relative: resolved here
     if not os.path.isdir(policy):
         raise QstarError(f"iteration {iteration}: its trained policy {policy} is not on disk any more")
-    reference = store.policy_dir(iteration, resolve_model_path(_model_config(store)))
+    found = dpo_reference(policy)
+    if found is None:
+        raise QstarError(f"iteration {iteration}: its policy {policy} was not trained by DPO "
+                         "(no DPO phase in its meta.json): it has no implicit reward")
+    reference = found[0]
+    if not os.path.isdir(reference):  # the base model, recorded by name
+        reference = resolve_model_path(replace_model_name(_model_config(store), reference))
     if not os.path.isdir(reference):
         raise QstarError(f"iteration {iteration}: its reference policy {reference} is not on disk")
-    return policy, reference
+    return implicit_policy(policy) or policy, reference
 
 
 def _model_config(store: RunStore) -> ModelConfig:

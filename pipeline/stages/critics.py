@@ -47,7 +47,7 @@ from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import atomic_dir, write_json
 from pipeline.run.store import load_shards
 from pipeline.stages.base import Loop, resolve_ref
-from pipeline.stages.reference import dpo_reference, implicit_critic
+from pipeline.stages.reference import dpo_reference, implicit_critic, implicit_policy
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
 
@@ -133,10 +133,11 @@ def implicit_metrics(heldout: Sequence[Example], reference: tuple[str, float] | 
     """The policy's implicit reward (summed over each held-out completion) as a critic of it."""
     if reference is None:
         return {"skipped": "the policy was not trained by DPO: no reference"}
-    if Path(backbone).resolve() != Path(policy_dir).resolve():
+    dpo_phase = implicit_policy(policy_dir)
+    if dpo_phase is None and Path(backbone).resolve() != Path(policy_dir).resolve():
         policy, tokenizer = load_model(replace(model_cfg, name=policy_dir))
     critic = implicit_critic(reference, policy, tokenizer, model_cfg, batch_size,
-                             f"{policy_dir}/meta.json")
+                             f"{policy_dir}/meta.json", dpo_phase)
     rewards = critic.of_texts([e.prompt for e in heldout], [e.completion for e in heldout])
     targets = [e.target for e in heldout]
     return {"beta": reference[1], "heldout_examples": len(heldout),

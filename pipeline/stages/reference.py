@@ -5,6 +5,12 @@ beta * (log pi - log pi_ref) is a critic (search leaves, best-of-N selection, cr
 At evaluation time the reference of policy_{i+1} is the one its DPO phase trained against:
 policy_i with `train.reference=previous` (the default), policy_0 with `train.reference=base`.
 The base model, and a policy no DPO phase trained, have no reference and no implicit reward.
+
+The policy pi of the log-ratio is the DPO phase's own model. With `train.mode=dpo_then_sft` the
+policy that generates is DPO's model trained on by SFT, and SFT's change is no DPO reward: the
+train stage keeps the DPO phase's model inside the policy's directory (`dpo_phase/`, recorded as
+meta.json's `implicit_policy`), and the reward teacher-forces it. Policies saved before it was
+kept use the policy itself.
 """
 
 from __future__ import annotations
@@ -18,17 +24,26 @@ from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model
 from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
+from pipeline.run.atomic import atomic_dir
+
+DPO_PHASE = "dpo_phase"  # the DPO phase's model, inside a policy a later phase trained on
+
+
+def _dpo_meta(policy_dir: str) -> dict | None:
+    """The policy's meta.json when a DPO phase trained it, else None."""
+    path = Path(policy_dir) / "meta.json"
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    return meta if "dpo" in meta.get("metrics", {}).get("phases", []) else None
 
 
 def dpo_reference(policy_dir: str) -> tuple[str, float] | None:
     """(reference, beta) of a policy trained by DPO, from its meta.json. None for the base model
     and for a policy no DPO phase trained. Policies saved before `reference` was recorded were
     trained against their source policy (the only choice then)."""
-    path = Path(policy_dir) / "meta.json"
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if "dpo" not in meta.get("metrics", {}).get("phases", []):
+    meta = _dpo_meta(policy_dir)
+    if meta is None:
         return None
     reference = meta.get("reference") or meta["source_policy"]
     beside = Path(policy_dir) / reference  # recorded relative to the policy: the run can move
@@ -37,28 +52,62 @@ def dpo_reference(policy_dir: str) -> tuple[str, float] | None:
     return reference, float(meta["config"]["beta"])
 
 
+def implicit_policy(policy_dir: str) -> str | None:
+    """The directory of the DPO phase's own model when a later phase trained the policy on
+    (meta.json's `implicit_policy`, inside the policy's directory); None when DPO was its last
+    phase, for a policy no DPO phase trained, and for policies saved before it was kept."""
+    meta = _dpo_meta(policy_dir)
+    kept = meta and meta.get("implicit_policy")
+    if not kept:
+        return None
+    path = Path(policy_dir) / kept
+    if not path.is_dir():
+        raise QstarError(f"{Path(policy_dir) / 'meta.json'}: implicit_policy={kept!r} is not a "
+                         f"directory beside it (the DPO phase's model; copy the policy whole)")
+    return str(path)
+
+
 def load_implicit(policy_dir: str, model, tokenizer, model_cfg: ModelConfig,
                   batch_size: int) -> ImplicitCritic | None:
     """The policy's implicit reward as a critic (None without a DPO reference); `model` is the
-    loaded policy, the reference is loaded beside it."""
+    loaded policy, the reference (and the DPO phase's model, if kept) is loaded beside it."""
     found = dpo_reference(policy_dir)
     if found is None:
         return None
     return implicit_critic(found, model, tokenizer, model_cfg, batch_size,
-                           str(Path(policy_dir) / "meta.json"))
+                           str(Path(policy_dir) / "meta.json"), implicit_policy(policy_dir))
 
 
 def implicit_critic(reference: tuple[str, float], model, tokenizer, model_cfg: ModelConfig,
-                    batch_size: int, where: str) -> ImplicitCritic:
-    """The implicit reward of `model` against (reference path, beta); `where` names the
-    reference's source in the one-line error when it cannot be loaded."""
+                    batch_size: int, where: str, dpo_phase: str | None = None) -> ImplicitCritic:
+    """The implicit reward against (reference path, beta): of `model`, or of the DPO phase's
+    model at `dpo_phase` when a later phase made `model` (then `model` only generates); `where`
+    names the reference's source in the one-line error when it cannot be loaded."""
     path, beta = reference
     try:
         ref_model, _ = load_model(replace(model_cfg, name=path))
     except QstarError as exc:
         raise QstarError(f"{where}: reference={path!r} cannot be loaded ({exc})") from None
+    if dpo_phase is not None:
+        model, _ = load_model(replace(model_cfg, name=dpo_phase))
     return ImplicitCritic(model, ref_model, tokenizer, beta, completion_logprobs, token_logprobs,
-                          batch_size)
+                          batch_size, generates=dpo_phase is None)
+
+
+def keep_dpo_phase(path: Path, model, tokenizer, use_cache: bool | None) -> None:
+    """The DPO phase's model as it is when the phase ends (LoRA already merged), with its
+    tokenizer, atomically at `path`; its config's use_cache as loaded (training may have
+    switched it off). The train stage moves it into the policy it saves."""
+    training = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    try:
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        if training is not None:
+            model.config.use_cache = training
 
 
 def training_reference(reference_dir: str, policy_dir: str, cfg: TrainConfig,

@@ -33,7 +33,10 @@ only builds its configs and datasets:
   no more (dpo_then_sft killed during SFT keeps its DPO result).
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
   `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir, rows {dpo, sft},
-  metrics, config (TrainConfig), model (ModelConfig). If `out_dir/policy/meta.json` already exists, training is complete
+  metrics, config (TrainConfig), model (ModelConfig), and implicit_policy when SFT trained on
+  after DPO: the DPO phase's own model, kept in `out_dir/policy/dpo_phase` (saved there when the
+  DPO phase ends, moved in with the policy), whose log-ratio against the reference is the
+  policy's implicit reward (pipeline.stages.reference). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
   keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`
   (and, kept current while the phase runs, `log.jsonl`).
@@ -81,7 +84,7 @@ from pipeline.lm.teacher_forced import tail_logprobs
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
-from pipeline.stages.reference import dpo_reference, training_reference
+from pipeline.stages.reference import DPO_PHASE, dpo_reference, keep_dpo_phase, training_reference
 from pipeline.stages.trl_trainers import (
     dpo_trainer,
     load_policy_for_training,
@@ -200,7 +203,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     start = time.perf_counter()
     phase_args = dict(cfg=cfg, model_cfg=model_cfg, out_dir=out_dir, report_to=report_to,
                       save_steps=save_steps, callbacks=callbacks, progress=progress,
-                      ref_model=ref_model)
+                      ref_model=ref_model, use_cache=use_cache)
     model, trainer, histories = _train_phases(model, tokenizer, rows, phases, metrics,
                                               **phase_args)
     metrics["steps"] = sum(metrics[f"{p}/steps"] for p in phases)
@@ -212,7 +215,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     meta = {"source_policy": policy_dir, "reference": metrics["reference"], "iteration": iteration, "data_dir": str(data_dir),
             "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]}, "metrics": metrics,
             "config": to_dict(cfg), "model": to_dict(model_cfg)}
-    _save_policy(final, model, tokenizer, trainer, cfg.lora, meta)
+    _save_policy(final, model, tokenizer, trainer, cfg.lora, meta, out_dir / DPO_PHASE)
     _keep_logs(out_dir, histories, keep_checkpoints)
     return metrics
 
@@ -244,9 +247,12 @@ def _nothing_to_train(mode: TrainMode, data_dir: Path, max_length: int, metrics:
 
 def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict, *,
                   cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path, report_to: str,
-                  save_steps: int, callbacks: list | None, progress: bool, ref_model=None):
+                  save_steps: int, callbacks: list | None, progress: bool, ref_model=None,
+                  use_cache: bool | None = None):
     """Each phase (DPO, then SFT) continues from the previous one's model; resumes from the
-    newest complete checkpoint. Returns the trained model, the last trainer, the histories."""
+    newest complete checkpoint. A DPO phase that another follows leaves its model in
+    out_dir/dpo_phase (the implicit reward's policy). Returns the trained model, the last
+    trainer, the histories."""
     runners = {"dpo": partial(dpo_trainer, ref_model=ref_model), "sft": sft_trainer}
     histories, trainer = {}, None
     for phase in phases:
@@ -267,6 +273,8 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
             model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
         if phase == "dpo":
             metrics.update(pair_metrics_after(model, trainer, cfg.beta))
+            if phase != phases[-1]:
+                keep_dpo_phase(out_dir / DPO_PHASE, model, tokenizer, use_cache)
     return model, trainer, histories
 
 
@@ -329,8 +337,11 @@ def pair_metrics_of(policy_dir: str, data_dir: Path, cfg: TrainConfig, model_cfg
     return pair_metrics_after(model, trainer, cfg.beta)
 
 
-def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict) -> None:
-    """The next policy, its tokenizer and meta.json, in one atomic rename (the commit point)."""
+def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict,
+                 dpo_phase: Path) -> None:
+    """The next policy, its tokenizer and meta.json, in one atomic rename (the commit point);
+    the DPO phase's model, when kept, moves in and meta names it (a run killed after the move
+    redoes the finished DPO phase from its checkpoint, which keeps it again)."""
     with atomic_dir(final) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         if lora:
@@ -340,6 +351,9 @@ def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict)
             trainer.save_model(str(tmp))  # model + tokenizer (processing_class)
         for leftover in ("training_args.bin", "README.md"):
             (tmp / leftover).unlink(missing_ok=True)
+        if dpo_phase.is_dir():
+            os.replace(dpo_phase, tmp / DPO_PHASE)
+            meta = {**meta, "implicit_policy": DPO_PHASE}
         write_json(tmp / "meta.json", meta)
 
 
