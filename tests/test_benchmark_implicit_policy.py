@@ -1,0 +1,107 @@
+"""benchmarks/implicit_policy.py on the tiny model: --keep trains a run's DPO phase again and
+keeps exactly the model the train stage would have kept; the three log-ratios on a best-of-N
+eval's samples, checked by hand; bad input is one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import load_benchmark
+from test_train_stage import dpo_rows, sft_rows, weights, write_rows
+
+from pipeline.compose import compose_config
+from pipeline.config import to_dict
+from pipeline.lm.models import resolve_model_path
+from pipeline.run.store import RunStore
+from pipeline.stages.train import train_policy
+from pipeline.tasks import make_task
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("implicit_policy")
+
+
+def _run(root, overrides):
+    """A one-iteration run whose train stage trained DPO then SFT on hand-made rows."""
+    cfg = compose_config([*overrides, "train=dpo_then_sft", "train.epochs=2"])
+    store = RunStore(root)
+    store.set_info(iterations=1, config=to_dict(cfg))
+    base = resolve_model_path(cfg.model)
+    data = write_rows(store.stage_dir(0, "data"), dpo=dpo_rows(), sft=sft_rows())
+    metrics = train_policy(base, data, cfg.train, store.stage_dir(0, "train"), model_cfg=cfg.model,
+                           iteration=0, reference_dir=base)
+    store.complete(0, "train", {**metrics, "policy_dir": "iter_000/train/policy"}, 1.0)
+    return store, cfg
+
+
+def _samples(cfg, path):
+    """A best-of-3 eval JSON of dev problems: the right answer and two wrong ones."""
+    task = make_task(cfg.task)
+    rows = []
+    for p in task.split("dev"):
+        candidates = [f"Answer: {int(p.answer) + 1}", f"Answer: {p.answer}", "Answer: x"]
+        rows.append({"id": p.id, "candidates": candidates, "correct": False,
+                     "correct_by_select": {"majority": False}})
+    path.write_text(json.dumps({"summary": {"split": "dev", "select": "majority"}, "rows": rows}))
+    return path
+
+
+def test_keep_restores_the_dpo_phase_and_scores_three_log_ratios(bench, debug_overrides, tmp_path,
+                                                                 capsys):
+    store, cfg = _run(tmp_path / "run", debug_overrides)
+    policy = store.root / "iter_000" / "train" / "policy"
+    shutil.copytree(policy / "dpo_phase", tmp_path / "kept_by_the_run")
+    shutil.rmtree(policy / "dpo_phase")  # as a run trained before the train stage kept it
+    meta = json.loads((policy / "meta.json").read_text())
+    (policy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                  if k != "implicit_policy"}))
+    out = tmp_path / "out" / "implicit_policy.json"
+    eval_json = _samples(cfg, tmp_path / "p1_best_of_3_dev.json")
+    result = bench.main(["--run", str(store.root), "--iterations", "1", "--keep",
+                         "--samples", f"1={eval_json}", "--output", str(out)])
+    [kept] = result["kept"]
+    assert kept["kept"] == str(policy / "dpo_phase") and kept["matched"]
+    again, before = weights(policy / "dpo_phase"), weights(tmp_path / "kept_by_the_run")
+    assert all(torch.allclose(again[k], before[k], atol=1e-5) for k in before)
+    assert json.loads((policy / "meta.json").read_text())["implicit_policy"] == "dpo_phase"
+    assert not (store.root / "iter_000" / "train" / "dpo_phase_again").exists()
+
+    [row] = result["log_ratios"]
+    assert json.loads(out.read_text())["log_ratios"] == [json.loads(json.dumps(row))]
+    assert row["split"] == "dev" and row["samples"] == 3 * row["problems"] and row["majority"] == 0
+    cache = out.parent / ".implicit_policy_logprobs"
+    sums = {name: json.loads((cache / f"p1_p1_best_of_3_dev_{name}.json").read_text())
+            for name in ("reference", "dpo", "policy")}
+    beta = cfg.train.beta  # by hand from the cached summed log-probs
+    by_hand = {"policy": [beta * (p - r) for p, r in zip(sums["policy"], sums["reference"])],
+               "dpo_phase": [beta * (d - r) for d, r in zip(sums["dpo"], sums["reference"])],
+               "sft_phase": [p - d for p, d in zip(sums["policy"], sums["dpo"])]}
+    for name, score in by_hand.items():
+        picks = [max(range(3), key=lambda j: (score[3 * k + j], -j)) == 1  # 1 is the right one
+                 for k in range(row["problems"])]
+        found = row["by_log_ratio"][name]
+        assert found["argmax"] == pytest.approx(sum(picks) / row["problems"]), name
+        assert found["argmax_vs_majority"]["difference"] == pytest.approx(found["argmax"])  # majority got none right
+    assert sums["dpo"] != pytest.approx(sums["policy"], abs=1e-4)  # SFT moved the policy
+    assert set(row["by_log_ratio"]) == set(by_hand)
+    for name in by_hand:
+        auc = row["by_log_ratio"][name]["within_problem_auc"]
+        assert auc is None or 0 <= auc <= 1
+    assert "policy 1 (dev" in capsys.readouterr().out
+
+    # a second --keep finds it kept; a policy without a kept phase cannot be scored
+    assert bench.main(["--run", str(store.root), "--iterations", "1", "--keep"])["kept"] == [
+        {"iteration": 0, "kept": "already"}]
+
+
+def test_bad_input_is_one_line(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--run", str(tmp_path)])
+    assert exc.value.code == 2 and "no manifest.json" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--run", str(tmp_path), "--samples", "0=missing.json"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--samples '0=missing.json': expected I=EVAL_JSON" in err
