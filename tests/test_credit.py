@@ -18,19 +18,28 @@ def _trained(path, reference, **meta):
     return trained
 
 
-def test_credit_map_compares_the_trained_policy_with_its_reference(tiny_model_dir, tmp_path, capsys):
-    trained = _trained(tmp_path / "policy_1", str(tiny_model_dir))
-    store = RunStore(tmp_path / "run")
-    store.set_info(config={"model": {"name": str(tiny_model_dir), "dtype": "float32",
-                                     "device": "cpu", "cache_dir": str(tmp_path / "cache")},
+PROMPT = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _run(root, base, trained) -> RunStore:
+    """A run whose iteration 0 trained `trained` and searched one problem."""
+    store = RunStore(root)
+    store.set_info(config={"model": {"name": str(base), "dtype": "float32", "device": "cpu",
+                                     "cache_dir": str(root.parent / "cache")},
                            "train": {"beta": 0.1}})
     store.complete(0, "train", {"policy_dir": str(trained)}, 1.0)
-    prompt = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
-    row = {"problem_id": "p/1", "question": "What is 2+3?", "prompt": prompt,
+    row = {"problem_id": "p/1", "question": "What is 2+3?", "prompt": PROMPT,
            "tree": {"best_text": "2 + 3 = 5\nAnswer: 5", "nodes": []}}
     search = store.stage_dir(0, "search")
     search.mkdir(parents=True)
     (search / "shard_0000.jsonl").write_text(json.dumps(row) + "\n")
+    return store
+
+
+def test_credit_map_compares_the_trained_policy_with_its_reference(tiny_model_dir, tmp_path, capsys):
+    trained = _trained(tmp_path / "policy_1", str(tiny_model_dir))
+    store = _run(tmp_path / "run", tiny_model_dir, trained)
+    prompt = PROMPT
     assert main(["inspect", str(store.root), "--iter", "0", "--problem", "p/1", "--credit"]) == 0
     page = (store.root / "inspect" / "credit_iter0_p_1.html").read_text()
     assert page.count("<span title=") == len("2 + 3 = 5\nAnswer: 5")  # one span per character token
@@ -44,17 +53,8 @@ def test_credit_map_reads_the_dpo_phase_and_the_recorded_reference(tiny_model_di
     reference = build_tiny_model(tmp_path / "policy_0", seed=4)
     trained = _trained(tmp_path / "policy_1", str(reference), implicit_policy="dpo_phase")
     build_tiny_model(trained / "dpo_phase", seed=2)
-    store = RunStore(tmp_path / "run")
-    store.set_info(config={"model": {"name": str(tiny_model_dir), "dtype": "float32",
-                                     "device": "cpu", "cache_dir": str(tmp_path / "cache")},
-                           "train": {"beta": 0.1}})
-    store.complete(0, "train", {"policy_dir": str(trained)}, 1.0)
-    prompt = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
-    search = store.stage_dir(0, "search")
-    search.mkdir(parents=True)
-    (search / "shard_0000.jsonl").write_text(json.dumps(
-        {"problem_id": "p/1", "question": "q", "prompt": prompt,
-         "tree": {"best_text": "2 + 3 = 5\nAnswer: 5", "nodes": []}}) + "\n")
+    store = _run(tmp_path / "run", tiny_model_dir, trained)
+    prompt = PROMPT
     assert main(["inspect", str(store.root), "--iter", "0", "--problem", "p/1", "--credit"]) == 0
     total = _total((store.root / "inspect" / "credit_iter0_p_1.html").read_text())
     assert total == pytest.approx(_by_hand(trained / "dpo_phase", reference, prompt), abs=2e-4)
