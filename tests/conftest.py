@@ -61,13 +61,28 @@ def debug_overrides(tiny_model_dir, tmp_path) -> list[str]:
 RAY_FIXTURES = {"ray_session", "sim"}  # tests/test_cluster.py's simulated cluster is `sim`
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`), every test that starts or joins Ray runs on one worker,
     one after another: two Ray instances (or a simulated cluster beside `ray_session`) would
-    contend for the same ports and /tmp/ray session directory."""
+    contend for the same ports and /tmp/ray session directory (`ray.init` then joins the other
+    worker's cluster and refuses its num_cpus)."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_collection_finish(session):
+    """Refuse to run when xdist's loadgroup left a Ray test ungrouped (pytest 9.2 derives node ids
+    where xdist 3.8 writes its group suffix): two workers would then start Ray at once and one
+    `ray.init` joins the other's cluster. pyproject pins pytest below 9.2 for this."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    stray = [item.nodeid for item in session.items
+             if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if stray:
+        raise pytest.UsageError(f"--dist loadgroup did not group {stray[0]} with the Ray tests "
+                                f"(pytest {pytest.__version__}; pyproject asks for pytest<9.2)")
 
 
 @pytest.fixture(scope="session")
