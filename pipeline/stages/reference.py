@@ -88,8 +88,8 @@ def implicit_critic(reference: tuple[str, float], model, tokenizer, model_cfg: M
         ref_model, _ = load_model(replace(model_cfg, name=path))
     except QstarError as exc:
         raise QstarError(f"{where}: reference={path!r} cannot be loaded ({exc})") from None
-    if dpo_phase is not None:
-        model, _ = load_model(replace(model_cfg, name=dpo_phase))
+    if dpo_phase is not None:  # its own tokenizer: `model` may be a separate critics backbone
+        model, tokenizer = load_model(replace(model_cfg, name=dpo_phase))
     return ImplicitCritic(model, ref_model, tokenizer, beta, completion_logprobs, token_logprobs,
                           batch_size, generates=dpo_phase is None)
 

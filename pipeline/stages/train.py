@@ -215,7 +215,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     meta = {"source_policy": policy_dir, "reference": metrics["reference"], "iteration": iteration, "data_dir": str(data_dir),
             "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]}, "metrics": metrics,
             "config": to_dict(cfg), "model": to_dict(model_cfg)}
-    _save_policy(final, model, tokenizer, trainer, cfg.lora, meta, out_dir / DPO_PHASE)
+    _save_policy(final, model, tokenizer, trainer, cfg.lora, meta, out_dir, phases)
     _keep_logs(out_dir, histories, keep_checkpoints)
     return metrics
 
@@ -338,7 +338,7 @@ def pair_metrics_of(policy_dir: str, data_dir: Path, cfg: TrainConfig, model_cfg
 
 
 def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict,
-                 dpo_phase: Path) -> None:
+                 out_dir: Path, phases: list[str]) -> None:
     """The next policy, its tokenizer and meta.json, in one atomic rename (the commit point);
     the DPO phase's model, when kept, moves in and meta names it (a run killed after the move
     redoes the finished DPO phase from its checkpoint, which keeps it again)."""
@@ -351,8 +351,8 @@ def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict,
             trainer.save_model(str(tmp))  # model + tokenizer (processing_class)
         for leftover in ("training_args.bin", "README.md"):
             (tmp / leftover).unlink(missing_ok=True)
-        if dpo_phase.is_dir():
-            os.replace(dpo_phase, tmp / DPO_PHASE)
+        if "dpo" in phases[:-1]:  # a DPO phase another followed (not one a failed run left)
+            os.replace(out_dir / DPO_PHASE, tmp / DPO_PHASE)
             meta = {**meta, "implicit_policy": DPO_PHASE}
         write_json(tmp / "meta.json", meta)
 
