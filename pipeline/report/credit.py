@@ -26,11 +26,11 @@ from pathlib import Path
 from critics.implicit import completion_tokens, credit_map_html, implicit_reward
 from pipeline.config import ModelConfig, replace_model_name
 from pipeline.errors import QstarError
-from pipeline.lm.models import load_model, resolve_model_path
+from pipeline.lm.models import load_model
 from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.run.atomic import write_json, write_text
 from pipeline.run.store import RunStore
-from pipeline.stages.reference import dpo_reference, implicit_policy
+from pipeline.stages.reference import implicit_policy, reference_dir
 
 CACHE_VERSION = 2  # 2: the recorded reference and the DPO phase's model (was policy_{N+1}, policy_N)
 SCOPES = ("best", "all")  # which nodes get an implicit reward; "all" covers "best"
@@ -46,13 +46,10 @@ def trained_pair(store: RunStore, iteration: int) -> tuple[str, str]:
     policy = store.policy_dir(iteration + 1, "")  # recorded run-relative: resolved here
     if not os.path.isdir(policy):
         raise QstarError(f"iteration {iteration}: its trained policy {policy} is not on disk any more")
-    found = dpo_reference(policy)
-    if found is None:
+    reference = reference_dir(policy, _model_config(store))
+    if reference is None:
         raise QstarError(f"iteration {iteration}: its policy {policy} was not trained by DPO "
                          "(no DPO phase in its meta.json): it has no implicit reward")
-    reference = found[0]
-    if not os.path.isdir(reference):  # the base model, recorded by name
-        reference = resolve_model_path(replace_model_name(_model_config(store), reference))
     if not os.path.isdir(reference):
         raise QstarError(f"iteration {iteration}: its reference policy {reference} is not on disk")
     return implicit_policy(policy) or policy, reference
@@ -65,10 +62,10 @@ def _model_config(store: RunStore) -> ModelConfig:
 
 
 def _load_pair(store: RunStore, iteration: int):
-    policy_dir, reference_dir = trained_pair(store, iteration)
+    policy_dir, ref_dir = trained_pair(store, iteration)
     model_cfg = _model_config(store)
     policy, tokenizer = load_model(replace_model_name(model_cfg, policy_dir))
-    reference, _ = load_model(replace_model_name(model_cfg, reference_dir))
+    reference, _ = load_model(replace_model_name(model_cfg, ref_dir))
     return policy, reference, tokenizer, store.manifest["config"]["train"]["beta"]
 
 

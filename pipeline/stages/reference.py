@@ -20,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from critics import ImplicitCritic
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig, replace_model_name
 from pipeline.errors import QstarError
-from pipeline.lm.models import load_model
+from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
 from pipeline.run.atomic import atomic_dir
 
@@ -50,6 +50,16 @@ def dpo_reference(policy_dir: str) -> tuple[str, float] | None:
     if not Path(reference).is_absolute() and beside.is_dir():
         reference = str(beside.resolve())
     return reference, float(meta["config"]["beta"])
+
+
+def reference_dir(policy_dir: str, model_cfg: ModelConfig) -> str | None:
+    """The policy's DPO reference as a checkpoint directory (the base model is recorded by name
+    and resolved through the model cache); None for a policy no DPO phase trained."""
+    found = dpo_reference(policy_dir)
+    if found is None:
+        return None
+    return found[0] if Path(found[0]).is_dir() else resolve_model_path(
+        replace_model_name(model_cfg, found[0]))
 
 
 def implicit_policy(policy_dir: str) -> str | None:

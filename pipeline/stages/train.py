@@ -76,15 +76,14 @@ from pipeline.config import (
     Reference,
     TrainConfig,
     TrainMode,
-    replace_model_name,
     to_dict,
 )
-from pipeline.lm.models import load_tokenizer, resolve_model_path
+from pipeline.lm.models import load_tokenizer
 from pipeline.lm.teacher_forced import tail_logprobs
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
-from pipeline.stages.reference import DPO_PHASE, dpo_reference, keep_dpo_phase, training_reference
+from pipeline.stages.reference import DPO_PHASE, keep_dpo_phase, reference_dir, training_reference
 from pipeline.stages.trl_trainers import (
     dpo_trainer,
     load_policy_for_training,
@@ -320,11 +319,9 @@ def pair_metrics_of(policy_dir: str, data_dir: Path, cfg: TrainConfig, model_cfg
                     work_dir: Path) -> dict:
     """`pair_metrics_after` for a policy trained before the train stage measured it: the trained
     policy against the reference its meta.json records, over the DPO pairs of `data_dir`."""
-    found = dpo_reference(policy_dir)
-    if found is None:
+    reference = reference_dir(policy_dir, model_cfg)
+    if reference is None:
         return {}
-    reference = found[0] if Path(found[0]).is_dir() else resolve_model_path(
-        replace_model_name(model_cfg, found[0]))  # the base model, recorded by name
     rows = {"dpo": _read_rows(Path(data_dir) / "dpo.jsonl")}
     tokenizer = load_tokenizer(model_cfg, policy_dir)
     if not _drop_long_prompts(rows, ["dpo"], tokenizer, cfg.max_length, {}):
