@@ -40,24 +40,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from paired import paired  # noqa: E402
 
 from pipeline.compose import load_run_config  # noqa: E402
-from pipeline.config import ModelConfig, TrainMode, replace_model_name  # noqa: E402
+from pipeline.config import TrainMode  # noqa: E402
 from pipeline.errors import QstarError  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
-from pipeline.stages.reference import DPO_PHASE, dpo_reference, implicit_policy  # noqa: E402
+from pipeline.stages.reference import (  # noqa: E402
+    DPO_PHASE,
+    dpo_reference,
+    implicit_policy,
+    reference_dir,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 AFTER = "dpo/after/"  # the train stage's DPO metrics over every pair
-
-
-def reference_dir(policy: str, model_cfg: ModelConfig) -> str:
-    """The policy's DPO reference as a directory (the base model is recorded by name)."""
-    found = dpo_reference(policy)
-    if found is None:
-        raise QstarError(f"{policy}: no DPO phase trained it (no reference in its meta.json)")
-    return found[0] if os.path.isdir(found[0]) else resolve_model_path(
-        replace_model_name(model_cfg, found[0]))
 
 
 def keep(store: RunStore, cfg, i: int, tolerance: float) -> dict:
@@ -82,7 +78,7 @@ def keep(store: RunStore, cfg, i: int, tolerance: float) -> dict:
         source = store.policy_dir(i, base)
         found = train_policy(source, store.stage_dir(i, "data"), replace(cfg.train, mode=TrainMode.dpo),
                              work, model_cfg=replace(cfg.model, name=source), iteration=i,
-                             reference_dir=reference_dir(policy, cfg.model))
+                             reference_dir=reference_dir(policy, cfg.model))  # DPO trained it
         recorded = {k: v for k, v in meta["metrics"].items() if k.startswith(AFTER)}
         off = {k: (found.get(k), v) for k, v in recorded.items()
                if found.get(k) is None or abs(found[k] - v) > tolerance}
@@ -116,6 +112,10 @@ def log_ratios(store: RunStore, cfg, i: int, eval_json: Path, cache: Path) -> di
     from pipeline.tasks.prompt import task_prompts
 
     graded = json.loads(eval_json.read_text())
+    if "split" not in graded.get("summary", {}) or not graded.get("rows") or any(
+            "candidates" not in r for r in graded["rows"]):
+        raise QstarError(f"--samples {eval_json}: not a best-of-N `qstar eval` JSON (it needs "
+                         "summary.split and rows with candidates)")
     split, rows = graded["summary"]["split"], graded["rows"]
     policy = store.policy_dir(i, resolve_model_path(cfg.model))
     phase = implicit_policy(policy)
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--samples {item!r}: expected I=EVAL_JSON, I >= 1 a trained policy "
                          "and EVAL_JSON a file")
         samples.append((int(policy), Path(path)))
-    store, cfg = RunStore(args.run), load_run_config(args.run, [])
     try:
+        store, cfg = RunStore(args.run), load_run_config(args.run, [])
         kept = [keep(store, cfg, i, args.tolerance) for i in range(args.iterations)] if args.keep else []
         cache = args.output.parent / f".{args.output.stem}_logprobs"
         rows = [log_ratios(store, cfg, i, path, cache) for i, path in samples]

@@ -105,3 +105,19 @@ def test_bad_input_is_one_line(bench, tmp_path, capsys):
         bench.main(["--run", str(tmp_path), "--samples", "0=missing.json"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--samples '0=missing.json': expected I=EVAL_JSON" in err
+    with pytest.raises(SystemExit) as exc:  # a manifest without a config: one line, not a traceback
+        bench.main(["--run", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "manifest.json" in err
+
+
+def test_samples_that_are_not_best_of_n_are_one_line(bench, debug_overrides, tmp_path, capsys):
+    store, _ = _run(tmp_path / "run", debug_overrides)
+    greedy = tmp_path / "greedy.json"
+    greedy.write_text(json.dumps({"summary": {"split": "dev"}, "rows": [{"id": "a", "correct": 1}]}))
+    capsys.readouterr()  # the training's own output
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--run", str(store.root), "--samples", f"1={greedy}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert f"--samples {greedy}: not a best-of-N `qstar eval` JSON" in err
