@@ -51,3 +51,20 @@ def test_worker_directories_are_removed_when_the_work_ends(tmp_path, monkeypatch
     result, back = stage_work(work, RunFiles(root=str(tmp_path / "run")), str(local))  # in-process
     assert back is None and seen["root"] == tmp_path / "run" and (local / "out.txt").is_file()
     assert (tmp_path / "run" / "manifest.json").is_file()  # the run itself is never removed
+
+
+def test_pack_leaves_out_what_lies_under_a_skipped_directory(tmp_path):
+    run = _run(tmp_path / "run")
+    policy = run / "iter_000/train/policy"
+    for rel in ("dpo_phase/model.safetensors", "dpo_phase/sub/tokenizer.json", "dpo_phase_notes.txt"):
+        (policy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (policy / rel).write_text(rel)
+    rels = ["iter_000/train/policy"]
+    everything = pack(run, rels)
+    assert {"iter_000/train/policy/dpo_phase/model.safetensors",
+            "iter_000/train/policy/dpo_phase/sub/tokenizer.json"} < set(everything)
+    packed = pack(run, rels, skip=["iter_000/train/policy/dpo_phase"])
+    # the directory and all below it, not a sibling whose name merely starts alike
+    assert set(packed) == {"iter_000/train/policy/meta.json",
+                           "iter_000/train/policy/dpo_phase_notes.txt"}
+    assert pack(run, rels, skip=["iter_000/train"]) == {}

@@ -21,16 +21,20 @@ from typing import Any
 from pipeline.run.atomic import atomic_dir
 
 
-def pack(root: str | os.PathLike, rels: Iterable[str]) -> dict[str, bytes]:
-    """Every file under root/rel for each rel, keyed by its path relative to `root`."""
+def pack(root: str | os.PathLike, rels: Iterable[str],
+         skip: Iterable[str] = ()) -> dict[str, bytes]:
+    """Every file under root/rel for each rel, keyed by its path relative to `root`, except
+    temporaries and what lies under a `skip` directory (relative to `root` too)."""
     root = Path(root)
+    skipped = {Path(s) for s in skip}
     files = {}
     for rel in rels:
         base = root / rel
         paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         for path in paths:
-            if not path.name.startswith(".tmp-"):
-                files[path.relative_to(root).as_posix()] = path.read_bytes()
+            key = path.relative_to(root)
+            if not path.name.startswith(".tmp-") and skipped.isdisjoint(key.parents):
+                files[key.as_posix()] = path.read_bytes()
     return files
 
 

@@ -111,12 +111,14 @@ class Cluster:
         if why:
             raise QstarError(why)
 
-    def share(self, root: str | os.PathLike, rels: Iterable[str]) -> RunFiles:
+    def share(self, root: str | os.PathLike, rels: Iterable[str],
+              skip: Iterable[str] = ()) -> RunFiles:
         """The run files under `rels` for workers: the directory itself in-process, a packed
-        copy in the object store under Ray (put once, read by every worker)."""
+        copy in the object store under Ray (put once, read by every worker), without what lies
+        under a `skip` directory."""
         if self.ray is None:
             return RunFiles(root=str(root))
-        return RunFiles(ref=self.ray.put(pack(root, rels)))
+        return RunFiles(ref=self.ray.put(pack(root, rels, skip)))
 
     def _actor(self, worker_cls: type):
         c = self.cfg.cluster

@@ -17,6 +17,7 @@ from pipeline.run.store import RunStore
 from pipeline.run.tracking import Tracker
 from pipeline.run.transfer import RunFiles, pack, unpack_atomic, worker_dir
 from pipeline.run.workers import Cluster
+from pipeline.stages.reference import DPO_PHASE
 from pipeline.tasks.base import Problem, Task
 
 
@@ -40,19 +41,22 @@ class Loop:
         each node)."""
         return self.store.policy_ref(i, self.cfg.model.name)
 
-    def run_files(self, rels: list[str | None]):
+    def run_files(self, rels: list[str | None], implicit: str | None = None) -> RunFiles:
         """The run files workers need (`rels` relative to the run; None and model names are
-        skipped): the run directory in-process, a packed copy under Ray."""
-        return self.cluster.share(self.store.root,
-                                  [r for r in rels if r and self.store.in_run(r)])
+        skipped): the run directory in-process, a packed copy under Ray. A policy's kept DPO
+        phase (`dpo_phase/`, a whole second model) travels only inside `implicit`: the policy
+        whose implicit reward the stage computes."""
+        shipped = [r for r in rels if r and self.store.in_run(r)]
+        skip = [f"{r}/{DPO_PHASE}" for r in shipped if r != implicit]
+        return self.cluster.share(self.store.root, shipped, skip)
 
-    def run_remote(self, fn: Callable, i: int, stage: str, rels: list[str | None], *args,
-                   **kwargs):
-        """`stage_work(fn, ...)` as a Ray task with the stage's GPU request (or in-process); what
-        it made becomes iter_i/<stage> in one atomic rename. Returns fn's result."""
+    def run_remote(self, fn: Callable, i: int, stage: str, files: RunFiles, *args, **kwargs):
+        """`stage_work(fn, files, ...)` as a Ray task with the stage's GPU request (or
+        in-process), `files` from run_files; what it made becomes iter_i/<stage> in one atomic
+        rename. Returns fn's result."""
         out = self.store.stage_dir(i, stage)
         result, packed = self.cluster.run_task(
-            stage_work, fn, self.run_files(rels), None if self.cluster.ray else str(out), *args,
+            stage_work, fn, files, None if self.cluster.ray else str(out), *args,
             num_gpus=self.cfg.cluster.worker_num_gpus, name=f"{stage} stage", **kwargs)
         if packed is not None:
             unpack_atomic(packed, out)

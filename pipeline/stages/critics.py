@@ -220,8 +220,9 @@ def fit_stage(loop: Loop, i: int, stage: str, policy_index: int) -> dict:
     if loop.store.in_run(backbone):
         backbone = os.path.relpath(loop.store.root / backbone, loop.store.stage_dir(i, stage))
     reference = dpo_reference(loop.policy(policy_index))  # shipped too: the implicit reward's pi_ref
-    shipped = [policy, loop.store.relative(reference[0]) if reference else None]
-    return loop.run_remote(fit_critics, i, stage, shipped, policy, rows, loop.cfg.critics,
+    files = loop.run_files([policy, loop.store.relative(reference[0]) if reference else None],
+                           implicit=policy)  # its DPO phase too, when the policy keeps one
+    return loop.run_remote(fit_critics, i, stage, files, policy, rows, loop.cfg.critics,
                            loop.cfg.model, backbone)
 
 

@@ -26,7 +26,7 @@ from pipeline.run.atomic import write_json
 from pipeline.run.store import BASELINE
 from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.critics import load_critic_set, load_critics
-from pipeline.stages.reference import dpo_reference, load_implicit
+from pipeline.stages.reference import dpo_reference, load_implicit, searches_implicit
 from pipeline.tasks import make_task
 from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.prompt import chat_prompts, task_prompts
@@ -109,15 +109,18 @@ def format_table(results: Sequence[EvalResult]) -> str:
     return "\n".join(lines)
 
 
+def uses_implicit(cfg: QstarConfig, strategies: Sequence[str]) -> bool:
+    """Whether a strategy needs the policy's implicit reward: best-of-N (it grades every
+    selection), MCTS with an implicit weight."""
+    return (DecodeStrategy.best_of_n.value in strategies or
+            (DecodeStrategy.mcts.value in strategies and searches_implicit(cfg.critics)))
+
+
 def implicit_for(cfg: QstarConfig, strategies: Sequence[str], policy_dir: str, model,
                  tokenizer):
-    """The policy's implicit reward where a strategy uses it (best-of-N grades every selection;
-    MCTS with an implicit weight), else None; loads the policy's DPO reference."""
-    w = cfg.critics
-    wanted = (DecodeStrategy.best_of_n.value in strategies or
-              (DecodeStrategy.mcts.value in strategies and
-               max(w.weights.implicit, w.trained_weights.implicit) > 0))
-    if not wanted:
+    """The policy's implicit reward where a strategy uses it, else None; loads the policy's
+    DPO reference."""
+    if not uses_implicit(cfg, strategies):
         return None
     return load_implicit(policy_dir, model, tokenizer, cfg.model, cfg.critics.score_batch_size)
 
@@ -179,9 +182,11 @@ def decode_policy(root: Path, out: Path, policy: str, critics: str | None, cfg: 
 def evaluate_policy(loop: Loop, i: int, stage: str, policy: str, critics: str | None,
                     rels: list[str]) -> dict:
     """Decode (pipeline.stages.base.Loop.run_remote), then grade here; one JSON per strategy."""
-    reference = dpo_reference(resolve_ref(loop.store.root, policy, loop.cfg.model))
-    shipped = [policy, *rels, loop.store.relative(reference[0]) if reference else None]
-    found = loop.run_remote(decode_policy, i, stage, shipped, policy, critics, loop.cfg,
+    reference = (dpo_reference(resolve_ref(loop.store.root, policy, loop.cfg.model))
+                 if uses_implicit(loop.cfg, loop.cfg.eval.decodes) else None)
+    files = loop.run_files([policy, *rels, loop.store.relative(reference[0]) if reference else None],
+                           implicit=policy if reference else None)
+    found = loop.run_remote(decode_policy, i, stage, files, policy, critics, loop.cfg,
                             loop.task, [loop.task.messages(p) for p in loop.eval_problems])
     out, results = loop.store.stage_dir(i, stage), {}
     for name, (decoded, seconds) in found.items():

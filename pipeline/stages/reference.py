@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from critics import ImplicitCritic
-from pipeline.config import ModelConfig, TrainConfig, replace_model_name
+from pipeline.config import CriticsConfig, ModelConfig, TrainConfig, replace_model_name
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
@@ -75,6 +75,12 @@ def implicit_policy(policy_dir: str) -> str | None:
         raise QstarError(f"{Path(policy_dir) / 'meta.json'}: implicit_policy={kept!r} is not a "
                          f"directory beside it (the DPO phase's model; copy the policy whole)")
     return str(path)
+
+
+def searches_implicit(cfg: CriticsConfig) -> bool:
+    """Whether MCTS's leaf value has an implicit-reward part (before or once critics exist):
+    only then does search need the policy's DPO reference and kept DPO phase."""
+    return max(cfg.weights.implicit, cfg.trained_weights.implicit) > 0
 
 
 def load_implicit(policy_dir: str, model, tokenizer, model_cfg: ModelConfig,

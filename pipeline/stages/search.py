@@ -24,7 +24,7 @@ from pipeline.run.store import load_shards
 from pipeline.run.transfer import RunFiles
 from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.critics import load_critics
-from pipeline.stages.reference import dpo_reference, load_implicit
+from pipeline.stages.reference import dpo_reference, load_implicit, searches_implicit
 from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.prompt import task_prompts
 
@@ -68,9 +68,8 @@ class SearchWorker:
         if self.cfg.search.rollout.model:
             rollout_model, rollout_tokenizer = load_model(
                 replace_model_name(self.cfg.model, self.cfg.search.rollout.model))
-        w = self.cfg.critics
         implicit = None
-        if max(w.weights.implicit, w.trained_weights.implicit) > 0:
+        if searches_implicit(self.cfg.critics):
             implicit = load_implicit(policy_dir, model, tokenizer, self.cfg.model,
                                      self.cfg.critics.score_batch_size)
         return SearchModels(model, tokenizer, critics, rollout_model, rollout_tokenizer, implicit)
@@ -118,8 +117,10 @@ def run(loop: Loop, i: int) -> dict:
     shards = expected_shards(loop.train_problems, loop.cfg.search.trees_per_batch)
     critics, critic_rels = loop.critics_refs(i)
     policy = loop.policy_ref(i)
-    reference = dpo_reference(loop.policy(i))  # the implicit reward's pi_ref, when it has one
-    files = loop.run_files([policy, *critic_rels, loop.store.relative(reference[0]) if reference else None])
+    # the implicit reward's pi_ref and the policy's DPO phase travel only when leaves use it
+    reference = dpo_reference(loop.policy(i)) if searches_implicit(loop.cfg.critics) else None
+    files = loop.run_files([policy, *critic_rels, loop.store.relative(reference[0]) if reference else None],
+                           implicit=policy if reference else None)
     start = time.perf_counter()
     kv_stats, scored = [], {}
 

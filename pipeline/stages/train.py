@@ -382,7 +382,8 @@ def run(loop: Loop, i: int) -> dict:
     reference = loop.policy_ref(0) if loop.cfg.train.reference == Reference.base else policy
     trained = loop.store.relative(loop.store.stage_dir(i, "train") / "policy")
     record = os.path.relpath(reference, trained) if loop.store.in_run(reference) else reference
-    metrics = loop.run_remote(fit_policy, i, "train", [policy, data, reference], policy, data,
+    metrics = loop.run_remote(fit_policy, i, "train",
+                              loop.run_files([policy, data, reference]), policy, data,
                               loop.cfg.train, loop.cfg.model, i,
                               loop.tracker.report_to if loop.cluster.ray is None else "none",
                               reference, record, loop.cfg.progress)

@@ -1,0 +1,76 @@
+"""What each stage ships to its workers under cluster=ray: a policy's kept DPO phase (a whole
+second model) travels only to the stages that compute that policy's implicit reward.
+
+The loop runs in-process, but every stage's run files are packed and unpacked into a fresh
+worker directory as Ray would move them (pipeline/run/transfer.py), so a file a stage needs and
+was not shipped fails the run here as it would on a cluster."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+from test_train_stage import dpo_rows, sft_rows, write_rows
+
+from pipeline import loop as loop_module
+from pipeline.compose import compose_config
+from pipeline.loop import run_loop
+from pipeline.run.store import STAGES, RunStore
+from pipeline.run.transfer import RunFiles, pack
+from pipeline.run.workers import Cluster
+from pipeline.stages.reference import DPO_PHASE, implicit_policy
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory, tiny_model_dir):
+    """A 2-iteration tiny dpo_then_sft loop, best-of-N eval; each stage's packed file names. The
+    tiny model finds no verified solution: each data stage's rows are replaced by hand-made
+    pairs and SFT rows, so that both trainings have a DPO phase to keep."""
+    root = tmp_path_factory.mktemp("shipped")
+    overrides = ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={root / 'cache'}",
+                 "train=dpo_then_sft", "search.trees_per_batch=2", "train.learning_rate=1e-3",
+                 "iterations=2", "eval.decodes=[best_of_n]"]
+    packs, now = [], {}
+    with pytest.MonkeyPatch.context() as mp:
+        for stage, fn in loop_module.STAGE_RUNNERS.items():
+            def timed(loop, i, stage=stage, fn=fn):
+                now["at"] = (i, stage)
+                result = fn(loop, i)
+                if stage == "data":
+                    write_rows(loop.store.stage_dir(i, "data"), dpo_rows(), sft_rows())
+                return result
+            mp.setitem(loop_module.STAGE_RUNNERS, stage, timed)
+
+        def share(self, run_root, rels, skip=()):  # as under Ray: a packed copy
+            packed = pack(run_root, rels, skip)
+            packs.append((now.get("at", (0, "baseline")), sorted(packed)))
+            return RunFiles(ref=packed)
+        mp.setattr(Cluster, "share", share)
+        mp.setitem(sys.modules, "ray", SimpleNamespace(get=lambda ref: ref))  # a fake store
+        run_loop(compose_config(overrides), root / "run")
+    return root / "run", packs
+
+
+def _phases(files: list[str]) -> set[str]:
+    """The policies whose DPO phase is among `files`."""
+    return {f.split(f"/{DPO_PHASE}/")[0] for f in files if f"/{DPO_PHASE}/" in f}
+
+
+def test_the_dpo_phase_travels_only_where_its_implicit_reward_is_computed(shipped):
+    run, packs = shipped
+    store = RunStore(run)
+    assert all(store.done(i, s) for i in range(2) for s in STAGES)  # every needed file arrived
+    policy_1, policy_2 = "iter_000/train/policy", "iter_001/train/policy"
+    for policy in (policy_1, policy_2):  # the test needs kept DPO phases
+        assert implicit_policy(str(run / policy)) == str(run / policy / DPO_PHASE)
+    by_stage = {}
+    for at, files in packs:
+        by_stage.setdefault(at, set()).update(_phases(files))
+    # refit and best-of-N eval judge the new policy's implicit reward: its DPO phase, no other
+    assert by_stage[(0, "refit")] == by_stage[(0, "eval")] == {policy_1}
+    assert by_stage[(1, "refit")] == by_stage[(1, "eval")] == {policy_2}
+    # search (no implicit weight) and train (policy_1 as start and reference) need none of it
+    assert by_stage[(1, "search")] == by_stage[(1, "train")] == set()
+    train_files = next(files for at, files in packs if at == (1, "train"))
+    assert f"{policy_1}/model.safetensors" in train_files  # the policy itself still travels
