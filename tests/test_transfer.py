@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.run.transfer import RunFiles, pack, unpack, unpack_atomic, worker_dir
-from pipeline.stages.base import stage_work
+from pipeline.run.store import RunStore
+from pipeline.stages.base import Loop, stage_work
 
 
 def _run(root: Path) -> Path:
@@ -68,3 +69,20 @@ def test_pack_leaves_out_what_lies_under_a_skipped_directory(tmp_path):
     assert set(packed) == {"iter_000/train/policy/meta.json",
                            "iter_000/train/policy/dpo_phase_notes.txt"}
     assert pack(run, rels, skip=["iter_000/train"]) == {}
+
+
+def test_run_files_skip_every_dpo_phase_but_the_implicit_policys_however_it_is_named(tmp_path):
+    run = _run(tmp_path / "run")
+    (run / "iter_000/data").mkdir()
+    (run / "manifest.json").unlink()  # a run just started
+    shares = []
+    loop = SimpleNamespace(store=RunStore(run), cluster=SimpleNamespace(
+        share=lambda root, rels, skip: shares.append((rels, skip))))
+    rels = ["iter_000/train/policy", "iter_000/data", None, "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    Loop.run_files(loop, rels)
+    Loop.run_files(loop, [*rels, "./iter_000/train/policy/"], implicit="iter_000/train/policy")
+    assert shares == [
+        (["iter_000/train/policy", "iter_000/data"],  # model names and None are not run files
+         ["iter_000/train/policy/dpo_phase", "iter_000/data/dpo_phase"]),
+        (["iter_000/train/policy", "iter_000/data", "./iter_000/train/policy/"],
+         ["iter_000/data/dpo_phase"])]  # the policy's own, named either way, is kept

@@ -47,7 +47,8 @@ class Loop:
         phase (`dpo_phase/`, a whole second model) travels only inside `implicit`: the policy
         whose implicit reward the stage computes."""
         shipped = [r for r in rels if r and self.store.in_run(r)]
-        skip = [f"{r}/{DPO_PHASE}" for r in shipped if r != implicit]
+        keep = Path(implicit) if implicit else None  # one directory may be named two ways
+        skip = [(Path(r) / DPO_PHASE).as_posix() for r in shipped if Path(r) != keep]
         return self.cluster.share(self.store.root, shipped, skip)
 
     def run_remote(self, fn: Callable, i: int, stage: str, files: RunFiles, *args, **kwargs):
