@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.run.transfer import RunFiles, pack, unpack, unpack_atomic, worker_dir
 from pipeline.run.store import RunStore
+from pipeline.run.transfer import RunFiles, pack, unpack, unpack_atomic, worker_dir
 from pipeline.stages.base import Loop, stage_work
 
 
