@@ -78,6 +78,9 @@ class BestPath(str, Enum):
 class Reference(str, Enum):
     previous = "previous"  # policy_i, the policy DPO starts from (the DPO paper's choice)
     base = "base"  # policy_0, the run's base model, in every iteration
+    # policy_i fine-tuned first by SFT on the iteration's verified solutions (the DPO paper's
+    # pi_SFT): DPO starts from it and trains against it; kept inside the policy (`sft_phase/`)
+    sft = "sft"
 
 
 class TrainMode(str, Enum):
@@ -315,7 +318,8 @@ class TrainConfig:
     max_length: int = 384  # tokens of prompt + completion; rows whose prompt alone is longer drop
     lora: bool = False  # train a LoRA adapter (peft) and merge it, instead of every weight
     # DPO's reference model pi_ref, recorded in the new policy's meta.json (the implicit reward's
-    # reference at search and evaluation time): previous (policy_i) | base (policy_0)
+    # reference at search and evaluation time): previous (policy_i) | base (policy_0) | sft
+    # (policy_i after an SFT phase on the verified solutions; train.mode=dpo only)
     reference: Reference = Reference.previous
     pairs: PairsConfig = field(default_factory=PairsConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)  # train.mode=grpo only

@@ -10,10 +10,12 @@ from pipeline.config import (
     DecodeStrategy,
     EvalConfig,
     QstarConfig,
+    Reference,
     SearchConfig,
     TaskConfig,
     TaskKind,
     TrainConfig,
+    TrainMode,
 )
 from pipeline.errors import ConfigError
 
@@ -128,6 +130,9 @@ def _validate_learning(cfg: QstarConfig) -> None:
              "train.reference_batch_size", "must be >= 1 (or null: train.batch_size)",
              tr.reference_batch_size)
     _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
+    _require(tr.reference != Reference.sft or tr.mode == TrainMode.dpo, "train.reference",
+             f"sft needs train.mode=dpo (it adds the SFT phase before DPO), not {tr.mode.value}",
+             tr.reference.value)
     _validate_grpo(tr)
 
 

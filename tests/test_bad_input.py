@@ -182,6 +182,9 @@ INVALID_VALUES = [
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
     (["train.beta=-0.1"], "config key train.beta=-0.1 is invalid: must be > 0"),
     (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1 (or null: train.batch_size)"),
+    (["train=dpo_then_sft", "train.reference=sft"],
+     "config key train.reference='sft' is invalid: sft needs train.mode=dpo (it adds the SFT phase "
+     "before DPO), not dpo_then_sft"),
     (["task.seed=-1"], "config key task.seed=-1 is invalid: must be >= 0"),
     (["iterations=0"], "config key iterations=0 is invalid: must be >= 1"),
     (["iterations=-3"], "config key iterations=-3 is invalid: must be >= 1"),
@@ -194,7 +197,7 @@ INVALID_VALUES = [
     (["critics.weights.value=-1"], "critics.weights=[-1.0, 0.0, 0.2, 0.8, 0.0] is invalid"),
     (["critics.trained_weights.implicit=-1"], "critics.trained_weights=[0.3, 0.2, 0.2, 0.3, -1.0]"),
     (["critics.trained_weights.verifier=1"], "Key 'verifier' not in 'CriticWeights'"),
-    (["train.reference=sft"], "Invalid value 'sft', expected one of [previous, base]"),
+    (["train.reference=last"], "Invalid value 'last', expected one of [previous, base, sft]"),
     (["decode.select=likelihood"], "expected one of [majority, orm, orm_vote, implicit, implicit_vote]"),
     (["decode.n=0"], "config key decode.n=0 is invalid: must be >= 1"),
     (["decode.beam_width=0"], "config key decode.beam_width=0 is invalid: must be >= 1"),

@@ -5,16 +5,17 @@ import json
 import math
 
 import pytest
-from test_train_stage import config, dpo_rows, sft_rows, write_rows
+import torch
+from test_train_stage import config, dpo_rows, sft_rows, weights, write_rows
 from tiny import build_tiny_model
 
 from critics import KINDS
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, Reference, TrainMode
 from pipeline.errors import QstarError
 from pipeline.run.atomic import write_json
 from pipeline.stages.critics import load_critic_set, train_critics
 from pipeline.stages.reference import dpo_reference, implicit_policy, load_implicit
-from pipeline.stages.train import train_policy
+from pipeline.stages.train import pair_metrics_of, train_policy
 
 
 def _meta(directory, **meta):
@@ -63,6 +64,35 @@ def test_train_reference_base_trains_against_the_base_and_records_it(tiny_model_
     with pytest.raises(QstarError, match="train.reference=previous: cannot load the reference"):
         train_policy(str(tiny_model_dir), data, config(epochs=1), tmp_path / "bad",
                      reference_dir=str(tmp_path / "missing"))
+
+
+def test_train_reference_sft_trains_dpo_from_and_against_the_sft_phase(tiny_model_dir, tmp_path):
+    """train.reference=sft: SFT first, then DPO from that model against it; the SFT model is kept
+    inside the policy and recorded as its reference; without SFT rows, DPO against policy_i."""
+    data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
+    sft_alone = train_policy(str(tiny_model_dir), data, config(mode=TrainMode.sft, epochs=2),
+                             tmp_path / "sft")["policy_dir"]
+    cfg = config(reference=Reference.sft, epochs=2)
+    found = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both")
+    policy, kept = found["policy_dir"], tmp_path / "both" / "policy" / "sft_phase"
+    assert found["phases"] == ["sft", "dpo"] and found["reference"] == "sft_phase"
+    assert json.loads((kept.parent / "meta.json").read_text())["reference"] == "sft_phase"
+    assert dpo_reference(policy) == (str(kept.resolve()), 0.5) and implicit_policy(policy) is None
+    sft_weights, kept_weights = weights(sft_alone), weights(kept)
+    assert all(torch.allclose(kept_weights[k], w, atol=1e-5) for k, w in sft_weights.items())
+    # DPO started from the SFT model, against it: its first loss is ln 2 (policy == reference;
+    # not so against policy_i, which SFT changed)...
+    assert found["dpo/loss_first"] == pytest.approx(math.log(2), abs=1e-3)
+    # ...and trained against it: the pair metrics recomputed against the recorded reference
+    # (the kept SFT model, loaded from disk) equal the ones TRL's reference pass gave
+    again = pair_metrics_of(policy, data, cfg, ModelConfig(), tmp_path / "again")
+    for key in ("dpo/after/rewards/chosen", "dpo/after/rewards/rejected"):
+        assert again[key] == pytest.approx(found[key], abs=1e-4)
+    assert abs(found["dpo/after/rewards/chosen"]) > 1e-3  # DPO moved away from its reference
+    no_sft = write_rows(tmp_path / "pairs_only", dpo=dpo_rows())
+    alone = train_policy(str(tiny_model_dir), no_sft, cfg, tmp_path / "alone")
+    assert alone["phases"] == ["dpo"] and alone["reference"] == str(tiny_model_dir)
+    assert not (tmp_path / "alone" / "policy" / "sft_phase").exists()
 
 
 def test_after_sft_the_implicit_reward_is_the_dpo_phases(tiny_model_dir, tmp_path):

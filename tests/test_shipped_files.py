@@ -1,5 +1,6 @@
-"""What each stage ships to its workers under cluster=ray: a policy's kept DPO phase (a whole
-second model) travels only to the stages that compute that policy's implicit reward.
+"""What each stage ships to its workers under cluster=ray: a model a policy keeps for its
+implicit reward (the DPO phase of dpo_then_sft, the SFT phase that is train.reference=sft's
+reference; each a whole second model) travels only to the stages that compute that reward.
 
 The loop runs in-process, but every stage's run files are packed and unpacked into a fresh
 worker directory as Ray would move them (pipeline/run/transfer.py), so a file a stage needs and
@@ -19,17 +20,20 @@ from pipeline.loop import run_loop
 from pipeline.run.store import STAGES, RunStore
 from pipeline.run.transfer import RunFiles, pack
 from pipeline.run.workers import Cluster
-from pipeline.stages.reference import DPO_PHASE, implicit_policy
+from pipeline.stages.reference import DPO_PHASE, SFT_PHASE
+
+TRAININGS = {DPO_PHASE: ["train=dpo_then_sft"], SFT_PHASE: ["train=dpo", "train.reference=sft"]}
 
 
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory, tiny_model_dir):
-    """A 2-iteration tiny dpo_then_sft loop, best-of-N eval; each stage's packed file names. The
-    tiny model finds no verified solution: each data stage's rows are replaced by hand-made
-    pairs and SFT rows, so that both trainings have a DPO phase to keep."""
+@pytest.fixture(scope="module", params=list(TRAININGS))
+def shipped(request, tmp_path_factory, tiny_model_dir):
+    """A 2-iteration tiny loop that keeps `kept` in each policy, best-of-N eval; each stage's
+    packed file names. The tiny model finds no verified solution: each data stage's rows are
+    replaced by hand-made pairs and SFT rows, so that both trainings have two phases."""
+    kept = request.param
     root = tmp_path_factory.mktemp("shipped")
     overrides = ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={root / 'cache'}",
-                 "train=dpo_then_sft", "search.trees_per_batch=2", "train.learning_rate=1e-3",
+                 *TRAININGS[kept], "search.trees_per_batch=2", "train.learning_rate=1e-3",
                  "iterations=2", "eval.decodes=[best_of_n]"]
     packs, now = [], {}
     with pytest.MonkeyPatch.context() as mp:
@@ -49,27 +53,27 @@ def shipped(tmp_path_factory, tiny_model_dir):
         mp.setattr(Cluster, "share", share)
         mp.setitem(sys.modules, "ray", SimpleNamespace(get=lambda ref: ref))  # a fake store
         run_loop(compose_config(overrides), root / "run")
-    return root / "run", packs
+    return root / "run", packs, kept
 
 
-def _phases(files: list[str]) -> set[str]:
-    """The policies whose DPO phase is among `files`."""
-    return {f.split(f"/{DPO_PHASE}/")[0] for f in files if f"/{DPO_PHASE}/" in f}
+def _phases(files: list[str]) -> set[tuple[str, str]]:
+    """(policy, kept model) for every kept model among `files`."""
+    return {(f.split(f"/{k}/")[0], k) for f in files for k in TRAININGS if f"/{k}/" in f}
 
 
-def test_the_dpo_phase_travels_only_where_its_implicit_reward_is_computed(shipped):
-    run, packs = shipped
+def test_a_kept_model_travels_only_where_its_implicit_reward_is_computed(shipped):
+    run, packs, kept = shipped
     store = RunStore(run)
     assert all(store.done(i, s) for i in range(2) for s in STAGES)  # every needed file arrived
     policy_1, policy_2 = "iter_000/train/policy", "iter_001/train/policy"
-    for policy in (policy_1, policy_2):  # the test needs kept DPO phases
-        assert implicit_policy(str(run / policy)) == str(run / policy / DPO_PHASE)
+    for policy in (policy_1, policy_2):  # the test needs kept models
+        assert (run / policy / kept / "config.json").is_file()
     by_stage = {}
     for at, files in packs:
         by_stage.setdefault(at, set()).update(_phases(files))
-    # refit and best-of-N eval judge the new policy's implicit reward: its DPO phase, no other
-    assert by_stage[(0, "refit")] == by_stage[(0, "eval")] == {policy_1}
-    assert by_stage[(1, "refit")] == by_stage[(1, "eval")] == {policy_2}
+    # refit and best-of-N eval judge the new policy's implicit reward: its kept model, no other
+    assert by_stage[(0, "refit")] == by_stage[(0, "eval")] == {(policy_1, kept)}
+    assert by_stage[(1, "refit")] == by_stage[(1, "eval")] == {(policy_2, kept)}
     # search (no implicit weight) and train (policy_1 as start and reference) need none of it
     assert by_stage[(1, "search")] == by_stage[(1, "train")] == set()
     train_files = next(files for at, files in packs if at == (1, "train"))

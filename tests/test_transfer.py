@@ -81,8 +81,9 @@ def test_run_files_skip_every_dpo_phase_but_the_implicit_policys_however_it_is_n
     rels = ["iter_000/train/policy", "iter_000/data", None, "HuggingFaceTB/SmolLM2-135M-Instruct"]
     Loop.run_files(loop, rels)
     Loop.run_files(loop, [*rels, "./iter_000/train/policy/"], implicit="iter_000/train/policy")
+    kept = ["dpo_phase", "sft_phase"]
     assert shares == [
         (["iter_000/train/policy", "iter_000/data"],  # model names and None are not run files
-         ["iter_000/train/policy/dpo_phase", "iter_000/data/dpo_phase"]),
+         [f"{rel}/{k}" for rel in ("iter_000/train/policy", "iter_000/data") for k in kept]),
         (["iter_000/train/policy", "iter_000/data", "./iter_000/train/policy/"],
-         ["iter_000/data/dpo_phase"])]  # the policy's own, named either way, is kept
+         [f"iter_000/data/{k}" for k in kept])]  # the policy's own, named either way, are kept

@@ -17,7 +17,7 @@ from pipeline.run.store import RunStore
 from pipeline.run.tracking import Tracker
 from pipeline.run.transfer import RunFiles, pack, unpack_atomic, worker_dir
 from pipeline.run.workers import Cluster
-from pipeline.stages.reference import DPO_PHASE
+from pipeline.stages.reference import KEPT_PHASES
 from pipeline.tasks.base import Problem, Task
 
 
@@ -43,12 +43,13 @@ class Loop:
 
     def run_files(self, rels: list[str | None], implicit: str | None = None) -> RunFiles:
         """The run files workers need (`rels` relative to the run; None and model names are
-        skipped): the run directory in-process, a packed copy under Ray. A policy's kept DPO
-        phase (`dpo_phase/`, a whole second model) travels only inside `implicit`: the policy
-        whose implicit reward the stage computes."""
+        skipped): the run directory in-process, a packed copy under Ray. The models a policy
+        keeps for its implicit reward (`dpo_phase/`, `sft_phase/`: each a whole second model)
+        travel only inside `implicit`: the policy whose implicit reward the stage computes."""
         shipped = [r for r in rels if r and self.store.in_run(r)]
         keep = Path(implicit) if implicit else None  # one directory may be named two ways
-        skip = [(Path(r) / DPO_PHASE).as_posix() for r in shipped if Path(r) != keep]
+        skip = [(Path(r) / kept).as_posix() for r in shipped if Path(r) != keep
+                for kept in KEPT_PHASES]
         return self.cluster.share(self.store.root, shipped, skip)
 
     def run_remote(self, fn: Callable, i: int, stage: str, files: RunFiles, *args, **kwargs):

@@ -3,7 +3,9 @@ policy's meta.json, and read back wherever the policy's implicit reward
 beta * (log pi - log pi_ref) is a critic (search leaves, best-of-N selection, critic metrics).
 
 At evaluation time the reference of policy_{i+1} is the one its DPO phase trained against:
-policy_i with `train.reference=previous` (the default), policy_0 with `train.reference=base`.
+policy_i with `train.reference=previous` (the default), policy_0 with `train.reference=base`,
+policy_i after this iteration's SFT phase with `train.reference=sft` (kept inside the policy's
+directory as `sft_phase/`, which meta.json's `reference` names).
 The base model, and a policy no DPO phase trained, have no reference and no implicit reward.
 
 The policy pi of the log-ratio is the DPO phase's own model. With `train.mode=dpo_then_sft` the
@@ -27,6 +29,8 @@ from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
 from pipeline.run.atomic import atomic_dir
 
 DPO_PHASE = "dpo_phase"  # the DPO phase's model, inside a policy a later phase trained on
+SFT_PHASE = "sft_phase"  # the SFT phase's model, inside a policy DPO trained against it
+KEPT_PHASES = (DPO_PHASE, SFT_PHASE)  # models a policy may keep beside its own weights
 
 
 def _dpo_meta(policy_dir: str) -> dict | None:
@@ -110,10 +114,10 @@ def implicit_critic(reference: tuple[str, float], model, tokenizer, model_cfg: M
                           batch_size, generates=dpo_phase is None)
 
 
-def keep_dpo_phase(path: Path, model, tokenizer, use_cache: bool | None) -> None:
-    """The DPO phase's model as it is when the phase ends (LoRA already merged), with its
-    tokenizer, atomically at `path`; its config's use_cache as loaded (training may have
-    switched it off). The train stage moves it into the policy it saves."""
+def keep_phase(path: Path, model, tokenizer, use_cache: bool | None) -> None:
+    """A phase's model as it is when the phase ends (LoRA already merged), with its tokenizer,
+    atomically at `path`; its config's use_cache as loaded (training may have switched it off).
+    The train stage moves it into the policy it saves (DPO_PHASE, SFT_PHASE)."""
     training = getattr(model.config, "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = use_cache

@@ -11,6 +11,10 @@ only builds its configs and datasets:
   log-probs as dataset columns and sets `ref_model=None`, so no second model is held during
   training. (With LoRA the reference is the base model with the adapter disabled.)
   `train.reference=base`: policy_0 is the reference in every iteration (pipeline.stages.reference).
+  `train.reference=sft` (train.mode=dpo): an SFT phase on the SFT rows first, then DPO from its
+  model with its model as the reference (TRL's reference pass runs it); the SFT phase's model is
+  kept inside the policy (`sft_phase/`) and meta.json's `reference` names it. Without SFT rows
+  DPO runs alone against policy_i, as with `previous`.
 - EOS: TRL appends the tokenizer's EOS to every DPO completion. A step option that is not
   terminal in the tree does not end the solution, so a thin collator (TRL's own
   `DataCollatorForPreference`, wrapped) removes that EOS token from non-terminal completions,
@@ -83,7 +87,13 @@ from pipeline.lm.teacher_forced import tail_logprobs
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
-from pipeline.stages.reference import DPO_PHASE, keep_dpo_phase, reference_dir, training_reference
+from pipeline.stages.reference import (
+    DPO_PHASE,
+    SFT_PHASE,
+    keep_phase,
+    reference_dir,
+    training_reference,
+)
 from pipeline.stages.trl_trainers import (
     dpo_trainer,
     load_policy_for_training,
@@ -102,6 +112,12 @@ PAIR_METRICS_BATCH = 16  # completions per token tree in pair_metrics_after (8 p
 
 
 _PHASES = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"], TrainMode.dpo_then_sft: ["dpo", "sft"]}
+SFT_REFERENCE = ["sft", "dpo"]  # train.reference=sft: DPO from and against the SFT phase's model
+
+
+def phases_of(cfg: TrainConfig) -> list[str]:
+    """The training phases in order (those with rows run)."""
+    return SFT_REFERENCE if cfg.reference == Reference.sft else _PHASES[TrainMode(cfg.mode)]
 
 
 def _free_memory() -> None:
@@ -186,11 +202,11 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     metrics: dict[str, Any] = {"mode": mode.value, "source_policy": policy_dir,
                                "iteration": iteration, "pairs": len(rows["dpo"]),
                                "sft_rows": len(rows["sft"])}
-    wanted = [p for p in _PHASES[mode] if rows[p]]
+    wanted = [p for p in phases_of(cfg) if rows[p]]
     tokenizer = load_tokenizer(model_cfg, policy_dir) if wanted else None
     phases = _drop_long_prompts(rows, wanted, tokenizer, cfg.max_length, metrics)
     if not phases:
-        reason = _nothing_to_train(mode, data_dir, cfg.max_length, metrics)
+        reason = _nothing_to_train(phases_of(cfg), data_dir, cfg.max_length, metrics)
         return {**metrics, "skipped": reason, "policy_dir": policy_dir, "steps": 0, "seconds": 0.0}
 
     set_seed(cfg.seed)
@@ -198,6 +214,8 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     use_cache = getattr(model.config, "use_cache", None)
     reference_dir = (reference_dir or policy_dir) if "dpo" in phases else None
     metrics["reference"] = reference_dir and (reference_record or reference_dir)
+    if phases == SFT_REFERENCE:  # TRL's reference pass runs the model the SFT phase made
+        reference_dir, metrics["reference"] = None, SFT_PHASE  # recorded beside the policy
     ref_model = reference_dir and training_reference(reference_dir, policy_dir, cfg, model_cfg)
     start = time.perf_counter()
     phase_args = dict(cfg=cfg, model_cfg=model_cfg, out_dir=out_dir, report_to=report_to,
@@ -234,10 +252,10 @@ def _drop_long_prompts(rows: dict, wanted: list[str], tokenizer, max_length: int
     return phases
 
 
-def _nothing_to_train(mode: TrainMode, data_dir: Path, max_length: int, metrics: dict) -> str:
+def _nothing_to_train(phases: list[str], data_dir: Path, max_length: int, metrics: dict) -> str:
     names = {"dpo": "DPO pairs", "sft": "SFT rows"}
-    what = " or ".join(names[p] for p in _PHASES[mode])
-    too_long = sum(metrics.get(f"{p}/rows_too_long", 0) for p in _PHASES[mode])
+    what = " or ".join(names[p] for p in phases)
+    too_long = sum(metrics.get(f"{p}/rows_too_long", 0) for p in phases)
     if too_long:
         return (f"every one of the {too_long} {what} has a prompt of "
                 f"train.max_length={max_length} tokens or more")
@@ -248,10 +266,10 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
                   cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path, report_to: str,
                   save_steps: int, callbacks: list | None, progress: bool, ref_model=None,
                   use_cache: bool | None = None):
-    """Each phase (DPO, then SFT) continues from the previous one's model; resumes from the
-    newest complete checkpoint. A DPO phase that another follows leaves its model in
-    out_dir/dpo_phase (the implicit reward's policy). Returns the trained model, the last
-    trainer, the histories."""
+    """Each phase continues from the previous one's model; resumes from the newest complete
+    checkpoint. A DPO phase that another follows leaves its model in out_dir/dpo_phase (the
+    implicit reward's policy); an SFT phase DPO follows, in out_dir/sft_phase (its reference).
+    Returns the trained model, the last trainer, the histories."""
     runners = {"dpo": partial(dpo_trainer, ref_model=ref_model), "sft": sft_trainer}
     histories, trainer = {}, None
     for phase in phases:
@@ -272,8 +290,9 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
             model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
         if phase == "dpo":
             metrics.update(pair_metrics_after(model, trainer, cfg.beta))
-            if phase != phases[-1]:
-                keep_dpo_phase(out_dir / DPO_PHASE, model, tokenizer, use_cache)
+        if phase != phases[-1]:  # what a later phase's implicit reward needs of this one
+            keep_phase(out_dir / (DPO_PHASE if phase == "dpo" else SFT_PHASE), model, tokenizer,
+                       use_cache)
     return model, trainer, histories
 
 
@@ -351,6 +370,8 @@ def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict,
         if "dpo" in phases[:-1]:  # a DPO phase another followed (not one a failed run left)
             os.replace(out_dir / DPO_PHASE, tmp / DPO_PHASE)
             meta = {**meta, "implicit_policy": DPO_PHASE}
+        if phases == SFT_REFERENCE:  # meta's reference names it
+            os.replace(out_dir / SFT_PHASE, tmp / SFT_PHASE)
         write_json(tmp / "meta.json", meta)
 
 
