@@ -72,7 +72,6 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 from pipeline.config import (
@@ -83,7 +82,6 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.lm.models import load_tokenizer
-from pipeline.lm.teacher_forced import tail_logprobs
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
@@ -95,21 +93,15 @@ from pipeline.stages.reference import (
     training_reference,
 )
 from pipeline.stages.trl_trainers import (
+    DPO_KEYS,
     dpo_trainer,
     load_policy_for_training,
+    pair_metrics_after,
     quiet_unless,
     sft_trainer,
 )
 
-DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-
-
 FIRST_LAST_KEYS = ("loss", "logps/chosen", "logps/rejected")
-
-AFTER_KEYS = (*DPO_KEYS, "logps/chosen", "logps/rejected")  # dpo/after/<key>: over all pairs
-
-PAIR_METRICS_BATCH = 16  # completions per token tree in pair_metrics_after (8 pairs)
-
 
 _PHASES = {TrainMode.dpo: ["dpo"], TrainMode.sft: ["sft"], TrainMode.dpo_then_sft: ["dpo", "sft"]}
 SFT_REFERENCE = ["sft", "dpo"]  # train.reference=sft: DPO from and against the SFT phase's model
@@ -212,10 +204,8 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     set_seed(cfg.seed)
     model = load_policy_for_training(policy_dir, cfg, model_cfg)
     use_cache = getattr(model.config, "use_cache", None)
-    reference_dir = (reference_dir or policy_dir) if "dpo" in phases else None
-    metrics["reference"] = reference_dir and (reference_record or reference_dir)
-    if phases == SFT_REFERENCE:  # TRL's reference pass runs the model the SFT phase made
-        reference_dir, metrics["reference"] = None, SFT_PHASE  # recorded beside the policy
+    reference_dir, metrics["reference"] = _reference(phases, reference_dir or policy_dir,
+                                                     reference_record)
     ref_model = reference_dir and training_reference(reference_dir, policy_dir, cfg, model_cfg)
     start = time.perf_counter()
     phase_args = dict(cfg=cfg, model_cfg=model_cfg, out_dir=out_dir, report_to=report_to,
@@ -235,6 +225,18 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     _save_policy(final, model, tokenizer, trainer, cfg.lora, meta, out_dir, phases)
     _keep_logs(out_dir, histories, keep_checkpoints)
     return metrics
+
+
+def _reference(phases: list[str], reference_dir: str,
+               record: str | None) -> tuple[str | None, str | None]:
+    """DPO's reference model to load (None: TRL's reference pass runs the model DPO starts from)
+    and what meta.json records; (None, None) without a DPO phase. After an SFT phase
+    (train.reference=sft) it is that phase's model, recorded beside the policy."""
+    if "dpo" not in phases:
+        return None, None
+    if phases == SFT_REFERENCE:
+        return None, SFT_PHASE
+    return reference_dir, record or reference_dir
 
 
 def _drop_long_prompts(rows: dict, wanted: list[str], tokenizer, max_length: int,
@@ -294,44 +296,6 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
             keep_phase(out_dir / (DPO_PHASE if phase == "dpo" else SFT_PHASE), model, tokenizer,
                        use_cache)
     return model, trainer, histories
-
-
-def pair_metrics_after(model, trainer, beta: float) -> dict:
-    """TRL's DPO metrics over every pair with the trained `model`, each pair weighed alike (the
-    per-step logs are one batch each, a different batch every step). The reference log-probs are
-    the trainer's precomputed dataset columns; each pair's token ids are the ones TRL trained on,
-    from the trainer's own collator (EOS rule and truncation included). The policy's log-probs
-    are one no-grad pass per pair's prompt, shared by its chosen and rejected completions as a
-    token tree (pipeline.lm.teacher_forced.tail_logprobs), instead of `trainer.evaluate`'s full
-    forward of each completion with its prompt. rewards/x = beta * (log pi(x) - log pi_ref(x));
-    dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob change
-    against the reference (r -> Q*: it falls)."""
-    pairs, refs = [], []
-    for row in trainer.train_dataset:
-        batch = trainer.data_collator([row])  # rows [chosen, rejected]
-        for side in range(2):
-            real = batch["attention_mask"][side].bool()
-            completion = batch["completion_mask"][side].bool()
-            pairs.append((batch["input_ids"][side][real & ~completion].tolist(),
-                          batch["input_ids"][side][completion].tolist()))
-        refs.append((row["ref_chosen_logps"], row["ref_rejected_logps"]))
-    training = model.training
-    model.eval()
-    try:
-        logps = [sum(tokens) for tokens in tail_logprobs(model, trainer.processing_class, pairs,
-                                                        PAIR_METRICS_BATCH)]
-    finally:
-        model.train(training)
-    chosen, rejected = logps[0::2], logps[1::2]
-    reward_c = [beta * (c - ref) for c, (ref, _) in zip(chosen, refs)]
-    reward_r = [beta * (r - ref) for r, (_, ref) in zip(rejected, refs)]
-    found = {"rewards/chosen": reward_c, "rewards/rejected": reward_r,
-             "rewards/margins": [c - r for c, r in zip(reward_c, reward_r)],
-             "rewards/accuracies": [float(c > r) for c, r in zip(reward_c, reward_r)],
-             "logps/chosen": chosen, "logps/rejected": rejected}
-    out = {f"dpo/after/{key}": fmean(found[key]) for key in AFTER_KEYS}
-    out["dpo/logps/chosen_change"] = out["dpo/after/rewards/chosen"] / beta
-    return out
 
 
 def pair_metrics_of(policy_dir: str, data_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,

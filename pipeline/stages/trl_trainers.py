@@ -1,4 +1,5 @@
-"""TRL trainers for the train stage: their configs, datasets and the EOS-aware DPO collator.
+"""TRL trainers for the train stage: their configs, datasets, the EOS-aware DPO collator, and
+the DPO pair metrics over every pair after training (`pair_metrics_after`).
 
 TRL does the training; this module only builds `trl.DPOTrainer` / `trl.SFTTrainer` from
 TrainConfig (see pipeline/stages/train.py for the whole stage and its metrics).
@@ -10,12 +11,17 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
+from pipeline.lm.teacher_forced import tail_logprobs
 from pipeline.run.train_progress import library_bars_off
 
+DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+AFTER_KEYS = (*DPO_KEYS, "logps/chosen", "logps/rejected")  # dpo/after/<key>: over all pairs
+PAIR_METRICS_BATCH = 16  # completions per token tree in pair_metrics_after (8 pairs)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -154,3 +160,41 @@ def sft_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
                      packing=False)
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       callbacks=callbacks, peft_config=lora_config(cfg) if cfg.lora else None)
+
+
+def pair_metrics_after(model, trainer, beta: float) -> dict:
+    """TRL's DPO metrics over every pair with the trained `model`, each pair weighed alike (the
+    per-step logs are one batch each, a different batch every step). The reference log-probs are
+    the trainer's precomputed dataset columns; each pair's token ids are the ones TRL trained on,
+    from the trainer's own collator (EOS rule and truncation included). The policy's log-probs
+    are one no-grad pass per pair's prompt, shared by its chosen and rejected completions as a
+    token tree (pipeline.lm.teacher_forced.tail_logprobs), instead of `trainer.evaluate`'s full
+    forward of each completion with its prompt. rewards/x = beta * (log pi(x) - log pi_ref(x));
+    dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob change
+    against the reference (r -> Q*: it falls)."""
+    pairs, refs = [], []
+    for row in trainer.train_dataset:
+        batch = trainer.data_collator([row])  # rows [chosen, rejected]
+        for side in range(2):
+            real = batch["attention_mask"][side].bool()
+            completion = batch["completion_mask"][side].bool()
+            pairs.append((batch["input_ids"][side][real & ~completion].tolist(),
+                          batch["input_ids"][side][completion].tolist()))
+        refs.append((row["ref_chosen_logps"], row["ref_rejected_logps"]))
+    training = model.training
+    model.eval()
+    try:
+        logps = [sum(tokens) for tokens in tail_logprobs(model, trainer.processing_class, pairs,
+                                                        PAIR_METRICS_BATCH)]
+    finally:
+        model.train(training)
+    chosen, rejected = logps[0::2], logps[1::2]
+    reward_c = [beta * (c - ref) for c, (ref, _) in zip(chosen, refs)]
+    reward_r = [beta * (r - ref) for r, (_, ref) in zip(rejected, refs)]
+    found = {"rewards/chosen": reward_c, "rewards/rejected": reward_r,
+             "rewards/margins": [c - r for c, r in zip(reward_c, reward_r)],
+             "rewards/accuracies": [float(c > r) for c, r in zip(reward_c, reward_r)],
+             "logps/chosen": chosen, "logps/rejected": rejected}
+    out = {f"dpo/after/{key}": fmean(found[key]) for key in AFTER_KEYS}
+    out["dpo/logps/chosen_change"] = out["dpo/after/rewards/chosen"] / beta
+    return out
