@@ -6,7 +6,16 @@ import math
 
 import pytest
 import torch
-from test_train_stage import config, dpo_rows, sft_rows, weights, write_rows
+from test_train_stage import (
+    Killed,
+    _FirstStep,
+    _StopAfterFirstSave,
+    config,
+    dpo_rows,
+    sft_rows,
+    weights,
+    write_rows,
+)
 from tiny import build_tiny_model
 
 from critics import KINDS
@@ -68,12 +77,19 @@ def test_train_reference_base_trains_against_the_base_and_records_it(tiny_model_
 
 def test_train_reference_sft_trains_dpo_from_and_against_the_sft_phase(tiny_model_dir, tmp_path):
     """train.reference=sft: SFT first, then DPO from that model against it; the SFT model is kept
-    inside the policy and recorded as its reference; without SFT rows, DPO against policy_i."""
+    inside the policy and recorded as its reference, also when the run is killed in DPO and
+    resumed; without SFT rows, DPO against policy_i."""
     data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
     sft_alone = train_policy(str(tiny_model_dir), data, config(mode=TrainMode.sft, epochs=2),
                              tmp_path / "sft")["policy_dir"]
-    cfg = config(reference=Reference.sft, epochs=2)
-    found = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both")
+    cfg = config(reference=Reference.sft, epochs=2)  # 2 SFT steps, then 2 DPO steps
+    with pytest.raises(Killed, match="step 1"):
+        train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
+                     callbacks=[_StopAfterFirstSave(phase="dpo")])
+    seen = _FirstStep()
+    found = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
+                         callbacks=[seen])
+    assert seen.steps == [2] and found["sft/steps"] == found["dpo/steps"] == 2  # DPO step 2 only
     policy, kept = found["policy_dir"], tmp_path / "both" / "policy" / "sft_phase"
     assert found["phases"] == ["sft", "dpo"] and found["reference"] == "sft_phase"
     assert json.loads((kept.parent / "meta.json").read_text())["reference"] == "sft_phase"
