@@ -56,6 +56,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 AFTER = "dpo/after/"  # the train stage's DPO metrics over every pair
 
 
+def _meta_phases(policy: str) -> list[str]:
+    """The phases that trained the policy, from its meta.json ([] for the base model)."""
+    meta = Path(policy) / "meta.json"
+    return json.loads(meta.read_text())["metrics"].get("phases", []) if meta.is_file() else []
+
+
 def keep(store: RunStore, cfg, i: int, tolerance: float) -> dict:
     """policy_{i+1}'s DPO phase, trained again and kept inside it (see the module docstring)."""
     from pipeline.stages.train import train_policy
@@ -66,7 +72,7 @@ def keep(store: RunStore, cfg, i: int, tolerance: float) -> dict:
     if not meta_path.is_file():
         return {"iteration": i, "kept": None, "why": "nothing was trained in this iteration"}
     meta = json.loads(meta_path.read_text())
-    phases = meta["metrics"].get("phases", [])
+    phases = _meta_phases(policy)
     if implicit_policy(policy) is not None:
         return {"iteration": i, "kept": "already"}
     if phases != ["dpo", "sft"]:
@@ -120,6 +126,10 @@ def log_ratios(store: RunStore, cfg, i: int, eval_json: Path, cache: Path) -> di
     policy = store.policy_dir(i, resolve_model_path(cfg.model))
     phase = implicit_policy(policy)
     if phase is None:
+        phases = _meta_phases(policy)
+        if phases != ["dpo", "sft"]:
+            raise QstarError(f"policy {i} ({policy}) was trained in phases {phases}: no SFT phase "
+                             "followed DPO, so there is no SFT part to split off (dpo_then_sft only)")
         raise QstarError(f"policy {i} ({policy}) has no kept DPO phase: run --keep first")
     task = make_task(cfg.task)
     problems = {p.id: p for p in task.split(split)}

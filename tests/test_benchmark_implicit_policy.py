@@ -23,9 +23,10 @@ def bench():
     return load_benchmark("implicit_policy")
 
 
-def _run(root, overrides):
-    """A one-iteration run whose train stage trained DPO then SFT on hand-made rows."""
-    cfg = compose_config([*overrides, "train=dpo_then_sft", "train.epochs=2"])
+def _run(root, overrides, training="train=dpo_then_sft"):
+    """A one-iteration run whose train stage trained DPO then SFT (or `training`) on hand-made
+    rows."""
+    cfg = compose_config([*overrides, training, "train.epochs=2"])
     store = RunStore(root)
     store.set_info(iterations=1, config=to_dict(cfg))
     base = resolve_model_path(cfg.model)
@@ -121,3 +122,16 @@ def test_samples_that_are_not_best_of_n_are_one_line(bench, debug_overrides, tmp
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert f"--samples {greedy}: not a best-of-N `qstar eval` JSON" in err
+
+
+def test_samples_of_a_policy_dpo_trained_last_are_one_line(bench, debug_overrides, tmp_path,
+                                                          capsys):
+    """Nothing to split off: the message says why, not that a DPO phase should be kept."""
+    store, cfg = _run(tmp_path / "run", debug_overrides, "train=dpo")
+    samples = _samples(cfg, tmp_path / "samples.json")
+    capsys.readouterr()  # the training's own output
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--run", str(store.root), "--samples", f"1={samples}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "was trained in phases ['dpo']: no SFT phase followed DPO" in err
