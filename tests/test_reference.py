@@ -6,16 +6,7 @@ import math
 
 import pytest
 import torch
-from test_train_stage import (
-    Killed,
-    _FirstStep,
-    _StopAfterFirstSave,
-    config,
-    dpo_rows,
-    sft_rows,
-    weights,
-    write_rows,
-)
+from test_train_stage import config, dpo_rows, killed_and_resumed, sft_rows, weights, write_rows
 from tiny import build_tiny_model
 
 from critics import KINDS
@@ -83,13 +74,8 @@ def test_train_reference_sft_trains_dpo_from_and_against_the_sft_phase(tiny_mode
     sft_alone = train_policy(str(tiny_model_dir), data, config(mode=TrainMode.sft, epochs=2),
                              tmp_path / "sft")["policy_dir"]
     cfg = config(reference=Reference.sft, epochs=2)  # 2 SFT steps, then 2 DPO steps
-    with pytest.raises(Killed, match="step 1"):
-        train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
-                     callbacks=[_StopAfterFirstSave(phase="dpo")])
-    seen = _FirstStep()
-    found = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
-                         callbacks=[seen])
-    assert seen.steps == [2] and found["sft/steps"] == found["dpo/steps"] == 2  # DPO step 2 only
+    found, steps = killed_and_resumed(str(tiny_model_dir), data, cfg, tmp_path / "both", "dpo")
+    assert steps == [2] and found["sft/steps"] == found["dpo/steps"] == 2  # DPO step 2 only
     policy, kept = found["policy_dir"], tmp_path / "both" / "policy" / "sft_phase"
     assert found["phases"] == ["sft", "dpo"] and found["reference"] == "sft_phase"
     assert json.loads((kept.parent / "meta.json").read_text())["reference"] == "sft_phase"

@@ -68,6 +68,15 @@ class _StopAfterFirstSave(TrainerCallback):
             raise Killed(f"killed after the checkpoint of step {state.global_step}")
 
 
+def killed_and_resumed(policy, data, cfg, out, phase):
+    """train_policy killed after the first checkpoint of `phase`, then run again to the end (a
+    checkpoint every step): its metrics and the steps the rerun trained."""
+    with pytest.raises(Killed, match="step 1"):
+        train_policy(policy, data, cfg, out, save_steps=1, callbacks=[_StopAfterFirstSave(phase)])
+    seen = _FirstStep()
+    return train_policy(policy, data, cfg, out, save_steps=1, callbacks=[seen]), seen.steps
+
+
 class _FirstStep(TrainerCallback):
     def __init__(self):
         self.steps = []
@@ -202,13 +211,8 @@ def test_sft_and_dpo_then_sft(tiny_model_dir, tmp_path):
     # dpo_then_sft, killed in its SFT phase: the rerun takes DPO's final checkpoint (no DPO step
     # again, and the reference pass is redone on the starting policy) and resumes SFT
     cfg = config(mode=TrainMode.dpo_then_sft, epochs=2)  # 2 DPO steps, then 2 SFT steps
-    with pytest.raises(Killed, match="step 1"):
-        train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
-                     callbacks=[_StopAfterFirstSave(phase="sft")])
-    seen = _FirstStep()
-    both = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both", save_steps=1,
-                        callbacks=[seen])
-    assert seen.steps == [2]  # SFT step 2 only
+    both, steps = killed_and_resumed(str(tiny_model_dir), data, cfg, tmp_path / "both", "sft")
+    assert steps == [2]  # SFT step 2 only
     assert both["phases"] == ["dpo", "sft"] and both["dpo/steps"] == both["sft/steps"] == 2
     assert both["steps"] == 4 and both["loss"] == both["sft/loss_last"]
     assert both["dpo/loss_first"] == pytest.approx(0.6931, abs=1e-3)
