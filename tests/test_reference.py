@@ -91,6 +91,9 @@ def test_train_reference_sft_trains_dpo_from_and_against_the_sft_phase(tiny_mode
     for key in ("dpo/after/rewards/chosen", "dpo/after/rewards/rejected"):
         assert again[key] == pytest.approx(found[key], abs=1e-4)
     assert abs(found["dpo/after/rewards/chosen"]) > 1e-3  # DPO moved away from its reference
+    kept.rename(tmp_path / "elsewhere")  # a policy copied without its reference: one line
+    with pytest.raises(QstarError, match="reference='sft_phase' is not a directory beside it"):
+        dpo_reference(policy)
     no_sft = write_rows(tmp_path / "pairs_only", dpo=dpo_rows())
     alone = train_policy(str(tiny_model_dir), no_sft, cfg, tmp_path / "alone")
     assert alone["phases"] == ["dpo"] and alone["reference"] == str(tiny_model_dir)

@@ -53,6 +53,9 @@ def dpo_reference(policy_dir: str) -> tuple[str, float] | None:
     beside = Path(policy_dir) / reference  # recorded relative to the policy: the run can move
     if not Path(reference).is_absolute() and beside.is_dir():
         reference = str(beside.resolve())
+    elif reference == SFT_PHASE:  # kept inside the policy, never a model name
+        raise QstarError(f"{Path(policy_dir) / 'meta.json'}: reference={reference!r} is not a "
+                         "directory beside it (the SFT phase's model; copy the policy whole)")
     return reference, float(meta["config"]["beta"])
 
 
