@@ -72,7 +72,7 @@ def keep(store: RunStore, cfg, i: int, tolerance: float) -> dict:
     if not meta_path.is_file():
         return {"iteration": i, "kept": None, "why": "nothing was trained in this iteration"}
     meta = json.loads(meta_path.read_text())
-    phases = _meta_phases(policy)
+    phases = meta["metrics"].get("phases", [])
     if implicit_policy(policy) is not None:
         return {"iteration": i, "kept": "already"}
     if phases != ["dpo", "sft"]:
