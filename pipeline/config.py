@@ -216,6 +216,10 @@ class SearchConfig:
     leaves_per_tree: int = SearchParams.leaves_per_tree  # leaves gathered per tree per round (virtual loss)
     widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
     trees_per_batch: int = 16  # problems per search shard, searched together
+    # training problems searched per iteration: iteration i searches the window of this many
+    # that starts at i * problems_per_iteration, wrapping around task.num_train, so each
+    # iteration meets problems its policy has not trained on; 0 = all of them every iteration
+    problems_per_iteration: int = 0
     temperature: float = 0.8  # sampling temperature of options
     # evaluation: how the answer is read off the tree. majority, chosen on dev (README "Results"):
     # without a verifier the critics rank a problem's completions near chance, so the visits

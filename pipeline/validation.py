@@ -67,6 +67,10 @@ def _validate_run(cfg: QstarConfig) -> None:
              "task.target", "task=custom needs task.target=package.module:ClassName",
              cfg.task.target)
     _require(cfg.iterations >= 1, "iterations", "must be >= 1", cfg.iterations)
+    _require(0 <= cfg.search.problems_per_iteration <= cfg.task.num_train,
+             "search.problems_per_iteration",
+             f"need 0 <= problems_per_iteration <= task.num_train={cfg.task.num_train} (0 = all)",
+             cfg.search.problems_per_iteration)
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              "allowed: float32, bfloat16, float16", cfg.model.dtype)
     _require(cfg.model.device == "cpu" or cfg.model.device.startswith("cuda"), "model.device",

@@ -179,6 +179,10 @@ INVALID_VALUES = [
      "config key search.rollout.temperature=-0.5 is invalid: must be >= 0 (0 = greedy)"),
     (["search.c_min=4", "search.c_max=3"], "config key search.c_min=4 is invalid: need 1 <= c_min <= c_max"),
     (["search.root_c_min=6", "search.root_c_max=5"], "search.root_c_min=6 is invalid"),
+    (["task.num_train=8", "search.problems_per_iteration=9"],
+     "config key search.problems_per_iteration=9 is invalid: need 0 <= problems_per_iteration "
+     "<= task.num_train=8 (0 = all)"),
+    (["search.problems_per_iteration=-1"], "search.problems_per_iteration=-1 is invalid"),
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
     (["train.beta=-0.1"], "config key train.beta=-0.1 is invalid: must be > 0"),
     (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1 (or null: train.batch_size)"),

@@ -24,9 +24,11 @@ from pipeline.decoding.tree_search import (
     train_search,
     weighted,
 )
+from pipeline.loop import open_loop
 from pipeline.run.atomic import write_jsonl
-from pipeline.run.store import load_shards
+from pipeline.run.store import RunStore, load_shards
 from pipeline.run.transfer import RunFiles
+from pipeline.stages.base import Loop
 from pipeline.stages.search import (
     SearchJob,
     SearchWorker,
@@ -205,6 +207,39 @@ def test_run_search_stage_writes_shards_and_resumes(cfg, models, tmp_path, monke
     assert searched == [["p2", "p3"]]
     assert third["problems"] == 4
     assert [r["problem_id"] for r in load_shards(out)] == ["p0", "p1", "p2", "p3"]
+
+
+def test_search_problems_move_a_window_through_the_training_problems(cfg):
+    pool = problems_(10)
+    loop = Loop(cfg=cfg, store=None, cluster=None, task=None, train_problems=pool,
+                eval_problems=[], base_policy="", tracker=None)
+    ids = lambda i: [p.id for p in loop.search_problems(i)]  # noqa: E731
+    assert ids(0) == ids(7) == [p.id for p in pool]  # 0 (the default): all, every iteration
+    cfg.search.problems_per_iteration = 4
+    assert [ids(i) for i in range(3)] == [["p0", "p1", "p2", "p3"], ["p4", "p5", "p6", "p7"],
+                                          ["p8", "p9", "p0", "p1"]]  # wraps around the pool
+    cfg.search.problems_per_iteration = 5
+    assert sorted(ids(0) + ids(1)) == sorted(p.id for p in pool)  # k | n: each once per n/k
+    assert ids(2) == ids(0)
+
+
+def test_search_stage_searches_each_iterations_window(debug_overrides, tmp_path, monkeypatch):
+    """The stage itself (not a copy of its loop) searches iteration i's window, under the
+    iteration's own directory; a later iteration searches other problems."""
+    cfg = compose_config(debug_overrides + ["search.problems_per_iteration=2",
+                                            "search.trees_per_batch=1"])
+    loop = open_loop(cfg, RunStore(tmp_path / "run"))
+    base = loop.policy_ref(0)
+    monkeypatch.setattr(Loop, "policy_ref", lambda self, i: base)  # no train stage in between
+    monkeypatch.setattr(Loop, "critics_refs", lambda self, i: (None, []))
+    train = [p.id for p in loop.train_problems]
+    assert len(train) == 4
+    searched = []
+    for i in range(3):
+        summary = ss.run(loop, i)
+        searched.append([r["problem_id"] for r in load_shards(loop.store.stage_dir(i, "search"))])
+        assert summary["problems"] == 2 and summary["shards"] == 2
+    assert searched == [train[:2], train[2:], train[:2]]
 
 
 def test_shard_killed_mid_write_is_not_taken_as_complete(cfg, models, tmp_path, monkeypatch):

@@ -32,6 +32,15 @@ class Loop:
     base_policy: str  # the resolved base checkpoint: policy_0
     tracker: Tracker
 
+    def search_problems(self, i: int) -> list[Problem]:
+        """The training problems iteration i searches: all of them, or with
+        search.problems_per_iteration = k the k that start at i * k, wrapping around."""
+        pool, k = self.train_problems, self.cfg.search.problems_per_iteration
+        if not k or k >= len(pool):
+            return list(pool)
+        start = i * k
+        return [pool[(start + j) % len(pool)] for j in range(k)]
+
     def policy(self, i: int) -> str:
         """policy_i's checkpoint directory: the base model for i = 0, else iteration i-1's."""
         return self.store.policy_dir(i, self.base_policy)

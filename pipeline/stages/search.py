@@ -1,4 +1,5 @@
-"""The search stage: every training problem of iteration i searched with policy_i and critics_i.
+"""The search stage: iteration i's training problems (all, or a window: Loop.search_problems)
+searched with policy_i and critics_i.
 
 Problems are cut into shards of `search.trees_per_batch`; each shard is one `SearchJob` for a
 `SearchWorker` (in-process, or a Ray actor), which searches it and returns its rows; the driver
@@ -114,7 +115,7 @@ def run(loop: Loop, i: int) -> dict:
     """Search every shard not yet on disk; complete only when every shard holds its problems."""
     out = loop.store.stage_dir(i, "search")
     out.mkdir(parents=True, exist_ok=True)
-    shards = expected_shards(loop.train_problems, loop.cfg.search.trees_per_batch)
+    shards = expected_shards(loop.search_problems(i), loop.cfg.search.trees_per_batch)
     critics, critic_rels = loop.critics_refs(i)
     policy = loop.policy_ref(i)
     # the implicit reward's pi_ref and the policy's DPO phase travel only when leaves use it
