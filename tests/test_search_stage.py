@@ -213,7 +213,10 @@ def test_search_problems_move_a_window_through_the_training_problems(cfg):
     pool = problems_(10)
     loop = Loop(cfg=cfg, store=None, cluster=None, task=None, train_problems=pool,
                 eval_problems=[], base_policy="", tracker=None)
-    ids = lambda i: [p.id for p in loop.search_problems(i)]  # noqa: E731
+
+    def ids(i):
+        return [p.id for p in loop.search_problems(i)]
+
     assert ids(0) == ids(7) == [p.id for p in pool]  # 0 (the default): all, every iteration
     cfg.search.problems_per_iteration = 4
     assert [ids(i) for i in range(3)] == [["p0", "p1", "p2", "p3"], ["p4", "p5", "p6", "p7"],
