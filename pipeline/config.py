@@ -284,6 +284,9 @@ class PairsConfig:
     max_per_problem: int = 8  # DPO pairs per problem at most (-1: no cap)
     trajectory_pairs: bool = True  # also pair a correct with an incorrect whole solution
     sft_from_rollouts: bool = True  # no verified terminal: SFT on a verified, finished fast rollout
+    # SFT rows per problem at most: its distinct verified solutions, best first (-1: all). More
+    # than one trains on several ways a problem was solved, not only the most visited one
+    sft_per_problem: int = 1
 
 
 @dataclass

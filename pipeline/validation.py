@@ -134,6 +134,9 @@ def _validate_learning(cfg: QstarConfig) -> None:
              "train.reference_batch_size", "must be >= 1 (or null: train.batch_size)",
              tr.reference_batch_size)
     _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
+    for key in ("max_per_problem", "sft_per_problem"):
+        _require(getattr(tr.pairs, key) >= -1, f"train.pairs.{key}", "must be >= 0 (or -1: no cap)",
+                 getattr(tr.pairs, key))
     _require(tr.reference != Reference.sft or tr.mode == TrainMode.dpo, "train.reference",
              f"sft needs train.mode=dpo (it adds the SFT phase before DPO), not {tr.mode.value}",
              tr.reference.value)

@@ -183,6 +183,9 @@ INVALID_VALUES = [
      "config key search.problems_per_iteration=9 is invalid: need 0 <= problems_per_iteration "
      "<= task.num_train=8 (0 = all)"),
     (["search.problems_per_iteration=-1"], "search.problems_per_iteration=-1 is invalid"),
+    (["train.pairs.sft_per_problem=-2"],
+     "config key train.pairs.sft_per_problem=-2 is invalid: must be >= 0 (or -1: no cap)"),
+    (["train.pairs.max_per_problem=-5"], "config key train.pairs.max_per_problem=-5 is invalid"),
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
     (["train.beta=-0.1"], "config key train.beta=-0.1 is invalid: must be > 0"),
     (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1 (or null: train.batch_size)"),

@@ -174,8 +174,10 @@ def test_cap_keeps_largest_gaps_trajectory_pairs_count():
     dpo, _ = build_rows(rows, 0, PairsConfig(max_per_problem=2, trajectory_pairs=False))
     assert [r["lineage"]["node_ids"] for r in dpo] == [[3, 4], [7, 6]]  # gaps 1.0 and 0.9
     assert build_rows(rows, 0, PairsConfig(max_per_problem=0))[0] == []
+    every = build_rows(rows, 0, PairsConfig(max_per_problem=-1))[0]  # -1: no cap, as documented
+    assert len(every) == 4 and every == build_rows(rows, 0, PairsConfig(max_per_problem=100))[0]
     with pytest.raises(ValueError, match="max_per_problem"):
-        build_rows(rows, 0, PairsConfig(max_per_problem=-1))
+        build_rows(rows, 0, PairsConfig(max_per_problem=-2))
 
 
 def test_dedupe_across_trees_and_cap_per_problem():
@@ -224,6 +226,31 @@ def test_sft_falls_back_to_a_verified_finished_rollout():
     # a verified terminal in another tree of the same problem wins over any rollout
     _, sft = build_rows([row, shard_row("p-mul", "What is 4 * 5?", tree_add())], 0, PairsConfig())
     assert sft[0]["lineage"]["from_rollout"] is False
+
+
+def test_sft_per_problem_keeps_distinct_verified_solutions_best_first():
+    add = tree_add()  # correct terminals: node 3 (3 visits), node 5 (1 visit)
+    add[7]["rollout"] = 1.0  # node 7's rollout verified and finished: a third solution
+    row = shard_row("p-add", "What is 2 + 3?", add)
+    row["rollouts"] = {"7": {"text": "Answer: 5\n", "tokens": 4, "finished": True}}
+    texts = {"3": "Step 1: add 2 and 3\nAnswer: 5\n", "5": "Step 1: add 2 and 3\nAnswer: 5.\n",
+             "7": "Step 1: multiply 2 by 3\nStep 2: check it\nAnswer: 5\n"}
+
+    def sft_nodes(pairs, rows=(row,)):
+        return [(r["lineage"]["node_ids"][0], r["lineage"]["from_rollout"], r["completion"])
+                for r in build_rows(list(rows), 0, pairs)[1]]
+
+    assert sft_nodes(PairsConfig()) == [(3, False, texts["3"])]  # the default: the best one
+    assert sft_nodes(PairsConfig(sft_per_problem=2)) == [(3, False, texts["3"]),
+                                                         (5, False, texts["5"])]
+    every = [(3, False, texts["3"]), (5, False, texts["5"]), (7, True, texts["7"])]
+    assert sft_nodes(PairsConfig(sft_per_problem=-1)) == every  # terminals, then rollouts
+    assert sft_nodes(PairsConfig(sft_per_problem=-1, sft_from_rollouts=False)) == every[:2]
+    assert sft_nodes(PairsConfig(sft_per_problem=0)) == []
+    # a second tree of the problem with the same solutions adds nothing: distinct texts only
+    assert sft_nodes(PairsConfig(sft_per_problem=-1), [row, row]) == every
+    with pytest.raises(ValueError, match="sft_per_problem"):
+        build_rows([row], 0, PairsConfig(sft_per_problem=-2))
 
 
 def test_verified_completions_count_terminals_and_finished_verified_rollouts():

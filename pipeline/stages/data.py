@@ -37,15 +37,17 @@ Selection rules
   incorrect terminals (terminal_reward < 1.0; most visited first, then lowest Q, lowest id), one
   pair per (correct, incorrect) couple. The verifier's reward is exact, so n_min and margin do
   not apply to them.
-- SFT: per problem, the correct terminal with the most visits (ties: highest Q, lowest id);
-  with no correct terminal (and pairs.sft_from_rollouts), the node whose fast rollout the
-  verifier accepted and that ended with EOS, by the same order: its steps plus the rollout.
+- SFT: per problem, up to pairs.sft_per_problem (default 1; -1: all) distinct verified
+  solutions: the correct terminals, most visits first (ties: highest Q, lowest id), then (with
+  pairs.sft_from_rollouts) the nodes whose fast rollout the verifier accepted and that ended
+  with EOS, by the same order: their steps plus the rollout. At 1 that is the best correct
+  terminal, or with none the best verified rollout.
 - Pairs are deduplicated on (prompt + chosen, prompt + rejected) over the whole call -- identical
   rows, and also a step pair between two terminal siblings that repeats, with a longer prompt,
   a trajectory pair (the DPO loss sees only the full sequences) -- then capped at
-  pairs.max_per_problem per problem, largest Q gap first (ties: trajectory pairs before step
-  pairs, shallower prefix first, lower node ids first). SFT rows are deduplicated on
-  (prompt, completion).
+  pairs.max_per_problem per problem (-1: no cap), largest Q gap first (ties: trajectory pairs
+  before step pairs, shallower prefix first, lower node ids first). SFT rows are distinct
+  within a problem before its cap, and deduplicated on (prompt, completion) over the call.
 - Order: problems sorted by problem_id; within a problem, the rank above. Same input, same bytes.
 
 Lineage (extra key; `pipeline.stages.train` hands TRL only the columns it trains on):
@@ -159,12 +161,6 @@ def trajectory_pairs(view: _TreeView, problem_id: str, iteration: int) -> list[d
     return rows
 
 
-def best_verified(view: _TreeView) -> dict | None:
-    """The correct terminal node with the most visits (ties: highest Q, lowest id), or None."""
-    correct = [n for n in view.terminals() if n["terminal_reward"] == 1.0]
-    return min(correct, key=_best_correct_key) if correct else None
-
-
 def verified_rollouts(view: _TreeView, rollouts: dict) -> list[dict]:
     """Non-terminal nodes whose fast rollout the verifier accepted and that ended the solution
     (EOS): each node's steps plus its rollout is a whole verified solution."""
@@ -182,35 +178,39 @@ def verified_completions(tree: dict, rollouts: dict) -> tuple[set[str], set[str]
     return terminals, from_rollouts - terminals
 
 
-def best_verified_rollout(view: _TreeView, rollouts: dict) -> tuple[dict, str] | None:
-    """The node whose fast rollout the verifier accepted and that ended the solution (EOS), by
-    the same order as terminals (most visits, highest Q, lowest id), with the rollout's text."""
-    found = verified_rollouts(view, rollouts)
-    if not found:
-        return None
-    node = min(found, key=_best_correct_key)
-    return node, rollouts[str(node["id"])]["text"]
-
-
-def sft_row(view: _TreeView, problem_id: str, iteration: int, rollouts: dict,
-            from_rollouts: bool) -> dict | None:
-    """The best verified trajectory; else (from_rollouts) the best verified rollout's solution."""
-    node = best_verified(view)
-    if node is not None:
-        completion, from_rollout = view.text_to(node["id"]), False
-    elif from_rollouts and (found := best_verified_rollout(view, rollouts)) is not None:
-        node, rollout_text = found
-        completion, from_rollout = view.text_to(node["id"]) + rollout_text, True
-    else:
-        return None
+def _sft(view: _TreeView, problem_id: str, iteration: int, node: dict, completion: str,
+         from_rollout: bool) -> dict:
     lineage = _lineage(iteration, problem_id, "sft", 0, [node])
     lineage["from_rollout"] = from_rollout
     return {"prompt": view.prompt, "completion": completion, "lineage": lineage}
 
 
+def sft_rows(view: _TreeView, problem_id: str, iteration: int, rollouts: dict,
+             from_rollouts: bool) -> list[dict]:
+    """Every verified solution of one tree as an SFT row: its correct terminals, then (with
+    from_rollouts) its verified rollouts that finished (steps + rollout); build_rows ranks them."""
+    rows = [_sft(view, problem_id, iteration, n, view.text_to(n["id"]), False)
+            for n in view.terminals() if n["terminal_reward"] == 1.0]
+    if from_rollouts:
+        rows += [_sft(view, problem_id, iteration, n,
+                      view.text_to(n["id"]) + rollouts[str(n["id"])]["text"], True)
+                 for n in verified_rollouts(view, rollouts)]
+    return rows
+
+
 def _sft_rank(row: dict) -> tuple:
     lin = row["lineage"]
     return (lin["from_rollout"], -lin["visits"][0], -lin["q"][0], lin["node_ids"][0])
+
+
+def _best_distinct(solutions: list[tuple[tuple, dict]], cap: int) -> list[dict]:
+    """The best `cap` (-1: all) SFT rows of one problem with distinct completions, by rank."""
+    picked: dict[str, dict] = {}
+    for _, row in sorted(solutions, key=lambda c: c[0]):
+        if len(picked) == cap:
+            break
+        picked.setdefault(row["completion"], row)
+    return list(picked.values())
 
 
 def _pair_rank(row: dict, depth_of) -> tuple:
@@ -221,8 +221,9 @@ def _pair_rank(row: dict, depth_of) -> tuple:
 def build_rows(shard_rows: Iterable[dict], iteration: int,
                pairs: PairsConfig) -> tuple[list[dict], list[dict]]:
     """(dpo_rows, sft_rows) from the search shard rows of one iteration; see the module doc."""
-    if pairs.max_per_problem < 0:
-        raise ValueError(f"pairs.max_per_problem must be >= 0, got {pairs.max_per_problem}")
+    for key in ("max_per_problem", "sft_per_problem"):
+        if getattr(pairs, key) < -1:
+            raise ValueError(f"pairs.{key} must be >= 0 or -1 (no cap), got {getattr(pairs, key)}")
     by_problem: dict[str, list[dict]] = {}
     for row in shard_rows:
         if row.get("iteration", iteration) != iteration:
@@ -231,12 +232,12 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
         by_problem.setdefault(str(row["problem_id"]), []).append(row)
 
     dpo_rows: list[dict] = []
-    sft_rows: list[dict] = []
+    sft_out: list[dict] = []
     seen_pairs: set[tuple[str, str]] = set()
     seen_sft: set[tuple[str, str]] = set()
     for problem_id in sorted(by_problem):
         candidates: list[tuple[tuple, dict]] = []
-        best: tuple[tuple, dict] | None = None
+        solutions: list[tuple[tuple, dict]] = []
         for order, row in enumerate(by_problem[problem_id]):
             view = _TreeView(row["tree"])
             found = step_pairs(view, problem_id, iteration, pairs)
@@ -244,14 +245,12 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
                 found += trajectory_pairs(view, problem_id, iteration)
             depth = lambda r, v=view: len(v.path(r["lineage"]["prefix_node"])) - 1  # noqa: E731
             candidates += [(_pair_rank(r, depth) + (order,), r) for r in found]
-            sft = sft_row(view, problem_id, iteration, row.get("rollouts", {}),
-                          pairs.sft_from_rollouts)
-            if sft is not None and (best is None or _sft_rank(sft) + (order,) < best[0]):
-                best = (_sft_rank(sft) + (order,), sft)
+            solutions += [(_sft_rank(r) + (order,), r) for r in sft_rows(
+                view, problem_id, iteration, row.get("rollouts", {}), pairs.sft_from_rollouts)]
         candidates.sort(key=lambda c: c[0])
         kept = 0
         for _, row in candidates:
-            if kept >= pairs.max_per_problem:
+            if kept == pairs.max_per_problem:  # -1 never equals a count: no cap
                 break
             # Equal full texts train the same: a step pair that ends two terminals repeats the
             # trajectory pair of those terminals with a longer prompt; the trajectory pair ranks first.
@@ -261,13 +260,12 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
             seen_pairs.add(key)
             dpo_rows.append(row)
             kept += 1
-        if best is not None:
-            sft = best[1]
+        for sft in _best_distinct(solutions, pairs.sft_per_problem):
             key = (sft["prompt"], sft["completion"])
-            if key not in seen_sft:
+            if key not in seen_sft:  # another problem's row already (the same text under two ids)
                 seen_sft.add(key)
-                sft_rows.append(sft)
-    return dpo_rows, sft_rows
+                sft_out.append(sft)
+    return dpo_rows, sft_out
 
 
 def count_rows(dpo_rows: list[dict], sft_rows: list[dict], problems: int) -> dict:
