@@ -168,16 +168,6 @@ def verified_rollouts(view: _TreeView, rollouts: dict) -> list[dict]:
             and rollouts.get(str(n["id"]), {}).get("finished")]
 
 
-def verified_completions(tree: dict, rollouts: dict) -> tuple[set[str], set[str]]:
-    """The distinct verified solutions one search found: the texts of its correct terminal nodes,
-    and those of its verified rollouts (steps + rollout) that are not already a terminal's."""
-    view = _TreeView(tree)
-    terminals = {view.text_to(n["id"]) for n in view.terminals() if n["terminal_reward"] == 1.0}
-    from_rollouts = {view.text_to(n["id"]) + rollouts[str(n["id"])]["text"]
-                     for n in verified_rollouts(view, rollouts)}
-    return terminals, from_rollouts - terminals
-
-
 def _sft(view: _TreeView, problem_id: str, iteration: int, node: dict, completion: str,
          from_rollout: bool) -> dict:
     lineage = _lineage(iteration, problem_id, "sft", 0, [node])
@@ -196,6 +186,16 @@ def sft_rows(view: _TreeView, problem_id: str, iteration: int, rollouts: dict,
                       view.text_to(n["id"]) + rollouts[str(n["id"])]["text"], True)
                  for n in verified_rollouts(view, rollouts)]
     return rows
+
+
+def verified_completions(tree: dict, rollouts: dict) -> tuple[set[str], set[str]]:
+    """The distinct verified solutions one search found (the texts sft_rows would train on): those
+    of its correct terminal nodes, and those of its verified rollouts (steps + rollout) that are
+    not already a terminal's."""
+    rows = sft_rows(_TreeView(tree), "", 0, rollouts, from_rollouts=True)
+    terminals = {r["completion"] for r in rows if not r["lineage"]["from_rollout"]}
+    from_rollouts = {r["completion"] for r in rows if r["lineage"]["from_rollout"]}
+    return terminals, from_rollouts - terminals
 
 
 def _sft_rank(row: dict) -> tuple:
