@@ -311,6 +311,9 @@ class TrainConfig:
     beta: float = 0.1  # DPO's KL weight (also the implicit reward's scale)
     loss_type: list[DpoLoss] = field(default_factory=lambda: [DpoLoss.sigmoid])  # TRL DPO losses
     learning_rate: float = 5e-6  # AdamW step size
+    # the SFT phase's step size (train.mode=sft, dpo_then_sft, reference=sft); None:
+    # learning_rate. DPO usually wants a smaller step than SFT
+    sft_learning_rate: float | None = None
     epochs: float = 2.0  # passes over the rows per phase
     batch_size: int = 4  # rows per device step
     gradient_accumulation_steps: int = 1  # device steps per optimizer step

@@ -128,6 +128,8 @@ def _validate_learning(cfg: QstarConfig) -> None:
     tr = cfg.train
     _require(tr.beta > 0, "train.beta", "must be > 0", tr.beta)
     _require(tr.learning_rate > 0, "train.learning_rate", "must be > 0", tr.learning_rate)
+    _require(tr.sft_learning_rate is None or tr.sft_learning_rate > 0, "train.sft_learning_rate",
+             "must be > 0 (or null: train.learning_rate)", tr.sft_learning_rate)
     _require(tr.epochs > 0, "train.epochs", "must be > 0", tr.epochs)
     _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
     _require(tr.reference_batch_size is None or tr.reference_batch_size >= 1,

@@ -156,8 +156,10 @@ def sft_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
 
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
                                  for r in rows])
-    args = SFTConfig(**common_args(cfg, model_cfg, output_dir, report_to, save_steps, progress),
-                     packing=False)
+    common = common_args(cfg, model_cfg, output_dir, report_to, save_steps, progress)
+    if cfg.sft_learning_rate is not None:
+        common["learning_rate"] = cfg.sft_learning_rate
+    args = SFTConfig(**common, packing=False)
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       callbacks=callbacks, peft_config=lora_config(cfg) if cfg.lora else None)
 
