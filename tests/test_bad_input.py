@@ -186,6 +186,8 @@ INVALID_VALUES = [
     (["train.pairs.sft_per_problem=-2"],
      "config key train.pairs.sft_per_problem=-2 is invalid: must be >= 0 (or -1: no cap)"),
     (["train.pairs.max_per_problem=-5"], "config key train.pairs.max_per_problem=-5 is invalid"),
+    (["train.sft_learning_rate=0"],
+     "config key train.sft_learning_rate=0.0 is invalid: must be > 0 (or null: train.learning_rate)"),
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
     (["train.beta=-0.1"], "config key train.beta=-0.1 is invalid: must be > 0"),
     (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1 (or null: train.batch_size)"),

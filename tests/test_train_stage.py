@@ -235,6 +235,25 @@ def test_sft_and_dpo_then_sft(tiny_model_dir, tmp_path):
     assert (kept / "tokenizer_config.json").is_file()
 
 
+def test_sft_learning_rate_is_the_sft_phases_own(tiny_model_dir, tmp_path):
+    """train.sft_learning_rate sets the SFT phase's step size and leaves DPO's at
+    train.learning_rate: with the same schedule (2 steps each), the logged rates are in their
+    ratio at every step."""
+    data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
+    cfg = config(mode=TrainMode.dpo_then_sft, epochs=2, learning_rate=3e-3, sft_learning_rate=1e-3)
+    train_policy(str(tiny_model_dir), data, cfg, tmp_path / "both")
+
+    def rates(phase):
+        history = json.loads((tmp_path / "both" / "trainer" / phase / "log_history.json").read_text())
+        return [h["learning_rate"] for h in history if "learning_rate" in h]
+
+    dpo, sft = rates("dpo"), rates("sft")
+    assert len(dpo) == len(sft) == 2 and dpo[0] > 0
+    assert sft == pytest.approx([r / 3 for r in dpo])
+    meta = json.loads((tmp_path / "both" / "policy" / "meta.json").read_text())
+    assert meta["config"]["sft_learning_rate"] == 1e-3
+
+
 def test_no_rows_skips_and_keeps_the_old_policy(tiny_model_dir, tmp_path):
     data = write_rows(tmp_path / "data", dpo=[], sft=sft_rows())
     out = tmp_path / "train"
