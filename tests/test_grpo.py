@@ -17,6 +17,7 @@ from pipeline.report.collect import run_status
 from pipeline.report.inspect import iteration_table
 from pipeline.run.store import RunStore
 from pipeline.stages import grpo
+from pipeline.tasks import make_task
 
 
 def grpo_overrides(debug_overrides, *extra) -> list[str]:
@@ -118,7 +119,6 @@ def test_trl_tokenizes_the_grpo_prompt_as_search_and_eval_do():
     equal the ids of qstar's rendered prompt (no BOS added, same template)."""
     from pipeline.config import ModelConfig, TaskConfig
     from pipeline.lm.models import load_tokenizer, resolve_model_path
-    from pipeline.tasks import make_task
     from pipeline.tasks.prompt import task_prompts
 
     cfg = ModelConfig()
@@ -151,11 +151,27 @@ def test_bad_grpo_config_is_one_line(override, needle, debug_overrides, tmp_path
     assert needle in the_error_line(rc, out, err) and not run.exists()
 
 
+def test_grpo_trains_on_the_iterations_window_of_problems(debug_overrides, tmp_path, monkeypatch):
+    """search.problems_per_iteration=2 of 4: iteration 0 trains on problems 0-1, iteration 1 on
+    2-3, as the MCTS and STaR loops search them."""
+    seen = []
+    real = grpo.grader_reward
+    monkeypatch.setattr(grpo, "grader_reward",
+                        lambda task, problems: seen.append([p.id for p in problems]) or real(
+                            task, problems))
+    cfg = compose_config(grpo_overrides(debug_overrides, "iterations=2", "task.num_train=4",
+                                        "search.problems_per_iteration=2"))
+    store = run_loop(cfg, tmp_path / "run")
+    everything = [p.id for p in make_task(cfg.task).split("train")]
+    assert seen == [everything[:2], everything[2:]]
+    assert [store.metrics(i, "train")["problems"] for i in range(2)] == [2, 2]
+    assert store.metrics(0, "train")["steps"] == 1  # 2 problems, 2 per step
+
+
 def test_grpo_resumes_from_its_checkpoint_and_counts_the_steps_before(debug_overrides, tmp_path,
                                                                       recorded):
     """Killed after step 1's checkpoint: the rerun trains only step 2, and the metrics still
     count both steps' completions and tokens (TRL's checkpoint keeps its log)."""
-    from pipeline.tasks import make_task
 
     cfg = compose_config(grpo_overrides(debug_overrides))
     task = make_task(cfg.task)
@@ -180,7 +196,6 @@ def test_grpo_resumes_from_its_checkpoint_and_counts_the_steps_before(debug_over
 def test_token_budget_stops_after_the_step_that_reaches_it(debug_overrides, tmp_path, recorded):
     """train.grpo.token_budget: training stops after the first step whose sampled tokens reach
     the budget, before train.epochs (3 epochs = 6 steps) ends."""
-    from pipeline.tasks import make_task
 
     def train(budget: int, out: str) -> dict:
         cfg = compose_config(grpo_overrides(debug_overrides, "train.epochs=3",

@@ -180,10 +180,11 @@ def fit_grpo(root: Path, out: Path, policy: str, task: Task, problems: list[Prob
 
 
 def run(loop: Loop, i: int) -> dict:
-    """policy_{i+1}: policy_i GRPO-trained on the training problems; recorded run-relative."""
+    """policy_{i+1}: policy_i GRPO-trained on iteration i's training problems (all of them, or
+    the window search.problems_per_iteration gives the other loops' search); run-relative."""
     policy = loop.policy_ref(i)
     metrics = loop.run_remote(fit_grpo, i, "train", loop.run_files([policy]), policy, loop.task,
-                              loop.train_problems, loop.cfg.train, loop.cfg.model, i,
+                              loop.search_problems(i), loop.cfg.train, loop.cfg.model, i,
                               loop.tracker.report_to if loop.cluster.ray is None else "none",
                               loop.cfg.progress)
     trained = loop.store.relative(loop.store.stage_dir(i, "train") / "policy")
