@@ -49,7 +49,7 @@ def shipped(request, tmp_path_factory, tiny_model_dir):
         def share(self, run_root, rels, skip=()):  # as under Ray: a packed copy
             packed = pack(run_root, rels, skip)
             packs.append((now.get("at", (0, "baseline")), sorted(packed)))
-            return RunFiles(ref=packed)
+            return RunFiles(refs={k: [v] for k, v in packed.items()})
         mp.setattr(Cluster, "share", share)
         mp.setitem(sys.modules, "ray", SimpleNamespace(get=lambda ref: ref))  # a fake store
         run_loop(compose_config(overrides), root / "run")

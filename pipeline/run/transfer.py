@@ -1,11 +1,14 @@
 """Run-directory files moved through Ray's object store instead of a shared filesystem.
 
 Under `cluster=ray` no worker sees the driver's run directory. The driver packs the part of
-the run a stage needs (policy_i, critics_i and its backbone) into one `{run-relative path:
-bytes}` dict, puts it in the object store once, and each worker unpacks it into its own temporary
-directory with the same layout, so run-relative references (a policy `iter_000/train/policy`,
-a critic backbone `../../iter_000/train/policy`) resolve there as they do in the run. What a
-worker makes comes back the same way and the driver writes it atomically.
+the run a stage needs (policy_i, critics_i and its backbone) file by file into the object
+store (`Cluster.share`: `{run-relative path: [ObjectRef of each CHUNK_BYTES piece]}`, one
+piece in the driver at a time, so a checkpoint of any size costs the driver at most CHUNK_BYTES;
+a file the previous stage shipped is not put again), and each worker writes them into its own
+temporary directory with the same layout, piece by piece, so run-relative references (a
+policy `iter_000/train/policy`, a critic backbone `../../iter_000/train/policy`) resolve there as
+they do in the run. What a worker makes comes back as one `{path: bytes}` dict (`pack`) and the
+driver writes it atomically.
 """
 
 from __future__ import annotations
@@ -20,22 +23,38 @@ from typing import Any
 
 from pipeline.run.atomic import atomic_dir
 
+CHUNK_BYTES = 256 * 2**20  # the most of one file the driver reads at once to ship it
 
-def pack(root: str | os.PathLike, rels: Iterable[str],
-         skip: Iterable[str] = ()) -> dict[str, bytes]:
-    """Every file under root/rel for each rel, keyed by its path relative to `root`, except
+
+def chunks(path: Path) -> Iterator[bytes]:
+    """A file's bytes, CHUNK_BYTES at a time (one empty piece for an empty file)."""
+    size = CHUNK_BYTES
+    with path.open("rb") as f:
+        piece = f.read(size)
+        yield piece
+        while piece := f.read(size):
+            yield piece
+
+
+def files_under(root: str | os.PathLike, rels: Iterable[str],
+                skip: Iterable[str] = ()) -> Iterator[tuple[str, Path]]:
+    """(path relative to `root`, path) of every file under root/rel for each rel, except
     temporaries and what lies under a `skip` directory (relative to `root` too)."""
     root = Path(root)
     skipped = {Path(s) for s in skip}
-    files = {}
     for rel in rels:
         base = root / rel
         paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         for path in paths:
             key = path.relative_to(root)
             if not path.name.startswith(".tmp-") and skipped.isdisjoint(key.parents):
-                files[key.as_posix()] = path.read_bytes()
-    return files
+                yield key.as_posix(), path
+
+
+def pack(root: str | os.PathLike, rels: Iterable[str],
+         skip: Iterable[str] = ()) -> dict[str, bytes]:
+    """files_under(root, rels, skip) read into one `{relative path: bytes}` dict."""
+    return {key: path.read_bytes() for key, path in files_under(root, rels, skip)}
 
 
 def unpack(files: dict[str, bytes], root: str | os.PathLike) -> Path:
@@ -68,19 +87,26 @@ def worker_dir(prefix: str) -> Iterator[Path]:
 @dataclass(frozen=True)
 class RunFiles:
     """Where a worker finds the run files it needs: the driver's run directory (`root`, under
-    cluster=local) or a packed subset of it in Ray's object store (`ref`, under cluster=ray)."""
+    cluster=local) or a subset of it in Ray's object store (`refs`, under cluster=ray)."""
 
     root: str | None = None
-    ref: Any = None  # ray.ObjectRef of pack(...)
+    # run-relative path -> ray.ObjectRefs of its bytes, CHUNK_BYTES at a time, in order
+    refs: dict[str, list[Any]] | None = None
 
     @contextmanager
     def opened(self, prefix: str = "run") -> Iterator[Path]:
         """The directory to resolve run-relative paths against for the block: the run itself,
-        or the packed files unpacked into a worker directory removed when the block ends."""
-        if self.ref is None:
+        or the shipped files written into a worker directory, one at a time, removed when the
+        block ends."""
+        if self.refs is None:
             yield Path(self.root)
             return
-        import ray  # only cluster=ray packs files, and its workers have Ray
+        import ray  # only cluster=ray ships files, and its workers have Ray
 
         with worker_dir(prefix) as root:
-            yield unpack(ray.get(self.ref), root)
+            for rel, refs in self.refs.items():
+                path = unpack({rel: b""}, root) / rel
+                with path.open("ab") as f:
+                    for ref in refs:
+                        f.write(ray.get(ref))
+            yield root

@@ -21,7 +21,7 @@ from pathlib import Path
 import pipeline
 from pipeline.config import ClusterKind, QstarConfig
 from pipeline.errors import QstarError, last_line
-from pipeline.run.transfer import RunFiles, pack
+from pipeline.run.transfer import RunFiles, chunks, files_under
 
 CONNECT_TIMEOUT_S = 10.0  # a cluster.address that does not answer in this time is refused
 
@@ -79,6 +79,9 @@ class Cluster:
     def __init__(self, cfg: QstarConfig):
         self.cfg = cfg
         self.ray = None
+        self._shipped: deque[dict] = deque(maxlen=2)  # share's last two calls: file key -> pieces
+        self.puts = 0  # files share has put in the object store (each file once while reused)
+        self.put_bytes = 0  # and their bytes
         if cfg.cluster.kind == ClusterKind.ray:
             self._start_ray()
             self.check_resources()
@@ -113,12 +116,28 @@ class Cluster:
 
     def share(self, root: str | os.PathLike, rels: Iterable[str],
               skip: Iterable[str] = ()) -> RunFiles:
-        """The run files under `rels` for workers: the directory itself in-process, a packed
-        copy in the object store under Ray (put once, read by every worker), without what lies
-        under a `skip` directory."""
+        """The run files under `rels` for workers, without what lies under a `skip` directory:
+        the directory itself in-process; under Ray each file in the object store (put once,
+        read by every worker) in pieces of at most CHUNK_BYTES, one piece in this process at a
+        time. A file the previous call shipped, unchanged (same path, size and mtime: run
+        artifacts are renamed into place, never rewritten), is not put again: search, train,
+        refit and eval ship the same policy in turn. The object store keeps the files of the
+        last two calls (and what running stages still hold)."""
         if self.ray is None:
             return RunFiles(root=str(root))
-        return RunFiles(ref=self.ray.put(pack(root, rels, skip)))
+        earlier = {k: ref for shipped in self._shipped for k, ref in shipped.items()}
+        refs, now = {}, {}
+        for rel, path in files_under(root, rels, skip):
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            pieces = now.get(key, earlier.get(key))
+            if pieces is None:
+                pieces = [self.ray.put(piece) for piece in chunks(path)]
+                self.puts += 1
+                self.put_bytes += stat.st_size
+            refs[rel] = now[key] = pieces
+        self._shipped.append(now)
+        return RunFiles(refs=refs)
 
     def _actor(self, worker_cls: type):
         c = self.cfg.cluster
