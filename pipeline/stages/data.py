@@ -213,9 +213,11 @@ def _best_distinct(solutions: list[tuple[tuple, dict]], cap: int) -> list[dict]:
     return list(picked.values())
 
 
-def _pair_rank(row: dict, depth_of) -> tuple:
+def _pair_rank(row: dict, view: _TreeView) -> tuple:
+    """Larger Q gap first, then kind, then the shallower branch point, then node ids."""
     lin = row["lineage"]
-    return (-(lin["q"][0] - lin["q"][1]), KIND_ORDER[lin["kind"]], depth_of(row), lin["node_ids"])
+    depth = len(view.path(lin["prefix_node"])) - 1
+    return (-(lin["q"][0] - lin["q"][1]), KIND_ORDER[lin["kind"]], depth, lin["node_ids"])
 
 
 def build_rows(shard_rows: Iterable[dict], iteration: int,
@@ -243,8 +245,7 @@ def build_rows(shard_rows: Iterable[dict], iteration: int,
             found = step_pairs(view, problem_id, iteration, pairs)
             if pairs.trajectory_pairs:
                 found += trajectory_pairs(view, problem_id, iteration)
-            depth = lambda r, v=view: len(v.path(r["lineage"]["prefix_node"])) - 1  # noqa: E731
-            candidates += [(_pair_rank(r, depth) + (order,), r) for r in found]
+            candidates += [(_pair_rank(r, view) + (order,), r) for r in found]
             solutions += [(_sft_rank(r) + (order,), r) for r in sft_rows(
                 view, problem_id, iteration, row.get("rollouts", {}), pairs.sft_from_rollouts)]
         candidates.sort(key=lambda c: c[0])
