@@ -1,12 +1,15 @@
 """What shipping run files to Ray workers costs the driver, the old way against the new, side by
 side in one run.
 
-    python benchmarks/ray_share.py --run RUN [--iteration 0] [--output PATH]
+    python benchmarks/ray_share.py --run RUN [--iteration 1] [--output PATH]
 
-One iteration of a `cluster=ray` loop ships, stage by stage (pipeline/stages/*: `run_files`),
-policy_i to search and train, then policy_{i+1} with the DPO phase it keeps for the implicit
-reward to refit and eval, then policy_{i+1} to the next search. `RUN` is a finished run whose
-iteration `--iteration` trained a policy (any `make demo` run). Each side replays that sequence
+One iteration of a `cluster=ray` loop with greedy eval ships, stage by stage
+(pipeline/stages/*: `run_files`), policy_i to search and train, policy_{i+1} with the DPO phase
+it keeps for the implicit reward and policy_i (its DPO reference) to refit, then policy_{i+1} to
+eval and the next search (the critics' heads and the data rows are kilobytes). `RUN` is a
+finished run whose iteration `--iteration` trained a policy (a `make demo` run: iteration 1
+trains policy_2 from policy_1; at iteration 0 policy_0 is the base model, resolved on each node
+and never shipped). Each side replays that sequence
 in its own process with a local Ray (1 CPU) and reports the seconds spent shipping, the bytes put
 in the object store and the driver's peak resident memory above what it held once Ray was up:
 
@@ -53,8 +56,11 @@ def stage_files(run: Path, i: int) -> list[tuple[str, list[str], list[str]]]:
 
     def kept(rels):
         return [f"{r}/{k}" for r in rels for k in KEPT_PHASES]
+    # refit judges the new policy's implicit reward (its DPO phase) against its DPO reference,
+    # policy_i; greedy eval and search need neither
     return [("search", old, kept(old)), ("train", [*old, data], kept(old)),
-            ("refit", [new], []), ("eval", [new], []), ("next search", [new], kept([new]))]
+            ("refit", [new, *old], kept(old)), ("eval", [new], kept([new])),
+            ("next search", [new], kept([new]))]
 
 
 def replay(run: Path, i: int, side: str) -> dict:
@@ -89,7 +95,7 @@ def replay(run: Path, i: int, side: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--iteration", type=int, default=0)
+    ap.add_argument("--iteration", type=int, default=1)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in its process
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/ray_share.json")
     args = ap.parse_args()
