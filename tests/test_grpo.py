@@ -172,7 +172,6 @@ def test_grpo_resumes_from_its_checkpoint_and_counts_the_steps_before(debug_over
                                                                       recorded):
     """Killed after step 1's checkpoint: the rerun trains only step 2, and the metrics still
     count both steps' completions and tokens (TRL's checkpoint keeps its log)."""
-
     cfg = compose_config(grpo_overrides(debug_overrides))
     task = make_task(cfg.task)
     problems = task.split("train")
@@ -196,7 +195,6 @@ def test_grpo_resumes_from_its_checkpoint_and_counts_the_steps_before(debug_over
 def test_token_budget_stops_after_the_step_that_reaches_it(debug_overrides, tmp_path, recorded):
     """train.grpo.token_budget: training stops after the first step whose sampled tokens reach
     the budget, before train.epochs (3 epochs = 6 steps) ends."""
-
     def train(budget: int, out: str) -> dict:
         cfg = compose_config(grpo_overrides(debug_overrides, "train.epochs=3",
                                             f"train.grpo.token_budget={budget}"))
