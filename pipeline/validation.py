@@ -142,6 +142,14 @@ def _validate_learning(cfg: QstarConfig) -> None:
     _require(tr.reference != Reference.sft or tr.mode == TrainMode.dpo, "train.reference",
              f"sft needs train.mode=dpo (it adds the SFT phase before DPO), not {tr.mode.value}",
              tr.reference.value)
+    _require(tr.history >= 1 or tr.history == -1, "train.history",
+             "must be >= 1 (or -1: every iteration so far)", tr.history)
+    _require(not tr.from_base or tr.mode == TrainMode.sft or tr.reference != Reference.previous,
+             "train.from_base", "true needs train.reference=base or sft when DPO trains (DPO "
+             "starts from the model it is anchored to)", tr.from_base)
+    _require(tr.mode != TrainMode.grpo or (tr.history == 1 and not tr.from_base),
+             "train.history", "train.mode=grpo trains on its own samples: needs train.history=1 "
+             "and train.from_base=false", tr.history)
     _validate_grpo(tr)
 
 

@@ -2,7 +2,11 @@
 
 `train_policy` fine-tunes policy_i on `data_dir/{dpo,sft}.jsonl` (see pipeline.stages.data for the
 row formats) and saves policy_{i+1} into `out_dir/policy`. TRL does the training; this module
-only builds its configs and datasets:
+only builds its configs and datasets. `train.history` adds earlier iterations' rows (oldest
+first, as they were written: a solution two searches found trains twice), and
+`train.from_base` starts from policy_0 instead of policy_i: STaR's and ReST-EM's recipe
+(history=-1, from_base=true) refits the base model on everything verified so far each
+iteration, so the policy never drifts further than one fine-tune from the base.
 
 - DPO: `trl.DPOTrainer` with beta, loss_type (a list: several are mixed with equal weights, e.g.
   `train.loss_type=[sigmoid,sft]`), learning rate, epochs, batch size, gradient accumulation and max_length from
@@ -36,7 +40,7 @@ only builds its configs and datasets:
   checkpoint are loaded after it); a phase that had finished resumes at its last step and trains
   no more (dpo_then_sft killed during SFT keeps its DPO result).
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
-  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir, rows {dpo, sft},
+  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir, earlier_data, rows {dpo, sft},
   metrics, config (TrainConfig), model (ModelConfig), and implicit_policy when SFT trained on
   after DPO: the DPO phase's own model, kept in `out_dir/policy/dpo_phase` (saved there when the
   DPO phase ends, moved in with the policy), whose log-ratio against the reference is the
@@ -48,7 +52,7 @@ only builds its configs and datasets:
   not the Trainer's printed metric dicts; progress=false leaves only the summary line.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
-    mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration, pairs (DPO rows in the file), sft_rows,
+    mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration, pairs (DPO rows in the files), sft_rows, data_iterations,
     steps, seconds, loss (last logged loss of the last phase), skipped (only when nothing trained),
     <phase>/rows (rows trained on), <phase>/rows_too_long (prompt alone >= max_length tokens:
     dropped, as TRL would), <phase>/steps, <phase>/seconds (reference pass included),
@@ -69,18 +73,13 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (
-    ModelConfig,
-    Reference,
-    TrainConfig,
-    TrainMode,
-    to_dict,
-)
+from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.train_progress import show_progress
@@ -170,8 +169,10 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                  model_cfg: ModelConfig | None = None, iteration: int | None = None,
                  save_steps: int = 10, keep_checkpoints: bool = False,
                  callbacks: list | None = None, progress: bool = False,
-                 reference_dir: str | None = None, reference_record: str | None = None) -> dict:
-    """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl; returns the metrics.
+                 reference_dir: str | None = None, reference_record: str | None = None,
+                 earlier_data: Sequence[str | Path] = ()) -> dict:
+    """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl (after the rows of
+    `earlier_data`, older iterations' data dirs: train.history); returns the metrics.
 
     The next iteration's policy is metrics["policy_dir"]: out_dir/policy after training, or
     `policy_dir` itself when there was nothing to train on (metrics["skipped"] says why).
@@ -187,13 +188,15 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     if (final / "meta.json").is_file():  # finished before: the rename is the commit point
         return json.loads((final / "meta.json").read_text())["metrics"]
 
-    rows = {"dpo": _read_rows(data_dir / "dpo.jsonl"), "sft": _read_rows(data_dir / "sft.jsonl")}
+    dirs = [Path(d) for d in earlier_data] + [data_dir]
+    rows = {phase: [r for d in dirs for r in _read_rows(d / f"{phase}.jsonl")]
+            for phase in ("dpo", "sft")}
     if iteration is None:
         iteration = _iteration_of(rows["dpo"] + rows["sft"])
     mode = TrainMode(cfg.mode)
     metrics: dict[str, Any] = {"mode": mode.value, "source_policy": policy_dir,
                                "iteration": iteration, "pairs": len(rows["dpo"]),
-                               "sft_rows": len(rows["sft"])}
+                               "sft_rows": len(rows["sft"]), "data_iterations": len(dirs)}
     wanted = [p for p in phases_of(cfg) if rows[p]]
     tokenizer = load_tokenizer(model_cfg, policy_dir) if wanted else None
     phases = _drop_long_prompts(rows, wanted, tokenizer, cfg.max_length, metrics)
@@ -221,6 +224,7 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
         model.config.use_cache = use_cache  # as loaded: training may have switched it off
     meta = {"source_policy": policy_dir, "reference": metrics["reference"], "iteration": iteration, "data_dir": str(data_dir),
             "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]}, "metrics": metrics,
+            "earlier_data": [str(d) for d in dirs[:-1]],
             "config": to_dict(cfg), "model": to_dict(model_cfg)}
     _save_policy(final, model, tokenizer, trainer, cfg.lora, meta, out_dir, phases)
     _keep_logs(out_dir, histories, keep_checkpoints)
@@ -350,27 +354,37 @@ def _keep_logs(out_dir: Path, histories: dict, keep_checkpoints: bool) -> None:
 
 def fit_policy(root: Path, out: Path, policy: str, data: str, cfg: TrainConfig,
                model_cfg: ModelConfig, iteration: int, report_to: str, reference: str,
-               reference_record: str, progress: bool) -> dict:  # see stage_work
+               reference_record: str, progress: bool, earlier: list[str]) -> dict:  # stage_work
     metrics = train_policy(resolve_ref(root, policy, model_cfg), root / data, cfg, out,
                            report_to, model_cfg=model_cfg, iteration=iteration, progress=progress,
                            reference_dir=resolve_ref(root, reference, model_cfg),
-                           reference_record=reference_record)
+                           reference_record=reference_record,
+                           earlier_data=[root / d for d in earlier])
     if "skipped" in metrics:  # names the data dir: as the run knows it, not this worker
         metrics["skipped"] = metrics["skipped"].replace(str(root / data), data)
     return metrics
 
 
+def data_refs(loop: Loop, i: int) -> list[str]:
+    """The data stages iteration i trains on (train.history), run-relative, oldest first."""
+    first = 0 if loop.cfg.train.history == -1 else max(0, i - loop.cfg.train.history + 1)
+    return [loop.store.relative(loop.store.stage_dir(j, "data")) for j in range(first, i + 1)]
+
+
 def run(loop: Loop, i: int) -> dict:
-    """policy_{i+1} from policy_i and iteration i's rows; recorded run-relative (or by name).
-    The DPO reference (train.reference) is recorded relative to the new policy, or by name."""
-    policy, data = loop.policy_ref(i), loop.store.relative(loop.store.stage_dir(i, "data"))
+    """policy_{i+1} from policy_i (policy_0 with train.from_base) and the rows of
+    train.history's iterations; recorded run-relative (or by name). The DPO reference
+    (train.reference) is recorded relative to the new policy, or by name. Nothing to train on:
+    policy_i stays."""
+    policy = loop.policy_ref(0 if loop.cfg.train.from_base else i)
+    *earlier, data = data_refs(loop, i)
     reference = loop.policy_ref(0) if loop.cfg.train.reference == Reference.base else policy
     trained = loop.store.relative(loop.store.stage_dir(i, "train") / "policy")
     record = os.path.relpath(reference, trained) if loop.store.in_run(reference) else reference
     metrics = loop.run_remote(fit_policy, i, "train",
-                              loop.run_files([policy, data, reference]), policy, data,
+                              loop.run_files([policy, *earlier, data, reference]), policy, data,
                               loop.cfg.train, loop.cfg.model, i,
                               loop.tracker.report_to if loop.cluster.ray is None else "none",
-                              reference, record, loop.cfg.progress)
+                              reference, record, loop.cfg.progress, earlier)
     return {**metrics, "source_policy": policy,
-            "policy_dir": policy if "skipped" in metrics else trained}
+            "policy_dir": loop.policy_ref(i) if "skipped" in metrics else trained}
