@@ -125,6 +125,11 @@ def _read_rows(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
+def _rows_of(dirs: list[Path]) -> dict[str, list[dict]]:
+    """The DPO and SFT rows of the data dirs, in their order."""
+    return {p: [r for d in dirs for r in _read_rows(d / f"{p}.jsonl")] for p in ("dpo", "sft")}
+
+
 def _iteration_of(rows: list[dict]) -> int | None:
     found = {r.get("lineage", {}).get("iteration") for r in rows} - {None}
     return found.pop() if len(found) == 1 else None
@@ -174,11 +179,10 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
     """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl (after the rows of
     `earlier_data`, older iterations' data dirs: train.history); returns the metrics.
 
-    The next iteration's policy is metrics["policy_dir"]: out_dir/policy after training, or
-    `policy_dir` itself when there was nothing to train on (metrics["skipped"] says why).
-    model_cfg gives device, dtype and trust_remote_code (its name is ignored: the weights come
-    from policy_dir). callbacks: extra transformers TrainerCallbacks for every phase.
-    progress=False: no library progress bars and no per-step log prints (the metrics keep all).
+    The next policy is metrics["policy_dir"]: out_dir/policy, or `policy_dir` when there was
+    nothing to train on (metrics["skipped"] says why). model_cfg: device, dtype and
+    trust_remote_code (not its name: the weights come from policy_dir). callbacks: extra
+    TrainerCallbacks for every phase. progress=False: no library bars or per-step log prints.
     """
     from transformers import set_seed  # heavy: loaded when a stage trains
 
@@ -189,12 +193,10 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
         return json.loads((final / "meta.json").read_text())["metrics"]
 
     dirs = [Path(d) for d in earlier_data] + [data_dir]
-    rows = {phase: [r for d in dirs for r in _read_rows(d / f"{phase}.jsonl")]
-            for phase in ("dpo", "sft")}
+    rows = _rows_of(dirs)
     if iteration is None:
         iteration = _iteration_of(rows["dpo"] + rows["sft"])
-    mode = TrainMode(cfg.mode)
-    metrics: dict[str, Any] = {"mode": mode.value, "source_policy": policy_dir,
+    metrics: dict[str, Any] = {"mode": TrainMode(cfg.mode).value, "source_policy": policy_dir,
                                "iteration": iteration, "pairs": len(rows["dpo"]),
                                "sft_rows": len(rows["sft"]), "data_iterations": len(dirs)}
     wanted = [p for p in phases_of(cfg) if rows[p]]
@@ -211,15 +213,13 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                                                      reference_record)
     ref_model = reference_dir and training_reference(reference_dir, policy_dir, cfg, model_cfg)
     start = time.perf_counter()
-    phase_args = dict(cfg=cfg, model_cfg=model_cfg, out_dir=out_dir, report_to=report_to,
-                      save_steps=save_steps, callbacks=callbacks, progress=progress,
-                      ref_model=ref_model, use_cache=use_cache)
-    model, trainer, histories = _train_phases(model, tokenizer, rows, phases, metrics,
-                                              **phase_args)
-    metrics["steps"] = sum(metrics[f"{p}/steps"] for p in phases)
-    metrics["seconds"] = round(time.perf_counter() - start, 3)
-    metrics["loss"] = metrics.get(f"{phases[-1]}/loss_last")
-    metrics["policy_dir"] = str(final)
+    model, trainer, histories = _train_phases(
+        model, tokenizer, rows, phases, metrics, cfg=cfg, model_cfg=model_cfg, out_dir=out_dir,
+        report_to=report_to, save_steps=save_steps, callbacks=callbacks, progress=progress,
+        ref_model=ref_model, use_cache=use_cache)
+    metrics.update(steps=sum(metrics[f"{p}/steps"] for p in phases), policy_dir=str(final),
+                   seconds=round(time.perf_counter() - start, 3),
+                   loss=metrics.get(f"{phases[-1]}/loss_last"))
     if use_cache is not None:
         model.config.use_cache = use_cache  # as loaded: training may have switched it off
     meta = {"source_policy": policy_dir, "reference": metrics["reference"], "iteration": iteration, "data_dir": str(data_dir),
