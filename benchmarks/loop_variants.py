@@ -7,10 +7,11 @@ Each RUN is a `qstar run experiment=demo_cpu ...` directory (the variants with t
 whose eval stage graded greedy decoding after every iteration. Per policy it reports dev greedy
 accuracy, its tokens, how many answers reached an `Answer:` line (the demo task's answer
 format), what the search that trained it found (nodes, merges, tokens, problems solved,
-distinct verified solutions as `matched_budget.count_verified` counts them), what training saw
-(DPO pairs, SFT rows, the chosen log-prob change over DPO, seconds) and the dev problems greedy
-got right. Each variant's policies are paired against the default's (benchmarks/paired.py).
-The output keeps what it held; the default is written under `default_rerun`, each variant under
+distinct verified solutions as `matched_budget.count_verified` counts them, the DPO pairs and
+SFT rows made of it), what training saw (the rows of `data_iterations` iterations: more than the
+iteration's own with train.history; the chosen log-prob change over DPO; seconds) and the dev
+problems greedy got right. Each variant's policies are paired against the default's
+(benchmarks/paired.py). The output keeps what it held; the default is written under `default_rerun`, each variant under
 `variants[NAME]` (keys this script does not write, such as a commit or a note, stay). A run
 whose eval stage did not read dev is refused: variants are tuned on dev, never on test.
 """
@@ -53,8 +54,9 @@ def iteration_point(store: RunStore, i: int) -> dict:
             "search_tokens": search["tokens"], "solved": search["solved"],
             "problems": search["problems"], "sft_loss_last": train.get("sft/loss_last"),
             "distinct_verified_solutions": found["verified_solutions"],
-            "dpo_pairs": train.get("pairs", data["dpo"]), "sft_rows": train.get("sft_rows"),
-            "data_iterations": train.get("data_iterations", 1),
+            "dpo_pairs": data["dpo"], "sft_rows": data["sft"],  # the iteration's own rows
+            "data_iterations": train.get("data_iterations", 1),  # whose rows trained (history)
+            "trained_pairs": train.get("pairs"), "trained_sft_rows": train.get("sft_rows"),
             "dpo_chosen_logprob_change": train.get("dpo/logps/chosen_change"),
             "train_seconds": store.manifest["stages"][store.key(i, "train")]["seconds"]}
 
