@@ -11,9 +11,10 @@ distinct verified solutions as `matched_budget.count_verified` counts them, the 
 SFT rows made of it), what training saw (the rows of `data_iterations` iterations: more than the
 iteration's own with train.history; the chosen log-prob change over DPO; seconds) and the dev
 problems greedy got right. Each variant's policies are paired against the default's
-(benchmarks/paired.py). The output keeps what it held; the default is written under `default_rerun`, each variant under
-`variants[NAME]` (keys this script does not write, such as a commit or a note, stay). A run
-whose eval stage did not read dev is refused: variants are tuned on dev, never on test.
+(benchmarks/paired.py). The output keeps what it held; the default is written under
+`default_rerun`, each variant under `variants[NAME]` (keys this script does not write, such as
+a commit or a note, stay). A run whose eval stage did not read dev is refused: variants are
+tuned on dev, never on test.
 """
 
 from __future__ import annotations
