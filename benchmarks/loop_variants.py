@@ -79,7 +79,7 @@ def curve(run: Path) -> dict:
         points.append(iteration_point(store, i))
         graded = correct_by_problem(store.stage_dir(i, "eval") / "greedy.json")
         right[f"policy_{i + 1}"] = sorted(k for k, ok in graded.items() if ok)
-    return {"curve": points, "dev_greedy_right_ids": right, "run": str(run)}
+    return {"curve": points, "dev_greedy_right_ids": right}
 
 
 def against(variant: Path, default: Path) -> dict:
