@@ -9,6 +9,7 @@ was not shipped fails the run here as it would on a cluster."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,13 +29,19 @@ TRAININGS = {DPO_PHASE: ["train=dpo_then_sft"], SFT_PHASE: ["train=dpo", "train.
 @pytest.fixture(scope="module", params=list(TRAININGS))
 def shipped(request, tmp_path_factory, tiny_model_dir):
     """A 2-iteration tiny loop that keeps `kept` in each policy, best-of-N eval; each stage's
-    packed file names. The tiny model finds no verified solution: each data stage's rows are
-    replaced by hand-made pairs and SFT rows, so that both trainings have two phases."""
+    packed file names. Hand-made rows (run_shipped) give both trainings two phases."""
     kept = request.param
     root = tmp_path_factory.mktemp("shipped")
     overrides = ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={root / 'cache'}",
                  *TRAININGS[kept], "search.trees_per_batch=2", "train.learning_rate=1e-3",
                  "iterations=2", "eval.decodes=[best_of_n]"]
+    return root / "run", run_shipped(overrides, root / "run"), kept
+
+
+def run_shipped(overrides: list[str], run: Path) -> list[tuple[tuple[int, str], list[str]]]:
+    """The loop with each data stage's rows replaced by hand-made pairs and SFT rows (the tiny
+    model finds no verified solution), every stage's run files packed and unpacked as under
+    Ray; each shipment's (iteration, stage) and file names."""
     packs, now = [], {}
     with pytest.MonkeyPatch.context() as mp:
         for stage, fn in loop_module.STAGE_RUNNERS.items():
@@ -52,8 +59,8 @@ def shipped(request, tmp_path_factory, tiny_model_dir):
             return RunFiles(refs={k: [v] for k, v in packed.items()})
         mp.setattr(Cluster, "share", share)
         mp.setitem(sys.modules, "ray", SimpleNamespace(get=lambda ref: ref))  # a fake store
-        run_loop(compose_config(overrides), root / "run")
-    return root / "run", packs, kept
+        run_loop(compose_config(overrides), run)
+    return packs
 
 
 def _phases(files: list[str]) -> set[tuple[str, str]]:

@@ -5,19 +5,16 @@ directories travel to a Ray worker like the newest one."""
 from __future__ import annotations
 
 import json
-import sys
 from types import SimpleNamespace
 
 import pytest
+from test_shipped_files import run_shipped
 from test_train_stage import config, dpo_rows, sft_rows, write_rows
 
-from pipeline import loop as loop_module
 from pipeline.compose import compose_config
 from pipeline.config import TrainConfig, TrainMode
-from pipeline.loop import open_loop, run_loop
+from pipeline.loop import open_loop
 from pipeline.run.store import RunStore
-from pipeline.run.transfer import RunFiles, pack
-from pipeline.run.workers import Cluster
 from pipeline.stages import train
 from pipeline.stages.train import data_refs, train_policy
 
@@ -48,32 +45,13 @@ def test_earlier_rows_train_beside_the_iterations_own(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def restarted(tmp_path_factory, tiny_model_dir):
-    """A 2-iteration tiny loop with train.history=-1 and train.from_base=true, each stage's run
-    files packed and unpacked into a fresh worker directory as under Ray. The tiny model finds
-    no verified solution: each data stage's rows are replaced by hand-made ones."""
+    """A 2-iteration tiny loop with train.history=-1 and train.from_base=true, hand-made rows
+    and each stage's run files packed as under Ray (test_shipped_files.run_shipped)."""
     root = tmp_path_factory.mktemp("restarted")
     overrides = ["debug=default", f"model={tiny_model_dir}", f"model.cache_dir={root / 'cache'}",
                  "search.trees_per_batch=2", "train.learning_rate=1e-3", "iterations=2",
                  "train.history=-1", "train.from_base=true", "train.reference=base"]
-    packs, now = {}, {}
-    with pytest.MonkeyPatch.context() as mp:
-        for stage, fn in loop_module.STAGE_RUNNERS.items():
-            def timed(loop, i, stage=stage, fn=fn):
-                now["at"] = (i, stage)
-                result = fn(loop, i)
-                if stage == "data":
-                    write_rows(loop.store.stage_dir(i, "data"), dpo_rows(), sft_rows())
-                return result
-            mp.setitem(loop_module.STAGE_RUNNERS, stage, timed)
-
-        def share(self, run_root, rels, skip=()):  # as under Ray: a packed copy
-            packed = pack(run_root, rels, skip)
-            packs.setdefault(now.get("at"), set()).update(packed)
-            return RunFiles(refs={k: [v] for k, v in packed.items()})
-        mp.setattr(Cluster, "share", share)
-        mp.setitem(sys.modules, "ray", SimpleNamespace(get=lambda ref: ref))  # a fake store
-        run_loop(compose_config(overrides), root / "run")
-    return root / "run", packs, overrides
+    return root / "run", run_shipped(overrides, root / "run"), overrides
 
 
 def test_each_iteration_trains_the_base_model_on_every_row_so_far(restarted, tiny_model_dir):
@@ -87,7 +65,7 @@ def test_each_iteration_trains_the_base_model_on_every_row_so_far(restarted, tin
     meta = json.loads((run / "iter_001/train/policy/meta.json").read_text())
     assert [d.endswith("iter_000/data") for d in meta["earlier_data"]] == [True]
     # the older rows travelled to the worker; policy_1 did not (training starts from policy_0)
-    shipped = packs[(1, "train")]
+    shipped = {f for at, files in packs if at == (1, "train") for f in files}
     assert {"iter_000/data/dpo.jsonl", "iter_001/data/dpo.jsonl"} <= shipped
     assert not any(f.startswith("iter_000/train/") for f in shipped)
 
