@@ -331,8 +331,8 @@ class TrainConfig:
     # reference at search and evaluation time): previous (policy_i) | base (policy_0) | sft
     # (policy_i after an SFT phase on the verified solutions; train.mode=dpo only)
     reference: Reference = Reference.previous
-    # iterations of rows each train stage trains on, newest first: 1 (iteration i's own), k
-    # (i-k+1..i) or -1 (every iteration so far: the STaR / ReST-EM recipe, with from_base)
+    # iterations of rows each train stage trains on, counted back from i: 1 (iteration i's own),
+    # k (i-k+1..i) or -1 (every iteration so far: the STaR / ReST-EM recipe, with from_base)
     history: int = 1
     from_base: bool = False  # start each iteration's training from policy_0, not policy_i
     pairs: PairsConfig = field(default_factory=PairsConfig)
