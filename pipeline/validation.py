@@ -144,12 +144,14 @@ def _validate_learning(cfg: QstarConfig) -> None:
              tr.reference.value)
     _require(tr.history >= 1 or tr.history == -1, "train.history",
              "must be >= 1 (or -1: every iteration so far)", tr.history)
+    grpo = "train.mode=grpo trains on its own samples, from policy_i:"
+    _require(tr.mode != TrainMode.grpo or tr.history == 1, "train.history", f"{grpo} must be 1",
+             tr.history)
+    _require(tr.mode != TrainMode.grpo or not tr.from_base, "train.from_base",
+             f"{grpo} must be false", tr.from_base)
     _require(not tr.from_base or tr.mode == TrainMode.sft or tr.reference != Reference.previous,
              "train.from_base", "true needs train.reference=base or sft when DPO trains (DPO "
              "starts from the model it is anchored to)", tr.from_base)
-    _require(tr.mode != TrainMode.grpo or (tr.history == 1 and not tr.from_base),
-             "train.history", "train.mode=grpo trains on its own samples: needs train.history=1 "
-             "and train.from_base=false", tr.history)
     _validate_grpo(tr)
 
 

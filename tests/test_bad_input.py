@@ -194,8 +194,11 @@ INVALID_VALUES = [
      "config key train.from_base=True is invalid: true needs train.reference=base or sft when DPO "
      "trains (DPO starts from the model it is anchored to)"),
     (["train=grpo", "train.history=-1"],
-     "config key train.history=-1 is invalid: train.mode=grpo trains on its own samples: needs "
-     "train.history=1 and train.from_base=false"),
+     "config key train.history=-1 is invalid: train.mode=grpo trains on its own samples, from "
+     "policy_i: must be 1"),
+    (["train=grpo", "train.from_base=true"],
+     "config key train.from_base=True is invalid: train.mode=grpo trains on its own samples, "
+     "from policy_i: must be false"),
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
     (["train.beta=-0.1"], "config key train.beta=-0.1 is invalid: must be > 0"),
     (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1 (or null: train.batch_size)"),
