@@ -39,7 +39,10 @@ ANSWER_LINE = "Answer:"
 
 def greedy_of(store: RunStore, stage_dir: Path) -> dict:
     """Dev greedy of one eval stage: accuracy, tokens, answers with an answer line."""
-    graded = json.loads((stage_dir / "greedy.json").read_text())
+    path = stage_dir / "greedy.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no greedy grade (the loop's eval.decodes must hold greedy)")
+    graded = json.loads(path.read_text())
     return {"dev_greedy": graded["summary"]["accuracy"],
             "dev_greedy_tokens": graded["summary"]["tokens"],
             "dev_greedy_with_answer_line": sum(ANSWER_LINE in r["completion"]
@@ -72,7 +75,7 @@ def curve(run: Path) -> dict:
     store = RunStore(run)
     split = store.manifest["config"]["eval"]["split"]
     if split != "dev":
-        raise SystemExit(f"error: {run} graded eval.split={split}; loop variants are read on dev")
+        raise ValueError(f"{run} graded eval.split={split}; loop variants are read on dev")
     points = [{"policy": 0, **greedy_of(store, store.stage_dir(0, BASELINE))}]
     right = {}
     for i in finished_iterations(store):
@@ -110,11 +113,15 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--default {args.default}: not a qstar run directory (no manifest.json)")
     result = json.loads(args.output.read_text()) if args.output.is_file() else {}
     result.update(benchmark="loop_variants_dev", split="dev")
-    result["default_rerun"] = {**result.get("default_rerun", {}), **curve(args.default)}
-    for name, run in args.variant:
-        result.setdefault("variants", {})[name] = {
-            **result.get("variants", {}).get(name, {}), **curve(run),
-            "paired_dev_greedy_against_default_rerun": against(run, args.default)}
+    try:
+        result["default_rerun"] = {**result.get("default_rerun", {}), **curve(args.default)}
+        for name, run in args.variant:
+            result.setdefault("variants", {})[name] = {
+                **result.get("variants", {}).get(name, {}), **curve(run),
+                "paired_dev_greedy_against_default_rerun": against(run, args.default)}
+    except ValueError as e:  # one line, exit 2; the output is left as it was
+        parser.error(str(e))
+    for name, _ in args.variant:
         for policy, p in result["variants"][name]["paired_dev_greedy_against_default_rerun"].items():
             print(f"{name} {policy}: variant only {p['variant_only']}, default only "
                   f"{p['default_only']}, difference {p['difference']:+.2f} (p {p['sign_test_p']})")

@@ -52,11 +52,27 @@ def test_curve_and_pairing_read_the_runs(restarted, tmp_path):  # noqa: F811
     assert result["variants"]["v"] == {"commit": "abc"}  # what the output held stays
 
 
-def test_a_run_graded_on_test_is_refused(restarted, tmp_path):  # noqa: F811
+def test_a_run_graded_on_test_is_refused(restarted, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "on_test"
     shutil.copytree(restarted[0], run)
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["config"]["eval"]["split"] = "test"
     (run / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SystemExit, match="graded eval.split=test; loop variants are read on dev"):
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as stop:
+        loop_variants.main(["--default", str(run), "--output", str(out)])
+    assert stop.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: {run} graded eval.split=test; loop variants are read on dev")
+
+
+def test_a_run_without_greedy_grades_is_one_line(restarted, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "no_greedy"
+    shutil.copytree(restarted[0], run)
+    (run / "iter_001/eval/greedy.json").unlink()
+    with pytest.raises(SystemExit) as stop:
         loop_variants.main(["--default", str(run), "--output", str(tmp_path / "out.json")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: {run / 'iter_001/eval/greedy.json'}: no greedy grade (the loop's eval.decodes "
+        "must hold greedy)")
