@@ -55,26 +55,43 @@ def text_similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, normalize_whitespace(a), normalize_whitespace(b)).ratio()
 
 
+def duplicate_of(
+    text: str, others: Sequence[str], similarity: SimilarityFn, threshold: float
+) -> int | None:
+    """The index of the first of `others` that `text` duplicates: the same answer and numbers
+    (`content_key`) and similarity >= threshold. None: no duplicate."""
+    key = content_key(text)
+    for i, other in enumerate(others):
+        if content_key(other) == key and similarity(text, other) >= threshold:
+            return i
+    return None
+
+
 def is_duplicate(
     text: str, siblings: Sequence[str], similarity: SimilarityFn, threshold: float
 ) -> bool:
-    """A sibling with the same answer and numbers (`content_key`) and similarity >= threshold."""
-    key = content_key(text)
-    return any(content_key(other) == key and similarity(text, other) >= threshold
-               for other in siblings)
+    return duplicate_of(text, siblings, similarity, threshold) is not None
+
+
+def match_candidates(
+    candidates: Sequence[str], siblings: Sequence[str], similarity: SimilarityFn, threshold: float
+) -> list[int | None]:
+    """Per candidate: None if it is kept, else the index of what it duplicates in `siblings`
+    followed by the candidates kept before it (so the first of two equal new options survives)."""
+    seen = list(siblings)
+    matches: list[int | None] = []
+    for text in candidates:
+        match = duplicate_of(text, seen, similarity, threshold)
+        matches.append(match)
+        if match is None:
+            seen.append(text)
+    return matches
 
 
 def split_duplicates(
     candidates: Sequence[str], siblings: Sequence[str], similarity: SimilarityFn, threshold: float
 ) -> tuple[list[int], list[int]]:
-    """Indices of candidates to keep and of duplicates, checking each against the existing
-    siblings and the candidates kept before it (so the first of two equal new options survives)."""
-    seen = list(siblings)
-    keep, duplicates = [], []
-    for i, text in enumerate(candidates):
-        if is_duplicate(text, seen, similarity, threshold):
-            duplicates.append(i)
-        else:
-            keep.append(i)
-            seen.append(text)
-    return keep, duplicates
+    """Indices of candidates to keep and of duplicates (`match_candidates`)."""
+    matches = match_candidates(candidates, siblings, similarity, threshold)
+    return ([i for i, m in enumerate(matches) if m is None],
+            [i for i, m in enumerate(matches) if m is not None])

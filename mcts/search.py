@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mcts.branching import branching_bounds, importance, num_children
-from mcts.merge import split_duplicates, text_similarity
+from mcts.merge import match_candidates, text_similarity
 from mcts.params import SearchParams, Widening, validate_params
 from mcts.selection import (
     SelectChildFn,
@@ -63,6 +63,7 @@ class _Leaf:
     node: int  # the node to expand, or the terminal node to revisit
     num_new: int  # children to request; 0 = revisit a terminal node
     kept: list[Option] = field(default_factory=list)  # options that survived the merge
+    kept_draws: list[int] = field(default_factory=list)  # per kept option: 1 + its duplicates
     new_children: list[int] = field(default_factory=list)
 
 
@@ -204,22 +205,35 @@ def _expand_request(leaf: _Leaf, num_options: int, attempt: int, seed: int) -> E
 
 
 def _merge_options(leaf: _Leaf, options: list[Option], similarity: SimilarityFn, threshold: float) -> int:
-    """Keep the options unlike every sibling; count the rest as merges. Returns the duplicates."""
+    """Keep the options unlike every sibling; count the rest as merges, and as one more draw of
+    the sibling each duplicates. Returns the duplicates."""
     tree, node = leaf.tree, leaf.node
     tree.stats.tokens_generated += sum(o.num_tokens for o in options)  # duplicates cost tokens too
-    siblings = [tree.text[c] for c in tree.children[node]] + [o.text for o in leaf.kept]
-    keep, duplicates = split_duplicates([o.text for o in options], siblings, similarity, threshold)
-    leaf.kept.extend(options[i] for i in keep)
-    tree.merges[node] += len(duplicates)
-    tree.stats.merges += len(duplicates)
-    return len(duplicates)
+    children = tree.children[node]
+    siblings = [tree.text[c] for c in children] + [o.text for o in leaf.kept]
+    duplicates = 0
+    for option, match in zip(options, match_candidates([o.text for o in options], siblings,
+                                                       similarity, threshold), strict=True):
+        if match is None:
+            leaf.kept.append(option)
+            leaf.kept_draws.append(1)
+        elif match < len(children):
+            tree.draws[children[match]] += 1
+            duplicates += 1
+        else:
+            leaf.kept_draws[match - len(children)] += 1
+            duplicates += 1
+    tree.merges[node] += duplicates
+    tree.stats.merges += duplicates
+    return duplicates
 
 
 def _add_children(leaf: _Leaf, max_depth: int) -> None:
     tree, node = leaf.tree, leaf.node
-    for option in leaf.kept:
+    for option, draws in zip(leaf.kept, leaf.kept_draws, strict=True):
         terminal = option.terminal or tree.depth[node] + 1 >= max_depth
         child = tree.add_node(node, option.text, option.num_tokens, option.logprob, terminal)
+        tree.draws[child] = draws
         leaf.new_children.append(child)
     siblings = tree.children[node]
     priors = priors_from_logprobs([tree.logprob[c] for c in siblings], [tree.num_tokens[c] for c in siblings])

@@ -73,6 +73,9 @@ class Tree:
         self.terminal: list[bool] = []  # answer line, EOS, depth cap, or a dead end (no options)
         self.terminal_reward: list[float | None] = []  # verifier reward (training only)
         self.merges: list[int] = []  # duplicate children seen when expanding this node
+        # options sampled at the parent that are this node: 1 + the duplicates merged into it,
+        # so a node's children's draws sum to its sampled options (len(children) + merges)
+        self.draws: list[int] = []
         self.expand_target: list[int] = []  # n(s): children wanted; 0 = never expanded
         self.expand_requests: list[int] = []  # expand requests made for this node (seeds resamples)
         self.pending: list[int] = []  # selections in flight through this node (virtual loss); transient
@@ -101,6 +104,7 @@ class Tree:
         self.terminal.append(terminal)
         self.terminal_reward.append(None)
         self.merges.append(0)
+        self.draws.append(1)
         self.expand_target.append(0)
         self.expand_requests.append(0)
         self.pending.append(0)
@@ -204,6 +208,7 @@ class Tree:
             "terminal": self.terminal[n],
             "terminal_reward": self.terminal_reward[n],
             "merges": self.merges[n],
+            "draws": self.draws[n],
             "expand_target": self.expand_target[n],
             "expand_requests": self.expand_requests[n],
         }
@@ -225,6 +230,7 @@ class Tree:
             for name in ("prior", "visits", "value_sum", "total", "value", "prm", "orm", "rollout",
                          "terminal_reward", "merges", "expand_target", "expand_requests"):
                 getattr(tree, name)[n] = row[name]
+            tree.draws[n] = row.get("draws", 1)  # trees written before draws were counted: 1
         return tree
 
 

@@ -73,6 +73,10 @@ class BestPath(str, Enum):
     q = "q"  # follow the highest-Q child
     vote = "vote"  # evaluation: the answer most visits back, over every solution in the tree
     majority = "majority"  # evaluation: the answer most of the tree's whole solutions give, one vote each
+    # evaluation: the answer the policy most likely gives, estimated on the tree: each node mixes
+    # its children by how often the policy sampled them (Tree.draws, duplicates included) with its
+    # own finished rollout as one more draw; terminal nodes give their answer
+    draws = "draws"
 
 
 class Reference(str, Enum):

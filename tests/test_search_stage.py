@@ -489,25 +489,26 @@ def test_majority_counts_each_solution_once_whatever_its_visits():
     assert vote_completion(tree, scorer, extract, by_visits=False) == "y\nAnswer: 4\n"
 
 
-@pytest.mark.parametrize("rule", ["visits", "q", "vote", "majority"])
+@pytest.mark.parametrize("rule", ["visits", "q", "vote", "majority", "draws"])
 def test_decode_mcts_grades_every_best_path_rule_on_the_same_trees(monkeypatch, rule):
     from pipeline.stages.eval import grade
 
     tree, scorer = voting_tree()
     tree.value_sum[2], tree.visits[2] = 3.6, 4  # Q(b) 0.9 > Q(a) 0.5: highest Q goes to b
     tree.value_sum[1] = 2.5
+    tree.draws[2] = 2  # b was sampled twice: draws go to answer 4 (2/3)
     monkeypatch.setattr(dm, "eval_search", lambda prompts, cfg, models, desc: ([tree], scorer))
     cfg = compose_config(["debug=default", f"search.best_path={rule}"])
     out = dm.decode_mcts(cfg, None, None, ["P:"], None, None, extract)
     expected = {"visits": "x\nAnswer: 3\n", "q": "y\nAnswer: 4\n", "vote": "y\nAnswer: 4\n",
-                "majority": "y\nAnswer: 4\n"}
+                "majority": "y\nAnswer: 4\n", "draws": "y\nAnswer: 4\n"}
     assert out.completions == [expected[rule]] and out.extra == {"best_path": rule}
     assert out.alternatives == {k: [v] for k, v in expected.items() if k != rule}
     problem = Problem("p", "q", "4", {})
     task = SimpleNamespace(is_correct=lambda p, c: extract(c) == p.answer, extract_answer=extract)
     result = grade(task, [problem], out, "mcts", 1.0)
     assert result.extra["accuracy_by_best_path"] == {"visits": 0.0, "q": 1.0, "vote": 1.0,
-                                                     "majority": 1.0}
+                                                     "majority": 1.0, "draws": 1.0}
     assert result.accuracy == result.extra["accuracy_by_best_path"][rule]
     assert result.rows[0]["correct_by_best_path"] == {"visits": False, "q": True, "vote": True,
-                                                      "majority": True}
+                                                      "majority": True, "draws": True}

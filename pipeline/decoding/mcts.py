@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mcts.tree import PathRule, Tree, highest_q, most_visited
+from mcts.tree import ROOT_INDEX, PathRule, Tree, highest_q, most_visited
 from pipeline.config import BestPath, QstarConfig
 from pipeline.decoding.base import Decoded
 from pipeline.decoding.tree_search import LeafScorer, SearchModels, eval_search
@@ -48,6 +48,57 @@ def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str
     return completion_of(tree, scorer) if best is None else solutions[best][0]
 
 
+def answer_shares(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None]
+                  ) -> tuple[dict[str, float], dict[str, str]]:
+    """The policy's answer distribution estimated on the tree, and a solution giving each answer.
+    A terminal node gives its answer; any other node mixes its finished rollout (weight 1) and its
+    children (weight Tree.draws: how often the policy sampled that option, duplicates included),
+    over the parts that reach an answer. Each level weighs the policy's next options by how often
+    it sampled them, so the shares estimate the policy's own answer probabilities, where one vote
+    per solution (`majority`) weighs a rarely sampled branch with many solutions above a common
+    one with few."""
+    solution: dict[str, str] = {}
+
+    def one(text: str) -> dict[str, float]:
+        found = extract(text)
+        if found is None:
+            return {}
+        solution.setdefault(found, text)
+        return {found: 1.0}
+
+    shares: list[dict[str, float]] = [{} for _ in range(tree.num_nodes)]
+    for node in sorted(range(tree.num_nodes), key=tree.path):  # depth-first: first solutions
+        prefix = tree.trajectory_text(tree.path(node))
+        if tree.terminal[node]:
+            shares[node] = one(prefix)
+            continue
+        rollout = scorer.rollouts.get((tree.tree_index, node))
+        if rollout is not None and rollout.finished:
+            shares[node] = one(prefix + rollout.text)
+    for node in reversed(range(tree.num_nodes)):  # a child's id is larger than its parent's
+        parts = [(tree.draws[c], shares[c]) for c in tree.children[node] if shares[c]]
+        if shares[node] and not tree.terminal[node]:
+            parts.append((1, shares[node]))
+        if tree.terminal[node] or not parts:
+            continue
+        weight = sum(w for w, _ in parts)
+        mixed: dict[str, float] = {}
+        for w, part in parts:
+            for found, p in part.items():
+                mixed[found] = mixed.get(found, 0.0) + w * p / weight
+        shares[node] = mixed
+    return shares[ROOT_INDEX], solution
+
+
+def draws_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None]) -> str:
+    """A solution giving the answer with the largest estimated share (`answer_shares`; ties to
+    the answer first met in depth-first order); none anywhere: the most-visited path."""
+    shares, solution = answer_shares(tree, scorer, extract)
+    if not shares:
+        return completion_of(tree, scorer)
+    return solution[max(shares, key=shares.__getitem__)]
+
+
 def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
                 progress: str | None, extract: Callable[[str], str | None], implicit=None):
     """One completion per prompt from an evaluation-time search (`search.best_path` picks it,
@@ -60,7 +111,8 @@ def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
              BestPath.q.value: [completion_of(t, scorer, highest_q) for t in trees],
              BestPath.vote.value: [vote_completion(t, scorer, extract) for t in trees],
              BestPath.majority.value: [vote_completion(t, scorer, extract, by_visits=False)
-                                       for t in trees]}
+                                       for t in trees],
+             BestPath.draws.value: [draws_completion(t, scorer, extract) for t in trees]}
     mode = cfg.search.best_path.value
     return Decoded(picks.pop(mode), sum(t.stats.total_tokens for t in trees),
                    extra={"best_path": mode}, alternatives=picks, alternatives_of="best_path")
