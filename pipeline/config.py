@@ -73,10 +73,7 @@ class BestPath(str, Enum):
     q = "q"  # follow the highest-Q child
     vote = "vote"  # evaluation: the answer most visits back, over every solution in the tree
     majority = "majority"  # evaluation: the answer most of the tree's whole solutions give, one vote each
-    # evaluation: the answer the policy most likely gives, estimated on the tree: each node mixes
-    # its children by how often the policy sampled them (Tree.draws, duplicates included) with its
-    # own finished rollout as one more draw; terminal nodes give their answer
-    draws = "draws"
+    draws = "draws"  # evaluation: the answer the policy most likely gives, weighed by Tree.draws
 
 
 class Reference(str, Enum):
@@ -220,9 +217,8 @@ class SearchConfig:
     leaves_per_tree: int = SearchParams.leaves_per_tree  # leaves gathered per tree per round (virtual loss)
     widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
     trees_per_batch: int = 16  # problems per search shard, searched together
-    # training problems searched per iteration: iteration i searches the window of this many
-    # that starts at i * problems_per_iteration, wrapping around task.num_train, so each
-    # iteration meets problems its policy has not trained on; 0 = all of them every iteration
+    # training problems searched per iteration: the window of this many from i * this, wrapping
+    # around task.num_train, so each iteration meets problems its policy has not trained on; 0 = all
     problems_per_iteration: int = 0
     temperature: float = 0.8  # sampling temperature of options
     # evaluation: how the answer is read off the tree. majority, chosen on dev (README "Results"):
@@ -231,8 +227,7 @@ class SearchConfig:
     best_path: BestPath = BestPath.majority
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # MiB of KV cache kept across expansions (LRU), so a child's expansion prefills only its own
-    # option's tokens; 0 = off (a node's prefix is still prefilled once for all its options).
-    # SmolLM2-135M in float32 holds about 46 KB per token.
+    # option's tokens; 0 = off (a prefix is still prefilled once per node). SmolLM2-135M fp32: ~46 KB/token
     kv_cache_mb: int = 512
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
