@@ -222,7 +222,7 @@ INVALID_VALUES = [
     (["decode.n=0"], "config key decode.n=0 is invalid: must be >= 1"),
     (["decode.beam_width=0"], "config key decode.beam_width=0 is invalid: must be >= 1"),
     (["search.algorithm=greedy"], "Invalid value 'greedy', expected one of [mcts, sample]"),
-    (["search.best_path=longest"], "Invalid value 'longest', expected one of [visits, q, vote, majority]"),
+    (["search.best_path=longest"], "Invalid value 'longest', expected one of [visits, q, vote, majority, draws]"),
     (["critics.orm_features=entropy"], "Invalid value 'entropy', expected one of [confidence, hidden]"),
     (["critics.state_features=entropy"], "Invalid value 'entropy', expected one of [confidence, hidden]"),
     (["search.simulations=many"], "Value 'many' of type 'str' could not be converted to Integer"),
