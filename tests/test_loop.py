@@ -85,6 +85,47 @@ def test_loop_searches_train_and_evaluates_dev_never_test(reference_run):
     assert not (searched | set(dev)) & test
 
 
+# wall-clock readings, which two runs never share
+TIMING_KEYS = ("seconds", "per_s", "per_second", "runtime", "finished", "created", "peak_rss_mb")
+
+
+def content(path: Path, run: Path):
+    """A JSON or JSONL artifact without its wall-clock readings, its run's path made generic."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if not k.endswith(TIMING_KEYS)}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x.replace(str(run), "RUN") if isinstance(x, str) else x
+
+    text = path.read_text()
+    rows = text.splitlines() if path.suffix == ".jsonl" else [text]
+    return [clean(json.loads(row)) for row in rows]
+
+
+def artifacts(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*")
+                  if p.is_file() and p.suffix in (".json", ".jsonl", ".safetensors"))
+
+
+def test_a_second_run_at_the_same_seed_writes_the_same_artifacts(reference_run, tmp_path):
+    """The same config in another process, with another string-hash seed: the same trees, rows,
+    weights, grades and metrics, but for wall times and the run's own path."""
+    reference, overrides = reference_run
+    run = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONHASHSEED="12345")
+    proc = subprocess.run([QSTAR, "run", *overrides, f"hydra.run.dir={run}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = artifacts(reference)
+    assert files == artifacts(run) and any(f.suffix == ".safetensors" for f in files)
+    for rel in files:
+        if rel.suffix == ".safetensors":
+            assert (reference / rel).read_bytes() == (run / rel).read_bytes(), rel
+        else:
+            assert content(reference / rel, reference) == content(run / rel, run), rel
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_crash_in_any_stage_then_resume_matches_uninterrupted(stage, reference_run, tmp_path,
                                                               monkeypatch):
