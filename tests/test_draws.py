@@ -106,3 +106,17 @@ def test_decode_mcts_grades_draws_beside_the_other_rules(monkeypatch):
     out = dm.decode_mcts(cfg, None, None, ["P:"], None, None, extract)
     assert out.completions == ["a\nAnswer: 1\n"] and out.extra == {"best_path": "draws"}
     assert out.alternatives["majority"] == ["b\nAnswer: 2\n"]
+
+
+def test_inspect_shows_how_often_an_option_was_sampled():
+    from pipeline.report.inspect import tree_html, tree_text
+
+    tree, _ = skewed_tree()
+    row = {"problem_id": "p", "question": "q", "tree": tree.to_json()}
+    text = tree_text(row).splitlines()  # a title line, then the root, then node 1 ("a")
+    assert text[2].endswith("x3  a")  # sampled three times
+    assert " x" not in "".join(text[:2] + text[3:])  # the others once: no mark
+    assert "x3" in tree_html(row)
+    for node in row["tree"]["nodes"]:
+        del node["draws"]  # a tree written before draws were counted
+    assert " x" not in tree_text(row)

@@ -126,6 +126,13 @@ def find_tree(store: RunStore, iteration: int, problem: str) -> dict:
     raise QstarError(f"problem {problem!r} is not in iteration {iteration}; e.g. {ids}")
 
 
+def sampled(node: dict) -> str:
+    """" x3" for an option the policy sampled three times (Tree.draws: merged duplicates
+    included); nothing for once. Trees written before draws were counted read as once."""
+    draws = node.get("draws", 1)
+    return f" x{draws}" if draws > 1 else ""
+
+
 def tree_text(row: dict) -> str:
     nodes = row["tree"]["nodes"]
     children: dict[int, list[int]] = {}
@@ -140,7 +147,7 @@ def tree_text(row: dict) -> str:
         mark = "*" if node_id in best else " "
         text = n["text"].strip().replace("\n", " ")[:70] or "(root)"
         lines.append(f"{'  ' * indent}{mark}[{node_id}] N={n['visits']} Q={n['q']:.2f} "
-                     f"P={n['prior']:.2f}{reward}  {text}")
+                     f"P={n['prior']:.2f}{reward}{sampled(n)}  {text}")
         for child in children.get(node_id, []):
             walk(child, indent + 1)
 
@@ -157,7 +164,8 @@ def tree_html(row: dict) -> str:
     def item(node_id: int) -> str:
         n = nodes[node_id]
         reward = "" if n["terminal_reward"] is None else f" reward={n['terminal_reward']:.0f}"
-        label = (f"<b>[{node_id}]</b> N={n['visits']} Q={n['q']:.2f} P={n['prior']:.2f}{reward} "
+        label = (f"<b>[{node_id}]</b> N={n['visits']} Q={n['q']:.2f} P={n['prior']:.2f}{reward}"
+                 f"{sampled(n)} "
                  f"<code>{html.escape(n['text'] or '(root)')}</code>")
         kids = "".join(item(c) for c in children.get(node_id, []))
         return f"<li>{label}{f'<ul>{kids}</ul>' if kids else ''}</li>"
