@@ -63,7 +63,8 @@ def test_each_iteration_trains_the_base_model_on_every_row_so_far(restarted, tin
     assert second["source_policy"] == first["source_policy"] == str(tiny_model_dir)
     assert second["policy_dir"] == "iter_001/train/policy"  # the next policy is the new one
     meta = json.loads((run / "iter_001/train/policy/meta.json").read_text())
-    assert [d.endswith("iter_000/data") for d in meta["earlier_data"]] == [True]
+    # run-relative: the run's own dirs, not the worker's copies
+    assert (meta["earlier_data"], meta["data_dir"]) == (["iter_000/data"], "iter_001/data")
     # the older rows travelled to the worker; policy_1 did not (training starts from policy_0)
     shipped = {f for at, files in packs if at == (1, "train") for f in files}
     assert {"iter_000/data/dpo.jsonl", "iter_001/data/dpo.jsonl"} <= shipped

@@ -40,7 +40,8 @@ iteration, so the policy never drifts further than one fine-tune from the base.
   checkpoint are loaded after it); a phase that had finished resumes at its last step and trains
   no more (dpo_then_sft killed during SFT keeps its DPO result).
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
-  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir, earlier_data, rows {dpo, sft},
+  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir and earlier_data
+  (run-relative in a run), rows {dpo, sft},
   metrics, config (TrainConfig), model (ModelConfig), and implicit_policy when SFT trained on
   after DPO: the DPO phase's own model, kept in `out_dir/policy/dpo_phase` (saved there when the
   DPO phase ends, moved in with the policy), whose log-ratio against the reference is the
@@ -175,13 +176,15 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                  save_steps: int = 10, keep_checkpoints: bool = False,
                  callbacks: list | None = None, progress: bool = False,
                  reference_dir: str | None = None, reference_record: str | None = None,
-                 earlier_data: Sequence[str | Path] = ()) -> dict:
+                 earlier_data: Sequence[str | Path] = (),
+                 data_names: Sequence[str] | None = None) -> dict:
     """Fine-tune the policy at `policy_dir` on data_dir/{dpo,sft}.jsonl (after the rows of
     `earlier_data`, older iterations' data dirs: train.history); returns the metrics.
 
     The next policy is metrics["policy_dir"]: out_dir/policy, or `policy_dir` when there was
-    nothing to train on (metrics["skipped"] says why). model_cfg: device, dtype and
-    trust_remote_code (not its name: the weights come from policy_dir). callbacks: extra
+    nothing to train on (metrics["skipped"] says why). data_names: what meta.json calls
+    earlier_data + [data_dir] (the loop: run-relative; default: the paths). model_cfg: device,
+    dtype and trust_remote_code (not its name: the weights come from policy_dir). callbacks: extra
     TrainerCallbacks for every phase. progress=False: no library bars or per-step log prints.
     """
     from transformers import set_seed  # heavy: loaded when a stage trains
@@ -222,13 +225,20 @@ def train_policy(policy_dir: str | Path, data_dir: str | Path, cfg: TrainConfig,
                    loss=metrics.get(f"{phases[-1]}/loss_last"))
     if use_cache is not None:
         model.config.use_cache = use_cache  # as loaded: training may have switched it off
-    meta = {"source_policy": policy_dir, "reference": metrics["reference"], "iteration": iteration, "data_dir": str(data_dir),
-            "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]}, "metrics": metrics,
-            "earlier_data": [str(d) for d in dirs[:-1]],
-            "config": to_dict(cfg), "model": to_dict(model_cfg)}
+    meta = _meta(policy_dir, data_names or [str(d) for d in dirs], metrics, cfg, model_cfg)
     _save_policy(final, model, tokenizer, trainer, cfg.lora, meta, out_dir, phases)
     _keep_logs(out_dir, histories, keep_checkpoints)
     return metrics
+
+
+def _meta(policy_dir: str, data_names: Sequence[str], metrics: dict, cfg: TrainConfig,
+          model_cfg: ModelConfig) -> dict:
+    """The policy's meta.json; data_names: earlier_data + [data_dir], as the run names them."""
+    *earlier, data = data_names
+    return {"source_policy": policy_dir, "reference": metrics["reference"],
+            "iteration": metrics["iteration"], "data_dir": data, "earlier_data": list(earlier),
+            "rows": {"dpo": metrics["pairs"], "sft": metrics["sft_rows"]}, "metrics": metrics,
+            "config": to_dict(cfg), "model": to_dict(model_cfg)}
 
 
 def _reference(phases: list[str], reference_dir: str,
@@ -359,7 +369,7 @@ def fit_policy(root: Path, out: Path, policy: str, data: str, cfg: TrainConfig,
                            report_to, model_cfg=model_cfg, iteration=iteration, progress=progress,
                            reference_dir=resolve_ref(root, reference, model_cfg),
                            reference_record=reference_record,
-                           earlier_data=[root / d for d in earlier])
+                           earlier_data=[root / d for d in earlier], data_names=[*earlier, data])
     if "skipped" in metrics:  # names the data dir: as the run knows it, not this worker
         metrics["skipped"] = metrics["skipped"].replace(str(root / data), data)
     return metrics
