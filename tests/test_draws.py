@@ -19,11 +19,11 @@ def extract(text):
 
 
 def test_match_candidates_names_what_each_duplicate_repeats():
-    # "b" repeats the sibling "b"; the second "c" repeats the first new "c" (index 2 = after
-    # the two siblings); "7 + 1 = 8" and "7 + 1 = 9" differ in a number: never duplicates
-    found = match_candidates(["c\n", "b\n", "c\n", "7 + 1 = 9\n"], ["a\n", "b\n"],
+    # "b" repeats the sibling "b"; the second "c" repeats the first new "c" (index 3 = after
+    # the three siblings); "7 + 1 = 9" differs from the sibling "7 + 1 = 8" in a number: kept
+    found = match_candidates(["c\n", "b\n", "c\n", "7 + 1 = 9\n"], ["a\n", "b\n", "7 + 1 = 8\n"],
                              text_similarity, 0.9)
-    assert found == [None, 1, 2, None]
+    assert found == [None, 1, 3, None]
     assert match_candidates(["7 + 1 = 9"], ["7 + 1 = 8"], text_similarity, 0.5) == [None]
 
 
