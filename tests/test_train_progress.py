@@ -8,7 +8,9 @@ import json
 import pytest
 from test_train_stage import config, dpo_rows, sft_rows, write_rows
 
-from pipeline.config import TrainMode
+from pipeline.config import ModelConfig, TrainMode
+from pipeline.lm.models import load_model
+from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import summary_line
 from pipeline.stages.train import train_policy
 
@@ -44,6 +46,7 @@ def test_training_prints_a_bar_and_one_line_per_phase(tiny_model_dir, tmp_path, 
     assert "token accuracy" in sft[0] and "reward margin" not in sft[0]
     assert "{'loss'" not in out + err and "'train_runtime'" not in out + err  # no metric dicts
     assert "Tokenizing train dataset" not in err  # datasets' map bars are off during a phase
+    assert "Loading weights" not in err and "Writing model shards" not in err  # checkpoint bars
     bars = [line for line in lines if line.startswith("train dpo:") and "step" in line]
     assert bool(bars) == progress
     for phase in ("dpo", "sft"):
@@ -51,3 +54,28 @@ def test_training_prints_a_bar_and_one_line_per_phase(tiny_model_dir, tmp_path, 
         live = [json.loads(x) for x in (phase_dir / "log.jsonl").read_text().splitlines()]
         assert live == json.loads((phase_dir / "log_history.json").read_text())
         assert sum("loss" in row for row in live) == metrics[f"{phase}/steps"]
+
+
+def test_loading_a_model_prints_no_checkpoint_bar(tiny_model_dir, capfd):
+    load_model(ModelConfig(name=str(tiny_model_dir)))
+    assert "Loading weights" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("hub_off", [False, True])
+@pytest.mark.parametrize("transformers_on", [False, True])
+def test_weight_bars_off_keeps_hub_download_bars_and_restores_both(transformers_on, hub_off):
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging
+
+    before = logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    try:
+        (logging.enable_progress_bar if transformers_on else logging.disable_progress_bar)()
+        (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
+        with weight_bars_off():
+            assert not logging.is_progress_bar_enabled()
+            assert hub.are_progress_bars_disabled() == hub_off  # downloads keep their bar
+        assert logging.is_progress_bar_enabled() == transformers_on
+        assert hub.are_progress_bars_disabled() == hub_off
+    finally:
+        (logging.enable_progress_bar if before[0] else logging.disable_progress_bar)()
+        (hub.disable_progress_bars if before[1] else hub.enable_progress_bars)()

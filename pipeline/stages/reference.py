@@ -27,6 +27,7 @@ from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
 from pipeline.run.atomic import atomic_dir
+from pipeline.run.progress import weight_bars_off
 
 DPO_PHASE = "dpo_phase"  # the DPO phase's model, inside a policy a later phase trained on
 SFT_PHASE = "sft_phase"  # the SFT phase's model, inside a policy DPO trained against it
@@ -125,7 +126,7 @@ def keep_phase(path: Path, model, tokenizer, use_cache: bool | None) -> None:
     if use_cache is not None:
         model.config.use_cache = use_cache
     try:
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp, weight_bars_off():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     finally:
@@ -144,8 +145,9 @@ def training_reference(reference_dir: str, policy_dir: str, cfg: TrainConfig,
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32,
-                                                    trust_remote_code=model_cfg.trust_remote_code)
+        with weight_bars_off():
+            return AutoModelForCausalLM.from_pretrained(
+                reference_dir, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code)
     except OSError as exc:
         raise QstarError(f"train.reference={cfg.reference.value}: cannot load the reference model "
                          f"at {reference_dir} ({str(exc).splitlines()[0]})") from None

@@ -40,17 +40,16 @@ iteration, so the policy never drifts further than one fine-tune from the base.
   checkpoint are loaded after it); a phase that had finished resumes at its last step and trains
   no more (dpo_then_sft killed during SFT keeps its DPO result).
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
-  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir and earlier_data
-  (run-relative in a run), rows {dpo, sft},
-  metrics, config (TrainConfig), model (ModelConfig), and implicit_policy when SFT trained on
-  after DPO: the DPO phase's own model, kept in `out_dir/policy/dpo_phase` (saved there when the
+  `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir and
+  earlier_data (run-relative in a run), rows {dpo, sft}, metrics, config (TrainConfig), model
+  (ModelConfig), and implicit_policy when SFT trained on after DPO: the DPO phase's own model, kept in `out_dir/policy/dpo_phase` (saved there when the
   DPO phase ends, moved in with the policy), whose log-ratio against the reference is the
   policy's implicit reward (pipeline.stages.reference). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
   keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`
   (and, kept current while the phase runs, `log.jsonl`).
-- Output: a progress bar per phase and one summary line at its end (pipeline.run.train_progress),
-  not the Trainer's printed metric dicts; progress=false leaves only the summary line.
+- Output: a bar per phase and a summary line at its end (pipeline.run.train_progress), not the
+  Trainer's metric dicts or checkpoint bars; progress=false leaves only the summary line.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
     mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration, pairs (DPO rows in the files), sft_rows, data_iterations,
@@ -83,6 +82,7 @@ from typing import Any
 from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
+from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.reference import (
@@ -336,7 +336,7 @@ def _save_policy(final: Path, model, tokenizer, trainer, lora: bool, meta: dict,
     """The next policy, its tokenizer and meta.json, in one atomic rename (the commit point);
     the DPO phase's model, when kept, moves in and meta names it (a run killed after the move
     redoes the finished DPO phase from its checkpoint, which keeps it again)."""
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp, weight_bars_off():
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         if lora:
             model.save_pretrained(tmp)

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
 from pipeline.lm.teacher_forced import tail_logprobs
+from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import library_bars_off
 
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -112,8 +113,9 @@ def load_policy_for_training(path: str, cfg: TrainConfig, model_cfg: ModelConfig
     if cfg.lora and model_cfg.device.startswith("cuda") and model_cfg.dtype != "float32":
         dtype = getattr(torch, model_cfg.dtype)  # frozen base in half precision, adapter in fp32
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                    trust_remote_code=model_cfg.trust_remote_code)
+        with weight_bars_off():
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     except OSError as exc:
         raise QstarError(f"cannot load the policy at {path}: {str(exc).splitlines()[0]}") from exc
 
