@@ -2,7 +2,7 @@
 per-token reward beta * (log pi(token) - log pi_ref(token)); summed over an option it is the
 option's reward. No training: it needs only the two models' teacher-forced log-probs, which
 the caller provides as `logprob_fn(model, tokenizer, prompts, completions) -> per-token lists`
-(the pipeline passes pipeline.lm.generation.completion_logprobs). Both models share a tokenizer.
+(the pipeline passes pipeline.lm.teacher_forced.completion_logprobs). Both models share a tokenizer.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ USAGE = """usage:
   qstar resume RUN_DIR [iterations=N]   continue a stopped or finished run
   qstar inspect RUN [--iter N --problem ID] [--credit]   (several RUNs: side by side)
                                         the iteration table, one tree, or a credit map
-  qstar report RUN [--iter N] [--problem ID] [--credit]
+  qstar report RUN [--iter N] [--problem ID] [--credit [best|all]]
                                         one self-contained HTML page: table, plots, config,
                                         trees, credit maps, training rows (a sweep: every run)
   qstar eval [KEY=VALUE ...]            one model, one decoding strategy, the dev split

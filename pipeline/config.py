@@ -306,7 +306,7 @@ class GrpoConfig:
 
 @dataclass
 class TrainConfig:
-    mode: TrainMode = TrainMode.dpo  # dpo, sft, or dpo_then_sft
+    mode: TrainMode = TrainMode.dpo  # dpo, sft, dpo_then_sft or grpo
     beta: float = 0.1  # DPO's KL weight (also the implicit reward's scale)
     loss_type: list[DpoLoss] = field(default_factory=lambda: [DpoLoss.sigmoid])  # TRL DPO losses
     learning_rate: float = 5e-6  # AdamW step size
