@@ -1,0 +1,133 @@
+"""The matched-budget proof's loop arm (c) over several seeds: the MCTS loop against the STaR loop.
+
+    python benchmarks/loop_seeds.py --seed 1=benchmarks/results/matched_budget_seed1.json \
+        --seed 2=benchmarks/results/matched_budget_seed2.json \
+        [--seed 0=benchmarks/results/matched_budget.json] \
+        [--output benchmarks/results/matched_budget_loop_seeds.json]
+
+Each JSON is a `benchmarks/matched_budget.py` output (the same task and split, the loops run at
+`search.seed=S critics.seed=S train.seed=S`). One seed moves a policy of the demo loop by 3-7
+points (README "The default loop at four seeds"), which is the size of every gap arm (c) has
+measured, so one seed cannot say which loop is ahead. Per seed this reports both loops' test
+greedy curves, MCTS minus STaR per policy and where each MCTS curve stops rising; over the seeds,
+the mean curves and, per policy, the two loops compared problem by problem over every (seed,
+problem) pair whose grades are still on disk beside the runs (`<runs>/test_evals`, as
+matched_budget.py caches them; benchmarks/paired.py). A seed whose grades are gone (its runs were
+on another machine) counts in the means but not in the paired comparison, and says so. The same
+test problems recur at every seed, so the pooled standard error treats pairs that share a problem
+as independent and is somewhat optimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from statistics import fmean
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from paired import correct_by_problem, paired  # noqa: E402
+
+from pipeline.run.atomic import write_json  # noqa: E402
+
+OUTPUT = ROOT / "benchmarks" / "results" / "matched_budget_loop_seeds.json"
+LOOPS = ("mcts", "star")
+
+
+def stops_rising(curve: list[float]) -> int | None:
+    """The first policy k >= 1 whose greedy is not above policy k-1's (None: still rising)."""
+    return next((k for k in range(1, len(curve)) if curve[k] <= curve[k - 1]), None)
+
+
+def grades_of(result: dict) -> dict[int, tuple[dict, dict]] | None:
+    """Policy k >= 1 -> (MCTS loop's, STaR loop's) test greedy grades by problem, from the grades
+    matched_budget.py cached beside the runs; None when they are not on disk."""
+    evals = Path(result["runs"]["mcts"]).parent / "test_evals"
+    found = {}
+    for k in range(1, min(len(result["loop"][name]["test_greedy"]) for name in LOOPS)):
+        files = evals / f"p{k}_greedy.json", evals / f"star_p{k}_greedy.json"
+        if not all(f.is_file() for f in files):
+            return None
+        found[k] = tuple(correct_by_problem(f) for f in files)
+    return found
+
+
+def seed_row(result: dict) -> dict:
+    curves = {name: result["loop"][name]["test_greedy"] for name in LOOPS}
+    both = min(len(c) for c in curves.values())
+    diff = [round(curves["mcts"][k] - curves["star"][k], 4) for k in range(1, both)]
+    return {**{f"{name}_test_greedy": curves[name] for name in LOOPS},
+            "mcts_minus_star": diff, "iterations_mcts_at_least_star": sum(d >= 0 for d in diff),
+            "mcts_stops_rising_at_policy": stops_rising(curves["mcts"]),
+            "star_samples_per_problem": result.get("star_calibration", {}).get("samples_used"),
+            "runs": result["runs"]}
+
+
+def pooled_paired(graded: dict[str, dict[int, tuple[dict, dict]]]) -> list[dict]:
+    """Per policy, MCTS against STaR over every (seed, problem) of the seeds with grades."""
+    policies = sorted(set.intersection(*(set(g) for g in graded.values()))) if graded else []
+    rows = []
+    for k in policies:
+        mcts = {f"{seed}/{pid}": v for seed, g in graded.items() for pid, v in g[k][0].items()}
+        star = {f"{seed}/{pid}": v for seed, g in graded.items() for pid, v in g[k][1].items()}
+        rows.append({"policy": k, "seeds": sorted(graded),
+                     "paired": paired(mcts, star, ("mcts", "star"))})
+    return rows
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    """The per-seed rows, the mean curves over the seeds and the pooled paired comparison."""
+    if len({r["split"] for r in results.values()}) != 1:
+        raise ValueError("the results were graded on different splits")
+    per_seed = {seed: seed_row(r) for seed, r in results.items()}
+    length = min(len(row[f"{name}_test_greedy"]) for row in per_seed.values() for name in LOOPS)
+    mean = {name: [round(fmean(row[f"{name}_test_greedy"][k] for row in per_seed.values()), 4)
+                   for k in range(length)] for name in LOOPS}
+    diff = [round(mean["mcts"][k] - mean["star"][k], 4) for k in range(1, length)]
+    graded = {seed: g for seed, r in results.items() if (g := grades_of(r)) is not None}
+    return {"benchmark": "matched_budget_loop_seeds", "split": next(iter(results.values()))["split"],
+            "seeds": sorted(results), "per_seed": per_seed,
+            "mean": {**{f"{name}_test_greedy": mean[name] for name in LOOPS},
+                     "mcts_minus_star": diff,
+                     "iterations_mcts_at_least_star": sum(d >= 0 for d in diff),
+                     "mcts_stops_rising_at_policy": stops_rising(mean["mcts"])},
+            "paired_seeds": sorted(graded),
+            "seeds_without_grades": sorted(set(results) - set(graded)),
+            "pooled_paired": pooled_paired(graded)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", action="append", required=True, metavar="SEED=JSON",
+                        help="a matched_budget.py output and the seed its loops ran at")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    results = {}
+    for item in args.seed:
+        seed, sep, path = item.partition("=")
+        if not sep or not seed:
+            parser.error(f"--seed {item!r}: expected SEED=JSON")
+        try:
+            result = json.loads(Path(path).read_text())
+            for name in LOOPS:
+                result["loop"][name]["test_greedy"]  # noqa: B018 (what summarize reads)
+            result["runs"]["mcts"], result["split"]  # noqa: B018
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--seed {item}: not a matched_budget.py output with both loops "
+                         f"({e.__class__.__name__}: {e})")
+        results[seed] = result
+    try:
+        summary = summarize(results)
+    except ValueError as e:
+        parser.error(str(e))
+    write_json(args.output, summary)
+    print(json.dumps(summary["mean"]))
+    print(f"wrote {args.output}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
