@@ -328,7 +328,9 @@ def dpo_after(store: RunStore, i: int, train: dict) -> dict:
     return json.loads(path.read_text())
 
 
-def plot(result: dict, out_dir: Path) -> list[Path]:
+def plot(result: dict, output: Path) -> list[Path]:
+    """PNGs beside the JSON, named after it (matched_budget.json: matched_budget_data.png, ...),
+    so a replicate's --output does not overwrite the proof's figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,17 +342,18 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     ax.bar(["MCTS", "sampling"], [data["mcts"]["verified_per_1k_tokens"],
                                   data["sampling"]["verified_per_1k_tokens"]])
     ax.set(ylabel="verified solutions / 1k tokens", title="Data generation (base policy)")
-    paths.append(_save(fig, out_dir / "matched_budget_data.png"))
+    paths.append(_save(fig, output.with_name(f"{output.stem}_data.png")))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     rows = result["evaluation"]
-    for key, label in (("greedy", "greedy"), ("best_of_n_majority", "best-of-N majority"),
-                       ("mcts", "MCTS (critics, matched tokens)")):
-        ax.plot([r["policy"] for r in rows], [r[key]["accuracy"] for r in rows], marker="o",
-                label=label)
-    ax.set(xlabel="policy", ylabel="test accuracy", title="Evaluation at matched tokens")
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "matched_budget_eval.png"))
+    if rows:  # --no-eval: none
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("greedy", "greedy"), ("best_of_n_majority", "best-of-N majority"),
+                           ("mcts", "MCTS (critics, matched tokens)")):
+            ax.plot([r["policy"] for r in rows], [r[key]["accuracy"] for r in rows], marker="o",
+                    label=label)
+        ax.set(xlabel="policy", ylabel="test accuracy", title="Evaluation at matched tokens")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, output.with_name(f"{output.stem}_eval.png")))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in (("mcts", "MCTS + critics + DPO/SFT"), ("star", "STaR"), ("grpo", "GRPO")):
@@ -361,7 +364,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     ax.set(xlabel="policy (0 = base)", ylabel="test greedy accuracy",
            title="Loops (search tokens matched in iteration 0)")
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "matched_budget_loop.png"))
+    paths.append(_save(fig, output.with_name(f"{output.stem}_loop.png")))
     plt.close("all")
     return paths
 
@@ -387,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-policies", type=int, nargs="+", default=None, metavar="K",
                         help="the evaluation arm grades only these policies (default: every "
                              "policy of the MCTS loop); the JSON says which")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="no evaluation arm (a seed replicate of the loops: "
+                             "benchmarks/loop_seeds.py); the JSON's evaluation is empty")
     parser.add_argument("--no-grpo", action="store_true",
                         help="do not run or extend the GRPO loop (hours on a CPU); a GRPO run "
                              "already on disk is reported as far as it got")
@@ -424,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.split != "test" and args.eval_run is None:
         parser.error("--split dev needs --eval-run: the proof's numbers are on test")
+    if args.no_eval and (args.eval_run is not None or args.eval_policies):
+        parser.error("--no-eval runs the loops alone: not with --eval-run or --eval-policies")
     if args.eval_run is not None:
         return evaluation_only(args, parser)
     if args.smoke:
@@ -446,7 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
         stores["grpo"] = RunStore(runs / "grpo")
     loop = loop_arm(base, stores, args.iterations, evals)
     trained = range(len(loop["mcts"]["test_greedy"]))
-    eval_policies = list(trained) if args.eval_policies is None else args.eval_policies
+    eval_policies = (list(trained) if args.eval_policies is None else args.eval_policies
+                     ) if not args.no_eval else []
     if any(k not in trained for k in eval_policies):
         parser.error(f"--eval-policies {eval_policies}: the MCTS loop has policies 0..{len(trained) - 1}")
     result = {
@@ -459,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall": wall_arm(mcts, loop["mcts"]["test_greedy"], args.iterations),
     }
     write_json(args.output, result)
-    for path in plot(result, args.output.parent):
+    for path in plot(result, args.output):
         print(f"wrote {path}")
     print(f"wrote {args.output}")
     return result

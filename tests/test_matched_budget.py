@@ -196,6 +196,17 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     assert {p: p.stat().st_mtime_ns for p in evals} == stamps
     with pytest.raises(SystemExit):  # one line from argparse, exit code 2
         bench.main([*argv, "--eval-policies", "5"])
+    # --no-eval: the loops alone (a seed replicate), its figures named after its own JSON
+    figures = {p: p.stat().st_mtime_ns for p in output.parent.glob("matched_budget_*.png")}
+    replicate = output.with_name("replicate.json")
+    loops = bench.main([*argv, "--no-eval", "--output", str(replicate)])
+    assert loops["evaluation"] == [] and loops["loop"] == result["loop"]
+    assert loops["wall"] == result["wall"] and json.loads(replicate.read_text())["evaluation"] == []
+    assert sorted(p.name for p in output.parent.glob("replicate_*.png")) == [
+        "replicate_data.png", "replicate_loop.png"]
+    assert {p: p.stat().st_mtime_ns for p in output.parent.glob("matched_budget_*.png")} == figures
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--no-eval", "--eval-policies", "1"])
 
 
 def test_wall_computes_dpo_metrics_over_all_pairs_for_runs_trained_before(bench, tiny_model_dir,
