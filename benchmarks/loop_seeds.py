@@ -29,17 +29,13 @@ from statistics import fmean
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from matched_budget import stops_rising  # noqa: E402
 from paired import correct_by_problem, paired  # noqa: E402
 
 from pipeline.run.atomic import write_json  # noqa: E402
 
 OUTPUT = ROOT / "benchmarks" / "results" / "matched_budget_loop_seeds.json"
 LOOPS = ("mcts", "star")
-
-
-def stops_rising(curve: list[float]) -> int | None:
-    """The first policy k >= 1 whose greedy is not above policy k-1's (None: still rising)."""
-    return next((k for k in range(1, len(curve)) if curve[k] <= curve[k - 1]), None)
 
 
 def grades_of(result: dict) -> dict[int, tuple[dict, dict]] | None:

@@ -308,9 +308,13 @@ def wall_arm(store: RunStore, greedy: list[float], iterations: int) -> dict:
                                    "pair_accuracy": train.get("dpo/rewards/accuracies"),
                                    "chosen_logp_first": train.get("dpo/logps/chosen_first"),
                                    "chosen_logp_last": train.get("dpo/logps/chosen_last")}})
-    stops = next((k for k in range(1, len(greedy)) if greedy[k] <= greedy[k - 1]), None)
     return {"per_iteration": rows, "test_greedy": greedy,
-            "test_curve_stops_rising_at_policy": stops}
+            "test_curve_stops_rising_at_policy": stops_rising(greedy)}
+
+
+def stops_rising(curve: list[float]) -> int | None:
+    """The first policy k >= 1 whose accuracy is not above policy k-1's (None: still rising)."""
+    return next((k for k in range(1, len(curve)) if curve[k] <= curve[k - 1]), None)
 
 
 def dpo_after(store: RunStore, i: int, train: dict) -> dict:
@@ -454,8 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
         stores["grpo"] = RunStore(runs / "grpo")
     loop = loop_arm(base, stores, args.iterations, evals)
     trained = range(len(loop["mcts"]["test_greedy"]))
-    eval_policies = (list(trained) if args.eval_policies is None else args.eval_policies
-                     ) if not args.no_eval else []
+    eval_policies = args.eval_policies or ([] if args.no_eval else list(trained))
     if any(k not in trained for k in eval_policies):
         parser.error(f"--eval-policies {eval_policies}: the MCTS loop has policies 0..{len(trained) - 1}")
     result = {
