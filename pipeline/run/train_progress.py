@@ -15,11 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
-import transformers
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from pipeline.run.atomic import write_jsonl
-from pipeline.run.progress import progress_bar
+from pipeline.run.progress import progress_bar, weight_bars_off
 
 # (log key, label) shown on the bar as the phase runs
 BAR_KEYS = {"dpo": (("loss", "loss"), ("rewards/margins", "margin")),
@@ -106,15 +105,13 @@ def show_progress(trainer, phase: str, phase_dir: str | Path, progress: bool) ->
 
 @contextmanager
 def library_bars_off():
-    """No datasets map bars ("Tokenizing train dataset") or transformers bars ("Writing model
-    shards") inside the block; the switches are restored afterwards."""
-    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    """No datasets map bars ("Tokenizing train dataset") and no transformers checkpoint bars
+    (weight_bars_off) inside the block; the switches are restored afterwards."""
+    datasets_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
     try:
-        yield
+        with weight_bars_off():
+            yield
     finally:
-        if bars[0]:
+        if datasets_on:
             datasets.enable_progress_bars()
-        if bars[1]:
-            transformers.utils.logging.enable_progress_bar()
