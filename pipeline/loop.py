@@ -4,11 +4,11 @@ returning a dict (`run`, or critics.refit): it reads the previous stages' artifa
 directory, writes its own atomically, and returns the metrics the manifest records.
 
 Iteration i starts from policy_i (the base model for i = 0) and critics_i (none for i = 0:
-leaves are scored by verified rollouts and the policy's confidence). Its train stage makes policy_{i+1}; its refit stage
-fits value/PRM/ORM heads on its trees on policy_{i+1}'s features: critics_{i+1}, which share
-policy_{i+1}'s weights. With critics.refit=false (or a separate critics.backbone) the critics
-stage fits them instead, before train, on policy_i's features. Its eval stage measures
-policy_{i+1} with critics_{i+1}.
+leaves are scored by verified rollouts and the policy's confidence). Its train stage makes
+policy_{i+1}; its refit stage fits value/PRM/ORM heads on its trees on policy_{i+1}'s features:
+critics_{i+1}, which share policy_{i+1}'s weights. With critics.refit=false (or a separate
+critics.backbone) the critics stage fits them instead, before train, on policy_i's features. Its
+eval stage measures policy_{i+1} with critics_{i+1}.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Teacher-forced log-probs of given continuations: the implicit DPO reward (log pi - log pi_ref),
-DPO's pair metrics, the critics' shared-prompt passes and credit maps. Generation (pipeline/lm/generation.py) records its own tokens'
-log-probs as it samples; these score text or token ids that are already there."""
+DPO's pair metrics, the critics' shared-prompt passes and credit maps. Generation
+(pipeline/lm/generation.py) records its own tokens' log-probs as it samples; these score text or
+token ids that are already there."""
 
 from __future__ import annotations
 

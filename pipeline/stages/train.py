@@ -42,8 +42,8 @@ iteration, so the policy never drifts further than one fine-tune from the base.
 - Final: model + tokenizer + meta.json written into a temporary directory and renamed onto
   `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir and
   earlier_data (run-relative in a run), rows {dpo, sft}, metrics, config (TrainConfig), model
-  (ModelConfig), and implicit_policy when SFT trained on after DPO: the DPO phase's own model, kept in `out_dir/policy/dpo_phase` (saved there when the
-  DPO phase ends, moved in with the policy), whose log-ratio against the reference is the
+  (ModelConfig), and implicit_policy when SFT trained on after DPO: the DPO phase's own model,
+  kept in `out_dir/policy/dpo_phase` (saved there when the DPO phase ends, moved in with the policy), whose log-ratio against the reference is the
   policy's implicit reward (pipeline.stages.reference). If `out_dir/policy/meta.json` already exists, training is complete
   and its metrics are returned without training again. Checkpoints are deleted afterwards unless
   keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`
