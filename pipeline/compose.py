@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import QstarConfig
 from pipeline.errors import ConfigError
+from pipeline.lm.models import resolved_dtype
 from pipeline.run.store import RunStore
 from pipeline.validation import validate
 
@@ -46,7 +47,9 @@ def to_config(dcfg: DictConfig) -> QstarConfig:
         cfg = OmegaConf.to_object(dcfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(one_line(exc)) from None
-    return validate(cfg)
+    cfg = validate(cfg)
+    cfg.model.dtype = resolved_dtype(cfg.model)  # auto -> what this machine runs
+    return cfg
 
 
 def compose_config(overrides: list[str] | None = None) -> QstarConfig:

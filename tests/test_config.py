@@ -3,6 +3,7 @@ with a ConfigError naming the key."""
 
 import json
 from enum import Enum
+from pathlib import Path
 
 import pytest
 
@@ -17,10 +18,13 @@ from pipeline.config import (
     Selection,
     TaskKind,
     Termination,
+    TrainConfig,
     TrainMode,
     to_dict,
 )
 from pipeline.errors import ConfigError, QstarError
+from pipeline.lm import models
+from pipeline.stages.trl_trainers import common_args
 from pipeline.validation import validate
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -89,12 +93,39 @@ def test_every_option_of_every_group_composes(group, jsonl_file):
             assert cfg.cluster.kind == ClusterKind(option)
 
 
-def test_model_options(jsonl_file):
+def test_model_options(jsonl_file, monkeypatch):
+    monkeypatch.setattr(models, "native_bf16_cpu", lambda: False)
     assert compose_config([]).model.name == "smollm2-135m"
     hf = compose_config(["model=hf", "model.name=org/x"])
     assert hf.model.name == "org/x" and hf.model.dtype == "float32"
     gpu = compose_config(["model=cuda_bf16"])
     assert gpu.model.dtype == "bfloat16" and gpu.model.device.startswith("cuda")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_resolved_when_composed(monkeypatch, native):
+    monkeypatch.setattr(models, "native_bf16_cpu", lambda: native)
+    assert compose_config([]).model.dtype == ("bfloat16" if native else "float32")  # the demo: auto
+    assert compose_config(["model.dtype=float32"]).model.dtype == "float32"
+    assert compose_config(["model=cuda_bf16", "model.dtype=auto"]).model.dtype == "bfloat16"
+
+
+def test_native_bf16_probe_agrees_with_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+             for f in line.split(":", 1)[1].split()}
+    assert models.native_bf16_cpu() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_cpu_training_stays_float32_whatever_the_model_dtype(tmp_path):
+    for dtype in ("bfloat16", "float32"):
+        args = common_args(TrainConfig(), ModelConfig(dtype=dtype), tmp_path, "none", 10, False)
+        assert args["bf16"] is False and args["fp16"] is False and args["use_cpu"] is True
+    gpu = common_args(TrainConfig(), ModelConfig(dtype="bfloat16", device="cuda"), tmp_path,
+                      "none", 10, False)
+    assert gpu["bf16"] is True and gpu["use_cpu"] is False
 
 
 def test_experiment_gsm8k_gpu_overrides_groups():

@@ -33,7 +33,7 @@ def cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def cfg(cache_dir):
-    return compose_config([f"model.cache_dir={cache_dir}", "task=arithmetic",
+    return compose_config([f"model.cache_dir={cache_dir}", "model.dtype=float32", "task=arithmetic",
                            f"task.num_test={HELDOUT}", "decode=greedy",
                            "decode.max_new_tokens=96", "progress=false"])
 
