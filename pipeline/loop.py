@@ -24,7 +24,7 @@ from pipeline.errors import QstarError
 from pipeline.lm.models import resolve_model_path
 from pipeline.report.inspect import iteration_table
 from pipeline.report.plots import write_plots
-from pipeline.run.memory import peak_rss_mb, reset_peak_rss
+from pipeline.run.memory import peak_rss_mb, release_freed_memory, reset_peak_rss
 from pipeline.run.store import BASELINE, GRPO_STAGES, STAGES, RunStore
 from pipeline.run.tracking import Tracker
 from pipeline.run.workers import Cluster
@@ -61,6 +61,7 @@ def run_stage(loop: Loop, iteration: int, stage: str, fn: Callable[[Loop, int], 
         return
     print(f"qstar: iteration {iteration} {stage} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    release_freed_memory()
     reset_peak_rss()
     metrics = fn(loop, iteration)
     seconds = time.perf_counter() - start

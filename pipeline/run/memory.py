@@ -6,10 +6,18 @@ the stage's own peak. Where the reset is not allowed (or not Linux), the mark is
 peak since it started (`getrusage`), which is never lower than the stage's.
 
 With `cluster=ray` the stages run in worker processes: the driver's peak then leaves them out.
+
+Between stages the loop hands memory that the last stage freed back to the kernel
+(`release_freed_memory`): glibc keeps freed heap pages in its arenas, and a stage that follows
+one with other tensor shapes and dtypes (bf16 search, then float32 training) otherwise stacks
+its peak on the last stage's leftovers.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 from pathlib import Path
 
@@ -36,3 +44,15 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def release_freed_memory() -> bool:
+    """Collect garbage, then return the allocator's free pages to the kernel (glibc's
+    malloc_trim(0)); False where the C library has no malloc_trim (musl, macOS)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)  # 1 if it released pages, 0 if there were none
+        return True
+    except (OSError, AttributeError):
+        return False

@@ -82,6 +82,7 @@ from typing import Any
 from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
 from pipeline.lm.models import load_tokenizer
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
+from pipeline.run.memory import release_freed_memory
 from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
@@ -113,11 +114,9 @@ def phases_of(cfg: TrainConfig) -> list[str]:
 
 
 def _free_memory() -> None:
-    import gc
-
     import torch
 
-    gc.collect()
+    release_freed_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
