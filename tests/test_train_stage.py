@@ -361,3 +361,20 @@ def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp
         texts = [r[side] + (tokenizer.eos_token if r["lineage"]["terminal"][0] else "") for r in rows]
         hand = [sum(t) for t in completion_logprobs(model, tokenizer, [r["prompt"] for r in rows], texts)]
         assert trainer.train_dataset[f"ref_{side}_logps"] == pytest.approx(hand, abs=1e-4)
+
+
+def test_freed_memory_goes_back_before_each_phase_and_after_its_reference_pass(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Each phase starts on trimmed memory, and training steps start after the reference pass's
+    leftovers are returned (the demo's train stage peaks in its DPO steps)."""
+    events = []
+
+    class Begin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            events.append("train")
+
+    monkeypatch.setattr("pipeline.stages.train.release_freed_memory", lambda: events.append("release"))
+    data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
+    train_policy(str(tiny_model_dir), data, config(mode=TrainMode.dpo_then_sft, epochs=1),
+                 tmp_path / "out", callbacks=[Begin()])
+    assert events == ["release", "release", "train"] * 2

@@ -296,6 +296,7 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
             trainer = runners[phase](model, tokenizer, rows[phase], cfg, model_cfg, output_dir,
                                      report_to, save_steps, callbacks, progress)
             show_progress(trainer, phase, output_dir, progress)  # a bar and a summary line
+            _free_memory()  # what TRL's reference pass (in the trainer's init) left behind
             trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
         histories[phase] = trainer.state.log_history
         metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,
