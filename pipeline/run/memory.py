@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import gc
 import resource
+from functools import cache
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
@@ -46,13 +47,20 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
+@cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> bool:
     """Collect garbage, then return the allocator's free pages to the kernel (glibc's
     malloc_trim(0)); False where the C library has no malloc_trim (musl, macOS)."""
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)  # 1 if it released pages, 0 if there were none
-        return True
-    except (OSError, AttributeError):
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
         return False
+    trim(0)  # 1 if it released pages, 0 if there were none
+    return True
