@@ -378,3 +378,79 @@ def test_freed_memory_goes_back_before_each_phase_and_after_its_reference_pass(
     train_policy(str(tiny_model_dir), data, config(mode=TrainMode.dpo_then_sft, epochs=1),
                  tmp_path / "out", callbacks=[Begin()])
     assert events == ["release", "release", "train"] * 2
+
+
+class _ProjectedRows:
+    """Counts the positions TRL's fused LM head projects onto the vocabulary."""
+
+    def __init__(self, monkeypatch):
+        import trl.trainer.utils as trl_utils
+
+        self.rows, function = [], trl_utils._ChunkedLogProbFunction
+        count = self.rows.append
+
+        class Spy:
+            @staticmethod
+            def apply(hidden, *args):
+                count(hidden.shape[0])
+                return function.apply(hidden, *args)
+
+        monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+
+
+def _labelled_positions(trainer) -> int:
+    """Completion tokens of every pair, chosen and rejected, as TRL's collator masks them."""
+    return sum(int(trainer.data_collator([row])["completion_mask"].sum())
+               for row in trainer.train_dataset)
+
+
+def test_lm_head_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    """On a CPU TRL's fused LM head would project every position, the prompt's too; the train
+    stage's reference pass and DPO steps project the completion tokens alone (same results:
+    test_reference_log_probs_are_each_pairs_own_at_any_batch checks them by hand)."""
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline.stages.trl_trainers import dpo_trainer, lm_head_on_labels_only
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows, cfg = dpo_rows(), config(epochs=1)
+    spy = _ProjectedRows(monkeypatch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = dpo_trainer(model, tokenizer, rows, cfg, ModelConfig(name="x"), tmp_path / "t",
+                          "none", 10, None, False)
+    labelled = _labelled_positions(trainer)
+    assert sum(spy.rows) == labelled  # the reference pass: one batch of all 5 pairs
+
+    spy.rows.clear()  # TRL's own path, outside the context: every position of the padded batch
+    DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "plain"), use_cpu=True,
+                                           precompute_ref_log_probs=True, report_to="none",
+                                           per_device_train_batch_size=5),
+               train_dataset=trainer.train_dataset.remove_columns(
+                   ["ref_chosen_logps", "ref_rejected_logps"]), processing_class=tokenizer)
+    assert sum(spy.rows) > 2 * labelled
+
+    spy.rows.clear()
+    data = write_rows(tmp_path / "data", dpo=rows)
+    train_policy(str(tiny_model_dir), data, cfg, tmp_path / "train", model_cfg=ModelConfig(name="x"))
+    assert sum(spy.rows) == 2 * labelled  # the reference pass and one epoch of steps
+    with lm_head_on_labels_only():
+        pass
+    import trl.trainer.utils as trl_utils
+
+    assert not trl_utils._use_triton(torch.device("cpu"))  # TRL's own rule is back
+
+
+def test_sft_phase_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    """The SFT phase too: one epoch projects each row's completion tokens, once."""
+    from pipeline.stages.trl_trainers import sft_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = config(mode=TrainMode.sft, epochs=1)
+    trainer = sft_trainer(model, tokenizer, sft_rows(), cfg, ModelConfig(name="x"), tmp_path / "t",
+                          "none", 10, None, False)
+    labelled = sum(sum(label != -100 for label in row["labels"]) for row in trainer.train_dataset)
+    spy = _ProjectedRows(monkeypatch)
+    data = write_rows(tmp_path / "data", sft=sft_rows())
+    train_policy(str(tiny_model_dir), data, cfg, tmp_path / "train", model_cfg=ModelConfig(name="x"))
+    assert sum(spy.rows) == labelled

@@ -41,7 +41,12 @@ from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import show_progress
 from pipeline.stages.base import Loop, resolve_ref
 from pipeline.stages.train import _free_memory, _last_checkpoint
-from pipeline.stages.trl_trainers import common_args, load_policy_for_training, quiet_unless
+from pipeline.stages.trl_trainers import (
+    common_args,
+    lm_head_on_labels_only,
+    load_policy_for_training,
+    quiet_unless,
+)
 from pipeline.tasks.base import Problem, Task
 
 REWARD = "grader"  # the reward function's name: TRL logs rewards/grader/mean
@@ -146,7 +151,7 @@ def train_grpo(policy_dir: str, task: Task, problems: list[Problem], cfg: TrainC
     budget = [TokenBudgetStop(cfg.grpo.token_budget, per_step)] if cfg.grpo.token_budget else []
     start = time.perf_counter()
     _free_memory()
-    with quiet_unless(progress):
+    with quiet_unless(progress), lm_head_on_labels_only():
         trainer = GRPOTrainer(model=model, reward_funcs=grader_reward(task, problems), args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=budget)
         show_progress(trainer, "grpo", output_dir, progress)  # a bar and a summary line

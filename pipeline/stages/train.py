@@ -15,16 +15,15 @@ iteration, so the policy never drifts further than one fine-tune from the base.
   log-probs as dataset columns and sets `ref_model=None`, so no second model is held during
   training. (With LoRA the reference is the base model with the adapter disabled.)
   `train.reference=base`: policy_0 is the reference in every iteration (pipeline.stages.reference).
-  `train.reference=sft` (train.mode=dpo): an SFT phase on the SFT rows first, then DPO from its
-  model with its model as the reference (TRL's reference pass runs it); the SFT phase's model is
-  kept inside the policy (`sft_phase/`) and meta.json's `reference` names it. Without SFT rows
-  DPO runs alone against policy_i, as with `previous`.
+  `train.reference=sft` (train.mode=dpo): SFT on the SFT rows first, then DPO from its model
+  with its model as the reference (TRL's reference pass runs it), kept inside the policy
+  (`sft_phase/`, named by meta.json's `reference`). No SFT rows: DPO against policy_i alone.
 - EOS: TRL appends the tokenizer's EOS to every DPO completion. A step option that is not
   terminal in the tree does not end the solution, so a thin collator (TRL's own
   `DataCollatorForPreference`, wrapped) removes that EOS token from non-terminal completions,
   for the reference pass and for training alike. SFT rows are whole solutions: TRL's EOS stays.
-- SFT: `trl.SFTTrainer` on prompt/completion rows, loss on the completion only (TRL's default
-  for that format).
+- SFT: `trl.SFTTrainer` on prompt/completion rows, loss on the completion only (TRL's default).
+  Both phases project the vocabulary at labelled positions only (`lm_head_on_labels_only`).
 - mode: dpo | sft | dpo_then_sft (DPO from policy_i, then SFT from the DPO result). A phase with
   no rows is skipped; when no phase has rows nothing is trained or written and the result says
   `skipped` and names the old policy in `policy_dir`, for the caller to reuse.
@@ -96,6 +95,7 @@ from pipeline.stages.reference import (
 from pipeline.stages.trl_trainers import (
     DPO_KEYS,
     dpo_trainer,
+    lm_head_on_labels_only,
     load_policy_for_training,
     pair_metrics_after,
     quiet_unless,
@@ -292,7 +292,7 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
         phase_start = time.perf_counter()
         trainer = None  # let the previous phase's optimizer state go before the next one
         _free_memory()
-        with quiet_unless(progress):
+        with quiet_unless(progress), lm_head_on_labels_only():
             trainer = runners[phase](model, tokenizer, rows[phase], cfg, model_cfg, output_dir,
                                      report_to, save_steps, callbacks, progress)
             show_progress(trainer, phase, output_dir, progress)  # a bar and a summary line

@@ -70,6 +70,32 @@ def _restore_tqdm(tqdm_env: str | None) -> None:
         os.environ["TQDM_DISABLE"] = tqdm_env
 
 
+@contextmanager
+def lm_head_on_labels_only():
+    """While it is open, TRL's fused LM head projects only the positions that have a label (the
+    completion tokens) on a CPU too, not every position.
+
+    TRL (`trl.trainer.utils.add_fused_lm_head`) scores only the labelled positions on Triton
+    devices and every position elsewhere, so that compiled backends (Neuron) keep one tile shape.
+    Eager CPU code has no tiles to keep, and here the prompt is most of every row (the demo's
+    one-shot prompt is ~100 tokens, a step option ~6): projecting and back-propagating the
+    vocabulary for the prompt's positions was a third of a DPO step and half of the reference
+    pass (README "Training on the CPU"). The per-token results are the same; TRL picks the path
+    with its private `_use_triton`, which this swaps for the duration (and leaves alone when a
+    TRL version no longer has it)."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def lora_config(cfg: TrainConfig):
     try:
         import peft
@@ -144,9 +170,10 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
                                   truncation_mode=args.truncation_mode),
         tokenizer.eos_token_id,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-                         processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
-                         peft_config=lora_config(cfg) if cfg.lora else None)
+    with lm_head_on_labels_only():  # the reference pass, in TRL's init
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, data_collator=collator,
+                             callbacks=callbacks, peft_config=lora_config(cfg) if cfg.lora else None)
     trainer.ref_model = None  # its log-probs are dataset columns now (precomputed): free it
     return trainer
 
