@@ -217,3 +217,17 @@ def test_token_budget_stops_after_the_step_that_reaches_it(debug_overrides, tmp_
 def test_grpo_token_budget_must_not_be_negative():
     with pytest.raises(ConfigError, match="train.grpo.token_budget"):
         compose_config(["experiment=grpo_cpu", "train.grpo.token_budget=-1"])
+
+
+def test_grpo_projects_only_the_completion_tokens(debug_overrides, tmp_path, recorded, monkeypatch):
+    """On a CPU TRL's fused LM head would project the prompt's positions too; GRPO's loss pass
+    projects the sampled completion tokens alone (test_train_stage has DPO's and SFT's)."""
+    from test_train_stage import _ProjectedRows
+
+    cfg = compose_config(grpo_overrides(debug_overrides))
+    task = make_task(cfg.task)
+    base = str(debug_overrides[1].split("=", 1)[1])
+    spy = _ProjectedRows(monkeypatch)
+    grpo.train_grpo(base, task, task.split("train"), cfg.train, tmp_path / "train",
+                    model_cfg=cfg.model)
+    assert sum(spy.rows) == sum(call["tokens"] for call in recorded) > 0
