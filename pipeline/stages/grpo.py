@@ -21,7 +21,8 @@ resumed after a kill still counts the steps before it.
 Metrics: mode, policy_dir, source_policy, iteration, problems, token_budget, steps, completions, tokens
 (generated), seconds, loss (last step), reward_first / reward_last / reward_mean (the grader's
 mean per step), solve_rate_first / solve_rate_last / solve_rate_mean (completions graded 1.0).
-Checkpoints and the atomic final save follow pipeline.stages.train.
+Checkpoints and the atomic final save follow pipeline.stages.train, and so does the LM head:
+on a CPU too it projects only the completion tokens (`lm_head_on_labels_only`).
 """
 
 from __future__ import annotations
