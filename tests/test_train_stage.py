@@ -410,7 +410,7 @@ def test_lm_head_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, m
     test_reference_log_probs_are_each_pairs_own_at_any_batch checks them by hand)."""
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.stages.trl_trainers import dpo_trainer, lm_head_on_labels_only
+    from pipeline.stages.trl_trainers import dpo_trainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows, cfg = dpo_rows(), config(epochs=1)
@@ -433,11 +433,9 @@ def test_lm_head_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, m
     data = write_rows(tmp_path / "data", dpo=rows)
     train_policy(str(tiny_model_dir), data, cfg, tmp_path / "train", model_cfg=ModelConfig(name="x"))
     assert sum(spy.rows) == 2 * labelled  # the reference pass and one epoch of steps
-    with lm_head_on_labels_only():
-        pass
     import trl.trainer.utils as trl_utils
 
-    assert not trl_utils._use_triton(torch.device("cpu"))  # TRL's own rule is back
+    assert not trl_utils._use_triton(torch.device("cpu"))  # after the stage, TRL's own rule again
 
 
 def test_sft_phase_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, monkeypatch):
