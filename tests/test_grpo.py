@@ -75,6 +75,9 @@ def test_grpo_run_has_the_loop_run_format_and_grader_rewards(debug_overrides, tm
     assert train["mode"] == "grpo" and train["steps"] == 2 and train["completions"] == 8
     assert train["policy_dir"] == "iter_000/train/policy"  # run-relative: the run can move
     assert (run / "iter_000/train/policy/model.safetensors").is_file()
+    # the demo's LoRA (debug inherits it): the adapter is merged, the policy a plain checkpoint
+    assert store.manifest["config"]["train"]["lora"] is True
+    assert not (run / "iter_000/train/policy/adapter_config.json").exists()
     assert store.policy_dir(1, "base") == str(run / train["policy_dir"])
     # rewards: exactly what the task's grader returned (Echo gives 0, 0.5 or 1.0)
     assert len(recorded) == 2 and all(len(c["rewards"]) == 4 for c in recorded)

@@ -316,9 +316,35 @@ def test_eos_kept_only_where_the_solution_ends():
 @pytest.mark.skipif(importlib.util.find_spec("peft") is not None, reason="peft is installed")
 def test_lora_without_peft_says_how_to_install(tiny_model_dir, tmp_path):
     data = write_rows(tmp_path / "data", dpo=dpo_rows())
-    with pytest.raises(QstarError, match=r"qstar\[lora\]"):
+    with pytest.raises(QstarError, match=r"peft>=0.13"):
         train_policy(str(tiny_model_dir), data, config(lora=True), tmp_path / "train")
     assert not (tmp_path / "train" / "policy").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (a qstar dependency)")
+def test_lora_trains_the_linear_layers_merges_and_resumes(tiny_model_dir, tmp_path):
+    """train.lora: peft's adapter on every linear layer, merged before saving, so the policy and
+    the DPO phase's kept model are plain checkpoints in which only those layers moved; a run
+    killed after a DPO checkpoint (the adapter's) resumes at the next step."""
+    data = write_rows(tmp_path / "data", dpo=dpo_rows(), sft=sft_rows())
+    cfg = config(mode=TrainMode.dpo_then_sft, epochs=2, lora=True, learning_rate=1e-2)
+    both, steps = killed_and_resumed(str(tiny_model_dir), data, cfg, tmp_path / "lora", "dpo")
+    assert steps == [2, 1, 2]  # DPO step 2, then SFT from its start
+    assert both["dpo/loss_first"] == pytest.approx(0.6931, abs=1e-3)  # B = 0: policy == reference
+    assert both["dpo/loss_last"] < both["dpo/loss_first"]
+
+    policy = tmp_path / "lora" / "policy"
+    before = weights(tiny_model_dir)
+    frozen = [name for name in before if not name.endswith("proj.weight")]
+    assert frozen  # embeddings and norms: weights LoRA must leave as they were
+    for model_dir in (policy, policy / "dpo_phase"):
+        assert not (model_dir / "adapter_config.json").exists()
+        after = weights(model_dir)
+        assert after.keys() == before.keys()
+        assert all(torch.equal(before[name], after[name]) for name in frozen)
+        assert all(not torch.equal(before[name], after[name]) for name in before if name not in frozen)
+    phase, final = weights(policy / "dpo_phase"), weights(policy)
+    assert any(not torch.equal(phase[name], final[name]) for name in phase)  # SFT moved it on
 
 
 class _Checkpointing(TrainerCallback):

@@ -46,6 +46,7 @@ from pipeline.stages.trl_trainers import (
     common_args,
     lm_head_on_labels_only,
     load_policy_for_training,
+    lora_config,
     quiet_unless,
 )
 from pipeline.tasks.base import Problem, Task
@@ -154,7 +155,8 @@ def train_grpo(policy_dir: str, task: Task, problems: list[Problem], cfg: TrainC
     _free_memory()
     with quiet_unless(progress), lm_head_on_labels_only():
         trainer = GRPOTrainer(model=model, reward_funcs=grader_reward(task, problems), args=args,
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=budget)
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=budget,
+                              peft_config=lora_config(cfg) if cfg.lora else None)
         show_progress(trainer, "grpo", output_dir, progress)  # a bar and a summary line
         trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
     history = trainer.state.log_history
@@ -162,13 +164,18 @@ def train_grpo(policy_dir: str, task: Task, problems: list[Problem], cfg: TrainC
                "problems": len(problems), "token_budget": cfg.grpo.token_budget or None,
                **grpo_metrics(history, per_step),
                "seconds": round(time.perf_counter() - start, 3), "policy_dir": str(final)}
+    model = trainer.model.merge_and_unload() if cfg.lora else trainer.model  # saved plain
     if use_cache is not None:
-        trainer.model.config.use_cache = use_cache  # as loaded: training may have switched it off
+        model.config.use_cache = use_cache  # as loaded: training may have switched it off
     meta = {"source_policy": policy_dir, "iteration": iteration, "metrics": metrics,
             "config": to_dict(cfg), "model": to_dict(model_cfg)}
     with atomic_dir(final) as tmp, weight_bars_off():
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        trainer.save_model(str(tmp))  # model + tokenizer (processing_class)
+        if cfg.lora:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            trainer.save_model(str(tmp))  # model + tokenizer (processing_class)
         for leftover in ("training_args.bin", "README.md"):
             (tmp / leftover).unlink(missing_ok=True)
         write_json(tmp / "meta.json", meta)

@@ -100,7 +100,7 @@ def lora_config(cfg: TrainConfig):
     try:
         import peft
     except ImportError as exc:
-        raise QstarError("train.lora=true needs peft: pip install 'qstar[lora]'") from exc
+        raise QstarError("train.lora=true needs peft, a qstar dependency: pip install 'peft>=0.13'") from exc
     return peft.LoraConfig(task_type="CAUSAL_LM", **LORA)
 
 
