@@ -1,0 +1,88 @@
+"""The train stage alone under several settings, on one run's data, each in its own process.
+
+    python benchmarks/train_settings.py RUN [--iteration 0] [--output FILE]
+
+Trains policy_i of RUN (the base model for iteration 0) on RUN/iter_<i>/data, as the run's own
+config (`experiment=demo_cpu` by default) and each setting's overrides say, one process after
+another (peak RSS is per process), and prints and writes, per setting: the stage's wall seconds,
+each phase's seconds, the process's peak RSS and DPO's after-training means over every pair
+(margin, pair accuracy, chosen log-prob change). The settings are the demo's before and after
+it took LoRA (issue 16): every weight with activation checkpointing at 2e-5, LoRA at 2e-4 with
+and without it. Compare seconds only between settings run on an equally quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.run.atomic import write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+FULL = ["train.lora=false", "train.learning_rate=2e-5", "train.activation_checkpointing=true"]
+SETTINGS = {
+    "full_checkpointing": FULL,
+    "lora_checkpointing": ["train.lora=true", "train.learning_rate=2e-4",
+                           "train.activation_checkpointing=true"],
+    "lora": ["train.lora=true", "train.learning_rate=2e-4", "train.activation_checkpointing=false"],
+}
+KEPT = ("dpo/seconds", "sft/seconds", "dpo/steps", "sft/steps", "dpo/loss_last", "sft/loss_last",
+        "dpo/after/rewards/margins", "dpo/after/rewards/accuracies", "dpo/logps/chosen_change")
+
+
+def one_setting(run: Path, iteration: int, name: str, out: Path) -> dict:
+    """Train in this process; returns the setting's numbers."""
+    from omegaconf import OmegaConf
+
+    from pipeline.compose import recorded_config, to_config
+    from pipeline.lm.models import resolve_model_path
+    from pipeline.run.store import RunStore
+    from pipeline.stages.train import train_policy
+
+    cfg = to_config(OmegaConf.merge(recorded_config(run), OmegaConf.from_dotlist(SETTINGS[name])))
+    policy = RunStore(run).policy_ref(iteration, cfg.model.name)
+    policy = str(run / policy) if (run / policy).exists() else resolve_model_path(cfg.model)
+    start = time.perf_counter()
+    metrics = train_policy(policy, run / f"iter_{iteration:03d}" / "data", cfg.train, out / name,
+                           model_cfg=cfg.model, iteration=iteration, reference_dir=policy)
+    return {"overrides": SETTINGS[name], "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            **{key: metrics[key] for key in KEPT if key in metrics}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run directory whose iteration has its data")
+    parser.add_argument("--iteration", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--work", type=Path, default=None, help="where each setting trains "
+                        "(default: RUN/train_settings)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "train_settings.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this setting only
+    args = parser.parse_args()
+    work = args.work or args.run / "train_settings"
+    if args.one:
+        print(json.dumps(one_setting(args.run, args.iteration, args.one, work)))
+        return
+    results = {}
+    for name in args.settings:
+        child = subprocess.run([sys.executable, __file__, str(args.run), "--iteration",
+                                str(args.iteration), "--work", str(work), "--one", name],
+                               check=True, capture_output=True, text=True)
+        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(name, json.dumps(results[name]), flush=True)
+    write_json(args.output, {"benchmark": "train_settings", "run": str(args.run),
+                             "iteration": args.iteration, "settings": results})
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
