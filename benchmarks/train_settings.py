@@ -8,7 +8,8 @@ another (peak RSS is per process), and prints and writes, per setting: the stage
 each phase's seconds, the process's peak RSS and DPO's after-training means over every pair
 (margin, pair accuracy, chosen log-prob change). The settings are the demo's before and after
 it took LoRA (issue 16): every weight with activation checkpointing at 2e-5, LoRA at 2e-4 with
-and without it. Compare seconds only between settings run on an equally quiet machine.
+and without it, and LoRA at four rows per forward or under bf16 autocast (train.cpu_autocast).
+Compare seconds only between settings run on an equally quiet machine.
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ sys.path.insert(0, str(ROOT))
 from pipeline.run.atomic import write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-FULL = ["train.lora=false", "train.learning_rate=2e-5", "train.activation_checkpointing=true"]
+FULL = ["train.lora=false", "train.learning_rate=2e-5", "train.activation_checkpointing=true",
+        "train.cpu_autocast=false"]
+LORA = ["train.lora=true", "train.learning_rate=2e-4", "train.cpu_autocast=false"]
 SETTINGS = {
     "full_checkpointing": FULL,
-    "lora_checkpointing": ["train.lora=true", "train.learning_rate=2e-4",
-                           "train.activation_checkpointing=true"],
-    "lora": ["train.lora=true", "train.learning_rate=2e-4", "train.activation_checkpointing=false"],
+    "lora_checkpointing": [*LORA, "train.activation_checkpointing=true"],
+    "lora": [*LORA, "train.activation_checkpointing=false"],
+    # the same optimizer steps, four rows per forward instead of one row four times
+    "lora_batch4": [*LORA, "train.activation_checkpointing=false", "train.batch_size=4",
+                    "train.gradient_accumulation_steps=1"],
+    # the demo's since 2026-12-03: bf16 autocast over the fp32 weights (model.dtype bfloat16)
+    "lora_autocast": [*LORA[:2], "train.activation_checkpointing=false", "train.cpu_autocast=true"],
 }
 KEPT = ("dpo/seconds", "sft/seconds", "dpo/steps", "sft/steps", "dpo/loss_last", "sft/loss_last",
         "dpo/after/rewards/margins", "dpo/after/rewards/accuracies", "dpo/logps/chosen_change")

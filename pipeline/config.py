@@ -316,14 +316,15 @@ class TrainConfig:
     epochs: float = 2.0  # passes over the rows per phase
     batch_size: int = 4  # rows per device step
     gradient_accumulation_steps: int = 1  # device steps per optimizer step
-    # DPO pairs per no-grad forward of the reference log-prob pass before training (TRL's
-    # precompute_ref_batch_size; None: batch_size). Per-pair sums: the batch changes speed and
-    # memory, not results. On 2 CPU cores 8 ran no faster than 1 and raised the demo's peak
-    # by 0.45 GB (README); on a GPU a larger batch fills the device.
+    # DPO pairs per no-grad forward of the reference log-prob pass (TRL's precompute_ref_batch_size;
+    # None: batch_size). Per-pair sums: speed and memory change, not results. On 2 CPU cores 8 ran
+    # no faster than 1 and raised the demo's peak by 0.45 GB (README); a GPU wants more.
     reference_batch_size: int | None = None
     # recompute each layer's activations in the backward pass instead of holding them: less
     # memory for about a third more compute (TRL's default; the demo's 4 GB needs it on a CPU)
     activation_checkpointing: bool = True
+    # bf16 autocast over the fp32 weights on a CPU too, where model.dtype is bfloat16 (CUDA: always)
+    cpu_autocast: bool = False
     max_length: int = 384  # tokens of prompt + completion; rows whose prompt alone is longer drop
     lora: bool = False  # train a LoRA adapter (peft) and merge it, instead of every weight
     # DPO's reference model pi_ref, recorded in the new policy's meta.json (the implicit reward's

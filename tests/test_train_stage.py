@@ -368,6 +368,47 @@ def test_activation_checkpointing_saves_memory_not_results(tiny_model_dir, tmp_p
         torch.testing.assert_close(value, trained[False][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+class _Precision(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.append((args.bf16, {p.dtype for p in model.parameters()}))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cpu_autocast_trains_fp32_weights_under_bf16(tiny_model_dir, tmp_path, dtype):
+    """train.cpu_autocast: TRL's bf16 autocast on the CPU where model.dtype is bfloat16 (a no-op
+    in float32); the weights stay float32, and the after-training pair metrics run under the
+    autocast of TRL's reference pass: at step 0 the policy's log-probs equal the reference's
+    closer than bf16 and float32 differ from each other."""
+    from pipeline.stages.trl_trainers import dpo_trainer, pair_metrics_after
+
+    seen = _Precision()
+    cfg, model_cfg = config(epochs=2, cpu_autocast=True), ModelConfig(name="x", dtype=dtype)
+    data = write_rows(tmp_path / "data", dpo=dpo_rows())
+    metrics = train_policy(str(tiny_model_dir), data, cfg, tmp_path / "train", model_cfg=model_cfg,
+                           callbacks=[seen])
+    assert seen.seen == [(dtype == "bfloat16", {torch.float32})] * 2
+    assert metrics["dpo/loss_first"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+    assert metrics["dpo/loss_last"] < metrics["dpo/loss_first"]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "train" / "policy")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+    if dtype == "float32":
+        return
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain = pair_metrics_after(model, dpo_trainer(  # the same model and pairs in float32
+        model, tokenizer, dpo_rows(), config(), model_cfg, tmp_path / "fp32", "none", 10, None,
+        False), cfg.beta)
+    autocast = pair_metrics_after(model, dpo_trainer(
+        model, tokenizer, dpo_rows(), cfg, model_cfg, tmp_path / "bf16", "none", 10, None, False),
+        cfg.beta)
+    gap = abs(autocast["dpo/after/logps/chosen"] - plain["dpo/after/logps/chosen"])
+    assert gap > 0  # bf16 ran
+    assert abs(autocast["dpo/logps/chosen_change"]) < gap / 2
+
+
 @pytest.mark.parametrize("size", [None, 1, 5])
 def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp_path, size):
     """train.reference_batch_size batches the reference pass before DPO; each pair's reference

@@ -27,9 +27,9 @@ iteration, so the policy never drifts further than one fine-tune from the base.
 - mode: dpo | sft | dpo_then_sft (DPO from policy_i, then SFT from the DPO result). A phase with
   no rows is skipped; when no phase has rows nothing is trained or written and the result says
   `skipped` and names the old policy in `policy_dir`, for the caller to reuse.
-- Precision: float32 weights; bf16 (fp16) autocast only on cuda with model.dtype bfloat16
-  (float16). On CPU `bf16=False` whatever model.dtype (bf16 autocast: DPO 1.35-1.5x faster, but
-  4.1 GB against 3.4 GB; README "Results"). Activation checkpointing unless turned off.
+- Precision: float32 weights; bf16 (fp16) autocast on cuda with model.dtype bfloat16 (float16),
+  on CPU only with train.cpu_autocast and model.dtype bfloat16 (README "Results"); the pair
+  metrics after training run under TRL's autocast too. Activation checkpointing unless off.
 - LoRA (cfg.lora): peft imported lazily; r=16, alpha=32, all linear layers; the adapter is merged
   into the weights before saving, so the next policy is a plain checkpoint.
 - Checkpoints: TRL's output_dir is `out_dir/trainer/<phase>`, saved every `save_steps` steps and

@@ -116,7 +116,7 @@ def common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, repo
         max_length=cfg.max_length,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=cuda and model_cfg.dtype == "bfloat16",
+        bf16=(cuda or cfg.cpu_autocast) and model_cfg.dtype == "bfloat16",
         fp16=cuda and model_cfg.dtype == "float16",
         use_cpu=not cuda,
         activation_checkpointing=cfg.activation_checkpointing,  # the new name avoids a warning
@@ -215,8 +215,9 @@ def pair_metrics_after(model, trainer, beta: float) -> dict:
     training = model.training
     model.eval()
     try:
-        logps = [sum(tokens) for tokens in tail_logprobs(model, trainer.processing_class, pairs,
-                                                        PAIR_METRICS_BATCH)]
+        with trainer.accelerator.autocast():  # the precision of TRL's reference pass and training
+            logps = [sum(tokens) for tokens in tail_logprobs(model, trainer.processing_class, pairs,
+                                                            PAIR_METRICS_BATCH)]
     finally:
         model.train(training)
     chosen, rejected = logps[0::2], logps[1::2]
