@@ -321,7 +321,7 @@ class TrainConfig:
     # no faster than 1 and raised the demo's peak by 0.45 GB (README); a GPU wants more.
     reference_batch_size: int | None = None
     # recompute each layer's activations in the backward pass instead of holding them: less
-    # memory for about a third more compute (TRL's default; the demo's 4 GB needs it on a CPU)
+    # memory for about a third more compute (TRL's default; off in the demo, whose LoRA saves more)
     activation_checkpointing: bool = True
     # bf16 autocast over the fp32 weights on a CPU too, where model.dtype is bfloat16 (CUDA: always)
     cpu_autocast: bool = False
