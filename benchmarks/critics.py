@@ -25,7 +25,8 @@ on the same test samples, and what scoring with trained critics costs the search
 Each finished part is kept beside the run, so a killed benchmark resumes where it stopped.
 `--runs DIR --iterations K` reuses any MCTS-loop run with K finished iterations (e.g.
 runs/matched_budget/mcts); `--search-problems N` limits part 3 to the first N problems.
-Writes benchmarks/results/critics.json (--smoke: the run directory's critics.json).
+Writes benchmarks/results/critics.json (--smoke: the run directory's critics.json; --output: the
+path given).
 """
 
 from __future__ import annotations
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="1 iteration of the debug config (pass model=<checkpoint>)")
     parser.add_argument("--search-problems", type=int, default=None, metavar="N",
                         help="part 3 searches the first N training problems (default: all)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="the JSON to write (default: benchmarks/results/critics.json; "
+                             "--smoke: the run directory's critics.json)")
     parser.add_argument("overrides", nargs="*", help="extra qstar config overrides")
     args = parser.parse_args(argv)
     for flag, value in (("--n", args.n), ("--search-problems", args.search_problems),
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
                                args.search_problems),
     }
     result["search_tok_s_ratio_with_critics"] = result["search"].get("search_tok_s_ratio_with_critics")
-    out = args.runs / "critics.json" if args.smoke else RESULTS / "critics.json"
+    out = args.output or (args.runs / "critics.json" if args.smoke else RESULTS / "critics.json")
     write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")

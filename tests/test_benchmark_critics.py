@@ -61,8 +61,10 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     import pipeline.decoding.tree_search as ts
 
     monkeypatch.setattr(ts, "train_search", no_search)
-    again = bench.main(args)
+    elsewhere = tmp_path / "elsewhere.json"  # --output: the path given, whatever the mode
+    again = bench.main([*args, "--output", str(elsewhere)])
     assert again["search"] == search
+    assert json.loads(elsewhere.read_text()) == json.loads(json.dumps(again))
 
 
 def test_within_problem_auc_on_test_samples_with_right_and_wrong_answers(bench, tiny_model_dir,
