@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from pipeline.errors import QstarError
+from pipeline.errors import ConfigError, QstarError
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 # The commands import their modules (torch, transformers, Hydra, Ray behind them) inside the
 # function that needs them, so `qstar --help` and a refused argument answer at once.
@@ -94,20 +98,42 @@ def cmd_run(args: list[str]) -> int:
 
 
 def sweep_variants(overrides: list[str]) -> list[list[str]]:
-    """Every value of every swept key (`key=a,b`) once, the other keys at their first value:
-    enough to refuse any bad value before the sweep starts, without the full product."""
-    def values(item: str) -> list[str]:
-        key, sep, value = item.partition("=")
-        if not sep or "," not in value or value.startswith(("[", "{", "range(", "choice(")):
-            return [item]
-        return [f"{key}={v}" for v in value.split(",")]
+    """Every value of every swept key once, the other keys at their first value: enough to refuse
+    any bad value before the sweep starts, without the full product. Hydra's own parser reads
+    the sweeps (`a=1,2`, `choice(...)`, `range(...)`, `tag(...)`); an `interval(lo,hi)` (the
+    optuna sweeper's) is checked at both ends, and a `glob(...)` over a group's options is left
+    to Hydra (it needs the config loader)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    options = [values(item) for item in overrides]
-    first = [vals[0] for vals in options]
+    parser, parsed = OverridesParser.create(), []
+    for item in overrides:
+        try:
+            parsed += parser.parse_overrides([item])
+        except HydraException as exc:  # the first line says what; the rest is a docs link
+            raise ConfigError(f"cannot parse the override {item!r}: "
+                              f"{str(exc).splitlines()[0]} (Hydra's override grammar)") from None
+    options = [_sweep_values(item, override) for item, override in zip(overrides, parsed)]
+    first = [vals[0] for vals in options if vals]
     variants = [first]
     for i, vals in enumerate(options):
-        variants += [first[:i] + [v] + first[i + 1:] for v in vals[1:]]
+        j = sum(1 for v in options[:i] if v)  # where this key sits in `first`
+        variants += [first[:j] + [v] + first[j + 1:] for v in vals[1:]]
     return variants
+
+
+def _sweep_values(item: str, override: Override) -> list[str]:
+    """The single-run overrides that stand for one command-line override ([]: none checkable)."""
+    from hydra.core.override_parser.types import Glob
+
+    if not override.is_sweep_override():
+        return [item]
+    key, sweep = override.get_key_element(), override.value()
+    if isinstance(sweep, Glob):
+        return []
+    if override.is_interval_sweep():
+        return [f"{key}={sweep.start}", f"{key}={sweep.end}"]
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
 
 
 def _hydra_run() -> None:
@@ -117,11 +143,12 @@ def _hydra_run() -> None:
     from pipeline.compose import CONF_DIR, to_config
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def entry(dcfg) -> None:
-        from pipeline.loop import run_loop
+    def entry(dcfg) -> float:
+        from pipeline.loop import final_accuracy, run_loop
 
         try:
-            run_loop(to_config(dcfg), HydraConfig.get().runtime.output_dir)
+            cfg = to_config(dcfg)
+            return final_accuracy(run_loop(cfg, HydraConfig.get().runtime.output_dir), cfg)
         except QstarError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -116,3 +116,12 @@ def resume_run(run_dir: str, overrides: list[str]) -> RunStore:
         raise QstarError(f"{run_dir} is not a qstar run directory (no manifest.json)")
     cfg = load_run_config(Path(run_dir), overrides)
     return run_loop(cfg, run_dir)
+
+
+def final_accuracy(store: RunStore, cfg: QstarConfig) -> float:
+    """The run's last policy's accuracy on eval.split (dev by default) under eval.decodes[0]:
+    the objective `qstar run -m` returns to Hydra's sweeper (the optuna sweeper maximises it
+    with hydra.sweeper.direction=maximize; the basic sweeper ignores it)."""
+    last = (cfg.iterations - 1, "eval") if cfg.iterations else (0, BASELINE)
+    metrics = store.metrics(*last) or {}
+    return float(metrics["decodes"][cfg.eval.decodes[0]]["accuracy"])

@@ -218,10 +218,44 @@ def test_sweep_variants_cover_every_value_once():
         ["a=1", "b=x", "c=[1,2]", "d=4"]]
 
 
+def test_sweep_variants_read_hydras_sweep_syntax():
+    from pipeline.cli import sweep_variants
+
+    # range/choice/tag expand to their values, an optuna interval to its two ends, a quoted
+    # comma is one value, and a glob over a group's options is left to Hydra
+    assert sweep_variants(["a=range(1,4)", "b=choice(x,y)", "c=interval(0.5,2.0)",
+                           "d='p,q'", "e=tag(t,choice(5,6))", "f=glob(*)"]) == [
+        ["a=1", "b=x", "c=0.5", "d='p,q'", "e=5"], ["a=2", "b=x", "c=0.5", "d='p,q'", "e=5"],
+        ["a=3", "b=x", "c=0.5", "d='p,q'", "e=5"], ["a=1", "b=y", "c=0.5", "d='p,q'", "e=5"],
+        ["a=1", "b=x", "c=2.0", "d='p,q'", "e=5"], ["a=1", "b=x", "c=0.5", "d='p,q'", "e=6"]]
+
+
+def test_sweep_variants_refuse_an_unparsable_override_in_one_line():
+    from pipeline.cli import sweep_variants
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        sweep_variants(["a=range(1,"])
+    assert "a=range(1," in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_a_bad_value_in_a_sweep_is_one_error_line_and_no_run_dir(debug_overrides, tmp_path,
                                                                   capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["run", "-m", *debug_overrides, "search.c_puct=1.0,-2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "search.c_puct" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sweep", ["search.c_puct=range(-2,2)", "search.c_puct=choice(1.0,-2)",
+                                   "search.c_puct=interval(-2.0,1.0)"])
+def test_a_bad_value_in_a_hydra_sweep_expression_is_refused_by_its_key(
+        debug_overrides, tmp_path, capsys, monkeypatch, sweep):
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "-m", *debug_overrides, sweep])
+    err = capsys.readouterr().err.strip().splitlines()
+    # the bad value, not "Sweep parameters ... requires --multirun"
+    assert code == 2 and len(err) == 1 and "search.c_puct" in err[0]
+    assert "requires --multirun" not in err[0]
     assert not (tmp_path / "runs").exists()

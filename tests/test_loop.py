@@ -275,6 +275,24 @@ def test_sweep_makes_one_run_per_value_and_inspect_compares_them(tiny_model_dir,
     assert "search.c_puct=0.5" in table.stdout and "search.c_puct=2.0" in table.stdout
 
 
+def test_the_sweep_objective_is_the_last_policys_first_decode(tmp_path):
+    """What `qstar run -m` hands Hydra's sweeper (optuna maximises it): the last iteration's
+    eval accuracy under eval.decodes[0], not an earlier iteration's or another decode's."""
+    store = RunStore(tmp_path / "run")
+    grades = {"greedy": {"accuracy": 0.25}, "best_of_n": {"accuracy": 0.5}}
+    store.complete(0, "baseline", {"decodes": {"greedy": {"accuracy": 0.1}}}, 1.0)
+    store.complete(0, "eval", {"decodes": {"greedy": {"accuracy": 0.2}}}, 1.0)
+    store.complete(1, "eval", {"decodes": grades}, 1.0)
+    cfg = compose_config(["iterations=2", "eval.decodes=[greedy,best_of_n]"])
+    assert loop_module.final_accuracy(store, cfg) == 0.25
+    cfg.eval.decodes = ["best_of_n", "greedy"]
+    assert loop_module.final_accuracy(store, cfg) == 0.5
+    cfg.eval.decodes, cfg.iterations = ["greedy"], 1
+    assert loop_module.final_accuracy(store, cfg) == 0.2
+    cfg.iterations = 0  # no iteration: the base policy's baseline
+    assert loop_module.final_accuracy(store, cfg) == 0.1
+
+
 def test_inspect_prints_the_table_and_one_tree(reference_run, capsys):
     from pipeline.cli import main
 
