@@ -106,13 +106,14 @@ def sweep_variants(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from pipeline.compose import one_line
+
     parser, parsed = OverridesParser.create(), []
     for item in overrides:
         try:
             parsed += parser.parse_overrides([item])
-        except HydraException as exc:  # the first line says what; the rest is a docs link
-            raise ConfigError(f"cannot parse the override {item!r}: "
-                              f"{str(exc).splitlines()[0]} (Hydra's override grammar)") from None
+        except HydraException as exc:
+            raise ConfigError(one_line(exc)) from None
     options = [_sweep_values(item, override) for item, override in zip(overrides, parsed)]
     first = [vals[0] for vals in options if vals]
     variants = [first]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -64,6 +64,8 @@ def compose_config(overrides: list[str] | None = None) -> QstarConfig:
 def one_line(exc: BaseException) -> str:
     """Hydra/OmegaConf errors span lines and chained causes; keep the lines that explain."""
     parts, seen = [], set()
+    if isinstance(exc, OverrideParseException):  # the override it could not parse, by name
+        parts.append(f"cannot parse the override {exc.override!r}:")
     while exc is not None:
         for line in str(exc).splitlines():
             line = line.strip()
@@ -71,7 +73,7 @@ def one_line(exc: BaseException) -> str:
                 break
             noise = line.startswith(("full_key:", "object_type", "reference_type", "Set the ",
                                      "To append", "provider=")) or "$VALUE" in line
-            if line and not noise and line not in seen:
+            if line and line != "None" and not noise and line not in seen:
                 seen.add(line)
                 parts.append(line)
         exc = exc.__cause__ or exc.__context__

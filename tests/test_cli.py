@@ -239,6 +239,14 @@ def test_sweep_variants_refuse_an_unparsable_override_in_one_line():
     assert "a=range(1," in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("command", [["eval"], ["run", "-m"]])
+def test_an_unparsable_override_is_one_line_naming_it(command, capsys):
+    code = main([*command, "search.c_puct=range(1,"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "'search.c_puct=range(1,'" in err[0] and not err[0].endswith("None")
+
+
 def test_a_bad_value_in_a_sweep_is_one_error_line_and_no_run_dir(debug_overrides, tmp_path,
                                                                   capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
