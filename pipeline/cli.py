@@ -114,12 +114,12 @@ def sweep_variants(overrides: list[str]) -> list[list[str]]:
             parsed += parser.parse_overrides([item])
         except HydraException as exc:
             raise ConfigError(one_line(exc)) from None
-    options = [_sweep_values(item, override) for item, override in zip(overrides, parsed)]
-    first = [vals[0] for vals in options if vals]
+    options = [vals for item, override in zip(overrides, parsed)
+               if (vals := _sweep_values(item, override))]
+    first = [vals[0] for vals in options]
     variants = [first]
     for i, vals in enumerate(options):
-        j = sum(1 for v in options[:i] if v)  # where this key sits in `first`
-        variants += [first[:j] + [v] + first[j + 1:] for v in vals[1:]]
+        variants += [first[:i] + [v] + first[i + 1:] for v in vals[1:]]
     return variants
 
 
@@ -144,7 +144,7 @@ def _hydra_run() -> None:
     from pipeline.compose import CONF_DIR, to_config
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def entry(dcfg) -> float:
+    def entry(dcfg) -> float | None:
         from pipeline.loop import final_accuracy, run_loop
 
         try:

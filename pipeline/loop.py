@@ -118,10 +118,12 @@ def resume_run(run_dir: str, overrides: list[str]) -> RunStore:
     return run_loop(cfg, run_dir)
 
 
-def final_accuracy(store: RunStore, cfg: QstarConfig) -> float:
-    """The run's last policy's accuracy on eval.split (dev by default) under eval.decodes[0]:
-    the objective `qstar run -m` returns to Hydra's sweeper (the optuna sweeper maximises it
-    with hydra.sweeper.direction=maximize; the basic sweeper ignores it)."""
+def final_accuracy(store: RunStore, cfg: QstarConfig) -> float | None:
+    """The finished run's last policy's accuracy on eval.split (dev by default) under
+    eval.decodes[0]: the objective `qstar run -m` returns to Hydra's sweeper (the optuna sweeper
+    maximises it with hydra.sweeper.direction=maximize; the basic sweeper ignores it). None
+    when eval.decodes is empty: the run graded nothing."""
+    if not cfg.eval.decodes:
+        return None
     last = (cfg.iterations - 1, "eval") if cfg.iterations else (0, BASELINE)
-    metrics = store.metrics(*last) or {}
-    return float(metrics["decodes"][cfg.eval.decodes[0]]["accuracy"])
+    return float(store.metrics(*last)["decodes"][cfg.eval.decodes[0]]["accuracy"])

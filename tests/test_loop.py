@@ -291,6 +291,8 @@ def test_the_sweep_objective_is_the_last_policys_first_decode(tmp_path):
     assert loop_module.final_accuracy(store, cfg) == 0.2
     cfg.iterations = 0  # no iteration: the base policy's baseline
     assert loop_module.final_accuracy(store, cfg) == 0.1
+    cfg.eval.decodes = []  # a run that graded nothing has no objective
+    assert loop_module.final_accuracy(store, cfg) is None
 
 
 def test_inspect_prints_the_table_and_one_tree(reference_run, capsys):
