@@ -8,7 +8,9 @@ another (peak RSS is per process), and prints and writes, per setting: the stage
 each phase's seconds, the process's peak RSS and DPO's after-training means over every pair
 (margin, pair accuracy, chosen log-prob change). The settings are the demo's before and after
 it took LoRA (issue 16): every weight with activation checkpointing at 2e-5, LoRA at 2e-4 with
-and without it, and LoRA at four rows per forward or under bf16 autocast (train.cpu_autocast).
+and without it, and LoRA at four rows per forward or under bf16 autocast (train.cpu_autocast),
+and under autocast on the last 15 or 10 decoder layers only (train.lora_layer_fraction) at the same or a
+larger step.
 Compare seconds only between settings run on an equally quiet machine.
 """
 
@@ -40,6 +42,19 @@ SETTINGS = {
                     "train.gradient_accumulation_steps=1"],
     # the demo's since 2026-12-03: bf16 autocast over the fp32 weights (model.dtype bfloat16)
     "lora_autocast": [*LORA[:2], "train.activation_checkpointing=false", "train.cpu_autocast=true"],
+    # the adapter on the last 15 / 10 of SmolLM2-135M's 30 decoder layers: the backward pass stops
+    # there (train.lora_layer_fraction)
+    "lora_autocast_top15": [*LORA[:2], "train.activation_checkpointing=false",
+                            "train.cpu_autocast=true", "train.lora_layer_fraction=0.5"],
+    "lora_autocast_top10": [*LORA[:2], "train.activation_checkpointing=false",
+                            "train.cpu_autocast=true", "train.lora_layer_fraction=0.33"],
+    # the same with a larger step, to move the policy as far as the whole adapter does
+    "lora_autocast_top15_4e-4": ["train.lora=true", "train.learning_rate=4e-4",
+                                 "train.activation_checkpointing=false", "train.cpu_autocast=true",
+                                 "train.lora_layer_fraction=0.5"],
+    "lora_autocast_top10_6e-4": ["train.lora=true", "train.learning_rate=6e-4",
+                                 "train.activation_checkpointing=false", "train.cpu_autocast=true",
+                                 "train.lora_layer_fraction=0.33"],
 }
 KEPT = ("dpo/seconds", "sft/seconds", "dpo/steps", "sft/steps", "dpo/loss_last", "sft/loss_last",
         "dpo/after/rewards/margins", "dpo/after/rewards/accuracies", "dpo/logps/chosen_change")

@@ -316,9 +316,8 @@ class TrainConfig:
     epochs: float = 2.0  # passes over the rows per phase
     batch_size: int = 4  # rows per device step
     gradient_accumulation_steps: int = 1  # device steps per optimizer step
-    # DPO pairs per no-grad forward of the reference log-prob pass (TRL's precompute_ref_batch_size;
-    # None: batch_size). Per-pair sums: speed and memory change, not results. On 2 CPU cores 8 ran
-    # no faster than 1 and raised the demo's peak by 0.45 GB (README); a GPU wants more.
+    # DPO pairs per no-grad forward of the reference pass (TRL's precompute_ref_batch_size; None:
+    # batch_size): speed and memory, not results. 8 on 2 CPU cores: no faster, +0.45 GB (README)
     reference_batch_size: int | None = None
     # recompute each layer's activations in the backward pass instead of holding them: less
     # memory for about a third more compute (TRL's default; off in the demo, whose LoRA saves more)
@@ -327,6 +326,7 @@ class TrainConfig:
     cpu_autocast: bool = False
     max_length: int = 384  # tokens of prompt + completion; rows whose prompt alone is longer drop
     lora: bool = False  # train a LoRA adapter (peft) and merge it, instead of every weight
+    lora_layer_fraction: float = 1.0  # LoRA on this last share of the decoder layers; backward stops there
     # DPO's reference model pi_ref, recorded in the new policy's meta.json (the implicit reward's
     # reference at search and evaluation time): previous (policy_i) | base (policy_0) | sft
     # (policy_i after an SFT phase on the verified solutions; train.mode=dpo only)

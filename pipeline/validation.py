@@ -131,6 +131,8 @@ def _validate_learning(cfg: QstarConfig) -> None:
     _require(tr.sft_learning_rate is None or tr.sft_learning_rate > 0, "train.sft_learning_rate",
              "must be > 0 (or null: train.learning_rate)", tr.sft_learning_rate)
     _require(tr.epochs > 0, "train.epochs", "must be > 0", tr.epochs)
+    _require(0 < tr.lora_layer_fraction <= 1, "train.lora_layer_fraction",
+             "must be in (0, 1] (1: every decoder layer)", tr.lora_layer_fraction)
     _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
     _require(tr.reference_batch_size is None or tr.reference_batch_size >= 1,
              "train.reference_batch_size", "must be >= 1 (or null: train.batch_size)",

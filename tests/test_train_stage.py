@@ -12,7 +12,7 @@ from pipeline.config import ModelConfig, TrainConfig, TrainMode
 from pipeline.errors import QstarError
 from pipeline.run.atomic import write_jsonl
 from pipeline.stages.train import train_policy
-from pipeline.stages.trl_trainers import EosAwareCollator
+from pipeline.stages.trl_trainers import EosAwareCollator, adapted_layers
 
 PROMPT = "<|im_start|>user\nWhat is {} + {}?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -345,6 +345,27 @@ def test_lora_trains_the_linear_layers_merges_and_resumes(tiny_model_dir, tmp_pa
         assert all(not torch.equal(before[name], after[name]) for name in before if name not in frozen)
     phase, final = weights(policy / "dpo_phase"), weights(policy)
     assert any(not torch.equal(phase[name], final[name]) for name in phase)  # SFT moved it on
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (a qstar dependency)")
+def test_lora_on_the_last_layers_moves_only_them(tiny_model_dir, tmp_path):
+    """train.lora_layer_fraction: the adapter on the last share of the decoder layers' linear
+    modules only (the backward pass stops at the first of them); the rest stays as it was."""
+    data = write_rows(tmp_path / "data", dpo=dpo_rows())
+    train_policy(str(tiny_model_dir), data, config(epochs=1, lora=True, lora_layer_fraction=0.5,
+                                                   learning_rate=1e-2), tmp_path / "half")
+    before, after = weights(tiny_model_dir), weights(tmp_path / "half" / "policy")
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    last = {name for name in before if name.startswith("model.layers.1.") and name.endswith("proj.weight")}
+    assert len(last) == 7  # q, k, v, o, gate, up and down of the tiny model's second layer
+    assert moved == last
+
+
+@pytest.mark.parametrize(("fraction", "layers", "adapted"), [
+    (1.0, 30, range(0, 30)), (0.5, 30, range(15, 30)), (0.33, 30, range(20, 30)),
+    (0.33, 2, range(1, 2)), (0.01, 30, range(29, 30)), (0.5, 1, range(0, 1))])
+def test_adapted_layers_are_the_last_share_rounded_at_least_one(fraction, layers, adapted):
+    assert adapted_layers(fraction, layers) == adapted
 
 
 class _Checkpointing(TrainerCallback):

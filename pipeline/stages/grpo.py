@@ -156,7 +156,7 @@ def train_grpo(policy_dir: str, task: Task, problems: list[Problem], cfg: TrainC
     with quiet_unless(progress), lm_head_on_labels_only():
         trainer = GRPOTrainer(model=model, reward_funcs=grader_reward(task, problems), args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=budget,
-                              peft_config=lora_config(cfg) if cfg.lora else None)
+                              peft_config=lora_config(cfg, model))
         show_progress(trainer, "grpo", output_dir, progress)  # a bar and a summary line
         trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
     history = trainer.state.log_history

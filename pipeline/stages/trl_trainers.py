@@ -14,6 +14,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+import torch
+
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
 from pipeline.lm.teacher_forced import tail_logprobs
@@ -96,12 +98,30 @@ def lm_head_on_labels_only():
         trl_utils._use_triton = original
 
 
-def lora_config(cfg: TrainConfig):
+def adapted_layers(fraction: float, layers: int) -> range:
+    """The decoder layers LoRA adapts: the last `fraction` of them, rounded, at least one."""
+    return range(layers - max(1, round(fraction * layers)), layers)
+
+
+def lora_config(cfg: TrainConfig, model):
+    """The adapter peft trains (None without train.lora): every linear module of the last
+    train.lora_layer_fraction of the decoder layers (of every layer by default)."""
+    if not cfg.lora:
+        return None
     try:
         import peft
     except ImportError as exc:
         raise QstarError("train.lora=true needs peft, a qstar dependency: pip install 'peft>=0.13'") from exc
-    return peft.LoraConfig(task_type="CAUSAL_LM", **LORA)
+    layers = model.config.num_hidden_layers
+    adapted = adapted_layers(cfg.lora_layer_fraction, layers)
+    if len(adapted) == layers:
+        return peft.LoraConfig(task_type="CAUSAL_LM", **LORA)
+    # peft takes a layer subset only with the modules named: every linear one but the LM head
+    head = model.get_output_embeddings()
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and module is not head})
+    return peft.LoraConfig(task_type="CAUSAL_LM", **{**LORA, "target_modules": linear},
+                           layers_to_transform=list(adapted))
 
 
 def common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, report_to: str,
@@ -132,7 +152,6 @@ def common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, repo
 
 
 def load_policy_for_training(path: str, cfg: TrainConfig, model_cfg: ModelConfig):
-    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32
@@ -173,7 +192,7 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
     with lm_head_on_labels_only():  # the reference pass, in TRL's init
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, data_collator=collator,
-                             callbacks=callbacks, peft_config=lora_config(cfg) if cfg.lora else None)
+                             callbacks=callbacks, peft_config=lora_config(cfg, model))
     trainer.ref_model = None  # its log-probs are dataset columns now (precomputed): free it
     return trainer
 
@@ -190,7 +209,7 @@ def sft_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
         common["learning_rate"] = cfg.sft_learning_rate
     args = SFTConfig(**common, packing=False)
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      callbacks=callbacks, peft_config=lora_config(cfg) if cfg.lora else None)
+                      callbacks=callbacks, peft_config=lora_config(cfg, model))
 
 
 def pair_metrics_after(model, trainer, beta: float) -> dict:
