@@ -55,6 +55,9 @@ SETTINGS = {
     "lora_autocast_top10_6e-4": ["train.lora=true", "train.learning_rate=6e-4",
                                  "train.activation_checkpointing=false", "train.cpu_autocast=true",
                                  "train.lora_layer_fraction=0.33"],
+    "lora_autocast_top6_1e-3": ["train.lora=true", "train.learning_rate=1e-3",
+                                "train.activation_checkpointing=false", "train.cpu_autocast=true",
+                                "train.lora_layer_fraction=0.2"],
 }
 KEPT = ("dpo/seconds", "sft/seconds", "dpo/steps", "sft/steps", "dpo/loss_last", "sft/loss_last",
         "dpo/after/rewards/margins", "dpo/after/rewards/accuracies", "dpo/logps/chosen_change")
