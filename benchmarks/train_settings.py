@@ -9,8 +9,8 @@ each phase's seconds, the process's peak RSS and DPO's after-training means over
 (margin, pair accuracy, chosen log-prob change). The settings are the demo's before and after
 it took LoRA (issue 16): every weight with activation checkpointing at 2e-5, LoRA at 2e-4 with
 and without it, and LoRA at four rows per forward or under bf16 autocast (train.cpu_autocast),
-and under autocast on the last 15, 10 or 6 decoder layers only (train.lora_layer_fraction) at the same or a
-larger step.
+and under autocast on the last 15, 10 or 6 decoder layers only (train.lora_layer_fraction) at
+the same or a larger step.
 Compare seconds only between settings run on an equally quiet machine.
 """
 
