@@ -31,7 +31,7 @@ iteration, so the policy never drifts further than one fine-tune from the base.
   on CPU only with train.cpu_autocast and model.dtype bfloat16 (README "Results"); the pair
   metrics after training run under TRL's autocast too. Activation checkpointing unless off.
 - LoRA (cfg.lora): peft lazily; r=16, alpha=32, all linear layers (of the last
-  cfg.lora_layer_fraction of layers), merged into the weights before saving: the next policy is a plain checkpoint.
+  cfg.lora_layer_fraction of layers), merged before saving: the next policy is a plain checkpoint.
 - Checkpoints: TRL's output_dir is `out_dir/trainer/<phase>`, saved every `save_steps` steps and
   at the end, keeping one. If a checkpoint is there, the phase resumes from it
   (`resume_from_checkpoint`), so an interrupted training loses only the steps since it. A
