@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from critics.shared_prompt import group_by_prompt, grouped_states, pad_id
+from critics.shared_prompt import group_by_prompt, grouped_states, pad_id, picked_logprobs
 
 LOGPROB_STATS = ("mean", "min", "sum", "tokens")
 
@@ -65,15 +65,12 @@ def encode_left_padded(tokenizer, prompts: Sequence[str], completions: Sequence[
     return Encoded(input_ids, mask, positions, counts)
 
 
-def _logprob_stats(lm_head, predictors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Statistics of the log-probs of `targets` (c,), each predicted by the hidden state beside
-    it in `predictors` (c, hidden). No targets: all zeros."""
-    if len(targets) == 0:
+def _logprob_stats(logp: torch.Tensor) -> torch.Tensor:
+    """LOGPROB_STATS of a completion's token log-probs `logp` (c,). No tokens: all zeros."""
+    if len(logp) == 0:
         return torch.zeros(len(LOGPROB_STATS))
-    logits = lm_head(predictors).float()
-    logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     stats = torch.stack([logp.mean(), logp.min(), logp.sum()]).cpu()  # the model may be on a GPU
-    return torch.cat([stats, torch.tensor([float(len(targets))])])
+    return torch.cat([stats, torch.tensor([float(len(logp))])])
 
 
 @dataclass
@@ -113,12 +110,8 @@ def backbone_features(model, tokenizer, prompts: Sequence[str], completions: Seq
               tokenizer(c, add_special_tokens=False).input_ids if c else [])
              for p, c in zip(prompts, completions, strict=True)]
     groups, alone = group_by_prompt(pairs, max_length, min_group=2)
-    for i, ids, states in grouped_states(model, groups, batch_size, pad_id(tokenizer)):
-        stats = None
-        if lm_head is not None:
-            stats = _logprob_stats(lm_head, states[:-1],
-                                   torch.tensor(ids, device=model.device, dtype=torch.long))
-        out.put(i, states[-1], states[0], stats)
+    for i, _, states, logps in grouped_states(model, groups, batch_size, pad_id(tokenizer), lm_head):
+        out.put(i, states[-1], states[0], None if logps is None else _logprob_stats(logps))
     _left_padded(model, lm_head, tokenizer, prompts, completions, alone, batch_size, max_length, out)
     return Features(torch.stack(out.hidden), torch.stack(out.prompt),
                     torch.stack(out.logprob) if logprobs else None)
@@ -141,7 +134,8 @@ def _left_padded(model, lm_head, tokenizer, prompts: Sequence[str], completions:
             count = enc.completion_tokens[j]
             stats = None
             if lm_head is not None:
-                stats = _logprob_stats(lm_head, hidden[j, -count - 1:-1] if count else hidden[j, :0],
-                                       input_ids[j, input_ids.shape[1] - count:])
+                stats = _logprob_stats(picked_logprobs(
+                    lm_head, hidden[j, -count - 1:-1] if count else hidden[j, :0],
+                    input_ids[j, input_ids.shape[1] - count:]))
             # the token before the first scored completion token: the prompt's last, if kept
             out.put(i, hidden[j, -1], hidden[j, -count - 1], stats)

@@ -35,6 +35,8 @@ from transformers.cache_utils import DynamicLayer
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 Row = tuple[int, list[int]]  # (index into the caller's texts, completion ids)
+# per row: (index, completion ids, states (1 + len(ids), hidden), log-probs (len(ids),) or None)
+Scored = tuple[int, list[int], torch.Tensor, "torch.Tensor | None"]
 NO_PARENT = -1  # a tree token right after the prompt
 # Tree tokens per forward: its attention scores are (heads, tokens, prompt + tokens), mostly
 # masked, so a wide tree costs attention a padded batch would not; 0 turns tree attention off.
@@ -42,6 +44,8 @@ TREE_TOKENS = 512
 TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 # Tokens: a prefix common to every prompt shorter than this is not worth a forward of its own
 MIN_SHARED = 16
+# Predictor rows projected to the vocabulary at once (SmolLM2's 49k-word float32 logits: 48 MB)
+LOGIT_ROWS = 256
 
 # id(model.config) -> (a weak reference to that config, every cache layer a plain DynamicLayer);
 # the reference tells a live config from a freed one whose id a new config was given
@@ -160,22 +164,36 @@ def shared_prefix(model, prompts: Sequence[Sequence[int]]) -> PromptPrefix | Non
 
 
 def grouped_states(model, groups: dict[tuple[int, ...], list[Row]], batch_size: int,
-                   pad: int) -> Iterator[tuple[int, list[int], torch.Tensor]]:
+                   pad: int, lm_head=None) -> Iterator[Scored]:
     """completion_states for every prompt group, the prefix the prompts share run once."""
     prefix = shared_prefix(model, list(groups))
     for prompt_ids, rows in groups.items():
-        yield from completion_states(model, list(prompt_ids), rows, batch_size, pad, prefix)
+        yield from completion_states(model, list(prompt_ids), rows, batch_size, pad, prefix, lm_head)
+
+
+def picked_logprobs(lm_head, predictors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(k,) float32: the log-prob of targets[k] under the distribution lm_head(predictors[k])
+    gives, LOGIT_ROWS rows projected at a time."""
+    out = [torch.zeros(0, device=predictors.device)]
+    for start in range(0, len(targets), LOGIT_ROWS):
+        logits = lm_head(predictors[start:start + LOGIT_ROWS]).float()
+        picked = logits.gather(-1, targets[start:start + LOGIT_ROWS, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(logits, -1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_size: int,
-                      pad: int, prefix: PromptPrefix | None = None
-                      ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
-    """Per row sharing `prompt_ids`: (index, completion ids, states), where states is
+                      pad: int, prefix: PromptPrefix | None = None,
+                      lm_head=None) -> Iterator[Scored]:
+    """Per row sharing `prompt_ids`: (index, completion ids, states, log-probs), where states is
     (1 + len(ids), hidden): the final hidden state at the prompt's last token, then at each
-    completion token. states[k] predicts completion token k. At most `batch_size` rows run in
-    one forward: as token trees where the model allows it, else right-padded, shortest first.
-    With a `prefix` the prompt opens with, only the prompt's tokens past it run."""
+    completion token; states[k] predicts completion token k. With `lm_head` (plain_lm_head),
+    log-probs is (len(ids),) float32: each completion token's log-prob, every distinct token
+    prefix projected to the vocabulary once (siblings share their parent's projections); else
+    None. At most `batch_size` rows run in one forward: as token trees where the model allows
+    it, else right-padded, shortest first. With a `prefix` the prompt opens with, only the
+    prompt's tokens past it run."""
     base, start, cache = model.base_model, 0, {}
     if prefix is not None and prefix.opens(prompt_ids):
         start = len(prefix.ids)
@@ -185,13 +203,19 @@ def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_s
                  use_cache=True, **cache)
     prompt_state = first.last_hidden_state[0, -1:]
     run = _tree_states if tree_attention_fits(model) else _padded_states
-    for i, ids, hidden in run(model, returned_cache(first), len(prompt_ids), rows, batch_size, pad):
-        yield i, ids, torch.cat([prompt_state, hidden]) if ids else prompt_state
+    for i, ids, hidden, logps in run(model, returned_cache(first), prompt_state, len(prompt_ids),
+                                     rows, batch_size, pad, lm_head):
+        states = torch.cat([prompt_state, hidden]) if ids else prompt_state
+        if lm_head is not None and logps is None:  # one row's own tokens: nothing to share
+            logps = picked_logprobs(lm_head, states[:-1], torch.tensor(ids, device=model.device))
+        yield i, ids, states, logps
 
 
-def _padded_states(model, prompt_cache, size: int, rows: Sequence[Row], batch_size: int, pad: int):
-    """(index, ids, states of the ids) per row, in right-padded batches of like length; each
-    batch reads a copy of the prompt's cache, repeated per row."""
+def _padded_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[Row],
+                   batch_size: int, pad: int, lm_head):
+    """(index, ids, states of the ids, None) per row, in right-padded batches of like length;
+    each batch reads a copy of the prompt's cache, repeated per row (`prompt_state` and
+    `lm_head` are unused: rows share no tokens, completion_states projects each)."""
     base, device = model.base_model, model.device
     for chunk in chunks(sorted(rows, key=lambda row: len(row[1])), batch_size):
         width = max(len(ids) for _, ids in chunk)
@@ -206,7 +230,7 @@ def _padded_states(model, prompt_cache, size: int, rows: Sequence[Row], batch_si
             hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                           use_cache=True, **with_cache(base, cache)).last_hidden_state
         for j, (i, ids) in enumerate(chunk):
-            yield i, ids, hidden[j, :len(ids)] if ids else None
+            yield i, ids, hidden[j, :len(ids)] if ids else None, None
 
 
 @dataclass
@@ -269,13 +293,16 @@ def token_trees(rows: Sequence[Row], batch_size: int, budget: int) -> Iterator[T
         yield tree
 
 
-def _tree_states(model, prompt_cache, size: int, rows: Sequence[Row], batch_size: int, pad: int):
-    """(index, ids, states of the ids) per row, one forward per token tree after the prompt's
-    cache (cut back to the prompt after each); `pad` is unused: a tree has no padding."""
+def _tree_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[Row],
+                 batch_size: int, pad: int, lm_head):
+    """(index, ids, states of the ids, their log-probs or None) per row, one forward per token
+    tree after the prompt's cache (cut back to the prompt after each); with `lm_head`, each tree
+    token's log-prob is read once, from its parent's state (`prompt_state` for the first
+    tokens). `pad` is unused: a tree has no padding."""
     base, device = model.base_model, model.device
     blocked = torch.finfo(model.dtype).min
     for tree in token_trees(rows, batch_size, TREE_TOKENS):
-        hidden = None
+        hidden = logps = None
         if tree.tokens:
             n = len(tree.tokens)
             mask = torch.full((n, size + n), blocked, dtype=model.dtype)
@@ -286,8 +313,14 @@ def _tree_states(model, prompt_cache, size: int, rows: Sequence[Row], batch_size
                           attention_mask=mask[None, None].to(device), position_ids=positions,
                           use_cache=True, **with_cache(base, prompt_cache)).last_hidden_state[0]
             prompt_cache.crop(-n)  # back to the prompt alone (a negative count: tokens to drop)
+            if lm_head is not None:  # row 0 the prompt's state: a NO_PARENT (-1) token's predictor
+                parents = torch.tensor(tree.parent, device=device) + 1
+                logps = picked_logprobs(lm_head, torch.cat([prompt_state, hidden])[parents],
+                                        torch.tensor(tree.tokens, device=device))
         for i, ids, path in tree.rows:
-            yield i, ids, hidden[torch.tensor(path, device=device)] if ids else None
+            at = torch.tensor(path, device=device, dtype=torch.long)
+            yield (i, ids, hidden[at] if ids else None,
+                   logps[at] if logps is not None else None)
 
 
 def chunks(rows: list[Row], batch_size: int, waste: float = 1.5) -> Iterator[list[Row]]:

@@ -119,15 +119,44 @@ def test_tree_attention_gives_each_completion_the_states_of_its_own_pass(which, 
         assert len(trees) == 1 and len(trees[0].tokens) < sum(len(ids) for _, ids in rows)
     else:
         assert len(trees) > 2
-    tree = {i: (ids, s) for i, ids, s in shared_prompt.completion_states(model, prompt, rows, 32, 0)}
+    head = shared_prompt.plain_lm_head(model)
+    tree = {i: (ids, s, lp) for i, ids, s, lp
+            in shared_prompt.completion_states(model, prompt, rows, 32, 0, lm_head=head)}
     monkeypatch.setattr(shared_prompt, "TREE_TOKENS", 0)
     assert not shared_prompt.tree_attention_fits(model)
-    padded = {i: (ids, s) for i, ids, s in shared_prompt.completion_states(model, prompt, rows, 3, 0)}
+    padded = {i: (ids, s, lp) for i, ids, s, lp
+              in shared_prompt.completion_states(model, prompt, rows, 3, 0, lm_head=head)}
     assert sorted(tree) == sorted(padded) == [i for i, _ in rows]
     for i, ids in rows:
         assert tree[i][0] == padded[i][0] == ids
         assert tree[i][1].shape == (1 + len(ids), model.config.hidden_size)
         assert torch.allclose(tree[i][1], padded[i][1], atol=1e-4)
+        # the log-probs by hand: each token's, from the state before it
+        by_hand = torch.log_softmax(head(tree[i][1][:-1]).float(), -1)[range(len(ids)), ids]
+        assert tree[i][2].shape == (len(ids),)
+        assert torch.allclose(tree[i][2], by_hand, atol=1e-4)
+        assert torch.allclose(padded[i][2], by_hand, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["varied", "smol_tiny"])
+def test_a_token_tree_projects_each_distinct_prefix_to_the_vocabulary_once(which, request):
+    """Rows that share completion prefixes (a node's text is its parent's plus an option): the
+    LM head sees one row per tree token, not one per token of every row, and without a head
+    no log-probs are read (SmolLM2's BPE too)."""
+    model, tokenizer = request.getfixturevalue(which)
+    prompt = tokenizer(prompts_for(tokenizer)[0], add_special_tokens=False).input_ids
+    rows = _tree_rows(tokenizer)
+    (tree,) = shared_prompt.token_trees(rows, 32, shared_prompt.TREE_TOKENS)
+    head, projected = shared_prompt.plain_lm_head(model), []
+    hook = head.register_forward_hook(lambda _m, args, _o: projected.append(args[0].shape[0]))
+    try:
+        found = list(shared_prompt.completion_states(model, prompt, rows, 32, 0, lm_head=head))
+        plain = list(shared_prompt.completion_states(model, prompt, rows, 32, 0))
+    finally:
+        hook.remove()
+    assert sum(projected) == len(tree.tokens) < sum(len(ids) for _, ids in rows)
+    assert [len(lp) for *_, lp in found] == [len(ids) for _, ids, *_ in found]
+    assert all(lp is None for *_, lp in plain)
 
 
 def test_tree_attention_needs_full_attention_layers_and_a_custom_mask():
@@ -183,11 +212,11 @@ def test_grouped_states_run_the_prompts_common_prefix_once(which, request, monke
         return base_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model.base_model), "forward", counted)
-    together = {i: s for i, _, s in shared_prompt.grouped_states(model, groups, 32, 0)}
+    together = {i: s for i, _, s, _ in shared_prompt.grouped_states(model, groups, 32, 0)}
     assert unmasked == [k] + [len(p) - k for p in prompts]
     monkeypatch.undo()
     whole = {i: s for p, group in groups.items()
-             for i, _, s in shared_prompt.completion_states(model, list(p), group, 32, 0)}
+             for i, _, s, _ in shared_prompt.completion_states(model, list(p), group, 32, 0)}
     assert sorted(together) == sorted(whole) == sorted(i for g in groups.values() for i, _ in g)
     for i in whole:
         assert torch.allclose(together[i], whole[i], atol=1e-4)

@@ -49,10 +49,8 @@ def tail_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]],
     if lm_head is None:  # scaled or soft-capped logits: each text runs whole
         groups, alone = {}, list(range(len(pairs)))
     results: list[list[float] | None] = [None] * len(pairs)
-    for i, ids, states in grouped_states(model, groups, batch_size, pad_id(tokenizer)):
-        logits = lm_head(states[:-1]).float()
-        target = torch.tensor(ids, device=logits.device, dtype=torch.long)
-        results[i] = torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1).tolist()
+    for i, _, _, logps in grouped_states(model, groups, batch_size, pad_id(tokenizer), lm_head):
+        results[i] = logps.tolist()
     for i, found in zip(alone, _left_padded(model, tokenizer, [pairs[i] for i in alone], batch_size)):
         results[i] = found
     return results
