@@ -432,9 +432,9 @@ def test_cpu_autocast_trains_fp32_weights_under_bf16(tiny_model_dir, tmp_path, d
 
 @pytest.mark.parametrize("size", [None, 1, 5])
 def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp_path, size):
-    """train.reference_batch_size batches the reference pass before DPO; each pair's reference
-    log-probs stay its own: computed here by hand, one text at a time (a step option without
-    the EOS TRL appends, a terminal one with it)."""
+    """train.reference_batch_size: pairs per token tree in the reference pass before DPO; each
+    pair's reference log-probs stay its own: computed here by hand, one text at a time (a step
+    option without the EOS TRL appends, a terminal one with it)."""
     from pipeline.lm.teacher_forced import completion_logprobs
     from pipeline.stages.trl_trainers import dpo_trainer
 
@@ -444,7 +444,7 @@ def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trainer = dpo_trainer(model, tokenizer, rows, config(reference_batch_size=size),
                           ModelConfig(name="x"), tmp_path / "out", "none", 10, None, False)
-    assert trainer.args.precompute_ref_batch_size == size  # None: TRL's, train.batch_size
+    assert trainer.args.precompute_ref_log_probs  # the columns TRL's loss reads
     for side in ("chosen", "rejected"):
         texts = [r[side] + (tokenizer.eos_token if r["lineage"]["terminal"][0] else "") for r in rows]
         hand = [sum(t) for t in completion_logprobs(model, tokenizer, [r["prompt"] for r in rows], texts)]
@@ -494,8 +494,10 @@ def _labelled_positions(trainer) -> int:
 
 def test_lm_head_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, monkeypatch):
     """On a CPU TRL's fused LM head would project every position, the prompt's too; the train
-    stage's reference pass and DPO steps project the completion tokens alone (same results:
-    test_reference_log_probs_are_each_pairs_own_at_any_batch checks them by hand)."""
+    stage's DPO steps project the completion tokens alone, and its reference pass (token trees,
+    reference_pass_as_token_trees) does not use TRL's head: it projects each distinct completion
+    prefix once, no more rows than the labelled positions, for the same log-probs as TRL's own
+    pass (test_reference_log_probs_are_each_pairs_own_at_any_batch checks them by hand too)."""
     from trl import DPOConfig, DPOTrainer
 
     from pipeline.stages.trl_trainers import dpo_trainer
@@ -504,26 +506,35 @@ def test_lm_head_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, m
     rows, cfg = dpo_rows(), config(epochs=1)
     spy = _ProjectedRows(monkeypatch)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    projected = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _o: projected.append(args[0].shape[0]))
     trainer = dpo_trainer(model, tokenizer, rows, cfg, ModelConfig(name="x"), tmp_path / "t",
                           "none", 10, None, False)
+    hook.remove()
     labelled = _labelled_positions(trainer)
-    assert sum(spy.rows) == labelled  # the reference pass: one batch of all 5 pairs
+    assert spy.rows == [] and 0 < sum(projected) <= labelled  # the reference pass: token trees
 
     spy.rows.clear()  # TRL's own path, outside the context: every position of the padded batch
-    DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "plain"), use_cpu=True,
-                                           precompute_ref_log_probs=True, report_to="none",
-                                           per_device_train_batch_size=5),
-               train_dataset=trainer.train_dataset.remove_columns(
-                   ["ref_chosen_logps", "ref_rejected_logps"]), processing_class=tokenizer)
+    trls = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "plain"), use_cpu=True,
+                                                  precompute_ref_log_probs=True, report_to="none",
+                                                  per_device_train_batch_size=5),
+                      train_dataset=trainer.train_dataset.remove_columns(
+                          ["ref_chosen_logps", "ref_rejected_logps"]), processing_class=tokenizer,
+                      data_collator=trainer.data_collator)  # the same ids (the EOS rule)
     assert sum(spy.rows) > 2 * labelled
+    for side in ("chosen", "rejected"):
+        assert trainer.train_dataset[f"ref_{side}_logps"] == pytest.approx(
+            trls.train_dataset[f"ref_{side}_logps"], rel=1e-4)  # TRL's chunked head: 5e-5 apart
 
     spy.rows.clear()
     data = write_rows(tmp_path / "data", dpo=rows)
     train_policy(str(tiny_model_dir), data, cfg, tmp_path / "train", model_cfg=ModelConfig(name="x"))
-    assert sum(spy.rows) == 2 * labelled  # the reference pass and one epoch of steps
+    assert sum(spy.rows) == labelled  # one epoch of steps
     import trl.trainer.utils as trl_utils
 
     assert not trl_utils._use_triton(torch.device("cpu"))  # after the stage, TRL's own rule again
+    assert DPOTrainer._precompute_ref_logps.__name__ == "_precompute_ref_logps"  # TRL's again
 
 
 def test_sft_phase_projects_only_the_completion_tokens(tiny_model_dir, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ TrainConfig (see pipeline/stages/train.py for the whole stage and its metrics).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pipeline.run.train_progress import library_bars_off
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 AFTER_KEYS = (*DPO_KEYS, "logps/chosen", "logps/rejected")  # dpo/after/<key>: over all pairs
 PAIR_METRICS_BATCH = 16  # completions per token tree in pair_metrics_after (8 pairs)
+REFERENCE_PAIRS = PAIR_METRICS_BATCH // 2  # pairs per token tree in the reference pass (default)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -96,6 +98,67 @@ def lm_head_on_labels_only():
         yield
     finally:
         trl_utils._use_triton = original
+
+
+@contextmanager
+def reference_pass_as_token_trees(pairs_per_forward: int):
+    """While it is open, the reference log-prob pass in TRL's DPOTrainer init (its
+    `_precompute_ref_logps`, swapped for the duration) scores each pair's prompt once for both
+    completions, as pair_metrics_after does: `reference_logps` on the token ids TRL's collator
+    gives, `pairs_per_forward` pairs per token tree, the prefix all prompts open with (the task's
+    instruction and worked example) run once. TRL's own pass runs every pair's prompt twice,
+    right-padded: on the demo's pairs, ~4x the tokens (README "The reference pass as token
+    trees"). The columns TRL's loss reads (ref_chosen_logps, ref_rejected_logps) are the same.
+    Leaves TRL's pass alone where a TRL version no longer has the method."""
+    from trl import DPOTrainer
+
+    original = getattr(DPOTrainer, "_precompute_ref_logps", None)
+    if original is None:
+        yield
+        return
+
+    def shared(trainer, dataset, name, batch_size):
+        chosen, rejected = reference_logps(trainer, dataset, 2 * pairs_per_forward)
+        return (dataset.add_column("ref_chosen_logps", chosen)
+                .add_column("ref_rejected_logps", rejected))
+
+    DPOTrainer._precompute_ref_logps = shared
+    try:
+        yield
+    finally:
+        DPOTrainer._precompute_ref_logps = original
+
+
+def pair_token_ids(trainer, dataset) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of every pair's chosen then rejected completion, as TRL
+    trains on them: from the trainer's own collator (EOS rule and truncation included)."""
+    pairs = []
+    for row in dataset:
+        batch = trainer.data_collator([row])  # rows [chosen, rejected]
+        for side in range(2):
+            real = batch["attention_mask"][side].bool()
+            completion = batch["completion_mask"][side].bool()
+            pairs.append((batch["input_ids"][side][real & ~completion].tolist(),
+                          batch["input_ids"][side][completion].tolist()))
+    return pairs
+
+
+def reference_logps(trainer, dataset, batch: int) -> tuple[list[float], list[float]]:
+    """Each pair's summed reference log-probs (chosen, rejected), under the autocast of TRL's
+    training: the trainer's ref_model, else its model (a peft model with its adapter off)."""
+    model = trainer.ref_model or trainer.model
+    adapter_off = contextlib.nullcontext()
+    if trainer.ref_model is None and hasattr(model, "disable_adapter"):  # a peft model
+        adapter_off, model = model.disable_adapter(), model.get_base_model()
+    training = model.training
+    model.eval()
+    try:
+        with adapter_off, trainer.accelerator.autocast():
+            logps = [sum(tokens) for tokens in tail_logprobs(
+                model, trainer.processing_class, pair_token_ids(trainer, dataset), batch)]
+    finally:
+        model.train(training)
+    return logps[0::2], logps[1::2]
 
 
 def adapted_layers(fraction: float, layers: int) -> range:
@@ -180,8 +243,7 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
         **common_args(cfg, model_cfg, output_dir, report_to, save_steps, progress),
         beta=cfg.beta,
         loss_type=[loss.value for loss in cfg.loss_type],
-        precompute_ref_log_probs=True,
-        precompute_ref_batch_size=cfg.reference_batch_size,
+        precompute_ref_log_probs=True,  # a pass in the init: reference_pass_as_token_trees
         remove_unused_columns=False,  # the collator reads chosen_eos / rejected_eos
     )
     collator = EosAwareCollator(
@@ -189,7 +251,7 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
                                   truncation_mode=args.truncation_mode),
         tokenizer.eos_token_id,
     )
-    with lm_head_on_labels_only():  # the reference pass, in TRL's init
+    with reference_pass_as_token_trees(cfg.reference_batch_size or REFERENCE_PAIRS):
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, data_collator=collator,
                              callbacks=callbacks, peft_config=lora_config(cfg, model))
@@ -222,19 +284,12 @@ def pair_metrics_after(model, trainer, beta: float) -> dict:
     forward of each completion with its prompt. rewards/x = beta * (log pi(x) - log pi_ref(x));
     dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob change
     against the reference (r -> Q*: it falls)."""
-    pairs, refs = [], []
-    for row in trainer.train_dataset:
-        batch = trainer.data_collator([row])  # rows [chosen, rejected]
-        for side in range(2):
-            real = batch["attention_mask"][side].bool()
-            completion = batch["completion_mask"][side].bool()
-            pairs.append((batch["input_ids"][side][real & ~completion].tolist(),
-                          batch["input_ids"][side][completion].tolist()))
-        refs.append((row["ref_chosen_logps"], row["ref_rejected_logps"]))
+    pairs = pair_token_ids(trainer, trainer.train_dataset)
+    refs = [(row["ref_chosen_logps"], row["ref_rejected_logps"]) for row in trainer.train_dataset]
     training = model.training
     model.eval()
     try:
-        with trainer.accelerator.autocast():  # the precision of TRL's reference pass and training
+        with trainer.accelerator.autocast():  # the precision of the reference pass and training
             logps = [sum(tokens) for tokens in tail_logprobs(model, trainer.processing_class, pairs,
                                                             PAIR_METRICS_BATCH)]
     finally:
