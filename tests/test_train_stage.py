@@ -430,7 +430,7 @@ def test_cpu_autocast_trains_fp32_weights_under_bf16(tiny_model_dir, tmp_path, d
     assert abs(autocast["dpo/logps/chosen_change"]) < gap / 2
 
 
-@pytest.mark.parametrize("size", [None, 1, 5])
+@pytest.mark.parametrize("size", [8, 1, 5])
 def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp_path, size):
     """train.reference_batch_size: pairs per token tree in the reference pass before DPO; each
     pair's reference log-probs stay its own: computed here by hand, one text at a time (a step
@@ -439,7 +439,7 @@ def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp
     from pipeline.stages.trl_trainers import dpo_trainer
 
     # another dataset each time: no cached pass is reused
-    rows = {None: dpo_rows()[1:], 1: dpo_rows(), 5: dpo_rows()[::-1]}[size]
+    rows = {8: dpo_rows()[1:], 1: dpo_rows(), 5: dpo_rows()[::-1]}[size]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trainer = dpo_trainer(model, tokenizer, rows, config(reference_batch_size=size),
@@ -449,6 +449,31 @@ def test_reference_log_probs_are_each_pairs_own_at_any_batch(tiny_model_dir, tmp
         texts = [r[side] + (tokenizer.eos_token if r["lineage"]["terminal"][0] else "") for r in rows]
         hand = [sum(t) for t in completion_logprobs(model, tokenizer, [r["prompt"] for r in rows], texts)]
         assert trainer.train_dataset[f"ref_{side}_logps"] == pytest.approx(hand, abs=1e-4)
+
+
+def test_reference_pass_of_a_lora_model_runs_with_its_adapter_off(tiny_model_dir, tmp_path):
+    """With LoRA and no separate reference, the reference is the model under the adapter: a
+    trained (non-zero) adapter changes the policy's log-probs but not the reference pass's,
+    which equal the plain model's."""
+    from pipeline.lm.teacher_forced import tail_logprobs
+    from pipeline.stages.trl_trainers import dpo_trainer, pair_token_ids, reference_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain = dpo_trainer(model, tokenizer, dpo_rows(), config(), ModelConfig(name="x"),
+                        tmp_path / "plain", "none", 10, None, False).train_dataset
+    trainer = dpo_trainer(model, tokenizer, dpo_rows(), config(lora=True), ModelConfig(name="x"),
+                          tmp_path / "lora", "none", 10, None, False)
+    with torch.no_grad():  # as if trained: the adapter now moves the outputs
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    chosen, rejected = reference_logps(trainer, trainer.train_dataset, 16)
+    assert chosen == pytest.approx(plain["ref_chosen_logps"], abs=1e-4)
+    assert rejected == pytest.approx(plain["ref_rejected_logps"], abs=1e-4)
+    adapted = [sum(lp) for lp in tail_logprobs(  # the adapter on: the policy scores them otherwise
+        trainer.model.get_base_model(), tokenizer, pair_token_ids(trainer, trainer.train_dataset), 16)]
+    assert max(abs(a - r) for a, r in zip(adapted[0::2], plain["ref_chosen_logps"])) > 0.1
 
 
 def test_freed_memory_goes_back_before_each_phase_and_after_its_reference_pass(
