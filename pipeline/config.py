@@ -316,9 +316,9 @@ class TrainConfig:
     epochs: float = 2.0  # passes over the rows per phase
     batch_size: int = 4  # rows per device step
     gradient_accumulation_steps: int = 1  # device steps per optimizer step
-    # DPO pairs per no-grad forward (one token tree) of the reference pass before DPO (None: 8):
-    # speed and memory, not results
-    reference_batch_size: int | None = None
+    # DPO pairs per no-grad forward (one token tree) of the reference pass before DPO: speed and
+    # memory, not results
+    reference_batch_size: int = 8
     # recompute each layer's activations in the backward pass instead of holding them: less
     # memory for about a third more compute (TRL's default; off in the demo, whose LoRA saves more)
     activation_checkpointing: bool = True

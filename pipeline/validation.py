@@ -134,8 +134,7 @@ def _validate_learning(cfg: QstarConfig) -> None:
     _require(0 < tr.lora_layer_fraction <= 1, "train.lora_layer_fraction",
              "must be in (0, 1] (1: every decoder layer)", tr.lora_layer_fraction)
     _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1", tr.batch_size)
-    _require(tr.reference_batch_size is None or tr.reference_batch_size >= 1,
-             "train.reference_batch_size", "must be >= 1 (or null: 8 pairs per token tree)",
+    _require(tr.reference_batch_size >= 1, "train.reference_batch_size", "must be >= 1",
              tr.reference_batch_size)
     _require(tr.pairs.margin >= 0, "train.pairs.margin", "must be >= 0", tr.pairs.margin)
     for key in ("max_per_problem", "sft_per_problem"):

@@ -201,7 +201,7 @@ INVALID_VALUES = [
      "from policy_i: must be false"),
     (["train.beta=0"], "config key train.beta=0.0 is invalid: must be > 0"),
     (["train.beta=-0.1"], "config key train.beta=-0.1 is invalid: must be > 0"),
-    (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1 (or null: 8 pairs per token tree)"),
+    (["train.reference_batch_size=0"], "config key train.reference_batch_size=0 is invalid: must be >= 1"),
     (["train.lora_layer_fraction=0"], "config key train.lora_layer_fraction=0.0 is invalid: must be in (0, 1] (1: every decoder layer)"),
     (["train=dpo_then_sft", "train.reference=sft"],
      "config key train.reference='sft' is invalid: sft needs train.mode=dpo (it adds the SFT phase "
