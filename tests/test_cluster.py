@@ -266,14 +266,16 @@ def test_a_shard_missing_short_or_cut_off_is_searched_again(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_script_cpu_part(tmp_path):
-    """benchmarks/gpu_check.sh on CPU: the random SmolLM2-architecture model, one iteration,
-    then the generation benchmark; what a GPU machine runs with DEVICE=cuda DTYPE=bfloat16."""
+    """benchmarks/gpu_check.sh on CPU: the generation and search benchmarks on a random
+    SmolLM2-architecture model, then one iteration; what a GPU machine runs with DEVICE=cuda
+    DTYPE=bfloat16."""
     import json
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DEVICE="cpu", DTYPE="float32", LAYERS="2", BATCHES="2",
+               ARCHS="smollm2", SEARCH_PROBLEMS="2", SEARCH_SIMULATIONS="2",
                PYTHON=sys.executable, PYTHONPATH=str(repo))
     done = subprocess.run(["bash", str(repo / "benchmarks/gpu_check.sh"), "-", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=1200)
@@ -285,8 +287,11 @@ def test_gpu_check_script_cpu_part(tmp_path):
     config = json.loads((tmp_path / "model/config.json").read_text())
     assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
             config["num_hidden_layers"]) == (576, 9, 3, 2)
-    rows = json.loads((tmp_path / "generation.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "generation_smollm2.json").read_text())["rows"]
     assert [r["batch"] for r in rows] == [2] and rows[0]["qstar_tok_s"] > 0
+    search = json.loads((tmp_path / "search_smollm2.json").read_text())
+    assert search["problems"] == 2 and search["device"] == "cpu"
+    assert search["search"]["tokens"] > 0 and search["search_efficiency"] > 0
     bad = subprocess.run(["bash", str(repo / "benchmarks/gpu_check.sh"), "-", str(tmp_path)],
                          env=dict(env, DEVICE="cuda"), capture_output=True, text=True)
     if bad.returncode != 0:  # no GPU here: refused in one line before any work
