@@ -1,14 +1,15 @@
 """Option-level MCTS over a batch of problems, with the models injected as callbacks.
 
-All trees advance together in rounds, because batched generation is where the time goes:
+Each tree searches in rounds of its own (a generator, mcts/schedule.py); `drive` batches what
+the trees ask, because batched generation is where the time goes:
 
-1. select: each active tree hands up to `leaves_per_tree` leaves; virtual loss on a selected
-   path steers the next selection in the same tree elsewhere.
-2. expand: one expand_fn call for every leaf of every tree; duplicates of siblings are
-   resampled in one more call per retry round, then dropped (state merge).
-3. evaluate: one evaluate_fn call for all new children (and, in training, one
-   terminal_reward_fn call for the terminal ones). Each root is evaluated once, in the first
-   round, with steps=[]: its value is v(root) for branching, not backed up.
+1. select: the tree hands up to `leaves_per_tree` leaves; virtual loss on a selected path
+   steers the next selection in the same tree elsewhere.
+2. expand: its leaves' options in one expansion; duplicates of siblings are resampled in one
+   more expansion per retry round, then dropped (state merge).
+3. evaluate: its new children in one evaluation (and, in training, its terminal ones in one
+   verifier call). Each root is evaluated once, before the first round (all roots in one
+   call), with steps=[]: its value is v(root) for branching, not backed up.
 4. back up: one simulation is one visit along its path (standard MCTS). Each new child gets its
    own first visit with its own value; the path root..expanded node gets ONE visit, valued by the
    mean of the new children's values. Then undo the virtual loss and update each expanded
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from mcts.branching import branching_bounds, importance, num_children
 from mcts.merge import match_candidates, text_similarity
 from mcts.params import SearchParams, Widening, validate_params
+from mcts.schedule import Ask, BatchedExpander, Expander, TreeRun, drive
 from mcts.selection import (
     SelectChildFn,
     priors_from_logprobs,
@@ -77,38 +79,51 @@ def search(
     on_round: Callable[[int], None] | None = None,
     *,
     select_child_fn: SelectChildFn = puct_select_child,
+    expander: Expander | None = None,
 ) -> list[Tree]:
     """Search one tree per prompt; returns the trees in prompt order.
 
     terminal_reward_fn=None (evaluation time): terminal nodes are scored by evaluate_fn like
     any leaf. similarity_fn=None: difflib ratio on whitespace-normalised text.
-    on_round(n): called after each round with the simulations completed in it (all trees).
+    on_round(n): called after each tree's round with the simulations completed in it.
+    expander: where expansions go (mcts/schedule.py); None: one expand_fn call for what every
+    waiting tree asks, rounds in lock-step.
     """
     validate_params(params)
     similarity = similarity_fn or text_similarity
     trees = [Tree(prompt, i) for i, prompt in enumerate(prompts)]
     start = time.perf_counter()
-    active = list(trees)
-    while active:
-        round_start = {t.tree_index: (t.stats.total_tokens, t.stats.simulations) for t in active}
-        leaves = [leaf for tree in active for leaf in _select_leaves(tree, params, select_child_fn)]
-        _expand(leaves, expand_fn, similarity, params)
-        # Roots are evaluated once, with the first children, so that v(root) exists for I(root).
-        new_nodes = [(t, ROOT_INDEX) for t in active
-                     if t.total[ROOT_INDEX] is None and not t.terminal[ROOT_INDEX]]
-        new_nodes += [(leaf.tree, child) for leaf in leaves for child in leaf.new_children]
-        _evaluate(new_nodes, evaluate_fn, terminal_reward_fn, params.seed)
+    verified = terminal_reward_fn is not None
+    runs = [_tree_search(tree, params, select_child_fn, similarity, verified, start, on_round)
+            for tree in trees]
+    drive(runs, expander or BatchedExpander(expand_fn), evaluate_fn, terminal_reward_fn)
+    return trees
+
+
+def _tree_search(tree: Tree, params: SearchParams, select_child_fn: SelectChildFn,
+                 similarity: SimilarityFn, verified: bool, start: float,
+                 on_round: Callable[[int], None] | None) -> TreeRun:
+    """One tree's rounds until it is done; yields its requests (mcts/schedule.py).
+
+    The root is evaluated once, first (every tree's root in one call), so that v(root) exists
+    for I(root); its value is not backed up."""
+    yield from _evaluate(tree, [ROOT_INDEX], verified, params.seed)
+    while True:
+        round_start = (tree.stats.total_tokens, tree.stats.simulations)
+        leaves = _select_leaves(tree, params, select_child_fn)
+        yield from _expand(leaves, similarity, params)
+        yield from _evaluate(tree, [c for leaf in leaves for c in leaf.new_children], verified,
+                             params.seed)
         for leaf in leaves:
             _backup_leaf(leaf)
         for leaf in leaves:
-            _add_virtual_loss(leaf.tree, leaf.node, -1)
+            _add_virtual_loss(tree, leaf.node, -1)
             _update_branching(leaf, params)
-            leaf.tree.stats.simulations += 1
+            tree.stats.simulations += 1
         if on_round is not None:
             on_round(len(leaves))
-        active = [tree for tree in active
-                  if not _finish_if_done(tree, params, start, round_start[tree.tree_index])]
-    return trees
+        if _finish_if_done(tree, params, start, round_start):
+            return
 
 
 # --- select ---
@@ -170,15 +185,13 @@ def _add_virtual_loss(tree: Tree, node: int, sign: int) -> None:
 # --- expand and merge ---
 
 
-def _expand(leaves: list[_Leaf], expand_fn: ExpandFn, similarity: SimilarityFn, params: SearchParams) -> None:
-    """One batched expand_fn call, then one per merge-retry round for the duplicates."""
+def _expand(leaves: list[_Leaf], similarity: SimilarityFn, params: SearchParams) -> TreeRun:
+    """One expansion for the leaves, then one per merge-retry round for the duplicates."""
     wanted = [(leaf, leaf.num_new) for leaf in leaves if leaf.num_new > 0]
     attempt = 0
     while wanted:
         requests = [_expand_request(leaf, n, attempt, params.seed) for leaf, n in wanted]
-        results = expand_fn(requests)
-        if len(results) != len(requests):
-            raise ValueError(f"expand_fn returned {len(results)} option lists for {len(requests)} requests")
+        results = yield Ask.expand, requests
         retry = []
         for (leaf, n), options in zip(wanted, results, strict=True):
             duplicates = _merge_options(leaf, list(options)[:n], similarity, params.merge_threshold)
@@ -248,24 +261,17 @@ def _add_children(leaf: _Leaf, max_depth: int) -> None:
 # --- evaluate ---
 
 
-def _evaluate(
-    new_nodes: list[tuple[Tree, int]],
-    evaluate_fn: EvaluateFn,
-    terminal_reward_fn: TerminalRewardFn | None,
-    seed: int,
-) -> None:
-    """One evaluate_fn call for the critics' nodes, one terminal_reward_fn call for the verifier's."""
-    by_verifier = [(t, n) for t, n in new_nodes if terminal_reward_fn is not None and t.terminal[n]]
-    by_critics = [(t, n) for t, n in new_nodes if terminal_reward_fn is None or not t.terminal[n]]
+def _evaluate(tree: Tree, new_nodes: list[int], verified: bool, seed: int) -> TreeRun:
+    """One evaluation for the critics' nodes, one verifier call for the verifier's."""
+    by_verifier = [n for n in new_nodes if verified and tree.terminal[n]]
+    by_critics = [n for n in new_nodes if not verified or not tree.terminal[n]]
     if by_critics:
-        evals = evaluate_fn([_eval_request(t, n, seed) for t, n in by_critics])
-        _check_count("evaluate_fn", evals, by_critics)
-        for (tree, node), leaf_eval in zip(by_critics, evals, strict=True):
+        evals = yield Ask.evaluate, [_eval_request(tree, n, seed) for n in by_critics]
+        for node, leaf_eval in zip(by_critics, evals, strict=True):
             _record_eval(tree, node, leaf_eval)
     if by_verifier:
-        rewards = terminal_reward_fn([_eval_request(t, n, seed) for t, n in by_verifier])
-        _check_count("terminal_reward_fn", rewards, by_verifier)
-        for (tree, node), reward in zip(by_verifier, rewards, strict=True):
+        rewards = yield Ask.reward, [_eval_request(tree, n, seed) for n in by_verifier]
+        for node, reward in zip(by_verifier, rewards, strict=True):
             tree.total[node] = tree.terminal_reward[node] = _finite("terminal reward", reward)
 
 
@@ -290,11 +296,6 @@ def _record_eval(tree: Tree, node: int, leaf_eval: LeafEval) -> None:
     tree.orm[node] = leaf_eval.orm
     tree.rollout[node] = leaf_eval.rollout
     tree.stats.evaluator_tokens += leaf_eval.tokens
-
-
-def _check_count(name: str, results: list, asked: list) -> None:
-    if len(results) != len(asked):
-        raise ValueError(f"{name} returned {len(results)} results for {len(asked)} requests")
 
 
 def _finite(name: str, x: float) -> float:

@@ -18,6 +18,7 @@ from pipeline.lm.generation import (
     eos_token_ids,
     generate,
     newline_token_ids,
+    streaming_decoder,
 )
 from pipeline.lm.models import load_model
 from pipeline.lm.teacher_forced import completion_logprobs
@@ -414,6 +415,31 @@ def test_per_row_seeds_make_samples_independent_of_batching(varied):
     assert together[0] != together[1]
     with pytest.raises(ValueError, match="seeds"):
         generate(model, tokenizer, prompts, max_new_tokens=2, seeds=[1])
+
+
+def test_rows_submitted_while_others_decode_come_out_as_alone(varied):
+    """The streaming Decoder: rows submitted mid-decoding join the running batch, each row's
+    tokens and log-probs are those `generate` gives it, and a finished row is handed back once."""
+    model, tokenizer = varied
+    prompts = prompts_for(tokenizer)
+    seeds = [101, 7, 13, 55, 3, 9]
+    kwargs = dict(max_new_tokens=12, temperature=1.0, stop=newline(12), rollout_tokens=6,
+                  rollout_temperature=1.0)
+    want = generate(model, tokenizer, prompts, seeds=seeds, batch_size=32, **kwargs)
+    decoder = streaming_decoder(model, tokenizer, **kwargs)
+    first = decoder.submit(prompts[:3], seeds[:3])
+    finished = decoder.advance(2)  # two rows decode, the third waits
+    assert finished and decoder.busy
+    later = decoder.submit(prompts[3:], seeds[3:])
+    while decoder.busy:
+        finished += decoder.advance(2)
+    assert sorted(finished) == first + later  # every row once
+    got = [decoder.take(r) for r in first + later]
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert [g.rollout for g in got] == [g.rollout for g in want]
+    for mine, theirs in zip(got, want):
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-5)
+    assert decoder.rows[first[0]] is None  # taken rows are forgotten
 
 
 def test_newline_token_ids(tiny_model):

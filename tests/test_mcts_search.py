@@ -50,22 +50,28 @@ def test_deterministic_for_a_seed_and_seed_matters():
     assert first != _comparable(_run(SearchParams(simulations=10, seed=4))[0])
 
 
-def test_one_expand_call_per_round_plus_retries_and_one_evaluate_call():
+def test_each_tree_expands_once_per_round_plus_retries_and_trees_share_calls():
     params = SearchParams(simulations=12, merge_retries=2)
     policy, critic = FakePolicy(), FakeCritic()
-    marks = []  # (expand calls, evaluate calls) after each round
-    search(PROMPTS, policy, critic, params,
-           on_round=lambda n: marks.append((len(policy.calls), len(critic.calls))))
-    previous = (0, 0)
-    for expands, evaluates in marks:
-        round_calls = policy.calls[previous[0]:expands]
-        attempts = [{r.attempt for r in call} for call in round_calls]
-        assert attempts == [{k} for k in range(len(round_calls))]  # one call, then one per retry round
-        assert len(round_calls) <= 1 + params.merge_retries
-        # a round of terminal revisits only generates nothing; any other evaluates once
-        assert evaluates - previous[1] == (1 if round_calls else 0)
-        previous = (expands, evaluates)
+    marks = {}  # tree -> the attempt of its requests, call by call
+    trees = search(PROMPTS, policy, critic, params)
+    for tree in trees:
+        attempts = [{r.attempt for r in call if r.tree_index == tree.tree_index}
+                    for call in policy.calls]
+        attempts = [a for a in attempts if a]
+        assert all(len(a) == 1 for a in attempts)  # a tree's requests in one call: one attempt
+        sequence = [a.pop() for a in attempts]
+        assert sequence[0] == 0
+        for before, now in zip(sequence, sequence[1:]):
+            assert now in (0, before + 1) and now <= params.merge_retries  # round, then retries
+        evaluations = sum(any(r.tree_index == tree.tree_index for r in call) for call in critic.calls)
+        assert evaluations == 1 + sequence.count(0)  # the root's, then one per round
+        marks[tree.tree_index] = sequence
+    assert any(n > 0 for sequence in marks.values() for n in sequence)  # retries happened
+    # what every waiting tree asks goes in one call: the first holds every tree, and a tree's
+    # merge retry shares a call with another tree's next round
     assert {r.tree_index for r in policy.calls[0]} == {0, 1, 2}
+    assert any(len({r.attempt for r in call}) > 1 for call in policy.calls)
     assert max(len({r.tree_index for r in call}) for call in critic.calls) >= 2
 
 
@@ -90,7 +96,8 @@ def test_simulation_budget_is_respected():
         if tree.stats.stop_reason == "simulations":
             assert tree.stats.simulations == 9
     assert sum(rounds) == sum(t.stats.simulations for t in trees)
-    assert rounds[0] == len(PROMPTS)  # round 1: only the root of each tree is there to select
+    assert rounds[:len(PROMPTS)] == [1] * len(PROMPTS)  # each tree's round 1 selects its root alone
+    assert all(1 <= n <= 2 for n in rounds)
 
 
 def test_token_budget_stops_each_tree_between_rounds():
@@ -171,8 +178,10 @@ def test_requests_carry_the_path_and_no_answer_key():
             assert isinstance(r, ExpandRequest)
             assert r.steps == trees[r.tree_index].steps(r.node_id)
             assert r.prompt == PROMPTS[r.tree_index]
-    root_evals = [r for r in critic.calls[0] if r.node_id == 0]
-    assert [r.steps for r in root_evals] == [[], [], []]  # roots are evaluated once, in round 1
+    # each root is evaluated once, first, all in one call
+    assert [(r.tree_index, r.node_id, r.steps) for r in critic.calls[0]] == \
+        [(i, 0, []) for i in range(len(PROMPTS))]
+    assert all(r.node_id != 0 for call in critic.calls[1:] for r in call)
 
 
 def _expansions(policy, tree_index):
@@ -248,7 +257,8 @@ def test_empty_expansion_marks_a_dead_end():
     tree = search(["p"], lambda rs: [[] for _ in rs], critic, SearchParams(simulations=5),
                   terminal_reward_fn=verifier)[0]
     assert tree.num_nodes == 1
-    assert critic.calls == [] and verifier.calls == []
+    # the root was evaluated before its expansion (every root is, first); nothing after it
+    assert [[r.node_id for r in call] for call in critic.calls] == [[0]] and verifier.calls == []
     assert tree.terminal[0]
     assert tree.stats.stop_reason == "exhausted"
 

@@ -2,6 +2,7 @@
 score with the verifier, shards, leaf weights and fused rollouts."""
 
 import inspect
+import json
 import time
 from dataclasses import fields
 from types import SimpleNamespace
@@ -352,6 +353,7 @@ def test_expand_honours_each_requests_seed(cfg, models):
 def test_fused_rollouts_one_generate_call_per_round(cfg, models, monkeypatch):
     cfg.search.simulations = 6
     cfg.search.merge = MergeMethod.none  # no resampling rounds: one expansion call per round
+    cfg.search.stream = False  # lock-step rounds: one `generate` call per round, countable
     assert cfg.search.rollout.enabled and cfg.search.rollout.model is None
     record = spy_search(monkeypatch)
     prompts = render_prompts(models.tokenizer, ["What is 1 + 1?", "What is 2 + 2?"])
@@ -365,9 +367,10 @@ def test_fused_rollouts_one_generate_call_per_round(cfg, models, monkeypatch):
                               for c in expansions)
     # ... so the only separate rollout call is the roots' own evaluation, in the first round
     assert len(separate) == 1 and sorted(separate[0][0]) == sorted(prompts)
+    # on_round runs once per tree per round; both trees' rounds share each call
     per_round = [b - a for a, b in zip([0] + rounds, rounds)]
     assert per_round[0] == 2 and all(n <= 1 for n in per_round[1:])
-    assert len(calls) == len(rounds) + 1 - per_round[1:].count(0)
+    assert len(expansions) <= len(rounds) // len(prompts) + 1
     # every evaluated non-root, non-terminal node got its rollout from its expansion
     for tree in trees:
         for node in range(1, tree.num_nodes):
@@ -378,6 +381,7 @@ def test_fused_rollouts_one_generate_call_per_round(cfg, models, monkeypatch):
 def test_separate_rollout_model_needs_more_calls(cfg, models, monkeypatch):
     cfg.search.simulations = 6
     cfg.search.merge = MergeMethod.none
+    cfg.search.stream = False  # lock-step rounds: `generate` calls, countable
     separate_models = SearchModels(policy=models.policy, tokenizer=models.tokenizer,
                                    rollout_model=models.policy,
                                    rollout_tokenizer=models.tokenizer)
@@ -389,7 +393,9 @@ def test_separate_rollout_model_needs_more_calls(cfg, models, monkeypatch):
     assert all(not c[1].get("rollout_tokens") for c in calls)  # options only, no fused rollout
     rollout_calls = [c for c in calls if "stop" not in c[1] or c[1]["stop"] is None]
     assert len(rollout_calls) >= 2  # the roots' and later leaves' rollouts each cost a call
-    assert len(calls) > len(record["rounds"]) + 1
+    fused_record = spy_search(monkeypatch)
+    eval_search(prompts, cfg, models)
+    assert len(calls) > len(fused_record["generate"])  # fused: only the roots' rollouts apart
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -398,6 +404,7 @@ def test_sampled_rollouts_are_seeded_per_node(cfg, models, monkeypatch, separate
     with one seed per node), and the same search gives the same rollouts."""
     cfg.search.simulations = 6
     cfg.search.rollout.temperature = 1.0
+    cfg.search.stream = False  # lock-step: fused expansions are `generate` calls, inspectable
     searching = models if not separate else SearchModels(
         policy=models.policy, tokenizer=models.tokenizer, rollout_model=models.policy,
         rollout_tokenizer=models.tokenizer)
@@ -512,3 +519,62 @@ def test_decode_mcts_grades_every_best_path_rule_on_the_same_trees(monkeypatch, 
     assert result.accuracy == result.extra["accuracy_by_best_path"][rule]
     assert result.rows[0]["correct_by_best_path"] == {"visits": False, "q": True, "vote": True,
                                                       "majority": True, "draws": True}
+
+
+# ---------------------------------------------------------------- streaming expansions
+
+
+FLOAT_KEYS = ("logprob", "prior", "value_sum", "q", "total", "value", "prm", "orm", "rollout")
+
+
+def _tree_records(trees) -> tuple[list, list]:
+    """(what must be equal, the floats): texts, structure, visits and token counts exactly; the
+    values and log-probs to float noise (another batch composition moves logits by ~1e-7)."""
+    exact, floats = [], []
+    for tree in trees:
+        record = json.loads(json.dumps(tree.to_json()))
+        record["stats"]["seconds"] = 0.0
+        for key in ("q_min", "q_max"):
+            floats.append(record.pop(key))
+        for node in record["nodes"]:
+            floats += [node.pop(key) or 0.0 for key in FLOAT_KEYS]
+        exact.append(record)
+    return exact, floats
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_streaming_expansions_give_the_lock_step_trees(cfg, models, monkeypatch, training):
+    """search.stream: each tree resumes as soon as its own rows end, and its next round joins
+    the running batch while other trees' rows decode; every tree is the one lock-step rounds
+    build (per-row seeds), with sampled options and sampled fused rollouts."""
+    from pipeline.lm.generation import Decoder
+
+    cfg.search.simulations = 8
+    cfg.search.temperature = 1.0
+    cfg.search.rollout.temperature = 1.0
+    cfg.decode.batch_size = 6
+    problems = problems_(4)
+    prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+    joined_busy = []
+    real_submit = Decoder.submit
+
+    def submit(self, rows, seeds=None):
+        joined_busy.append(self.busy)
+        return real_submit(self, rows, seeds)
+
+    monkeypatch.setattr(Decoder, "submit", submit)
+
+    def run(stream: bool):
+        cfg.search.stream = stream
+        if training:
+            return train_search(problems, SpyTask(problems), prompts, cfg, models)
+        return eval_search(prompts, cfg, models)
+
+    (locked, locked_scorer), (streamed, streamed_scorer) = run(False), run(True)
+    exact, floats = _tree_records(streamed)
+    assert exact == _tree_records(locked)[0]
+    assert floats == pytest.approx(_tree_records(locked)[1], abs=1e-4)
+    assert {k: r.text for k, r in streamed_scorer.rollouts.items()} == \
+        {k: r.text for k, r in locked_scorer.rollouts.items()}
+    assert sum(t.num_nodes for t in streamed) > 4 * 3  # the trees grew past their roots
+    assert any(joined_busy)  # some tree's rows were submitted while others decoded

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,8 +40,9 @@ from pipeline.config import (
     SearchConfig,
 )
 from pipeline.decoding.leaf_features import LeafFeatureStore
+from pipeline.decoding.streaming import StreamingExpander, expansion_rows
 from pipeline.lm.embedding import cosine_similarity_fn
-from pipeline.lm.generation import generate
+from pipeline.lm.generation import generate, streaming_decoder
 from pipeline.lm.prefix_cache import PrefixCache
 from pipeline.run.progress import progress_bar
 from pipeline.tasks.base import Problem, Task
@@ -53,12 +53,6 @@ RewardFn = Callable[[int, str], float]  # (tree index, full solution text) -> re
 def option_end(s: SearchConfig) -> OptionEnd:
     return OptionEnd(kind=s.termination.value, regex=s.step_regex if s.termination.value ==
                      "step_marker" else None, max_tokens=s.max_option_tokens)
-
-
-def option_seed(request_seed: int, k: int) -> int:
-    """The sampling seed of a request's k-th option: a function of the request alone, so the
-    options do not depend on which other requests share the generate call."""
-    return zlib.crc32(f"{request_seed}:{k}".encode())
 
 
 def search_params(s: SearchConfig) -> SearchParams:
@@ -131,15 +125,22 @@ class LeafScorer:
                 and self.cfg.critics.leaf_features == LeafFeatures.generation)
 
     def expand(self, requests: list[ExpandRequest]) -> list[list[Option]]:
-        s = self.cfg.search
-        prompts = [r.prompt + "".join(r.steps) for r in requests for _ in range(r.num_options)]
+        prompts, seeds = expansion_rows(requests)
         gens = generate(self.models.policy, self.models.tokenizer, prompts,
-                        max_new_tokens=s.max_option_tokens, temperature=s.temperature,
-                        stop=option_end(s), batch_size=self.generation_batch,
-                        rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
-                        rollout_temperature=s.rollout.temperature, final=is_answer_line,
-                        seeds=[option_seed(r.seed, k) for r in requests for k in range(r.num_options)],
-                        prefix_cache=self.kv, hidden=self.generation_features)
+                        **self.expansion_kwargs(), batch_size=self.generation_batch, seeds=seeds)
+        return self.options(requests, prompts, gens)
+
+    def expansion_kwargs(self) -> dict:
+        """How expansions decode (`generate`'s arguments, past the prompts and batching):
+        options to their boundary, then, fused, the new node's rollout."""
+        s = self.cfg.search
+        return dict(max_new_tokens=s.max_option_tokens, temperature=s.temperature,
+                    stop=option_end(s), rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
+                    rollout_temperature=s.rollout.temperature, final=is_answer_line,
+                    prefix_cache=self.kv, hidden=self.generation_features)
+
+    def options(self, requests: list[ExpandRequest], prompts: list[str], gens) -> list[list[Option]]:
+        """The requests' options from their rows' generations (`expansion_rows` order)."""
         self._implicit_rewards(requests, prompts, gens)
         options, k = [], 0
         for r in requests:
@@ -284,9 +285,12 @@ def weighted(parts: dict, w: CriticWeights) -> float:
 def _run(prompts: list[str], scorer: LeafScorer, training: bool, desc: str | None) -> list[Tree]:
     s = scorer.cfg.search
     bar = progress_bar(total=len(prompts) * s.simulations, desc=desc, unit="sim")
+    expander = StreamingExpander(
+        streaming_decoder(scorer.models.policy, scorer.models.tokenizer, **scorer.expansion_kwargs()),
+        scorer.generation_batch, scorer.options) if s.stream else None
     trees = search(prompts, scorer.expand, scorer.evaluate, search_params(s),
                    terminal_reward_fn=scorer.terminal_reward if training else None,
-                   similarity_fn=similarity_fn(s), on_round=bar.update)
+                   similarity_fn=similarity_fn(s), on_round=bar.update, expander=expander)
     bar.close()
     return trees
 

@@ -26,8 +26,8 @@ from pipeline.lm.running_batch import HiddenSlots, RunningBatch
 from pipeline.lm.stopping import Generation, Row, Rule, StopRule, row_ends, row_result
 from pipeline.run.progress import progress_bar
 
-__all__ = ["Generation", "StopRule", "chat_prompt", "eos_token_ids", "generate",
-           "newline_token_ids", "plain_generate_tokens", "row_seed", "sampling_kwargs"]
+__all__ = ["Decoder", "Generation", "StopRule", "chat_prompt", "eos_token_ids", "generate",
+           "newline_token_ids", "plain_generate_tokens", "row_seed", "sampling_kwargs", "streaming_decoder"]
 
 
 def newline_token_ids(tokenizer) -> torch.Tensor:
@@ -95,19 +95,39 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     prompt's, the option's and the row's last token (the critics' features without a second
     pass); a row that stops runs its last token through the model once more for it.
     """
-    if rollout_tokens and stop is None:
-        raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
-    if seeds is not None and len(seeds) != len(prompts):
-        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     if seeds is None and seed is not None:
         seeds = [row_seed(seed, i) for i in range(len(prompts))]
-    rule = Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
+    decoder = streaming_decoder(model, tokenizer, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, stop=stop,
+                                rollout_tokens=rollout_tokens,
+                                rollout_temperature=rollout_temperature, final=final,
+                                prefix_cache=prefix_cache, hidden=hidden)
+    rows = decoder.submit(list(prompts), seeds)
+    with progress_bar(total=len(rows), desc=progress, unit="row") as bar:
+        while decoder.busy:
+            bar.update(len(decoder.advance(batch_size)))
+    return [decoder.result(r) for r in rows]
+
+
+def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,
+            top_p: float = 1.0, stop: StopRule | None = None, rollout_tokens: int = 0,
+            rollout_temperature: float = 0.0, final=None,
+            prefix_cache: PrefixCache | None = None, hidden: bool = False) -> Decoder:
+    """A streaming `generate`: rows are submitted at any time (`Decoder.submit`), decode in one
+    running batch, and come back as they finish (`Decoder.advance`). The arguments mean what
+    they mean for `generate`; a row's tokens are the same whichever rows share its batch."""
+    if rollout_tokens and stop is None:
+        raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
+    return Decoder(model, tokenizer, _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens,
+                                           final, rollout_temperature),
+                   temperature, top_p, prefix_cache, hidden)
+
+
+def _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final, rollout_temperature) -> Rule:
+    return Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
                 newline_token_ids(tokenizer).to(model.device) if stop is not None and
                 stop.kind == "newline" else None, max_new_tokens, rollout_tokens,
                 final or (lambda text: False), rollout_temperature)
-    decoding = _Decoding(model, tokenizer, list(prompts), rule, temperature, top_p, seeds,
-                         prefix_cache, hidden)
-    return decoding.run(batch_size, progress)
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -115,43 +135,94 @@ def row_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + index) % 2**63
 
 
-class _Decoding:
-    """One `generate` call: KV-cached decoding in a running batch. A row leaves the batch (and
-    the cache) once it stops, and waiting rows join, so the call costs the sum of its rows'
-    lengths at a nearly full batch. One prefill per distinct prompt of a joining group (with a
-    usable `store`, only past its cached prefix); one host sync per step (the chosen tokens and
-    their stop flags). With `hidden` the step's forward runs before the stopped rows leave, so
-    it sees their last token."""
+class Decoder:
+    """KV-cached decoding in a running batch. A row leaves the batch (and the cache) once it
+    stops, and waiting rows join, so the rows cost the sum of their lengths at a nearly full
+    batch. Rows may be submitted while others decode. One prefill per distinct prompt of a
+    joining group (with a usable `store`, only past its cached prefix); one host sync per step
+    (the chosen tokens and their stop flags). With `hidden` the step's forward runs before the
+    stopped rows leave, so it sees their last token."""
 
-    def __init__(self, model, tokenizer, prompts: list[str], rule: Rule, temperature: float,
-                 top_p: float, seeds: Sequence[int] | None, store: PrefixCache | None,
-                 hidden: bool):
-        self.model, self.tokenizer, self.prompts, self.rule = model, tokenizer, prompts, rule
+    def __init__(self, model, tokenizer, rule: Rule, temperature: float, top_p: float,
+                 store: PrefixCache | None, hidden: bool):
+        self.model, self.tokenizer, self.rule = model, tokenizer, rule
         self.temperature, self.top_p, self.store, self.hidden = temperature, top_p, store, hidden
-        self.generators = None if seeds is None else [
-            torch.Generator().manual_seed(int(s) % 2**63) for s in seeds]
         self.keep_kv = store if store is not None and store.usable(model) else None
         self.can_join = plain_kv_layers(model)
-        self.rows = [Row([], []) for _ in prompts]
-        self.prompt_ids: list[list[int]] = [[] for _ in prompts]
+        self.prompts: list[str] = []
+        self.rows: list[Row] = []
+        self.prompt_ids: list[list[int]] = []
+        self.generators: list[torch.Generator | None] = []  # None: the global generator
         self.steps = rule.option_cap + rule.rollout_tokens
-        # each row's k-th token's log-prob at [row, k]: read once, at the end
-        self.logprobs = torch.zeros((len(prompts), self.steps), device=model.device)
+        # each running row's k-th token's log-prob at [its slot, k]: read when the row finishes
+        self.logprobs = torch.zeros((0, self.steps), device=model.device)
+        self.slot: dict[int, int] = {}  # row -> its slot in self.logprobs
+        self.free_slots: list[int] = []
         self.slots = HiddenSlots(self.steps) if hidden else None
         self.never = torch.zeros((), dtype=torch.bool, device=model.device)
+        self.waiting: deque[int] = deque()
+        self.batch = RunningBatch()
 
-    def run(self, batch_size: int, progress: str | None) -> list[Generation]:
+    def submit(self, prompts: list[str], seeds: Sequence[int] | None = None) -> list[int]:
+        """Queue rows (chat-templated prompts, one generator seed each or None); their ids."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        ids = list(range(len(self.prompts), len(self.prompts) + len(prompts)))
+        self.prompts += prompts
+        self.rows += [Row([], []) for _ in prompts]
+        self.prompt_ids += [[] for _ in prompts]
+        self.generators += ([None] * len(prompts) if seeds is None else
+                            [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds])
+        missing = len(prompts) - len(self.free_slots)
+        if missing > 0:  # grow by at least half, so a long search copies the buffer rarely
+            have = len(self.logprobs)
+            more = max(missing, have // 2)
+            self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros((more, self.steps))])
+            self.free_slots += range(have + more - 1, have - 1, -1)
+        for r in ids:
+            self.slot[r] = self.free_slots.pop()
+            self.logprobs[self.slot[r]] = 0.0
         # Similar lengths side by side waste less compute on padding.
-        waiting = deque(sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i])))
-        batch = RunningBatch()
-        with progress_bar(total=len(self.prompts), desc=progress, unit="row") as bar:
-            while self.steps and (waiting or batch.live):  # max_new_tokens=0: nothing to run
-                if batch.wants_rows(batch_size, len(waiting), self.can_join):
-                    self._join(batch, _next_group(waiting, batch_size - len(batch.live)))
-                bar.update(self._step(batch))
-        for row, lps in zip(self.rows, self.logprobs.tolist()):
-            row.logprobs = lps[:len(row.tokens)]
-        return [row_result(self.tokenizer, row, self.rule.stop) for row in self.rows]
+        self.waiting.extend(sorted(ids, key=lambda i: len(self.prompts[i])))
+        return ids
+
+    @property
+    def busy(self) -> bool:
+        """Rows are waiting or decoding."""
+        return bool(self.waiting or self.batch.live)
+
+    @torch.no_grad()
+    def advance(self, batch_size: int) -> list[int]:
+        """Decode until at least one row finishes (or none is left); the rows that finished,
+        whose `result` is now final."""
+        if not self.steps:  # max_new_tokens=0: nothing to run
+            finished, self.waiting = list(self.waiting), deque()
+            self._read_logprobs(finished)
+            return finished
+        finished: list[int] = []
+        while not finished and self.busy:
+            if self.batch.wants_rows(batch_size, len(self.waiting), self.can_join):
+                self._join(self.batch, _next_group(self.waiting, batch_size - len(self.batch.live)))
+            finished = self._step(self.batch)
+        self._read_logprobs(finished)
+        return finished
+
+    def result(self, r: int) -> Generation:
+        return row_result(self.tokenizer, self.rows[r], self.rule.stop)
+
+    def take(self, r: int) -> Generation:
+        """A finished row's result; the decoder forgets the row."""
+        out = self.result(r)
+        self.rows[r] = self.prompts[r] = self.prompt_ids[r] = self.generators[r] = None
+        return out
+
+    def _read_logprobs(self, finished: list[int]) -> None:
+        if not finished:
+            return
+        slots = [self.slot.pop(r) for r in finished]
+        for r, lps in zip(finished, self.logprobs[slots].tolist()):
+            self.rows[r].logprobs = lps[:len(self.rows[r].tokens)]
+        self.free_slots += slots
 
     def _join(self, batch: RunningBatch, group: list[int]) -> None:
         start = prefill(self.model, self.tokenizer, [self.prompts[i] for i in group], self.store,
@@ -162,14 +233,14 @@ class _Decoding:
             self.rows[r].prompt_hidden = h
         batch.join(start, group)
 
-    def _step(self, batch: RunningBatch) -> int:
-        """Choose every running row's next token; the rows that stop leave. Returns how many."""
+    def _step(self, batch: RunningBatch) -> list[int]:
+        """Choose every running row's next token; the rows that stop leave. Returns them."""
         rule, rows, live, device = self.rule, self.rows, batch.live, batch.logits.device
         in_rollout = torch.tensor([rows[r].boundary >= 0 for r in live], device=device)
         chosen = _choose(batch.logits, in_rollout, rule, self.temperature, self.top_p,
                          _uniforms(live, self.generators))
         cols = torch.tensor([len(rows[r].tokens) for r in live], device=device)
-        self.logprobs[torch.tensor(live, device=device), cols] = (
+        self.logprobs[torch.tensor([self.slot[r] for r in live], device=device), cols] = (
             torch.log_softmax(batch.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1))
         newline = torch.isin(chosen, rule.newline_ids) if rule.newline_ids is not None else self.never
         flags = torch.stack([chosen, torch.isin(chosen, rule.eos_ids).long(),
@@ -190,7 +261,7 @@ class _Decoding:
         if batch.live and not self.hidden:
             chosen = chosen if select is None else chosen[select]
             batch.mask, batch.logits, _ = _forward(self.model, batch.cache, batch.mask, chosen, False)
-        return len(stopped)
+        return [live[j] for j in stopped]
 
     def _read_hidden(self, stopped: list[int]) -> None:
         """Each stopped row's hidden state at its option's and its own last text token (not a
@@ -255,10 +326,10 @@ def _forward(model, cache, mask: torch.Tensor, chosen: torch.Tensor, hidden: boo
     return mask, logits, last
 
 
-def _uniforms(live: list[int], generators: list | None) -> torch.Tensor:
-    """One uniform per live row for this step, from the row's own generator (or, unseeded, the
-    global generator)."""
-    if generators is None:
+def _uniforms(live: list[int], generators: list) -> torch.Tensor:
+    """One uniform per live row for this step, from the row's own generator (None: the global
+    generator; all rows of an unseeded call draw theirs at once)."""
+    if all(generators[r] is None for r in live):
         return torch.rand(len(live))
     return torch.cat([torch.rand(1, generator=generators[r]) for r in live])
 
