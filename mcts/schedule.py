@@ -59,11 +59,7 @@ class BatchedExpander:
         asked = sum(len(requests) for _, requests in batch)
         if len(results) != asked:
             raise ValueError(f"expand_fn returned {len(results)} option lists for {asked} requests")
-        done, k = [], 0
-        for ticket, requests in batch:
-            done.append((ticket, list(results[k:k + len(requests)])))
-            k += len(requests)
-        return done
+        return _shares(batch, results)
 
 
 def drive(runs: list[TreeRun], expander: Expander, evaluate_fn: EvaluateFn,
@@ -103,8 +99,13 @@ def _answer(fn: Callable[[list[EvalRequest]], list], ask: Ask,
     if len(results) != asked:
         name = "evaluate_fn" if ask == Ask.evaluate else "terminal_reward_fn"
         raise ValueError(f"{name} returned {len(results)} results for {asked} requests")
+    return _shares(waiting, results)
+
+
+def _shares(asked: list[tuple[int, list]], results: list) -> list[tuple[int, list]]:
+    """Cut one call's results back into each asker's share, in the order they asked."""
     out, k = [], 0
-    for i, requests in waiting:
-        out.append((i, list(results[k:k + len(requests)])))
+    for key, requests in asked:
+        out.append((key, list(results[k:k + len(requests)])))
         k += len(requests)
     return out
