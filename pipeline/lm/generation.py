@@ -110,9 +110,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
 
 
 def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,
-            top_p: float = 1.0, stop: StopRule | None = None, rollout_tokens: int = 0,
-            rollout_temperature: float = 0.0, final=None,
-            prefix_cache: PrefixCache | None = None, hidden: bool = False) -> Decoder:
+                      top_p: float = 1.0, stop: StopRule | None = None, rollout_tokens: int = 0,
+                      rollout_temperature: float = 0.0, final=None,
+                      prefix_cache: PrefixCache | None = None, hidden: bool = False) -> Decoder:
     """A streaming `generate`: rows are submitted at any time (`Decoder.submit`), decode in one
     running batch, and come back as they finish (`Decoder.advance`). The arguments mean what
     they mean for `generate`; a row's tokens are the same whichever rows share its batch."""
@@ -179,9 +179,8 @@ class Decoder:
             more = max(missing, have // 2)
             self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros((more, self.steps))])
             self.free_slots += range(have + more - 1, have - 1, -1)
-        for r in ids:
+        for r in ids:  # a reused slot's old values are never read: each column is written first
             self.slot[r] = self.free_slots.pop()
-            self.logprobs[self.slot[r]] = 0.0
         # Similar lengths side by side waste less compute on padding.
         self.waiting.extend(sorted(ids, key=lambda i: len(self.prompts[i])))
         return ids
