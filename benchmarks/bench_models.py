@@ -19,7 +19,7 @@ import transformers
 
 from pipeline.config import ModelConfig
 from pipeline.errors import QstarError
-from pipeline.lm.models import cache_root, embedded_gguf, load_model, load_tokenizer
+from pipeline.lm.models import cache_root, cuda_attention, embedded_gguf, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,7 @@ def random_model(arch: str, device: str, dtype: str):
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **dims)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    cuda_attention(device)
     model.to(device).eval()
     return model, tokenizer, f"random {arch} ({tok_name} tokenizer, vocab {len(tokenizer)})"
 

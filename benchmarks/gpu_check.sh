@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #16, on a machine with torch and transformers but no network:
+# benchmarks/sdpa_shapes.py (attention per backend, seen and new shapes), then
 # benchmarks/generation.py and benchmarks/search.py on CUDA in bf16 (random models of SmolLM2's
 # and Qwen2's architecture), then one short qstar iteration (cluster=local).
 #
@@ -13,7 +14,8 @@
 # The benchmarks use SmolLM2's tokenizer where ~/.cache/qstar/tokenizers/smollm2-135m holds it
 # (3.4 MB; it travels), else the tests' per-character one; the loop always uses the latter.
 # Environment: DEVICE (cuda), DTYPE (bfloat16), LAYERS (30, the loop's model), PYTHON (python3),
-# BATCHES (1,8,32,64), ARCHS (smollm2,qwen2), SEARCH_PROBLEMS (64), SEARCH_SIMULATIONS (8).
+# BATCHES (1,8,32,64), ARCHS (smollm2,qwen2), SEARCH_PROBLEMS (64), SEARCH_SIMULATIONS (8),
+# SDPA_ROWS (32,160), SDPA_KV (256,1024), SDPA_CALLS (40).
 # The tests run it with DEVICE=cpu DTYPE=float32 LAYERS=2 and small sizes (tests/test_cluster.py).
 set -euo pipefail
 wheels=${1:?usage: gpu_check.sh WHEELS_DIR OUT_DIR}
@@ -21,6 +23,7 @@ out=${2:?usage: gpu_check.sh WHEELS_DIR OUT_DIR}
 DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16} LAYERS=${LAYERS:-30} PYTHON=${PYTHON:-python3}
 BATCHES=${BATCHES:-1,8,32,64} ARCHS=${ARCHS:-smollm2,qwen2}
 SEARCH_PROBLEMS=${SEARCH_PROBLEMS:-64} SEARCH_SIMULATIONS=${SEARCH_SIMULATIONS:-8}
+SDPA_ROWS=${SDPA_ROWS:-32,160} SDPA_KV=${SDPA_KV:-256,1024} SDPA_CALLS=${SDPA_CALLS:-40}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 
@@ -37,6 +40,8 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # qstar itself from this c
   sys.exit(0 if d == 'cpu' or torch.cuda.is_available() else 'error: DEVICE=cuda but torch sees no GPU')" "$DEVICE"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error QSTAR_PROGRESS=0 WANDB_MODE=disabled
 
+"$PYTHON" "$repo/benchmarks/sdpa_shapes.py" --device "$DEVICE" --dtype "$DTYPE" --rows "$SDPA_ROWS" \
+  --kv "$SDPA_KV" --calls "$SDPA_CALLS" --output "$out/sdpa_shapes.json"
 for arch in ${ARCHS//,/ }; do
   "$PYTHON" "$repo/benchmarks/generation.py" --random-init "$arch" --device "$DEVICE" \
     --dtype "$DTYPE" --batches "$BATCHES" --max-new-tokens 32 --repeats 1 \
@@ -54,4 +59,4 @@ start=$(date +%s)
   eval.decodes=[greedy] "hydra.run.dir=$out/run"
 echo "{\"loop_seconds\": $(( $(date +%s) - start )), \"device\": \"$DEVICE\", \"dtype\": \"$DTYPE\", \"layers\": $LAYERS}" \
   > "$out/loop.json"
-echo "gpu_check: ok ($out/run, $out/loop.json, $out/generation_*.json, $out/search_*.json)"
+echo "gpu_check: ok ($out/run, $out/loop.json, $out/sdpa_shapes.json, $out/generation_*.json, $out/search_*.json)"

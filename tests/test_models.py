@@ -12,7 +12,13 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.errors import QstarError
 from pipeline.lm import models
-from pipeline.lm.models import embedded_gguf, hub_reachable, load_model, resolve_model_path
+from pipeline.lm.models import (
+    cuda_attention,
+    embedded_gguf,
+    hub_reachable,
+    load_model,
+    resolve_model_path,
+)
 
 EMBEDDED_NAME = "smollm2-135m"
 
@@ -256,3 +262,18 @@ def test_load_model_dir_without_tokenizer_is_a_qstar_error(tiny_model_dir, tmp_p
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     with pytest.raises(QstarError, match=str(tmp_path)):
         load_model(ModelConfig(name=str(tmp_path)))
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_turns_cudnn_attention_off(device):
+    """A new shape costs cuDNN's attention a graph build (50-93 ms on an H200): decoding on CUDA
+    runs without it. The flag is process-wide, so the test restores it."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        cuda_attention("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run leaves CUDA's flags alone
+        cuda_attention(device)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

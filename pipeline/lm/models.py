@@ -128,6 +128,19 @@ def resolved_dtype(cfg: ModelConfig) -> str:
     return "bfloat16" if cfg.device.startswith("cuda") or native_bf16_cpu() else "float32"
 
 
+def cuda_attention(device: str) -> None:
+    """On CUDA, turn PyTorch's cuDNN attention backend off for this process; SDPA then picks the
+    memory-efficient (or flash) kernel. cuDNN builds an execution graph for every new input
+    shape, and decoding changes the KV length at every step (a search's running batch its rows
+    too): on an H200 (torch 2.11, cuDNN 9.19) a call with a new shape took 50-93 ms against
+    0.07-0.3 ms for the other kernels, and a streaming search ran more than 1.7x faster without
+    it (benchmarks/sdpa_shapes.py; README "On a GPU"). No effect on a CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def torch_dtype(cfg: ModelConfig):
     import torch
 
@@ -161,6 +174,7 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             )
     except OSError as exc:
         raise QstarError(f"model.name={cfg.name!r}: cannot load it ({first_line(exc)})") from None
+    cuda_attention(cfg.device)
     model.to(cfg.device)
     model.eval()
     return model, tokenizer

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
+from pipeline.lm.models import cuda_attention
 from pipeline.lm.teacher_forced import tail_logprobs
 from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import library_bars_off
@@ -215,6 +216,7 @@ def common_args(cfg: TrainConfig, model_cfg: ModelConfig, output_dir: Path, repo
 def load_policy_for_training(path: str, cfg: TrainConfig, model_cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
+    cuda_attention(model_cfg.device)
     dtype = torch.float32
     if cfg.lora and model_cfg.device.startswith("cuda") and model_cfg.dtype != "float32":
         dtype = getattr(torch, model_cfg.dtype)  # frozen base in half precision, adapter in fp32
