@@ -15,6 +15,7 @@
 # (3.4 MB; it travels), else the tests' per-character one; the loop always uses the latter.
 # Environment: DEVICE (cuda), DTYPE (bfloat16), LAYERS (30, the loop's model), PYTHON (python3),
 # BATCHES (1,8,32,64), ARCHS (smollm2,qwen2), SEARCH_PROBLEMS (64), SEARCH_SIMULATIONS (8),
+# SEARCH_STREAMS (true,false: search.stream values, each a search_<arch>[_lockstep].json),
 # SDPA_ROWS (32,160), SDPA_KV (256,1024), SDPA_CALLS (40).
 # The tests run it with DEVICE=cpu DTYPE=float32 LAYERS=2 and small sizes (tests/test_cluster.py).
 set -euo pipefail
@@ -23,6 +24,7 @@ out=${2:?usage: gpu_check.sh WHEELS_DIR OUT_DIR}
 DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16} LAYERS=${LAYERS:-30} PYTHON=${PYTHON:-python3}
 BATCHES=${BATCHES:-1,8,32,64} ARCHS=${ARCHS:-smollm2,qwen2}
 SEARCH_PROBLEMS=${SEARCH_PROBLEMS:-64} SEARCH_SIMULATIONS=${SEARCH_SIMULATIONS:-8}
+SEARCH_STREAMS=${SEARCH_STREAMS:-true,false}
 SDPA_ROWS=${SDPA_ROWS:-32,160} SDPA_KV=${SDPA_KV:-256,1024} SDPA_CALLS=${SDPA_CALLS:-40}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
@@ -46,10 +48,13 @@ for arch in ${ARCHS//,/ }; do
   "$PYTHON" "$repo/benchmarks/generation.py" --random-init "$arch" --device "$DEVICE" \
     --dtype "$DTYPE" --batches "$BATCHES" --max-new-tokens 32 --repeats 1 \
     --out "$out/generation_$arch.json"
-  "$PYTHON" "$repo/benchmarks/search.py" --random-init "$arch" --device "$DEVICE" \
-    --dtype "$DTYPE" --problems "$SEARCH_PROBLEMS" --simulations "$SEARCH_SIMULATIONS" \
-    --no-best-of-n --output "$out/search_$arch.json" > "$out/search_$arch.log"
-  tail -n 1 "$out/search_$arch.log"
+  for stream in ${SEARCH_STREAMS//,/ }; do  # streaming search, then lock-step rounds
+    name=search_$arch$([ "$stream" = true ] || echo _lockstep)
+    "$PYTHON" "$repo/benchmarks/search.py" --random-init "$arch" --device "$DEVICE" \
+      --dtype "$DTYPE" --problems "$SEARCH_PROBLEMS" --simulations "$SEARCH_SIMULATIONS" \
+      --no-best-of-n --output "$out/$name.json" "search.stream=$stream" > "$out/$name.log"
+    tail -n 1 "$out/$name.log"
+  done
 done
 
 "$PYTHON" "$repo/benchmarks/random_model.py" "$out/model" --layers "$LAYERS"

@@ -128,7 +128,7 @@ def main() -> None:
     result = {
         "benchmark": "search", "model": described, "device": args.device, "dtype": args.dtype,
         "problems": len(problems), "simulations": args.simulations, "batch": args.batch,
-        "kv_cache_mb": cfg.search.kv_cache_mb, "cpus": os.cpu_count(),
+        "kv_cache_mb": cfg.search.kv_cache_mb, "stream": cfg.search.stream, "cpus": os.cpu_count(),
         "search": search, "plain_generate": plain,
         "search_efficiency": round(search["tokens_per_s"] / plain["tokens_per_s"], 3),
         "prefill_tokens_per_generated_token": search["prefill_tokens_per_generated_token"],

@@ -275,7 +275,7 @@ def test_gpu_check_script_cpu_part(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DEVICE="cpu", DTYPE="float32", LAYERS="2", BATCHES="2",
-               ARCHS="smollm2", SEARCH_PROBLEMS="2", SEARCH_SIMULATIONS="2",
+               ARCHS="smollm2", SEARCH_PROBLEMS="2", SEARCH_SIMULATIONS="1",
                SDPA_ROWS="2", SDPA_KV="16", SDPA_CALLS="2", PYTHON=sys.executable, PYTHONPATH=str(repo))
     done = subprocess.run(["bash", str(repo / "benchmarks/gpu_check.sh"), "-", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=1200)
@@ -292,6 +292,9 @@ def test_gpu_check_script_cpu_part(tmp_path):
     search = json.loads((tmp_path / "search_smollm2.json").read_text())
     assert search["problems"] == 2 and search["device"] == "cpu"
     assert search["search"]["tokens"] > 0 and search["search_efficiency"] > 0
+    lockstep = json.loads((tmp_path / "search_smollm2_lockstep.json").read_text())
+    assert (search["stream"], lockstep["stream"]) == (True, False)
+    assert lockstep["search"]["tokens"] > 0
     sdpa = json.loads((tmp_path / "sdpa_shapes.json").read_text())["results"]
     assert [(r["rows"], r["kv"]) for r in sdpa] == [(2, 16)]
     assert sdpa[0]["math"]["new_shape_ms"] > 0 and sdpa[0]["qstar"]["same_shape_ms"] > 0
