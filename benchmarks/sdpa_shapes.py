@@ -78,19 +78,30 @@ def measure(backend: str, index: int, rows: int, kv: int, args, dtype) -> dict |
         return f"unavailable: {str(exc).splitlines()[0][:100]}"
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (a bad value is one line, exit 2)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers, e.g. 32,160") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value at least 1")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--rows", default="32,160", help="comma-separated batch rows")
-    parser.add_argument("--kv", default="256,1024", help="comma-separated KV lengths")
+    parser.add_argument("--rows", type=positive_ints, default="32,160", help="comma-separated batch rows")
+    parser.add_argument("--kv", type=positive_ints, default="256,1024", help="comma-separated KV lengths")
     parser.add_argument("--calls", type=int, default=40, help="calls timed per measurement")
     parser.add_argument("--output", default=None, help="JSON path (default under benchmarks/results)")
     args = parser.parse_args()
     if args.calls < 1:
         parser.error(f"--calls={args.calls}: at least 1")
     dtype = getattr(torch, args.dtype)
-    shapes = [(int(r), int(k)) for r in args.rows.split(",") for k in args.kv.split(",")]
+    shapes = [(rows, kv) for rows in args.rows for kv in args.kv]
     results = []
     for rows, kv in shapes:
         row = {"rows": rows, "kv": kv}

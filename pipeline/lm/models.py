@@ -130,11 +130,12 @@ def resolved_dtype(cfg: ModelConfig) -> str:
 
 def cuda_attention(device: str) -> None:
     """On CUDA, turn PyTorch's cuDNN attention backend off for this process; SDPA then picks the
-    memory-efficient (or flash) kernel. cuDNN builds an execution graph for every new input
-    shape, and decoding changes the KV length at every step (a search's running batch its rows
-    too): on an H200 (torch 2.11, cuDNN 9.19) a call with a new shape took 50-93 ms against
-    0.07-0.3 ms for the other kernels, and a streaming search ran more than 1.7x faster without
-    it (benchmarks/sdpa_shapes.py; README "On a GPU"). No effect on a CPU."""
+    memory-efficient kernel (flash takes no padding mask). cuDNN builds an execution plan for
+    every new input shape, and decoding changes the KV length at every step (a search's running
+    batch its rows too): on an H200 (torch 2.11, cuDNN 9.19) a decode-shaped call with a new
+    shape took 52-93 ms against 0.09-0.26 ms for the memory-efficient kernel, and a streaming
+    search that had not finished in 75 s with cuDNN ran in 58 s without it (benchmarks/
+    sdpa_shapes.py; README "cuDNN attention on a GPU"). No effect on a CPU."""
     if device.startswith("cuda"):
         import torch
 
