@@ -7,7 +7,7 @@
 
 Each JSON is a `benchmarks/matched_budget.py` output (the same task and split, the loops run at
 `search.seed=S critics.seed=S train.seed=S`). One seed moves a policy of the demo loop by 3-7
-points (README "The default loop at four seeds"), which is the size of every gap arm (c) has
+points (benchmarks/RESULTS.md, "The default loop at four seeds"), which is the size of every gap arm (c) has
 measured, so one seed cannot say which loop is ahead. Per seed this reports both loops' test
 greedy curves, MCTS minus STaR per policy and where each MCTS curve stops rising; over the seeds,
 the mean curves and, per policy, the two loops compared problem by problem over every (seed,

@@ -10,7 +10,7 @@ Three features come out of the same pass:
 The default heads (`critics.orm_features=confidence`, `state_features=confidence`) read
 logprob and prompt_hidden: hidden states separate problems from each other well but right
 from wrong answers *to one problem* poorly, which is what best-of-N and search need (measured
-in the README).
+in benchmarks/RESULTS.md, "What the ORM reads").
 
 We call the model's base (`model.base_model`: the decoder inside a causal LM, or an `AutoModel`
 itself) and project to the vocabulary only at the completion's positions.

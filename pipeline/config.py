@@ -221,7 +221,7 @@ class SearchConfig:
     # around task.num_train, so each iteration meets problems its policy has not trained on; 0 = all
     problems_per_iteration: int = 0
     temperature: float = 0.8  # sampling temperature of options
-    # evaluation: how the answer is read off the tree. majority, chosen on dev (README "Results"): without a
+    # evaluation: how the answer is read off the tree. majority, chosen on dev (benchmarks/RESULTS.md): without a
     # verifier the critics rank completions near chance; the visits they steer say less than agreement
     best_path: BestPath = BestPath.majority
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

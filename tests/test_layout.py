@@ -128,3 +128,28 @@ def test_readme_layout_matches_the_tree():
     packages = {str(p.parent.relative_to(REPO)) for root in ROOTS
                 for p in (REPO / root).rglob("__init__.py")}
     assert {x for x in listed if x.split("/")[0] in ROOTS} == packages
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lowercase, punctuation but - and _ dropped,
+    spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_github_anchor_rule():
+    assert github_anchor("Arm (b) with the demo's LoRA training") == "arm-b-with-the-demos-lora-training"
+    assert github_anchor("Spare KV columns: tried, not adopted") == "spare-kv-columns-tried-not-adopted"
+
+
+def test_links_to_the_measurement_record_resolve():
+    """Every link from the README (and from the record to itself) into benchmarks/RESULTS.md
+    names a heading there, and every benchmarks/results file the two name exists."""
+    record = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    anchors = {github_anchor(h.replace("`", "")) for h in re.findall(r"^#+ (.+)$", record, re.M)}
+    readme = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\(benchmarks/RESULTS\.md#([^)]+)\)", readme)
+    links += re.findall(r"\]\(#([^)]+)\)", record)
+    assert len(links) >= 10
+    assert [a for a in links if a not in anchors] == []
+    named = set(re.findall(r"benchmarks/results/([\w.\-]+\.(?:json|png))", readme + record))
+    assert named and [f for f in named if not (REPO / "benchmarks" / "results" / f).exists()] == []

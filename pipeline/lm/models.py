@@ -135,7 +135,7 @@ def cuda_attention(device: str) -> None:
     batch its rows too): on an H200 (torch 2.11, cuDNN 9.19) a decode-shaped call with a new
     shape took 52-93 ms against 0.09-0.26 ms for the memory-efficient kernel, and a streaming
     search that had not finished in 75 s with cuDNN ran in 58 s without it (benchmarks/
-    sdpa_shapes.py; README "cuDNN attention on a GPU"). No effect on a CPU."""
+    sdpa_shapes.py; benchmarks/RESULTS.md, "cuDNN attention on a GPU"). No effect on a CPU."""
     if device.startswith("cuda"):
         import torch
 

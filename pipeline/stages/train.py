@@ -28,7 +28,7 @@ iteration, so the policy never drifts further than one fine-tune from the base.
   no rows is skipped; when no phase has rows nothing is trained or written and the result says
   `skipped` and names the old policy in `policy_dir`, for the caller to reuse.
 - Precision: float32 weights; bf16 (fp16) autocast on cuda with model.dtype bfloat16 (float16),
-  on CPU only with train.cpu_autocast and model.dtype bfloat16 (README "Results"); the pair
+  on CPU only with train.cpu_autocast and model.dtype bfloat16 (benchmarks/RESULTS.md); the pair
   metrics after training run under TRL's autocast too. Activation checkpointing unless off.
 - LoRA (cfg.lora): peft lazily; r=16, alpha=32, all linear layers (of the last
   cfg.lora_layer_fraction of layers), merged before saving: the next policy is a plain checkpoint.
