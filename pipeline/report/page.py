@@ -81,7 +81,8 @@ def report_main(args: list[str]) -> int:
     parser.add_argument("--credit", nargs="?", const="best", choices=("best", "all"),
                         help="credit maps of the best trajectories and the implicit reward of "
                              "the best path's nodes (best, the default) or of every node (all: "
-                             "two passes per node, for a GPU); loads the policies")
+                             "one sequence per node under each of the two policies, for a "
+                             "GPU); loads the policies")
     opts = parser.parse_args(args)
     path = build_report(Path(opts.run), opts.iter, opts.problem, opts.credit)
     print(path)
