@@ -38,7 +38,7 @@ class MinMaxStats:
 class TreeStats:
     simulations: int = 0  # selections resolved (expansions, revisits of terminal nodes) = root visits
     tokens_generated: int = 0  # option tokens from expand_fn, duplicates included
-    evaluator_tokens: int = 0  # LeafEval.tokens summed (fast rollouts)
+    evaluator_tokens: int = 0  # fast rollouts: Option.rollout_tokens and LeafEval.tokens summed
     merges: int = 0  # duplicate options seen (each resampled or dropped)
     seconds: float = 0.0  # wall time from search start until this tree was done
     stop_reason: str = ""  # "simulations" | "token_budget" | "exhausted"

@@ -18,6 +18,9 @@ class Option:
     logprob: float  # sum of token log-probs under the policy
     num_tokens: int
     terminal: bool  # the option ends the solution (answer line or EOS)
+    # tokens its row decoded past the option (a rollout fused with the expansion): counted in
+    # the budget at expansion, whether the merge keeps the option or not
+    rollout_tokens: int = 0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class LeafEval:
     rollout: float = 0.0
     implicit: float = 0.0  # sigmoid of the option's DPO implicit reward (a part of `total` only)
     tokens: int = 0  # tokens the evaluator generated (fast rollouts), counted in the budget
+    # (0 for a rollout fused with the expansion: its Option.rollout_tokens counted it)
 
 
 ExpandFn = Callable[[list[ExpandRequest]], list[list[Option]]]

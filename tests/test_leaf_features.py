@@ -51,7 +51,7 @@ def expand_roots(scorer: LeafScorer, prompts: list[str]) -> list[EvalRequest]:
     requests = [ExpandRequest(t, 0, p, [], 3, seed=t) for t, p in enumerate(prompts)]
     leaves = []
     for r, options in zip(requests, scorer.expand(requests)):
-        for k, o in enumerate(options):
+        for k, o in enumerate(o for o in options if o.text.strip()):  # mcts drops blank ones
             leaves.append(EvalRequest(r.tree_index, k + 1, r.prompt, [o.text], o.terminal,
                                       logprob=o.logprob, num_tokens=o.num_tokens))
     return leaves

@@ -276,3 +276,24 @@ def test_callback_contract_errors():
 
 def test_no_prompts_no_calls():
     assert search([], FakePolicy(), FakeCritic(), SearchParams()) == []
+
+
+def test_dropped_options_and_their_fused_rollouts_count_in_the_budget():
+    """An option the merge drops, or a blank one (no step), still cost the tokens its row
+    decoded, its fused rollout's too; only the kept option becomes a child."""
+    def expand(requests):
+        return [[Option("a\n", -1.0, 3, False, rollout_tokens=5),
+                 Option("a\n", -1.0, 3, False, rollout_tokens=7),  # a duplicate of the first
+                 Option(" \n", -1.0, 2, False, rollout_tokens=4)]  # blank
+                for _ in requests]
+
+    def evaluate(requests):
+        return [LeafEval(total=0.5, tokens=0) for _ in requests]  # fused: counted at expansion
+
+    params = SearchParams(simulations=1, root_c_min=3, root_c_max=3, merge_retries=0)
+    (tree,) = search(["p"], expand, evaluate, params)
+    assert [tree.text[c] for c in tree.children[0]] == ["a\n"]
+    assert tree.stats.merges == 1 and tree.draws[tree.children[0][0]] == 2
+    assert tree.stats.tokens_generated == 3 + 3 + 2
+    assert tree.stats.evaluator_tokens == 5 + 7 + 4
+    assert tree.stats.total_tokens == 24

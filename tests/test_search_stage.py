@@ -578,3 +578,32 @@ def test_streaming_expansions_give_the_lock_step_trees(cfg, models, monkeypatch,
         {k: r.text for k, r in locked_scorer.rollouts.items()}
     assert sum(t.num_nodes for t in streamed) > 4 * 3  # the trees grew past their roots
     assert any(joined_busy)  # some tree's rows were submitted while others decoded
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_budget_counts_every_token_the_search_decodes(cfg, models, monkeypatch, stream):
+    """Every token decoded for a search is in its trees' total_tokens: the options, the rollouts
+    of the leaves evaluated, and the fused rollouts of options the merge dropped (their rows
+    decode the rollout before the merge sees the option)."""
+    from pipeline.lm import generation
+
+    decoded = []
+    real = generation.row_result
+
+    def counted(tokenizer, row, stop):
+        g = real(tokenizer, row, stop)
+        decoded.append(g.num_tokens + g.rollout_tokens)
+        return g
+
+    monkeypatch.setattr(generation, "row_result", counted)
+    cfg.search.simulations = 8
+    cfg.search.stream = stream
+    cfg.search.merge_threshold = 0.01  # nearly every sibling a duplicate: the merge drops many
+    problems = problems_(4)
+    prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+    trees, scorer = train_search(problems, SpyTask(problems), prompts, cfg, models)
+    assert scorer.fused and sum(t.stats.merges for t in trees) > 0
+    dropped_rollouts = sum(o for o in decoded) - sum(
+        t.stats.tokens_generated for t in trees) - sum(r.tokens for r in scorer.rollouts.values())
+    assert dropped_rollouts > 0  # some merged option had decoded its rollout
+    assert sum(t.stats.total_tokens for t in trees) == sum(decoded)

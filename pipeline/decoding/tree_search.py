@@ -79,6 +79,14 @@ class Rollout:
     tokens: int
     mean_logprob: float
     finished: bool
+    fused: bool = False  # decoded with its node's expansion, whose Option counted its tokens
+
+
+def _blank(g) -> Option:
+    """A row whose option is only whitespace: no step, but its tokens (and its fused rollout's)
+    were decoded, so the search drops it and counts them."""
+    return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=True,
+                  rollout_tokens=g.rollout_tokens)
 
 
 @dataclass
@@ -146,7 +154,7 @@ class LeafScorer:
         for r in requests:
             mine = gens[k:k + r.num_options]
             k += r.num_options
-            options.append([self._option(r, g) for g in mine if g.text.strip()])
+            options.append([self._option(r, g) if g.text.strip() else _blank(g) for g in mine])
         return options
 
     def _implicit_rewards(self, requests: list[ExpandRequest], prompts: list[str], gens) -> None:
@@ -169,8 +177,9 @@ class LeafScorer:
             prefix = "".join(request.steps) + g.text
             lps = g.rollout_logprobs or []
             self.pending[(request.tree_index, prefix)] = Rollout(
-                g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished)
-        return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal)
+                g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True)
+        return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal,
+                      rollout_tokens=g.rollout_tokens)
 
     def evaluate(self, requests: list[EvalRequest]) -> list[LeafEval]:
         rollouts = self._rollouts(requests)
@@ -189,8 +198,8 @@ class LeafScorer:
             reward = self.implicit.pop((r.tree_index, states[i]), None)
             if reward is not None:
                 parts["implicit"] = implicit_score(reward)
-            results.append(LeafEval(total=weighted(parts, self.weights()), tokens=ro.tokens,
-                                    **parts))
+            results.append(LeafEval(total=weighted(parts, self.weights()),
+                                    tokens=0 if ro.fused else ro.tokens, **parts))
         return results
 
     def terminal_reward(self, requests: list[EvalRequest]) -> list[float]:
