@@ -16,7 +16,7 @@ class Widening(str, Enum):
 @dataclass
 class SearchParams:
     simulations: int = 16  # select-expand-evaluate-backup cycles per tree
-    token_budget: int = 0  # option + evaluator tokens per tree, spent as nearly as rounds allow; 0 = off
+    token_budget: int = 0  # option + rollout tokens per tree (TreeStats.total_tokens), spent as nearly as rounds allow; 0 = off
     c_puct: float = 1.0
     max_depth: int = 8  # a node at this depth is terminal (depth cap)
     c_min: int = 2  # importance branching bounds

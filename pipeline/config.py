@@ -199,7 +199,7 @@ class SearchConfig:
 
     algorithm: SearchAlgorithm = SearchAlgorithm.mcts  # mcts, or sample (the STaR baseline)
     simulations: int = SearchParams.simulations  # per problem (algorithm=sample: whole samples per problem)
-    token_budget: int = SearchParams.token_budget  # generated tokens per problem (options + rollouts), spent as nearly as whole rounds allow; 0 = no cap
+    token_budget: int = SearchParams.token_budget  # decoded tokens per problem (options + rollouts, dropped options' too), spent as nearly as whole rounds allow; 0 = no cap
     c_puct: float = SearchParams.c_puct  # PUCT exploration weight on the prior
     termination: Termination = Termination.newline  # what ends an option
     step_regex: str = r"(?m)^Step \d+:"  # termination=step_marker: where a new step starts

@@ -603,7 +603,7 @@ def test_the_budget_counts_every_token_the_search_decodes(cfg, models, monkeypat
     prompts = render_prompts(models.tokenizer, [p.question for p in problems])
     trees, scorer = train_search(problems, SpyTask(problems), prompts, cfg, models)
     assert scorer.fused and sum(t.stats.merges for t in trees) > 0
-    dropped_rollouts = sum(o for o in decoded) - sum(
+    dropped_rollouts = sum(decoded) - sum(
         t.stats.tokens_generated for t in trees) - sum(r.tokens for r in scorer.rollouts.values())
     assert dropped_rollouts > 0  # some merged option had decoded its rollout
     assert sum(t.stats.total_tokens for t in trees) == sum(decoded)

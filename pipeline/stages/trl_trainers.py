@@ -84,8 +84,8 @@ def lm_head_on_labels_only():
     one-shot prompt is ~100 tokens, a step option ~6): on 24 of the demo's pairs, DPO's steps
     took 18-25% less time, its init (tokenization and reference pass) 14-37% less, and the
     process peaked 230-250 MB lower, with equal losses (benchmarks/RESULTS.md, "The LM
-    head on labelled positions only"). TRL picks the path with its private `_use_triton`, which this swaps for
-    the duration (and leaves alone when a TRL version no longer has it)."""
+    head on labelled positions only"). TRL picks the path with its private `_use_triton`, which
+    this swaps for the duration (and leaves alone when a TRL version no longer has it)."""
     import trl.trainer.utils as trl_utils
 
     original = getattr(trl_utils, "_use_triton", None)
@@ -107,7 +107,8 @@ def reference_pass_as_token_trees(pairs_per_forward: int):
     gives, `pairs_per_forward` pairs per token tree, the prefix all prompts open with (the task's
     instruction and worked example) run once. TRL's own pass runs every pair's prompt twice,
     right-padded: 104 against 78.5 s of the demo's DPO phase on a CPU (benchmarks/RESULTS.md,
-    "Token trees for the reference pass and the refit"). The columns TRL's loss reads (ref_chosen_logps, ref_rejected_logps) are the same.
+    "Token trees for the reference pass and the refit"). The columns TRL's loss reads
+    (ref_chosen_logps, ref_rejected_logps) are the same.
     Leaves TRL's pass alone where a TRL version no longer has the method."""
     from trl import DPOTrainer
 
