@@ -221,14 +221,14 @@ class SearchConfig:
     # around task.num_train, so each iteration meets problems its policy has not trained on; 0 = all
     problems_per_iteration: int = 0
     temperature: float = 0.8  # sampling temperature of options
-    # evaluation: how the answer is read off the tree. majority, chosen on dev (benchmarks/RESULTS.md): without a
-    # verifier the critics rank completions near chance; the visits they steer say less than agreement
+    # evaluation: how the answer is read off the tree; majority was chosen on dev (benchmarks/RESULTS.md)
     best_path: BestPath = BestPath.majority
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # MiB of KV cache kept across expansions (LRU), so a child's expansion prefills only its own
-    # option's tokens; 0 = off (a prefix is still prefilled once per node). SmolLM2-135M fp32: ~46 KB/token
-    kv_cache_mb: int = 512
+    kv_cache_mb: int = 512  # KV kept across expansions (LRU; 0 = off); SmolLM2-135M fp32: ~46 KB/token
     stream: bool = True  # trees advance on their own through one running decode batch; false: lock-step rounds
+    # a row repeating an earlier row's option under its node stops at the boundary: the merge drops
+    # it, so its fused rollout would be wasted (never cut with merge=none or merge_threshold=1)
+    cut_repeats: bool = True
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
 

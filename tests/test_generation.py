@@ -442,6 +442,57 @@ def test_rows_submitted_while_others_decode_come_out_as_alone(varied):
     assert decoder.rows[first[0]] is None  # taken rows are forgotten
 
 
+@pytest.fixture(scope="module")
+def varied_smollm2(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random Llama over SmolLM2's real tokenizer (BPE: "\\n\\n" is one token)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("varied_smollm2") / "model"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return load_model(ModelConfig(name=str(path)))
+
+
+@pytest.mark.parametrize("which", ["varied", "varied_smollm2"])
+def test_a_repeated_option_stops_at_its_boundary(request, which):
+    """With `claims`, a row whose option repeats, token for token, an earlier row's of its
+    group stops at its boundary (cut, no rollout decoded past it); every other row comes out
+    exactly as without claims, and rows of other groups are never cut."""
+    from pipeline.lm.stopping import OptionClaims
+
+    model, tokenizer = request.getfixturevalue(which)
+    p = prompts_for(tokenizer, QUESTIONS[:2])
+    prompts = [p[0]] * 4 + [p[1], p[0], p[0]]
+    groups = ["a"] * 4 + ["a", "b", "b"]  # "b"'s rows repeat "a"'s, but in another group
+    seeds = [5, 5, 6, 5, 5, 5, 5]
+    kwargs = dict(max_new_tokens=8, temperature=1.0, stop=newline(8), rollout_tokens=12,
+                  rollout_temperature=1.0, seeds=seeds, batch_size=3)
+    plain = generate(model, tokenizer, prompts, **kwargs)
+    claims = OptionClaims()
+    got = generate(model, tokenizer, prompts, groups=groups, claims=claims, **kwargs)
+    repeats = [any(groups[j] == groups[i] and plain[j].token_ids == plain[i].token_ids
+                   for j in range(i)) for i in range(len(prompts))]
+    assert repeats[1] and repeats[3] and repeats[6] and not repeats[5]
+    for i, (mine, theirs) in enumerate(zip(got, plain)):
+        assert mine.token_ids == theirs.token_ids and mine.text == theirs.text
+        if not repeats[i]:
+            assert not mine.cut and mine.rollout == theirs.rollout
+            assert mine.rollout_logprobs == pytest.approx(theirs.rollout_logprobs, abs=1e-5)
+        elif theirs.rollout_tokens:  # a repeat that would have rolled out is cut at its boundary
+            assert mine.cut and mine.stopped and mine.rollout_tokens < theirs.rollout_tokens
+            assert theirs.rollout.startswith(mine.rollout)  # what it did decode (after a cap)
+    assert any(g.cut for g in got)
+    assert not any(g.cut for g in generate(model, tokenizer, prompts, groups=groups, **kwargs))
+
+
 def test_newline_token_ids(tiny_model):
     _, tokenizer = tiny_model
     ids = newline_token_ids(tokenizer).tolist()

@@ -558,9 +558,9 @@ def test_streaming_expansions_give_the_lock_step_trees(cfg, models, monkeypatch,
     joined_busy = []
     real_submit = Decoder.submit
 
-    def submit(self, rows, seeds=None):
+    def submit(self, rows, seeds=None, groups=None):
         joined_busy.append(self.busy)
-        return real_submit(self, rows, seeds)
+        return real_submit(self, rows, seeds, groups)
 
     monkeypatch.setattr(Decoder, "submit", submit)
 
@@ -607,3 +607,45 @@ def test_the_budget_counts_every_token_the_search_decodes(cfg, models, monkeypat
         t.stats.tokens_generated for t in trees) - sum(r.tokens for r in scorer.rollouts.values())
     assert dropped_rollouts > 0  # some merged option had decoded its rollout
     assert sum(t.stats.total_tokens for t in trees) == sum(decoded)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cutting_repeated_options_changes_no_tree(cfg, models, monkeypatch, stream):
+    """search.cut_repeats: a row repeating a sibling row's option stops at its boundary. The
+    merge drops such a repeat whatever it decoded, so the trees (texts, structure, visits,
+    values, rollouts) are those built without the cut; only the decoded tokens fall, and the
+    budget still counts every one of them."""
+    from pipeline.lm import generation
+
+    decoded, cut = [], []
+    real = generation.row_result
+
+    def counted(tokenizer, row, stop):
+        g = real(tokenizer, row, stop)
+        decoded.append(g.num_tokens + g.rollout_tokens)
+        cut.append(g.cut)
+        return g
+
+    monkeypatch.setattr(generation, "row_result", counted)
+    cfg.search.simulations = 8
+    cfg.search.stream = stream
+    cfg.search.temperature = 0.2  # nearly greedy: siblings often repeat each other
+    problems = problems_(4)
+    prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+
+    def run(on: bool):
+        decoded.clear(), cut.clear()
+        cfg.search.cut_repeats = on
+        trees, scorer = train_search(problems, SpyTask(problems), prompts, cfg, models)
+        exact, floats = _tree_records(trees)
+        for record in exact:
+            record.pop("stats")
+        return exact, floats, trees, scorer, sum(decoded), sum(cut)
+
+    on, off = run(True), run(False)
+    assert on[5] > 0 and off[5] == 0  # repeats were cut, and only with the switch on
+    assert on[0] == off[0] and on[1] == pytest.approx(off[1], abs=1e-4)
+    assert {k: r.text for k, r in on[3].rollouts.items()} == {k: r.text for k, r in off[3].rollouts.items()}
+    total = [sum(t.stats.total_tokens for t in side[2]) for side in (on, off)]
+    assert total == [on[4], off[4]]  # every decoded token counted, on both sides
+    assert total[0] < total[1]

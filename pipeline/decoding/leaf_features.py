@@ -79,9 +79,9 @@ class LeafFeatureStore:
         rollout = (gen.rollout_logprobs or []) if rolled_out and not terminal else []
         if rollout and gen.rollout_finished:
             rollout = rollout[:-1]
-        self.leaves[(tree, parent_steps + text)] = Leaf(
+        self.leaves.setdefault((tree, parent_steps + text), Leaf(  # the first row's, as its rollout
             gen.option_hidden, state, gen.end_hidden if rollout else gen.option_hidden,
-            state.extend(rollout), gen.rollout_tokens if rolled_out and not terminal else 0)
+            state.extend(rollout), gen.rollout_tokens if rolled_out and not terminal else 0))
 
     def record_rollout(self, tree: int, steps: str, gen) -> None:
         """A rollout generated for the node `steps` at evaluation (not fused with its expansion:

@@ -26,10 +26,12 @@ def option_seed(request_seed: int, k: int) -> int:
     return zlib.crc32(f"{request_seed}:{k}".encode())
 
 
-def expansion_rows(requests: list[ExpandRequest]) -> tuple[list[str], list[int]]:
-    """One row per option: its prompt (the tree's prompt and the node's steps) and its seed."""
+def expansion_rows(requests: list[ExpandRequest]) -> tuple[list[str], list[int], list[tuple]]:
+    """One row per option: its prompt (the tree's prompt and the node's steps), its seed and
+    its group, the node (rows of one node may repeat each other's options: `OptionClaims`)."""
     prompts = [r.prompt + "".join(r.steps) for r in requests for _ in range(r.num_options)]
-    return prompts, [option_seed(r.seed, k) for r in requests for k in range(r.num_options)]
+    return (prompts, [option_seed(r.seed, k) for r in requests for k in range(r.num_options)],
+            [(r.tree_index, r.node_id) for r in requests for _ in range(r.num_options)])
 
 
 class StreamingExpander:
@@ -43,8 +45,8 @@ class StreamingExpander:
         self.left: dict[int, int] = {}  # ticket -> rows still decoding
 
     def submit(self, ticket: int, requests: list[ExpandRequest]) -> None:
-        prompts, seeds = expansion_rows(requests)
-        rows = self.decoder.submit(prompts, seeds)
+        prompts, seeds, groups = expansion_rows(requests)
+        rows = self.decoder.submit(prompts, seeds, groups)
         self.tickets[ticket] = (requests, prompts, rows)
         self.left[ticket] = len(rows)
         for r in rows:

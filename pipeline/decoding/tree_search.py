@@ -44,6 +44,7 @@ from pipeline.decoding.streaming import StreamingExpander, expansion_rows
 from pipeline.lm.embedding import cosine_similarity_fn
 from pipeline.lm.generation import generate, streaming_decoder
 from pipeline.lm.prefix_cache import PrefixCache
+from pipeline.lm.stopping import OptionClaims
 from pipeline.run.progress import progress_bar
 from pipeline.tasks.base import Problem, Task
 
@@ -116,9 +117,15 @@ class LeafScorer:
     features: LeafFeatureStore = field(default_factory=LeafFeatureStore)  # leaf_features=generation
     leaf_scoring: dict = field(default_factory=lambda: {"generation": 0, "backbone": 0})  # leaves
 
+    claims: OptionClaims | None = None  # which row first wrote each option (search.cut_repeats)
+
     def __post_init__(self) -> None:
+        s = self.cfg.search
         if self.kv is None:
-            self.kv = PrefixCache(self.cfg.search.kv_cache_mb)
+            self.kv = PrefixCache(s.kv_cache_mb)
+        # a repeated option is a duplicate only where the merge drops identical siblings
+        if s.cut_repeats and s.merge != MergeMethod.none and s.merge_threshold < 1.0:
+            self.claims = OptionClaims()
 
     @property
     def fused(self) -> bool:
@@ -133,9 +140,9 @@ class LeafScorer:
                 and self.cfg.critics.leaf_features == LeafFeatures.generation)
 
     def expand(self, requests: list[ExpandRequest]) -> list[list[Option]]:
-        prompts, seeds = expansion_rows(requests)
-        gens = generate(self.models.policy, self.models.tokenizer, prompts,
-                        **self.expansion_kwargs(), batch_size=self.generation_batch, seeds=seeds)
+        prompts, seeds, groups = expansion_rows(requests)
+        gens = generate(self.models.policy, self.models.tokenizer, prompts, **self.expansion_kwargs(),
+                        batch_size=self.generation_batch, seeds=seeds, groups=groups)
         return self.options(requests, prompts, gens)
 
     def expansion_kwargs(self) -> dict:
@@ -145,7 +152,7 @@ class LeafScorer:
         return dict(max_new_tokens=s.max_option_tokens, temperature=s.temperature,
                     stop=option_end(s), rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
                     rollout_temperature=s.rollout.temperature, final=is_answer_line,
-                    prefix_cache=self.kv, hidden=self.generation_features)
+                    prefix_cache=self.kv, hidden=self.generation_features, claims=self.claims)
 
     def options(self, requests: list[ExpandRequest], prompts: list[str], gens) -> list[list[Option]]:
         """The requests' options from their rows' generations (`expansion_rows` order)."""
@@ -169,15 +176,18 @@ class LeafScorer:
             self.implicit[(r.tree_index, "".join(r.steps) + g.text)] = reward
 
     def _option(self, request: ExpandRequest, g) -> Option:
+        """The row's option; its fused rollout and features wait for the option's evaluation.
+        Of two rows with one option the first's are kept, as the merge keeps the first row; a
+        cut row (a repeat) has no rollout to keep."""
         terminal = g.finished or is_answer_line(g.text)
-        if self.generation_features:
+        if self.generation_features and not g.cut:
             self.features.record(request.tree_index, "".join(request.steps), g, g.text, terminal,
                                  rolled_out=self.fused)
-        if self.fused and not terminal:
+        if self.fused and not terminal and not g.cut:
             prefix = "".join(request.steps) + g.text
             lps = g.rollout_logprobs or []
-            self.pending[(request.tree_index, prefix)] = Rollout(
-                g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True)
+            self.pending.setdefault((request.tree_index, prefix), Rollout(
+                g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True))
         return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal,
                       rollout_tokens=g.rollout_tokens)
 

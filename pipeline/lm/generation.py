@@ -23,7 +23,7 @@ import torch
 from critics.shared_prompt import plain_kv_layers
 from pipeline.lm.prefix_cache import PrefixCache, forward_last, prefill, retire
 from pipeline.lm.running_batch import HiddenSlots, RunningBatch
-from pipeline.lm.stopping import Generation, Row, Rule, StopRule, row_ends, row_result
+from pipeline.lm.stopping import Generation, OptionClaims, Row, Rule, StopRule, row_ends, row_result
 from pipeline.run.progress import progress_bar
 
 __all__ = ["Decoder", "Generation", "StopRule", "chat_prompt", "eos_token_ids", "generate",
@@ -74,8 +74,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop: StopRule | None = None,
              rollout_tokens: int = 0, rollout_temperature: float = 0.0, final=None,
              batch_size: int = 32, seed: int | None = None, seeds: Sequence[int] | None = None,
-             progress: str | None = None,
-             prefix_cache: PrefixCache | None = None, hidden: bool = False) -> list[Generation]:
+             progress: str | None = None, prefix_cache: PrefixCache | None = None,
+             hidden: bool = False, groups: Sequence | None = None,
+             claims: OptionClaims | None = None) -> list[Generation]:
     """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
 
     At most `batch_size` rows decode at once; as rows stop, the next prompts join the running
@@ -94,6 +95,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     `hidden`: each Generation also carries the final hidden states the decoding computed at the
     prompt's, the option's and the row's last token (the critics' features without a second
     pass); a row that stops runs its last token through the model once more for it.
+
+    `groups` (one per prompt) and `claims`: a row that reaches its option boundary with an
+    option an earlier row of its group already wrote stops there (`OptionClaims`).
     """
     if seeds is None and seed is not None:
         seeds = [row_seed(seed, i) for i in range(len(prompts))]
@@ -101,8 +105,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                                 temperature=temperature, top_p=top_p, stop=stop,
                                 rollout_tokens=rollout_tokens,
                                 rollout_temperature=rollout_temperature, final=final,
-                                prefix_cache=prefix_cache, hidden=hidden)
-    rows = decoder.submit(list(prompts), seeds)
+                                prefix_cache=prefix_cache, hidden=hidden, claims=claims)
+    rows = decoder.submit(list(prompts), seeds, groups)
     with progress_bar(total=len(rows), desc=progress, unit="row") as bar:
         while decoder.busy:
             bar.update(len(decoder.advance(batch_size)))
@@ -112,7 +116,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
 def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0, stop: StopRule | None = None, rollout_tokens: int = 0,
                       rollout_temperature: float = 0.0, final=None,
-                      prefix_cache: PrefixCache | None = None, hidden: bool = False) -> Decoder:
+                      prefix_cache: PrefixCache | None = None, hidden: bool = False,
+                      claims: OptionClaims | None = None) -> Decoder:
     """A streaming `generate`: rows are submitted at any time (`Decoder.submit`), decode in one
     running batch, and come back as they finish (`Decoder.advance`). The arguments mean what
     they mean for `generate`; a row's tokens are the same whichever rows share its batch."""
@@ -120,7 +125,7 @@ def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: flo
         raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
     return Decoder(model, tokenizer, _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens,
                                            final, rollout_temperature),
-                   temperature, top_p, prefix_cache, hidden)
+                   temperature, top_p, prefix_cache, hidden, claims)
 
 
 def _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final, rollout_temperature) -> Rule:
@@ -144,8 +149,10 @@ class Decoder:
     stopped rows leave, so it sees their last token."""
 
     def __init__(self, model, tokenizer, rule: Rule, temperature: float, top_p: float,
-                 store: PrefixCache | None, hidden: bool):
+                 store: PrefixCache | None, hidden: bool, claims: OptionClaims | None = None):
         self.model, self.tokenizer, self.rule = model, tokenizer, rule
+        self.claims = claims if rule.rollout_tokens else None  # only a rollout is worth cutting
+        self.epoch = claims.epoch() if self.claims is not None else 0
         self.temperature, self.top_p, self.store, self.hidden = temperature, top_p, store, hidden
         self.keep_kv = store if store is not None and store.usable(model) else None
         self.can_join = plain_kv_layers(model)
@@ -163,13 +170,16 @@ class Decoder:
         self.waiting: deque[int] = deque()
         self.batch = RunningBatch()
 
-    def submit(self, prompts: list[str], seeds: Sequence[int] | None = None) -> list[int]:
-        """Queue rows (chat-templated prompts, one generator seed each or None); their ids."""
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    def submit(self, prompts: list[str], seeds: Sequence[int] | None = None,
+               groups: Sequence | None = None) -> list[int]:
+        """Queue rows (chat-templated prompts, one generator seed each or None, one group each
+        or None: see `generate`); their ids."""
+        for name, values in (("seeds", seeds), ("groups", groups)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
         ids = list(range(len(self.prompts), len(self.prompts) + len(prompts)))
         self.prompts += prompts
-        self.rows += [Row([], []) for _ in prompts]
+        self.rows += [Row([], [], group=g) for g in (groups or [None] * len(prompts))]
         self.prompt_ids += [[] for _ in prompts]
         self.generators += ([None] * len(prompts) if seeds is None else
                             [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds])
@@ -246,8 +256,11 @@ class Decoder:
                              newline.long().expand_as(chosen)]).tolist()  # the step's one sync
         keep, stopped = [], []
         for j, (r, token, eos, nl) in enumerate(zip(live, *flags)):
-            rows[r].tokens.append(token)
-            ends = row_ends(rows[r], rule, bool(eos), bool(nl)) or len(rows[r].tokens) >= self.steps
+            row, in_option = rows[r], rows[r].boundary < 0
+            row.tokens.append(token)
+            ends = row_ends(row, rule, bool(eos), bool(nl)) or len(row.tokens) >= self.steps
+            if not ends and in_option and row.boundary >= 0 and self._repeats(r):
+                row.cut = ends = True
             (stopped if ends else keep).append(j)
         if self.hidden:  # every row feeds its token: the stopped ones for their last hidden state
             batch.mask, batch.logits, states = _forward(self.model, batch.cache, batch.mask, chosen, True)
@@ -261,6 +274,12 @@ class Decoder:
             chosen = chosen if select is None else chosen[select]
             batch.mask, batch.logits, _ = _forward(self.model, batch.cache, batch.mask, chosen, False)
         return [live[j] for j in stopped]
+
+    def _repeats(self, r: int) -> bool:
+        """Row r just ended its option, which an earlier row of its group already wrote."""
+        row = self.rows[r]
+        return (self.claims is not None and row.group is not None and
+                not self.claims.claim(row.group, tuple(row.tokens[:row.boundary + 1]), (self.epoch, r)))
 
     def _read_hidden(self, stopped: list[int]) -> None:
         """Each stopped row's hidden state at its option's and its own last text token (not a

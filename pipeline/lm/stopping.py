@@ -1,6 +1,7 @@
 """Where a decoding row stops, and what it becomes: EOS, the option boundary (a stop rule,
 checked on the new tokens only), the option cap (never mid-word), the fused rollout after the
-boundary; then the row's `Generation` (option text, rollout text, log-probs, hidden states).
+boundary, a repeated option (`OptionClaims`); then the row's `Generation` (option text,
+rollout text, log-probs, hidden states).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Generation:
     rollout: str = ""
     rollout_logprobs: list[float] | None = None
     rollout_finished: bool = False
+    # the row repeated an earlier row's option under the same node (`OptionClaims`), so it
+    # stopped at its boundary: the search's merge drops it, and no rollout was decoded for it
+    cut: bool = False
     # With hidden=True: the final hidden state at the prompt's last token, at the option's last
     # text token and at the row's last text token (the rollout's, or the option's when it has
     # none). A final EOS is no text: the state before it is the prompt + text's last.
@@ -81,10 +85,37 @@ class Row:
     prompt_hidden: torch.Tensor | None = None  # hidden=True only: see Generation
     option_hidden: torch.Tensor | None = None
     end_hidden: torch.Tensor | None = None
+    group: object = None  # rows of one group (a tree's node) may repeat each other's options
+    cut: bool = False  # stopped at its boundary as a repeat (see Generation.cut)
 
     @property
     def option_len(self) -> int:
         return self.boundary + 1 if self.boundary >= 0 else len(self.tokens)
+
+
+class OptionClaims:
+    """Which row first wrote each option under each node. In search, a row whose option repeats
+    an earlier row's token for token under the same node is a duplicate that the merge drops
+    (identical text is a duplicate at any threshold up to 1), and so is the rollout fused after
+    it: the row stops at its boundary instead. Every Decoder of one search shares one
+    `OptionClaims`; each takes an epoch, so a later call's rows come after an earlier call's,
+    as its options reach the merge after theirs."""
+
+    def __init__(self) -> None:
+        self.first: dict[tuple, tuple[int, int]] = {}  # (group, option tokens) -> (epoch, row)
+        self.epochs = 0
+
+    def epoch(self) -> int:
+        self.epochs += 1
+        return self.epochs
+
+    def claim(self, group: object, option: tuple[int, ...], order: tuple[int, int]) -> bool:
+        """True: no row before `order` wrote this option under `group` (the row goes on)."""
+        held = self.first.get((group, option))
+        if held is not None and held < order:
+            return False
+        self.first[(group, option)] = order
+        return True
 
 
 def row_ends(row: Row, rule: Rule, eos: bool, newline: bool) -> bool:
@@ -150,6 +181,7 @@ def row_result(tokenizer, row: Row, stop: StopRule | None) -> Generation:
         finished=row.eos and not rollout_ids, stopped=row.boundary >= 0,
         rollout=full[len(option):] if row.boundary >= 0 else "",
         rollout_logprobs=row.logprobs[option_len:], rollout_finished=row.eos and bool(rollout_ids),
+        cut=row.cut,
         prompt_hidden=row.prompt_hidden, option_hidden=row.option_hidden, end_hidden=row.end_hidden,
     )
 
