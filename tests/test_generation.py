@@ -493,6 +493,20 @@ def test_a_repeated_option_stops_at_its_boundary(request, which):
     assert not any(g.cut for g in generate(model, tokenizer, prompts, groups=groups, **kwargs))
 
 
+def test_option_claims_order_rows_by_call_then_row():
+    """A later call's rows (a later epoch) come after an earlier call's; within a call the lower
+    row id is first even when it claims later; groups and options are claimed apart."""
+    from pipeline.lm.stopping import OptionClaims
+
+    claims = OptionClaims()
+    first, later = claims.epoch(), claims.epoch()
+    assert claims.claim("node", (1, 2), (first, 5))
+    assert not claims.claim("node", (1, 2), (later, 0))  # a retry repeating the first call's row
+    assert claims.claim("node", (1, 2), (first, 3))  # an earlier row of the first call: it is first
+    assert not claims.claim("node", (1, 2), (first, 5))  # so row 5 is now the repeat
+    assert claims.claim("other node", (1, 2), (later, 0)) and claims.claim("node", (1, 3), (later, 0))
+
+
 def test_newline_token_ids(tiny_model):
     _, tokenizer = tiny_model
     ids = newline_token_ids(tokenizer).tolist()

@@ -649,3 +649,23 @@ def test_cutting_repeated_options_changes_no_tree(cfg, models, monkeypatch, stre
     total = [sum(t.stats.total_tokens for t in side[2]) for side in (on, off)]
     assert total == [on[4], off[4]]  # every decoded token counted, on both sides
     assert total[0] < total[1]
+
+
+def test_an_option_keeps_its_first_rows_rollout(cfg, models):
+    """Two rows that wrote one option (the cut off, or the same text from other tokens): the
+    option is evaluated with the first row's fused rollout, as the merge keeps the first row;
+    a cut row leaves no rollout behind."""
+    from mcts.types import ExpandRequest
+    from pipeline.lm.stopping import Generation
+
+    scorer = LeafScorer(cfg, models, reward_fn=None)
+    assert scorer.fused
+    request = ExpandRequest(0, 0, "prompt", ["Step 1\n"], num_options=3, seed=1)
+
+    def row(rollout: str, cut: bool = False) -> Generation:
+        return Generation(text="12 + 3 = 15\n", token_ids=[1, 2], logprobs=[-0.1, -0.2], finished=False,
+                          stopped=True, rollout=rollout, rollout_logprobs=[-0.5] * len(rollout), cut=cut)
+
+    options = scorer.options([request], ["prompt"] * 3, [row("", cut=True), row("ab"), row("xyz")])[0]
+    assert [o.rollout_tokens for o in options] == [0, 2, 3]  # each row's decoded tokens, counted
+    assert scorer.pending[(0, "Step 1\n12 + 3 = 15\n")].text == "ab"
