@@ -221,8 +221,9 @@ def _merge_options(leaf: _Leaf, options: list[Option], similarity: SimilarityFn,
     """Keep the options unlike every sibling; count the rest as merges, and as one more draw of
     the sibling each duplicates. Returns the duplicates."""
     tree, node = leaf.tree, leaf.node
-    tree.stats.tokens_generated += sum(o.num_tokens for o in options)  # duplicates cost tokens too
+    tree.stats.tokens_generated += sum(o.num_tokens for o in options if not o.reused)  # duplicates' too
     tree.stats.evaluator_tokens += sum(o.rollout_tokens for o in options)  # fused rollouts, theirs too
+    tree.stats.reused += sum(o.reused for o in options)
     options = [o for o in options if o.text.strip()]  # a blank option is no step: dropped, counted
     children = tree.children[node]
     siblings = [tree.text[c] for c in children] + [o.text for o in leaf.kept]

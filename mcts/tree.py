@@ -40,6 +40,7 @@ class TreeStats:
     tokens_generated: int = 0  # option tokens from expand_fn, duplicates included
     evaluator_tokens: int = 0  # fast rollouts: Option.rollout_tokens and LeafEval.tokens summed
     merges: int = 0  # duplicate options seen (each resampled or dropped)
+    reused: int = 0  # options read off their node's rollout, not decoded (Option.reused)
     seconds: float = 0.0  # wall time from search start until this tree was done
     stop_reason: str = ""  # "simulations" | "token_budget" | "exhausted"
 

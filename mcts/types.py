@@ -21,6 +21,9 @@ class Option:
     # tokens its row decoded past the option (a rollout fused with the expansion): counted in
     # the budget at expansion, whether the merge keeps the option or not
     rollout_tokens: int = 0
+    # the option was read off its parent's rollout (search.reuse_rollouts): its tokens were
+    # counted there, so the budget does not count them again
+    reused: bool = False
 
 
 @dataclass

@@ -226,9 +226,10 @@ class SearchConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kv_cache_mb: int = 512  # KV kept across expansions (LRU; 0 = off); SmolLM2-135M fp32: ~46 KB/token
     stream: bool = True  # trees advance on their own through one running decode batch; false: lock-step rounds
-    # a row repeating an earlier row's option under its node stops at the boundary: the merge drops
-    # it, so its fused rollout would be wasted (never cut with merge=none or merge_threshold=1)
+    # a row repeating a sibling row's option stops at its boundary: the merge drops it anyway
     cut_repeats: bool = True
+    # a node's first expansion reads one option (and its rollout) off the node's rollout (README)
+    reuse_rollouts: bool = True  # chosen on dev (benchmarks/RESULTS.md, "Reused rollouts")
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
 
@@ -250,14 +251,13 @@ class CriticWeights:
 class CriticsConfig:
     enabled: bool = True  # fit value/PRM/ORM heads on every iteration's trees
     backbone: str | None = None  # None: the iteration's policy checkpoint
-    # fit the heads after train, on policy_{i+1}'s features (the refit stage), so they judge the
-    # policy they serve; false: the critics stage fits them before train, on policy_i's
+    # fit the heads after train on policy_{i+1}'s features (refit stage: they judge the policy they
+    # serve); false: the critics stage fits them before train, on policy_i's
     refit: bool = True
     orm_features: FeatureSet = FeatureSet.confidence  # measured better at best-of-N selection
-    # what the value and PRM heads read of a partial solution: confidence (its tokens' log-prob
-    # statistics + the problem's hidden state, as the ORM) or hidden (the last hidden state);
-    # confidence ranked one problem's completions 0.67 vs 0.41 in 5-fold CV over training
-    # problems (benchmarks/state_features.py)
+    # what value and PRM read of a partial solution: confidence (its log-prob statistics + the
+    # problem's hidden state, as the ORM) or hidden (its last hidden state); confidence ranked one
+    # problem's completions 0.67 vs 0.41 (5-fold CV, training problems; benchmarks/state_features.py)
     state_features: FeatureSet = FeatureSet.confidence
     # how search scores leaves: generation (the decoding pass's features; a critic backbone other
     # than the searching policy falls back to backbone) or backbone (two forwards per leaf)

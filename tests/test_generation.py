@@ -18,6 +18,7 @@ from pipeline.lm.generation import (
     eos_token_ids,
     generate,
     newline_token_ids,
+    replayed,
     streaming_decoder,
 )
 from pipeline.lm.models import load_model
@@ -491,6 +492,40 @@ def test_a_repeated_option_stops_at_its_boundary(request, which):
             assert theirs.rollout.startswith(mine.rollout)  # what it did decode (after a cap)
     assert any(g.cut for g in got)
     assert not any(g.cut for g in generate(model, tokenizer, prompts, groups=groups, **kwargs))
+
+
+REPLAYED = ("text", "token_ids", "logprobs", "finished", "stopped", "rollout", "rollout_ids",
+            "rollout_logprobs", "rollout_finished")
+
+
+@pytest.mark.parametrize("rule", ["newline", "sentence"])
+@pytest.mark.parametrize("which", ["varied", "varied_smollm2"])
+def test_replaying_a_rows_tokens_ends_it_where_decoding_did(request, which, rule):
+    """`replayed`: the tokens a row decoded (option, then rollout) run through the same rule,
+    without the model, end as the row did: the same option, boundary, rollout and flags. And a
+    row's rollout replayed alone splits into an option and its rollout that join back into it
+    (search.reuse_rollouts reads a node's first option off the node's rollout so)."""
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = prompts_for(tokenizer) * 3
+    stop = newline(6) if rule == "newline" else sentence_end(6)
+    kwargs = dict(max_new_tokens=6, stop=stop, rollout_tokens=24, rollout_temperature=1.0)
+    gens = generate(model, tokenizer, prompts, temperature=1.0, seeds=range(len(prompts)),
+                    batch_size=4, **kwargs)
+    assert any(g.stopped and g.rollout_tokens for g in gens)
+    split = 0
+    for g in gens:
+        again = replayed(model, tokenizer, g.token_ids + g.rollout_ids,
+                         g.logprobs + g.rollout_logprobs, **kwargs)
+        assert again.replayed and not g.replayed
+        assert {k: getattr(again, k) for k in REPLAYED} == {k: getattr(g, k) for k in REPLAYED}
+        first = replayed(model, tokenizer, g.rollout_ids, g.rollout_logprobs, **kwargs)
+        if first.stopped:
+            split += 1
+            assert first.text + first.rollout == g.rollout
+            assert first.token_ids + first.rollout_ids == g.rollout_ids
+            # its first boundary, or the option cap where it reaches none
+            assert first.text == stop.cut(g.rollout) if stop.ends(first.text) else first.num_tokens <= 6
+    assert split
 
 
 def test_option_claims_order_rows_by_call_then_row():

@@ -157,3 +157,22 @@ def test_a_whole_search_scores_its_leaves_from_generation(debug_overrides, reque
     assert trees and scorer.leaf_scoring["generation"] > 0
     assert scorer.leaf_scoring["backbone"] == 0
     assert not scorer.features.leaves  # every recorded leaf was evaluated
+
+
+@pytest.mark.parametrize("state_features", list(FeatureSet))
+def test_options_read_off_rollouts_are_scored_from_generation(debug_overrides, request,
+                                                              state_features):
+    """search.reuse_rollouts: an option read off its parent's rollout has no hidden state of its
+    own, so rollouts are reused only when no head reads one; its leaf is still scored from the
+    generation pass's log-probs, with no backbone pass."""
+    model, tokenizer = request.getfixturevalue("varied")
+    cfg = compose_config([*debug_overrides, "search.simulations=4", "search.reuse_rollouts=true"])
+    critics = random_critics(model, tokenizer, state_features)
+    trees, scorer = eval_search(prompts_for(tokenizer)[:2], cfg,
+                                SearchModels(model, tokenizer, critics=critics))
+    if state_features == FeatureSet.hidden:
+        assert scorer.reuse is None
+    else:
+        assert scorer.reuse.reused > 0
+    assert scorer.leaf_scoring["generation"] > 0 and scorer.leaf_scoring["backbone"] == 0
+    assert not scorer.features.leaves

@@ -8,6 +8,8 @@ from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
+import torch
+from test_prefix_cache import smol_tiny, smol_tokenizer, varied  # noqa: F401 fixtures
 
 import pipeline.decoding.mcts as dm
 import pipeline.decoding.tree_search as ts
@@ -649,6 +651,91 @@ def test_cutting_repeated_options_changes_no_tree(cfg, models, monkeypatch, stre
     total = [sum(t.stats.total_tokens for t in side[2]) for side in (on, off)]
     assert total == [on[4], off[4]]  # every decoded token counted, on both sides
     assert total[0] < total[1]
+
+
+@pytest.fixture(scope="module")
+def smol_ending(request):
+    """smol_tiny (SmolLM2's real tokenizer) writing mostly a few tokens, among them "\n", "\n\n"
+    (one BPE token) and EOS, so that its lines and rollouts end: every other row of its output
+    layer is zeroed."""
+    import copy
+
+    model, tokenizer = request.getfixturevalue("smol_tiny")
+    model = copy.deepcopy(model)
+    few = tokenizer.convert_tokens_to_ids(["Ċ", "ĊĊ", "Ġ+", "Ġ=", "2", "3", "Answer", ":"])
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        kept = head[few + [tokenizer.eos_token_id]].clone() * 4
+        head.zero_()
+        head[few + [tokenizer.eos_token_id]] = kept
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("which", ["varied", "smol_ending"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reused_option_is_its_parents_rollout_cut_at_its_first_boundary(cfg, monkeypatch,
+                                                                          request, which, stream):
+    """search.reuse_rollouts: a node's first expansion reads one option off the node's own
+    (finished) rollout. That child's step and its rollout are the parent's rollout split at its
+    first boundary (a terminal child: the rollout ended there); the budget counts every decoded
+    token once; and the search decodes fewer tokens per node than sampling every option. With
+    models whose rollouts end (EOS), over the per-character and SmolLM2's real tokenizer."""
+    from pipeline.lm import generation
+
+    models = SearchModels(*request.getfixturevalue(which))
+    decoded = []
+    real = generation.row_result
+
+    def counted(tokenizer, row, stop):
+        g = real(tokenizer, row, stop)
+        decoded.append(g.num_tokens + g.rollout_tokens)
+        return g
+
+    monkeypatch.setattr(generation, "row_result", counted)  # replayed rows are not decoded
+    cfg.search.simulations = 8
+    cfg.search.stream = stream
+    cfg.search.rollout.max_new_tokens = 48
+    problems = problems_(6)
+    prompts = render_prompts(models.tokenizer, [p.question for p in problems])
+
+    def run(reuse: bool):
+        decoded.clear()
+        cfg.search.reuse_rollouts = reuse
+        return train_search(problems, SpyTask(problems), prompts, cfg, models)
+
+    trees, scorer = run(True)
+    assert sum(t.stats.total_tokens for t in trees) == sum(decoded)
+    assert sum(t.stats.reused for t in trees) == scorer.reuse.reused
+    split = 0
+    for tree in trees:
+        for node, children in enumerate(tree.children):
+            mine = scorer.rollouts.get((tree.tree_index, node))
+            if not (mine and mine.text and children):
+                continue
+            first = scorer.rollouts.get((tree.tree_index, children[0]))  # none: verified terminal
+            text = tree.text[children[0]]
+            split += mine.text == text + (first.text if first else "") or (
+                tree.terminal[children[0]] and mine.text.startswith(text))
+    assert scorer.reuse.reused > 0 and split >= scorer.reuse.reused
+    assert {(t, n) for t, n in scorer.reuse.kept} <= set(scorer.rollouts)  # never expanded yet
+    tokens = [sum(t.stats.total_tokens for t in side) / sum(len(t.text) for t in side)
+              for side in (trees, run(False)[0])]
+    assert tokens[0] < tokens[1]  # decoded tokens per node
+
+
+def test_only_a_policy_sample_at_the_options_temperature_is_reused(cfg, models):
+    """A rollout is read as a node's option only where it is one: the policy rolling out at
+    search.temperature."""
+    cfg.search.reuse_rollouts = True
+    assert LeafScorer(cfg, models, reward_fn=None).reuse is not None
+    cfg.search.rollout.temperature = cfg.search.temperature / 2
+    assert LeafScorer(cfg, models, reward_fn=None).reuse is None
+    cfg.search.rollout.temperature = cfg.search.temperature
+    other = SearchModels(models.policy, models.tokenizer, rollout_model=models.policy,
+                         rollout_tokenizer=models.tokenizer)
+    assert LeafScorer(cfg, other, reward_fn=None).reuse is None
+    cfg.search.reuse_rollouts = False
+    assert LeafScorer(cfg, models, reward_fn=None).reuse is None
 
 
 def test_an_option_keeps_its_first_rows_rollout(cfg, models):

@@ -49,9 +49,11 @@ class PathStats:
 
 @dataclass
 class Leaf:
-    state_hidden: torch.Tensor  # at the option's last token: the state root..node
+    # None: an option read off its parent's rollout (search.reuse_rollouts) has no hidden state;
+    # the search reuses rollouts only for heads that read none
+    state_hidden: torch.Tensor | None  # at the option's last token: the state root..node
     state: PathStats  # the state's tokens
-    end_hidden: torch.Tensor  # at the rollout's last token (the state's when it has none)
+    end_hidden: torch.Tensor | None  # at the rollout's last token (the state's when it has none)
     end: PathStats  # the state's tokens and the rollout's
     rollout_tokens: int
 
@@ -68,7 +70,7 @@ class LeafFeatureStore:
                rolled_out: bool) -> None:
         """A new option `text` sampled under the node `parent_steps` (`gen`: its Generation with
         hidden states); `rolled_out`: its fused rollout is what evaluation will use."""
-        if not parent_steps:
+        if not parent_steps and gen.prompt_hidden is not None:
             self.problem_hidden.setdefault(tree, gen.prompt_hidden)
         parent = self.paths.get((tree, parent_steps), PathStats() if not parent_steps else None)
         if parent is None:  # the parent's path was never recorded (cannot happen in one search)
@@ -108,8 +110,13 @@ class LeafFeatureStore:
     def features(self, trees: list[int], leaves: list[Leaf]) -> tuple[Features, Features]:
         """The heads' inputs for the leaves' states (value, PRM) and states + rollouts (ORM)."""
         prompt = torch.stack([self.problem_hidden[t] for t in trees])
-        state = Features(torch.stack([x.state_hidden for x in leaves]), prompt,
+        state = Features(_stack([x.state_hidden for x in leaves], prompt), prompt,
                          torch.tensor([x.state.row() for x in leaves]))
-        full = Features(torch.stack([x.end_hidden for x in leaves]), prompt,
+        full = Features(_stack([x.end_hidden for x in leaves], prompt), prompt,
                         torch.tensor([x.end.row() for x in leaves]))
         return state, full
+
+
+def _stack(hidden: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """The leaves' hidden states; zeros for a leaf without one (read by no head: see Leaf)."""
+    return torch.stack([torch.zeros_like(like[0]) if h is None else h for h in hidden])

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable
 
 from mcts.types import ExpandRequest, Option
+from pipeline.decoding.reuse import RolloutReuse
 from pipeline.lm.generation import Decoder
 
 OptionsFn = Callable[[list[ExpandRequest], list[str], list], list[list[Option]]]
@@ -36,18 +37,21 @@ def expansion_rows(requests: list[ExpandRequest]) -> tuple[list[str], list[int],
 
 class StreamingExpander:
     """The search's expansions through one `Decoder` (pipeline/lm/generation.py); `options`
-    turns a request group's generations into its option lists (LeafScorer.options)."""
+    turns a request group's generations into its option lists (LeafScorer.options); `reuse`
+    reads an option off a node's rollout instead of decoding it (search.reuse_rollouts)."""
 
-    def __init__(self, decoder: Decoder, batch_size: int, options: OptionsFn):
-        self.decoder, self.batch_size, self.options = decoder, batch_size, options
-        self.tickets: dict[int, tuple[list[ExpandRequest], list[str], list[int]]] = {}
+    def __init__(self, decoder: Decoder, batch_size: int, options: OptionsFn,
+                 reuse: RolloutReuse | None = None):
+        self.decoder, self.batch_size, self.options, self.reuse = decoder, batch_size, options, reuse
+        self.tickets: dict[int, tuple[list[ExpandRequest], list[ExpandRequest], list, list[int]]] = {}
         self.owner: dict[int, int] = {}  # row -> its ticket
         self.left: dict[int, int] = {}  # ticket -> rows still decoding
 
     def submit(self, ticket: int, requests: list[ExpandRequest]) -> None:
-        prompts, seeds, groups = expansion_rows(requests)
+        fresh, taken = self.reuse.split(requests) if self.reuse else (requests, [None] * len(requests))
+        prompts, seeds, groups = expansion_rows(fresh)
         rows = self.decoder.submit(prompts, seeds, groups)
-        self.tickets[ticket] = (requests, prompts, rows)
+        self.tickets[ticket] = (requests, fresh, taken, rows)
         self.left[ticket] = len(rows)
         for r in rows:
             self.owner[r] = ticket
@@ -64,8 +68,8 @@ class StreamingExpander:
                     done.append(ticket)
         out = []
         for ticket in done:
-            requests, prompts, rows = self.tickets.pop(ticket)
+            requests, fresh, taken, rows = self.tickets.pop(ticket)
             del self.left[ticket]
-            gens = [self.decoder.take(r) for r in rows]
-            out.append((ticket, self.options(requests, prompts, gens)))
+            gens = RolloutReuse.join(fresh, taken, [self.decoder.take(r) for r in rows])
+            out.append((ticket, self.options(requests, expansion_rows(requests)[0], gens)))
         return out

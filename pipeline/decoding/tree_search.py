@@ -19,6 +19,7 @@ Gold answers reach the search only through `train_search`, which takes the task'
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from critics.critic_set import FeatureSet
 from critics.implicit import implicit_score
 from mcts.options import OptionEnd, is_answer_line
 from mcts.search import SearchParams, search
@@ -40,9 +42,10 @@ from pipeline.config import (
     SearchConfig,
 )
 from pipeline.decoding.leaf_features import LeafFeatureStore
+from pipeline.decoding.reuse import RolloutReuse
 from pipeline.decoding.streaming import StreamingExpander, expansion_rows
 from pipeline.lm.embedding import cosine_similarity_fn
-from pipeline.lm.generation import generate, streaming_decoder
+from pipeline.lm.generation import generate, replayed, streaming_decoder
 from pipeline.lm.prefix_cache import PrefixCache
 from pipeline.lm.stopping import OptionClaims
 from pipeline.run.progress import progress_bar
@@ -81,13 +84,15 @@ class Rollout:
     mean_logprob: float
     finished: bool
     fused: bool = False  # decoded with its node's expansion, whose Option counted its tokens
+    token_ids: list[int] = field(default_factory=list)  # what search.reuse_rollouts replays
+    logprobs: list[float] = field(default_factory=list)
 
 
 def _blank(g) -> Option:
     """A row whose option is only whitespace: no step, but its tokens (and its fused rollout's)
     were decoded, so the search drops it and counts them."""
     return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=True,
-                  rollout_tokens=g.rollout_tokens)
+                  rollout_tokens=g.rollout_tokens, reused=g.replayed)
 
 
 @dataclass
@@ -118,6 +123,7 @@ class LeafScorer:
     leaf_scoring: dict = field(default_factory=lambda: {"generation": 0, "backbone": 0})  # leaves
 
     claims: OptionClaims | None = None  # which row first wrote each option (search.cut_repeats)
+    reuse: RolloutReuse | None = None  # options read off their node's rollout (reuse_rollouts)
 
     def __post_init__(self) -> None:
         s = self.cfg.search
@@ -126,11 +132,26 @@ class LeafScorer:
         # a repeated option is a duplicate only where the merge drops identical siblings
         if s.cut_repeats and s.merge != MergeMethod.none and s.merge_threshold < 1.0:
             self.claims = OptionClaims()
+        if self.reuses:
+            kwargs = self.expansion_kwargs()
+            self.reuse = RolloutReuse(functools.partial(
+                replayed, self.models.policy, self.models.tokenizer,
+                **{k: kwargs[k] for k in ("max_new_tokens", "stop", "rollout_tokens", "final",
+                                          "rollout_temperature")}), self.claims)
 
     @property
     def fused(self) -> bool:
         r = self.cfg.search.rollout
         return r.enabled and self.models.rollout_model is None
+
+    @property
+    def reuses(self) -> bool:
+        """search.reuse_rollouts applies: the policy's rollout is a sample at the options'
+        temperature, and the critics read no hidden state (a replayed option has none)."""
+        s, critics = self.cfg.search, self.models.critics
+        reads_hidden = self.generation_features and FeatureSet.hidden in critics.features.values()
+        return (s.reuse_rollouts and self.fused and s.rollout.temperature == s.temperature
+                and not reads_hidden)
 
     @property
     def generation_features(self) -> bool:
@@ -140,10 +161,12 @@ class LeafScorer:
                 and self.cfg.critics.leaf_features == LeafFeatures.generation)
 
     def expand(self, requests: list[ExpandRequest]) -> list[list[Option]]:
-        prompts, seeds, groups = expansion_rows(requests)
+        fresh, taken = self.reuse.split(requests) if self.reuse else (requests, [None] * len(requests))
+        prompts, seeds, groups = expansion_rows(fresh)
         gens = generate(self.models.policy, self.models.tokenizer, prompts, **self.expansion_kwargs(),
                         batch_size=self.generation_batch, seeds=seeds, groups=groups)
-        return self.options(requests, prompts, gens)
+        return self.options(requests, expansion_rows(requests)[0],
+                            RolloutReuse.join(fresh, taken, gens))
 
     def expansion_kwargs(self) -> dict:
         """How expansions decode (`generate`'s arguments, past the prompts and batching):
@@ -187,9 +210,10 @@ class LeafScorer:
             prefix = "".join(request.steps) + g.text
             lps = g.rollout_logprobs or []
             self.pending.setdefault((request.tree_index, prefix), Rollout(
-                g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True))
+                g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True,
+                token_ids=g.rollout_ids or [], logprobs=lps))
         return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal,
-                      rollout_tokens=g.rollout_tokens)
+                      rollout_tokens=0 if g.replayed else g.rollout_tokens, reused=g.replayed)
 
     def evaluate(self, requests: list[EvalRequest]) -> list[LeafEval]:
         rollouts = self._rollouts(requests)
@@ -200,6 +224,8 @@ class LeafScorer:
         results = []
         for i, (r, ro) in enumerate(zip(requests, rollouts)):
             self.rollouts[(r.tree_index, r.node_id)] = ro
+            if self.reuse is not None and not r.terminal:
+                self.reuse.keep(r.tree_index, r.node_id, ro.token_ids, ro.logprobs, ro.finished)
             parts = {kind: float(values[i]) for kind, values in scores.items()}
             if "orm" not in parts:  # no critics yet: the policy's own outcome score
                 parts["orm"] = confidence(r, ro)
@@ -241,8 +267,8 @@ class LeafScorer:
                         batch_size=self.generation_batch, hidden=hidden)
         for r, g in zip(requests, gens if hidden else []):
             self.features.record_rollout(r.tree_index, "".join(r.steps), g)
-        return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished)
-                for g in gens]
+        return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished,
+                        token_ids=g.token_ids, logprobs=g.logprobs) for g in gens]
 
     def _critic_scores(self, requests: list[EvalRequest], rollouts: list[Rollout],
                        prompts: list[str], states: list[str], full: list[str]) -> dict:
@@ -306,7 +332,7 @@ def _run(prompts: list[str], scorer: LeafScorer, training: bool, desc: str | Non
     bar = progress_bar(total=len(prompts) * s.simulations, desc=desc, unit="sim")
     expander = StreamingExpander(
         streaming_decoder(scorer.models.policy, scorer.models.tokenizer, **scorer.expansion_kwargs()),
-        scorer.generation_batch, scorer.options) if s.stream else None
+        scorer.generation_batch, scorer.options, scorer.reuse) if s.stream else None
     trees = search(prompts, scorer.expand, scorer.evaluate, search_params(s),
                    terminal_reward_fn=scorer.terminal_reward if training else None,
                    similarity_fn=similarity_fn(s), on_round=bar.update, expander=expander)

@@ -23,11 +23,21 @@ import torch
 from critics.shared_prompt import plain_kv_layers
 from pipeline.lm.prefix_cache import PrefixCache, forward_last, prefill, retire
 from pipeline.lm.running_batch import HiddenSlots, RunningBatch
-from pipeline.lm.stopping import Generation, OptionClaims, Row, Rule, StopRule, row_ends, row_result
+from pipeline.lm.stopping import (
+    Generation,
+    OptionClaims,
+    Row,
+    Rule,
+    StopRule,
+    replay,
+    row_ends,
+    row_result,
+)
 from pipeline.run.progress import progress_bar
 
 __all__ = ["Decoder", "Generation", "StopRule", "chat_prompt", "eos_token_ids", "generate",
-           "newline_token_ids", "plain_generate_tokens", "row_seed", "sampling_kwargs", "streaming_decoder"]
+           "newline_token_ids", "plain_generate_tokens", "replayed", "row_seed", "sampling_kwargs",
+           "streaming_decoder"]
 
 
 def newline_token_ids(tokenizer) -> torch.Tensor:
@@ -126,6 +136,15 @@ def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: flo
     return Decoder(model, tokenizer, _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens,
                                            final, rollout_temperature),
                    temperature, top_p, prefix_cache, hidden, claims)
+
+
+def replayed(model, tokenizer, tokens: list[int], logprobs: list[float], *, max_new_tokens: int,
+             stop: StopRule, rollout_tokens: int, final=None,
+             rollout_temperature: float = 0.0) -> Generation:
+    """The Generation a row of `generate(...)` with these arguments would end as, had it decoded
+    `tokens` (an option and its rollout: pipeline.lm.stopping.replay)."""
+    return replay(_rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final,
+                        rollout_temperature), tokens, logprobs)
 
 
 def _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final, rollout_temperature) -> Rule:

@@ -6,7 +6,7 @@ rollout text, log-probs, hidden states).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -35,10 +35,13 @@ class Generation:
     # at the rollout temperature, or greedy at 0).
     rollout: str = ""
     rollout_logprobs: list[float] | None = None
+    rollout_ids: list[int] | None = None  # the rollout's tokens (a final EOS included)
     rollout_finished: bool = False
     # the row repeated an earlier row's option under the same node (`OptionClaims`), so it
     # stopped at its boundary: the search's merge drops it, and no rollout was decoded for it
     cut: bool = False
+    # made by `replay` from tokens decoded (and counted) elsewhere, not decoded as a row
+    replayed: bool = False
     # With hidden=True: the final hidden state at the prompt's last token, at the option's last
     # text token and at the row's last text token (the rollout's, or the option's when it has
     # none). A final EOS is no text: the state before it is the prompt + text's last.
@@ -180,9 +183,24 @@ def row_result(tokenizer, row: Row, stop: StopRule | None) -> Generation:
         text=option, token_ids=option_ids, logprobs=row.logprobs[:option_len],
         finished=row.eos and not rollout_ids, stopped=row.boundary >= 0,
         rollout=full[len(option):] if row.boundary >= 0 else "",
-        rollout_logprobs=row.logprobs[option_len:], rollout_finished=row.eos and bool(rollout_ids),
+        rollout_logprobs=row.logprobs[option_len:], rollout_ids=rollout_ids,
+        rollout_finished=row.eos and bool(rollout_ids),
         cut=row.cut,
         prompt_hidden=row.prompt_hidden, option_hidden=row.option_hidden, end_hidden=row.end_hidden,
     )
 
 
+
+
+def replay(rule: Rule, tokens: list[int], logprobs: list[float]) -> Generation:
+    """The Generation a row decoding exactly `tokens` (with their log-probs) would end as under
+    `rule`: its option to the first boundary, then its rollout. A node's own rollout, replayed,
+    is a sample of its first step and that step's rollout (`search.reuse_rollouts`)."""
+    eos_ids, row = set(rule.eos_ids.tolist()), Row([], [])
+    newline_ids = set(rule.newline_ids.tolist()) if rule.newline_ids is not None else set()
+    for token in tokens:
+        row.tokens.append(token)
+        if row_ends(row, rule, token in eos_ids, token in newline_ids):
+            break
+    row.logprobs = list(logprobs[:len(row.tokens)])
+    return replace(row_result(rule.tokenizer, row, rule.stop), replayed=True)

@@ -180,4 +180,5 @@ def summarize_search(rows: list[dict], seconds: float) -> dict:
             "solve_rate": sum(r["solved"] for r in rows) / max(len(rows), 1),
             "nodes": sum(len(r["tree"]["nodes"]) for r in rows),
             "merges": sum(s["merges"] for s in stats), "tokens": tokens,
+            "reused_options": sum(s.get("reused", 0) for s in stats),  # older trees lack it
             "seconds": round(seconds, 2)}
