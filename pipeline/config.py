@@ -229,7 +229,7 @@ class SearchConfig:
     # a row repeating a sibling row's option stops at its boundary: the merge drops it anyway
     cut_repeats: bool = True
     # a node's first expansion reads one option (and its rollout) off the node's rollout (README)
-    reuse_rollouts: bool = True  # chosen on dev (benchmarks/RESULTS.md, "Reused rollouts")
+    reuse_rollouts: bool = False  # measured on dev: no more solutions per token (RESULTS.md)
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
 
