@@ -582,22 +582,31 @@ def test_streaming_expansions_give_the_lock_step_trees(cfg, models, monkeypatch,
     assert any(joined_busy)  # some tree's rows were submitted while others decoded
 
 
+def decoded_rows(monkeypatch) -> list:
+    """Every row the decoder finishes from now on (its Generation), in order; rows a search
+    replays from tokens decoded earlier (search.reuse_rollouts) are not decoded, so not here."""
+    from pipeline.lm import generation
+
+    rows, real = [], generation.row_result
+
+    def spy(tokenizer, row, stop):
+        rows.append(real(tokenizer, row, stop))
+        return rows[-1]
+
+    monkeypatch.setattr(generation, "row_result", spy)
+    return rows
+
+
+def tokens_of(rows: list) -> int:
+    return sum(g.num_tokens + g.rollout_tokens for g in rows)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_budget_counts_every_token_the_search_decodes(cfg, models, monkeypatch, stream):
     """Every token decoded for a search is in its trees' total_tokens: the options, the rollouts
     of the leaves evaluated, and the fused rollouts of options the merge dropped (their rows
     decode the rollout before the merge sees the option)."""
-    from pipeline.lm import generation
-
-    decoded = []
-    real = generation.row_result
-
-    def counted(tokenizer, row, stop):
-        g = real(tokenizer, row, stop)
-        decoded.append(g.num_tokens + g.rollout_tokens)
-        return g
-
-    monkeypatch.setattr(generation, "row_result", counted)
+    decoded = decoded_rows(monkeypatch)
     cfg.search.simulations = 8
     cfg.search.stream = stream
     cfg.search.merge_threshold = 0.01  # nearly every sibling a duplicate: the merge drops many
@@ -605,10 +614,10 @@ def test_the_budget_counts_every_token_the_search_decodes(cfg, models, monkeypat
     prompts = render_prompts(models.tokenizer, [p.question for p in problems])
     trees, scorer = train_search(problems, SpyTask(problems), prompts, cfg, models)
     assert scorer.fused and sum(t.stats.merges for t in trees) > 0
-    dropped_rollouts = sum(decoded) - sum(
+    dropped_rollouts = tokens_of(decoded) - sum(
         t.stats.tokens_generated for t in trees) - sum(r.tokens for r in scorer.rollouts.values())
     assert dropped_rollouts > 0  # some merged option had decoded its rollout
-    assert sum(t.stats.total_tokens for t in trees) == sum(decoded)
+    assert sum(t.stats.total_tokens for t in trees) == tokens_of(decoded)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -617,18 +626,7 @@ def test_cutting_repeated_options_changes_no_tree(cfg, models, monkeypatch, stre
     merge drops such a repeat whatever it decoded, so the trees (texts, structure, visits,
     values, rollouts) are those built without the cut; only the decoded tokens fall, and the
     budget still counts every one of them."""
-    from pipeline.lm import generation
-
-    decoded, cut = [], []
-    real = generation.row_result
-
-    def counted(tokenizer, row, stop):
-        g = real(tokenizer, row, stop)
-        decoded.append(g.num_tokens + g.rollout_tokens)
-        cut.append(g.cut)
-        return g
-
-    monkeypatch.setattr(generation, "row_result", counted)
+    decoded = decoded_rows(monkeypatch)
     cfg.search.simulations = 8
     cfg.search.stream = stream
     cfg.search.temperature = 0.2  # nearly greedy: siblings often repeat each other
@@ -636,13 +634,13 @@ def test_cutting_repeated_options_changes_no_tree(cfg, models, monkeypatch, stre
     prompts = render_prompts(models.tokenizer, [p.question for p in problems])
 
     def run(on: bool):
-        decoded.clear(), cut.clear()
+        decoded.clear()
         cfg.search.cut_repeats = on
         trees, scorer = train_search(problems, SpyTask(problems), prompts, cfg, models)
         exact, floats = _tree_records(trees)
         for record in exact:
             record.pop("stats")
-        return exact, floats, trees, scorer, sum(decoded), sum(cut)
+        return exact, floats, trees, scorer, tokens_of(decoded), sum(g.cut for g in decoded)
 
     on, off = run(True), run(False)
     assert on[5] > 0 and off[5] == 0  # repeats were cut, and only with the switch on
@@ -680,18 +678,8 @@ def test_a_reused_option_is_its_parents_rollout_cut_at_its_first_boundary(cfg, m
     first boundary (a terminal child: the rollout ended there); the budget counts every decoded
     token once; and the search decodes fewer tokens per node than sampling every option. With
     models whose rollouts end (EOS), over the per-character and SmolLM2's real tokenizer."""
-    from pipeline.lm import generation
-
     models = SearchModels(*request.getfixturevalue(which))
-    decoded = []
-    real = generation.row_result
-
-    def counted(tokenizer, row, stop):
-        g = real(tokenizer, row, stop)
-        decoded.append(g.num_tokens + g.rollout_tokens)
-        return g
-
-    monkeypatch.setattr(generation, "row_result", counted)  # replayed rows are not decoded
+    decoded = decoded_rows(monkeypatch)
     cfg.search.simulations = 8
     cfg.search.stream = stream
     cfg.search.rollout.max_new_tokens = 48
@@ -704,7 +692,7 @@ def test_a_reused_option_is_its_parents_rollout_cut_at_its_first_boundary(cfg, m
         return train_search(problems, SpyTask(problems), prompts, cfg, models)
 
     trees, scorer = run(True)
-    assert sum(t.stats.total_tokens for t in trees) == sum(decoded)
+    assert sum(t.stats.total_tokens for t in trees) == tokens_of(decoded)
     assert sum(t.stats.reused for t in trees) == scorer.reuse.reused
     split = 0
     for tree in trees:
