@@ -67,3 +67,9 @@ class RolloutReuse:
             out += ([g] if g is not None else []) + gens[k:k + r.num_options]
             k += r.num_options
         return out
+
+
+def split_requests(reuse: RolloutReuse | None,
+                   requests: list[ExpandRequest]) -> tuple[list[ExpandRequest], list[Generation | None]]:
+    """`RolloutReuse.split`, or every option sampled when nothing is reused."""
+    return reuse.split(requests) if reuse is not None else (requests, [None] * len(requests))

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable
 
 from mcts.types import ExpandRequest, Option
-from pipeline.decoding.reuse import RolloutReuse
+from pipeline.decoding.reuse import RolloutReuse, split_requests
 from pipeline.lm.generation import Decoder
 
 OptionsFn = Callable[[list[ExpandRequest], list[str], list], list[list[Option]]]
@@ -48,7 +48,7 @@ class StreamingExpander:
         self.left: dict[int, int] = {}  # ticket -> rows still decoding
 
     def submit(self, ticket: int, requests: list[ExpandRequest]) -> None:
-        fresh, taken = self.reuse.split(requests) if self.reuse else (requests, [None] * len(requests))
+        fresh, taken = split_requests(self.reuse, requests)
         prompts, seeds, groups = expansion_rows(fresh)
         rows = self.decoder.submit(prompts, seeds, groups)
         self.tickets[ticket] = (requests, fresh, taken, rows)

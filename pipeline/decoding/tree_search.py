@@ -42,7 +42,7 @@ from pipeline.config import (
     SearchConfig,
 )
 from pipeline.decoding.leaf_features import LeafFeatureStore
-from pipeline.decoding.reuse import RolloutReuse
+from pipeline.decoding.reuse import RolloutReuse, split_requests
 from pipeline.decoding.streaming import StreamingExpander, expansion_rows
 from pipeline.lm.embedding import cosine_similarity_fn
 from pipeline.lm.generation import generate, replayed, streaming_decoder
@@ -161,7 +161,7 @@ class LeafScorer:
                 and self.cfg.critics.leaf_features == LeafFeatures.generation)
 
     def expand(self, requests: list[ExpandRequest]) -> list[list[Option]]:
-        fresh, taken = self.reuse.split(requests) if self.reuse else (requests, [None] * len(requests))
+        fresh, taken = split_requests(self.reuse, requests)
         prompts, seeds, groups = expansion_rows(fresh)
         gens = generate(self.models.policy, self.models.tokenizer, prompts, **self.expansion_kwargs(),
                         batch_size=self.generation_batch, seeds=seeds, groups=groups)
