@@ -186,10 +186,8 @@ class RolloutConfig:
     enabled: bool = True  # score leaves by a fast rollout to the end of the solution
     model: str | None = None  # None: the policy itself (fused with expansion); else a name/path
     max_new_tokens: int = 96  # tokens per rollout
-    # 0: greedy (each rollout is the policy's most likely finish); above 0: sampled at this
-    # temperature from the node's own seed, so sibling rollouts are independent finishes. 0.8
-    # (search.temperature's, so a rollout is one policy sample): 30 verified solutions on 17 of
-    # 32 dev problems against greedy's 19 on 9 at equal tokens (benchmarks/data_generation_dev.py)
+    # 0: greedy; above 0: sampled at this temperature from the node's own seed. 0.8 (a policy
+    # sample): 30 verified solutions on 17 of 32 dev problems against greedy's 19 on 9 (RESULTS.md)
     temperature: float = 0.8
 
 
@@ -230,6 +228,8 @@ class SearchConfig:
     cut_repeats: bool = True
     # a node's first expansion reads one option (and its rollout) off the node's rollout (README)
     reuse_rollouts: bool = False  # measured on dev: no more solutions per token (RESULTS.md)
+    # a line stating a false equality ("8 - 8 = 8") ends its row, a dead end (pipeline/tasks/equations.py)
+    check_equations: bool = True  # dev: 1.11x the verified solutions per token, none false (RESULTS.md)
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
 

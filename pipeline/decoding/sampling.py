@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline.config import DecodeConfig
+import time
+from collections.abc import Callable
+
+from mcts.tree import ROOT_INDEX, Tree
+from pipeline.config import DecodeConfig, QstarConfig
 from pipeline.decoding.base import Decoded
 from pipeline.lm.generation import Generation, generate
 
@@ -38,3 +42,35 @@ def sample_candidates(model, tokenizer, prompts: list[str], d: DecodeConfig, see
     groups = sample_generations(model, tokenizer, prompts, d, seed, progress)
     return [[g.text for g in group] for group in groups], sum(g.num_tokens for group in groups
                                                                for g in group)
+
+
+def sample_trees(prompts: list[str], model, tokenizer, cfg: QstarConfig,
+                 reward_fn: Callable[[int, str], float], step_check=None,
+                 desc: str | None = None) -> list[Tree]:
+    """The STaR baseline's search: `search.simulations` whole solutions per prompt, verified.
+
+    Each prompt becomes a depth-1 tree whose children are the complete samples (terminal,
+    visited once, valued by the verifier), so the data stage reads them like MCTS trees: the
+    SFT row is a verified sample, trajectory pairs are correct vs incorrect samples. With a
+    `step_check` (search.check_equations), a sample stops at the first line it flags, reward 0.
+    """
+    s, d = cfg.search, cfg.decode
+    start = time.perf_counter()
+    repeated = [p for p in prompts for _ in range(s.simulations)]
+    gens = generate(model, tokenizer, repeated, max_new_tokens=d.max_new_tokens,
+                    temperature=s.temperature, batch_size=d.batch_size, seed=s.seed,
+                    progress=desc, wrong=step_check)
+    trees = []
+    for i, prompt in enumerate(prompts):
+        tree = Tree(prompt, i)
+        for g in gens[i * s.simulations:(i + 1) * s.simulations]:
+            node = tree.add_node(ROOT_INDEX, g.text, g.num_tokens, g.logprob, terminal=True)
+            reward = 0.0 if g.wrong else reward_fn(i, g.text)
+            tree.total[node] = tree.terminal_reward[node] = reward
+            tree.backup(node, reward)  # the tree's one writer of visits, values and min/max
+            tree.stats.tokens_generated += g.num_tokens
+            tree.stats.simulations += 1
+        tree.stats.seconds = time.perf_counter() - start
+        tree.stats.stop_reason = "simulations"
+        trees.append(tree)
+    return trees

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from critics.critic_set import FeatureSet
 from critics.implicit import implicit_score
 from mcts.options import OptionEnd, is_answer_line
 from mcts.search import SearchParams, search
-from mcts.tree import ROOT_INDEX, Tree
+from mcts.tree import Tree
 from mcts.types import EvalRequest, ExpandRequest, LeafEval, Option
 from pipeline.config import (
     CriticWeights,
@@ -43,6 +42,7 @@ from pipeline.config import (
 )
 from pipeline.decoding.leaf_features import LeafFeatureStore
 from pipeline.decoding.reuse import RolloutReuse, split_requests
+from pipeline.decoding.sampling import sample_trees
 from pipeline.decoding.streaming import StreamingExpander, expansion_rows
 from pipeline.lm.embedding import cosine_similarity_fn
 from pipeline.lm.generation import generate, replayed, streaming_decoder
@@ -50,6 +50,7 @@ from pipeline.lm.prefix_cache import PrefixCache
 from pipeline.lm.stopping import OptionClaims
 from pipeline.run.progress import progress_bar
 from pipeline.tasks.base import Problem, Task
+from pipeline.tasks.equations import false_equation
 
 RewardFn = Callable[[int, str], float]  # (tree index, full solution text) -> reward in [0, 1]
 
@@ -86,6 +87,7 @@ class Rollout:
     fused: bool = False  # decoded with its node's expansion, whose Option counted its tokens
     token_ids: list[int] = field(default_factory=list)  # what search.reuse_rollouts replays
     logprobs: list[float] = field(default_factory=list)
+    wrong: bool = False  # stopped at a line the step check flagged (search.check_equations)
 
 
 def _blank(g) -> Option:
@@ -137,7 +139,7 @@ class LeafScorer:
             self.reuse = RolloutReuse(functools.partial(
                 replayed, self.models.policy, self.models.tokenizer,
                 **{k: kwargs[k] for k in ("max_new_tokens", "stop", "rollout_tokens", "final",
-                                          "rollout_temperature")}), self.claims)
+                                          "rollout_temperature", "wrong")}), self.claims)
 
     @property
     def fused(self) -> bool:
@@ -168,6 +170,16 @@ class LeafScorer:
         return self.options(requests, expansion_rows(requests)[0],
                             RolloutReuse.join(fresh, taken, gens))
 
+    @property
+    def step_check(self):
+        """search.check_equations: a line stating a false equality ends its row."""
+        return false_equation if self.cfg.search.check_equations else None
+
+    def dead(self, request: EvalRequest) -> bool:
+        """A terminal node whose last step the step check flags: a dead end, worth 0."""
+        return bool(request.terminal and request.steps and self.step_check is not None
+                    and self.step_check(request.steps[-1]))
+
     def expansion_kwargs(self) -> dict:
         """How expansions decode (`generate`'s arguments, past the prompts and batching):
         options to their boundary, then, fused, the new node's rollout."""
@@ -175,7 +187,8 @@ class LeafScorer:
         return dict(max_new_tokens=s.max_option_tokens, temperature=s.temperature,
                     stop=option_end(s), rollout_tokens=s.rollout.max_new_tokens if self.fused else 0,
                     rollout_temperature=s.rollout.temperature, final=is_answer_line,
-                    prefix_cache=self.kv, hidden=self.generation_features, claims=self.claims)
+                    wrong=self.step_check, prefix_cache=self.kv, hidden=self.generation_features,
+                    claims=self.claims)
 
     def options(self, requests: list[ExpandRequest], prompts: list[str], gens) -> list[list[Option]]:
         """The requests' options from their rows' generations (`expansion_rows` order)."""
@@ -202,7 +215,7 @@ class LeafScorer:
         """The row's option; its fused rollout and features wait for the option's evaluation.
         Of two rows with one option the first's are kept, as the merge keeps the first row; a
         cut row (a repeat) has no rollout to keep."""
-        terminal = g.finished or is_answer_line(g.text)
+        terminal = g.finished or is_answer_line(g.text) or g.wrong
         if self.generation_features and not g.cut:
             self.features.record(request.tree_index, "".join(request.steps), g, g.text, terminal,
                                  rolled_out=self.fused)
@@ -211,7 +224,7 @@ class LeafScorer:
             lps = g.rollout_logprobs or []
             self.pending.setdefault((request.tree_index, prefix), Rollout(
                 g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True,
-                token_ids=g.rollout_ids or [], logprobs=lps))
+                token_ids=g.rollout_ids or [], logprobs=lps, wrong=g.rollout_wrong))
         return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal,
                       rollout_tokens=0 if g.replayed else g.rollout_tokens, reused=g.replayed)
 
@@ -231,6 +244,9 @@ class LeafScorer:
                 parts["orm"] = confidence(r, ro)
             if self.reward_fn is not None:  # training only: the verifier on s + rollout
                 parts["rollout"] = self.reward_fn(r.tree_index, states[i] + ro.text)
+            dead = self.dead(r)  # the step check: a dead end's parts are all 0, a failed rollout's outcome's
+            for kind in [k for k in parts if dead or (ro.wrong and k in ("orm", "rollout"))]:
+                parts[kind] = 0.0
             reward = self.implicit.pop((r.tree_index, states[i]), None)
             if reward is not None:
                 parts["implicit"] = implicit_score(reward)
@@ -239,7 +255,8 @@ class LeafScorer:
         return results
 
     def terminal_reward(self, requests: list[EvalRequest]) -> list[float]:
-        return [self.reward_fn(r.tree_index, "".join(r.steps)) for r in requests]
+        return [0.0 if self.dead(r) else self.reward_fn(r.tree_index, "".join(r.steps))
+                for r in requests]
 
     def weights(self) -> CriticWeights:
         c = self.cfg.critics
@@ -264,11 +281,11 @@ class LeafScorer:
         rollout = self.cfg.search.rollout
         gens = generate(model, tokenizer, prompts, max_new_tokens=rollout.max_new_tokens,
                         temperature=rollout.temperature, seeds=[r.seed for r in requests],
-                        batch_size=self.generation_batch, hidden=hidden)
+                        batch_size=self.generation_batch, hidden=hidden, wrong=self.step_check)
         for r, g in zip(requests, gens if hidden else []):
             self.features.record_rollout(r.tree_index, "".join(r.steps), g)
         return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished,
-                        token_ids=g.token_ids, logprobs=g.logprobs) for g in gens]
+                        token_ids=g.token_ids, logprobs=g.logprobs, wrong=g.wrong) for g in gens]
 
     def _critic_scores(self, requests: list[EvalRequest], rollouts: list[Rollout],
                        prompts: list[str], states: list[str], full: list[str]) -> dict:
@@ -349,37 +366,9 @@ def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cf
 
     scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size)
     if cfg.search.algorithm == SearchAlgorithm.sample:
-        return sample_trees(prompts, scorer, desc), scorer
+        return sample_trees(prompts, models.policy, models.tokenizer, cfg, reward,
+                            scorer.step_check, desc), scorer
     return _run(prompts, scorer, training=True, desc=desc), scorer
-
-
-def sample_trees(prompts: list[str], scorer: LeafScorer, desc: str | None) -> list[Tree]:
-    """The STaR baseline's search: `search.simulations` whole solutions per prompt, verified.
-
-    Each prompt becomes a depth-1 tree whose children are the complete samples (terminal,
-    visited once, valued by the verifier), so the data stage reads them like MCTS trees: the
-    SFT row is a verified sample, trajectory pairs are correct vs incorrect samples.
-    """
-    s, d = scorer.cfg.search, scorer.cfg.decode
-    start = time.perf_counter()
-    repeated = [p for p in prompts for _ in range(s.simulations)]
-    gens = generate(scorer.models.policy, scorer.models.tokenizer, repeated,
-                    max_new_tokens=d.max_new_tokens, temperature=s.temperature,
-                    batch_size=scorer.generation_batch, seed=s.seed, progress=desc)
-    trees = []
-    for i, prompt in enumerate(prompts):
-        tree = Tree(prompt, i)
-        for g in gens[i * s.simulations:(i + 1) * s.simulations]:
-            node = tree.add_node(ROOT_INDEX, g.text, g.num_tokens, g.logprob, terminal=True)
-            reward = scorer.reward_fn(i, g.text)
-            tree.total[node] = tree.terminal_reward[node] = reward
-            tree.backup(node, reward)  # the tree's one writer of visits, values and min/max
-            tree.stats.tokens_generated += g.num_tokens
-            tree.stats.simulations += 1
-        tree.stats.seconds = time.perf_counter() - start
-        tree.stats.stop_reason = "simulations"
-        trees.append(tree)
-    return trees
 
 
 def eval_search(prompts: list[str], cfg: QstarConfig, models: SearchModels,

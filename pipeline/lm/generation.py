@@ -82,7 +82,7 @@ def _length_sorted_batches(prompts: Sequence[str], batch_size: int) -> list[list
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop: StopRule | None = None,
-             rollout_tokens: int = 0, rollout_temperature: float = 0.0, final=None,
+             rollout_tokens: int = 0, rollout_temperature: float = 0.0, final=None, wrong=None,
              batch_size: int = 32, seed: int | None = None, seeds: Sequence[int] | None = None,
              progress: str | None = None, prefix_cache: PrefixCache | None = None,
              hidden: bool = False, groups: Sequence | None = None,
@@ -108,13 +108,16 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
 
     `groups` (one per prompt) and `claims`: a row that reaches its option boundary with an
     option an earlier row of its group already wrote stops there (`OptionClaims`).
+
+    `wrong(line_text)`: a step check; a row stops at the first option or line it flags
+    (`Rule.wrong`; Generation.wrong, Generation.rollout_wrong).
     """
     if seeds is None and seed is not None:
         seeds = [row_seed(seed, i) for i in range(len(prompts))]
     decoder = streaming_decoder(model, tokenizer, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, stop=stop,
                                 rollout_tokens=rollout_tokens,
-                                rollout_temperature=rollout_temperature, final=final,
+                                rollout_temperature=rollout_temperature, final=final, wrong=wrong,
                                 prefix_cache=prefix_cache, hidden=hidden, claims=claims)
     rows = decoder.submit(list(prompts), seeds, groups)
     with progress_bar(total=len(rows), desc=progress, unit="row") as bar:
@@ -125,7 +128,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
 
 def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0, stop: StopRule | None = None, rollout_tokens: int = 0,
-                      rollout_temperature: float = 0.0, final=None,
+                      rollout_temperature: float = 0.0, final=None, wrong=None,
                       prefix_cache: PrefixCache | None = None, hidden: bool = False,
                       claims: OptionClaims | None = None) -> Decoder:
     """A streaming `generate`: rows are submitted at any time (`Decoder.submit`), decode in one
@@ -134,24 +137,26 @@ def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: flo
     if rollout_tokens and stop is None:
         raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
     return Decoder(model, tokenizer, _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens,
-                                           final, rollout_temperature),
+                                           final, rollout_temperature, wrong),
                    temperature, top_p, prefix_cache, hidden, claims)
 
 
 def replayed(model, tokenizer, tokens: list[int], logprobs: list[float], *, max_new_tokens: int,
              stop: StopRule, rollout_tokens: int, final=None,
-             rollout_temperature: float = 0.0) -> Generation:
+             rollout_temperature: float = 0.0, wrong=None) -> Generation:
     """The Generation a row of `generate(...)` with these arguments would end as, had it decoded
     `tokens` (an option and its rollout: pipeline.lm.stopping.replay)."""
     return replay(_rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final,
-                        rollout_temperature), tokens, logprobs)
+                        rollout_temperature, wrong), tokens, logprobs)
 
 
-def _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final, rollout_temperature) -> Rule:
+def _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final, rollout_temperature,
+          wrong=None) -> Rule:
+    """The newline tokens are flagged for the newline stop rule and for the step check."""
+    lines = wrong is not None or (stop is not None and stop.kind == "newline")
     return Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
-                newline_token_ids(tokenizer).to(model.device) if stop is not None and
-                stop.kind == "newline" else None, max_new_tokens, rollout_tokens,
-                final or (lambda text: False), rollout_temperature)
+                newline_token_ids(tokenizer).to(model.device) if lines else None, max_new_tokens,
+                rollout_tokens, final or (lambda text: False), rollout_temperature, wrong)
 
 
 def row_seed(seed: int, index: int) -> int:

@@ -42,6 +42,10 @@ class Generation:
     cut: bool = False
     # made by `replay` from tokens decoded (and counted) elsewhere, not decoded as a row
     replayed: bool = False
+    # the step check (`Rule.wrong`) flagged a line, and the row stopped there: its option (or
+    # whole sample) is a dead end, or (rollout_wrong) its rollout failed at that line
+    wrong: bool = False
+    rollout_wrong: bool = False
     # With hidden=True: the final hidden state at the prompt's last token, at the option's last
     # text token and at the row's last text token (the rollout's, or the option's when it has
     # none). A final EOS is no text: the state before it is the prompt + text's last.
@@ -69,11 +73,15 @@ class Rule:
     tokenizer: object
     eos_ids: torch.Tensor
     stop: StopRule | None
-    newline_ids: torch.Tensor | None  # fast path for the newline stop rule
+    newline_ids: torch.Tensor | None  # tokens holding a newline: the newline stop rule and the step check
     option_cap: int
     rollout_tokens: int
     final: object
     rollout_temperature: float = 0.0  # 0: the rollout is greedy
+    # a step check on a finished line (e.g. pipeline.tasks.equations.false_equation): a row
+    # stops at the first line it flags, an option at its boundary, a rollout or a whole sample
+    # at that line's newline or EOS; None: no check
+    wrong: object = None
 
 
 @dataclass
@@ -90,6 +98,9 @@ class Row:
     end_hidden: torch.Tensor | None = None
     group: object = None  # rows of one group (a tree's node) may repeat each other's options
     cut: bool = False  # stopped at its boundary as a repeat (see Generation.cut)
+    line_at: int = 0  # the step check: where the line not checked yet starts
+    wrong: bool = False  # stopped at its option (or whole sample) as the step check flagged it
+    rollout_wrong: bool = False  # stopped at a rollout line the step check flagged
 
     @property
     def option_len(self) -> int:
@@ -125,13 +136,19 @@ def row_ends(row: Row, rule: Rule, eos: bool, newline: bool) -> bool:
     """Update the row after its newest token; True when it stops generating."""
     if eos:
         row.eos = True
+        if rule.wrong is not None:
+            flags_line(rule, row)  # the last line: of the rollout, the option or the sample
         return True
     n = len(row.tokens)
     if row.boundary >= 0:  # in the rollout
+        if newline and rule.wrong is not None and flags_line(rule, row):
+            return True
         return n - 1 - row.boundary >= rule.rollout_tokens
     if rule.stop is None:
+        if newline and rule.wrong is not None and flags_line(rule, row):
+            return True
         return n >= rule.option_cap
-    if rule.newline_ids is not None:  # decode only at a newline (leading newlines are no end)
+    if rule.stop.kind == "newline":  # decode only at a newline (leading newlines are no end)
         at_boundary = newline and rule.stop.ends(row_text(rule, row))
     else:  # a text rule: decode only the new token(s), then ask the rule
         extend_text(rule.tokenizer, row)
@@ -139,9 +156,26 @@ def row_ends(row: Row, rule: Rule, eos: bool, newline: bool) -> bool:
     if not (at_boundary or n >= rule.option_cap):
         return False
     row.boundary = n - 1 if at_boundary else last_word_end(rule.tokenizer, row.tokens)
+    option = rule.stop.cut(row_text(rule, row, row.boundary + 1))
+    if rule.wrong is not None and rule.wrong(option):
+        row.wrong = True  # a dead end: no rollout after it
+        return True
     if rule.rollout_tokens == 0:
         return True
-    return bool(rule.final(rule.stop.cut(row_text(rule, row, row.boundary + 1))))
+    return bool(rule.final(option))
+
+
+def flags_line(rule: Rule, row: Row) -> bool:
+    """The step check on the line the newest token ended (decoded from `row.line_at`, or from
+    the rollout's start): True, and the row is marked, when it flags it."""
+    start = max(row.line_at, row.boundary + 1)
+    row.line_at = len(row.tokens)
+    flagged = bool(rule.wrong(rule.tokenizer.decode(row.tokens[start:], skip_special_tokens=True)))
+    if row.boundary >= 0:
+        row.rollout_wrong = flagged
+    else:
+        row.wrong = flagged
+    return flagged
 
 
 def last_word_end(tokenizer, tokens: list[int]) -> int:
@@ -185,7 +219,7 @@ def row_result(tokenizer, row: Row, stop: StopRule | None) -> Generation:
         rollout=full[len(option):] if row.boundary >= 0 else "",
         rollout_logprobs=row.logprobs[option_len:], rollout_ids=rollout_ids,
         rollout_finished=row.eos and bool(rollout_ids),
-        cut=row.cut,
+        cut=row.cut, wrong=row.wrong, rollout_wrong=row.rollout_wrong,
         prompt_hidden=row.prompt_hidden, option_hidden=row.option_hidden, end_hidden=row.end_hidden,
     )
 
