@@ -26,7 +26,10 @@ def false_equation(text: str) -> bool:
     """True when some line of `text` states an arithmetic equality that does not hold. The
     right side may be rounded: it is compared to its own number of decimals."""
     for line in TIMES.sub(" * ", text.translate(SPELLING)).splitlines():
-        for left, right in EQUALITY.findall(line):
+        for match in EQUALITY.finditer(line):
+            if _part_of_more(line, match):
+                continue
+            left, right = match.groups()
             value, claimed = _value(left), _value(right)
             if value is None or claimed is None:
                 continue
@@ -35,6 +38,17 @@ def false_equation(text: str) -> bool:
             if abs(value - claimed) > tolerance:
                 return True
     return False
+
+
+def _part_of_more(line: str, match: re.Match) -> bool:
+    """The equality is a piece of an expression the pattern cannot read ("x^2 + 3 = 12",
+    "1/2 + 1/4 = 3/4", "= 15%"): a word or number is glued to either end, or an operator or
+    "=" comes before it or an operator after it."""
+    start = match.start() + len(match.group(0)) - len(match.group(0).lstrip())
+    before, after = line[:start], line[match.end():]
+    glued = (before[-1:].isalnum() or before[-1:] in {".", "_"}
+             or after[:1].isalnum() or after[:1] in {"%", "_"})
+    return glued or before.rstrip()[-1:] in set("^*/+-=%$") or after.lstrip()[:1] in set("^*/+-(")
 
 
 def _value(expression: str) -> Fraction | None:
