@@ -13,42 +13,66 @@ import ast
 import re
 from fractions import Fraction
 
-NUMBER = r"\d+(?:,\d{3})*(?:\.\d+)?"
-# The longest run of numbers, operators and parentheses before "=", then one number after it.
-EQUALITY = re.compile(rf"((?:[(\s]*-?\s*{NUMBER}[)\s]*[-+*/][\s(]*)+-?\s*{NUMBER}[)\s]*)=\s*(-?\s*{NUMBER})")
+# A side of an equality: a maximal run of numbers, operators, parentheses and spaces next to "=".
+LEFT = re.compile(r"[-+*/().,\d\s]+$")
+RIGHT = re.compile(r"^[-+*/().,\d\s]+")
+NUMBER = re.compile(r"\s*-?\s*\d+(?:,\d{3})*(\.\d+)?[\s.,]*$")  # a right side that is one number
 SPELLING = str.maketrans({"−": "-", "×": "*", "÷": "/"})
 TIMES = re.compile(r"(?<=\d)\s*x\s*(?=\d)")  # "3 x 4", not the variable in "6x - 2"
+LIST_COMMA = re.compile(r",(?!\d{3}(?!\d))")  # a comma that is no thousands separator
+UNREAD = set("^$%")  # a side next to these is part of something the check does not read
+# a side after one of these words is an operand of it ("50% of 10 = 5")
+OPERAND_OF = {"of", "by", "times", "per", "over", "plus", "minus", "divided", "multiplied"}
 OPERATORS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__,
              ast.Div: Fraction.__truediv__}
 
 
 def false_equation(text: str) -> bool:
-    """True when some line of `text` states an arithmetic equality that does not hold. The
-    right side may be rounded: it is compared to its own number of decimals."""
+    """True when some line of `text` states an arithmetic equality that does not hold: each
+    "=" compares the numeric expressions around it (chains "a = b = c" pair by pair). A right
+    side that is one number may be rounded: it is compared at its own number of decimals."""
     for line in TIMES.sub(" * ", text.translate(SPELLING)).splitlines():
-        for match in EQUALITY.finditer(line):
-            if _part_of_more(line, match):
-                continue
-            left, right = match.groups()
+        sides = LIST_COMMA.sub(";", line).split("=")  # "= 4, 4 - 8 = 0": a comma ends a side
+        for before, after in zip(sides, sides[1:]):
+            left, right = _side(before, LEFT, at_end=True), _side(after, RIGHT, at_end=False)
+            if left is None or right is None or not (_operated(left) or _operated(right)):
+                continue  # "10 = 5" alone states no arithmetic
             value, claimed = _value(left), _value(right)
             if value is None or claimed is None:
                 continue
-            decimals = len(right.split(".")[1]) if "." in right else 0
+            rounded = NUMBER.match(right)
+            decimals = len(rounded.group(1)) - 1 if rounded and rounded.group(1) else 0
             tolerance = Fraction(1, 2 * 10 ** decimals) if decimals else 0
             if abs(value - claimed) > tolerance:
                 return True
     return False
 
 
-def _part_of_more(line: str, match: re.Match) -> bool:
-    """The equality is a piece of an expression the pattern cannot read ("x^2 + 3 = 12",
-    "1/2 + 1/4 = 3/4", "= 15%"): a word or number is glued to either end, or an operator or
-    "=" comes before it or an operator after it."""
-    start = match.start() + len(match.group(0)) - len(match.group(0).lstrip())
-    before, after = line[:start], line[match.end():]
-    glued = (before[-1:].isalnum() or before[-1:] in {".", "_"}
-             or after[:1].isalnum() or after[:1] in {"%", "_"})
-    return glued or before.rstrip()[-1:] in set("^*/+-=%$") or after.lstrip()[:1] in set("^*/+-(")
+def _side(text: str, run: re.Pattern, at_end: bool) -> str | None:
+    """The numeric run of `text` next to "=", or None where there is none or it is part of more
+    than the check reads: glued to a word or sign ("x^2 + 3", "6(1 + 1)", "= 15%"), or beside
+    ^ $ % across a space."""
+    found = run.search(text)
+    if found is None or not any(c.isdigit() for c in found.group(0)):
+        return None
+    side = found.group(0)
+    outside = text[:found.start()] if at_end else text[found.end():]
+    inner = side.lstrip() if at_end else side.rstrip()
+    glued = outside[-1:] if at_end else outside[:1]  # the character touching the run
+    if inner == side and (glued.isalnum() or glued in UNREAD or glued == "_"):
+        return None
+    neighbour = outside.rstrip()[-1:] if at_end else outside.lstrip()[:1]
+    words = outside.split() if at_end else []
+    if neighbour in UNREAD or words and words[-1].lower() in OPERAND_OF:
+        return None
+    if at_end and inner[:1] in set("+-*/") and words and len(words[-1]) == 1:
+        return None  # "x + 2 = 5": the operator's left operand is a variable
+    return side
+
+
+def _operated(side: str) -> bool:
+    """The side holds an operation, not only a (signed) number."""
+    return any(c in "+-*/" for c in side.strip().lstrip("+-").strip())
 
 
 def _value(expression: str) -> Fraction | None:
@@ -63,8 +87,9 @@ def _value(expression: str) -> Fraction | None:
 def _evaluate(node: ast.AST) -> Fraction:
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
         return Fraction(str(node.value))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_evaluate(node.operand)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _evaluate(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp):
         return OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
     raise ValueError("not a numeric expression")
