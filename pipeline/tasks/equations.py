@@ -1,10 +1,11 @@
 """A rule-based step check: does a line claim a false arithmetic equality ("8 - 8 = 8")?
 
 It reads the text alone, never a gold answer, so it may judge any partial solution, at training
-and at evaluation alike (`search.check_equations`). Only equalities between plain numbers
-written with + - * / (x, ×, ÷ and the Unicode minus too) and parentheses are judged; a line
-with a variable, a unit or anything else it cannot read is never called false. Written here
-because math-verify compares an answer with a gold one, not the equalities inside a line.
+and at evaluation alike (`search.check_equations`). Each "=" compares the runs of numbers,
+operators (+ - * /, and x, ×, ÷, the Unicode minus) and parentheses on either side of it; a
+side with a variable, a unit, a percent, a power or anything else it cannot read is never
+judged, so such a line is never called false. Written here because math-verify compares an
+answer with a gold one, not the equalities inside a line.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def _value(expression: str) -> Fraction | None:
     try:
         tree = ast.parse(expression.replace(",", "").strip(), mode="eval").body
         return _evaluate(tree)
-    except (SyntaxError, ValueError, ZeroDivisionError, KeyError, TypeError):
+    except (SyntaxError, ValueError, ZeroDivisionError, KeyError, TypeError, RecursionError,
+            MemoryError):  # whatever a model writes, the decoding loop must not stop here
         return None
 
 
