@@ -29,6 +29,10 @@ class SearchParams:
     virtual_loss: float = 1.0  # visits of value 0 added per in-flight selection through a node
     leaves_per_tree: int = 2  # leaves gathered per tree per round
     widening: Widening = Widening.puct  # more children for an expanded node
+    # evaluate the root before the first round (a leaf evaluation with no steps: with a policy, a
+    # fast rollout from the prompt) for v(root) in I(root); False: v(root) is the mean of its
+    # children's values (Tree.node_value), and the root's evaluation costs nothing
+    evaluate_root: bool = True
     seed: int = 0
 
 

@@ -9,7 +9,8 @@ the trees ask, because batched generation is where the time goes:
    more expansion per retry round, then dropped (state merge).
 3. evaluate: its new children in one evaluation (and, in training, its terminal ones in one
    verifier call). Each root is evaluated once, before the first round (all roots in one
-   call), with steps=[]: its value is v(root) for branching, not backed up.
+   call), with steps=[]: its value is v(root) for branching, not backed up (evaluate_root;
+   without, v(root) is the mean of its children's values).
 4. back up: one simulation is one visit along its path (standard MCTS). Each new child gets its
    own first visit with its own value; the path root..expanded node gets ONE visit, valued by the
    mean of the new children's values. Then undo the virtual loss and update each expanded
@@ -105,9 +106,11 @@ def _tree_search(tree: Tree, params: SearchParams, select_child_fn: SelectChildF
                  on_round: Callable[[int], None] | None) -> TreeRun:
     """One tree's rounds until it is done; yields its requests (mcts/schedule.py).
 
-    The root is evaluated once, first (every tree's root in one call), so that v(root) exists
-    for I(root); its value is not backed up."""
-    yield from _evaluate(tree, [ROOT_INDEX], verified, params.seed)
+    With params.evaluate_root the root is evaluated once, first (every tree's root in one
+    call), so that v(root) exists for I(root); its value is not backed up. Without, I(root)
+    reads the mean of the root's children's values."""
+    if params.evaluate_root:
+        yield from _evaluate(tree, [ROOT_INDEX], verified, params.seed)
     while True:
         round_start = (tree.stats.total_tokens, tree.stats.simulations)
         leaves = _select_leaves(tree, params, select_child_fn)

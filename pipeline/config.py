@@ -214,6 +214,7 @@ class SearchConfig:
     virtual_loss: float = SearchParams.virtual_loss  # visits of value 0 added per in-flight selection through a node
     leaves_per_tree: int = SearchParams.leaves_per_tree  # leaves gathered per tree per round (virtual loss)
     widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
+    evaluate_root: bool = SearchParams.evaluate_root  # a rollout from the prompt for v(root); false: its children's mean
     trees_per_batch: int = 16  # problems per search shard, searched together
     # training problems searched per iteration: the window of this many from i * this, wrapping
     # around task.num_train, so each iteration meets problems its policy has not trained on; 0 = all
@@ -226,8 +227,7 @@ class SearchConfig:
     stream: bool = True  # trees advance on their own through one running decode batch; false: lock-step rounds
     # a row repeating a sibling row's option stops at its boundary: the merge drops it anyway
     cut_repeats: bool = True
-    # a node's first expansion reads one option (and its rollout) off the node's rollout (README)
-    reuse_rollouts: bool = False  # measured on dev: no more solutions per token (RESULTS.md)
+    reuse_rollouts: bool = False  # one option (and rollout) read off the node's rollout; dev: no gain (README)
     # a line stating a false equality ("8 - 8 = 8") ends its row, a dead end (pipeline/tasks/equations.py)
     check_equations: bool = True  # dev: 1.11x the verified solutions per token, none false (RESULTS.md)
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)

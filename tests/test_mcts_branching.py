@@ -75,3 +75,30 @@ def test_agreeing_children_get_none():
     tree = _search_with_root_children([0.5, 0.5, 0.5, 0.5])
     assert tree.expand_target[0] == 2
     assert len(tree.children[0]) == 2
+
+
+def test_without_a_root_evaluation_the_root_reads_its_childrens_mean():
+    # children worth 0.0 and 0.4: against a root evaluated at 0.5, I(root) = 0.5 -> n = 3; with
+    # no root evaluation v(root) is their mean 0.2, I(root) = 0.2 -> floor(0.8) + 1 -> c_min = 2
+    asked: list[list[str]] = []
+
+    def critic(requests):
+        asked.extend(list(r.steps) for r in requests)
+        return [LeafEval(total=0.5 if not r.steps else [0.0, 0.4][int(r.steps[0].split(".")[2])])
+                for r in requests]
+
+    def run(evaluate_root):
+        asked.clear()
+        params = SearchParams(simulations=1, root_c_min=2, root_c_max=4, alpha=4.0,
+                              merge_threshold=1.01, leaves_per_tree=1,
+                              evaluate_root=evaluate_root)
+        return search(["p"], _distinct_policy, critic, params)[0]
+
+    evaluated = run(True)
+    assert [] in asked and evaluated.total[0] == 0.5 and evaluated.expand_target[0] == 3
+    unevaluated = run(False)
+    assert [] not in asked and len(asked) == 2  # the two children, no root
+    assert unevaluated.total[0] is None
+    assert unevaluated.node_value(0) == pytest.approx(0.2)
+    assert unevaluated.expand_target[0] == 2
+    assert unevaluated.visits[0] == 1  # the simulation still visits the root

@@ -67,7 +67,8 @@ def search_params(s: SearchConfig) -> SearchParams:
         root_c_max=s.root_c_max, alpha=s.alpha,
         merge_threshold=s.merge_threshold if s.merge != MergeMethod.none else 2.0,
         merge_retries=s.merge_retries, virtual_loss=s.virtual_loss,
-        leaves_per_tree=s.leaves_per_tree, widening=s.widening, seed=s.seed,
+        leaves_per_tree=s.leaves_per_tree, widening=s.widening, evaluate_root=s.evaluate_root,
+        seed=s.seed,
     )
 
 
