@@ -55,12 +55,18 @@ VARIANTS = {  # name -> overrides on top of experiment=demo_cpu; "default" comes
 }
 
 
+# What the sampler (pipeline.decoding.sampling.sample_trees) reads of the search config; a
+# change to a tree-search-only key (the rollout, branching, evaluate_root) leaves its count valid
+SAMPLER_KEYS = ("algorithm", "simulations", "temperature", "seed", "check_equations")
+
+
 def search_key(cfg) -> dict:
     """What a cached count was searched with: the whole search config (a default changed since
-    makes it stale), less the rollout for the sampler, which does not roll out."""
+    makes it stale); for the sampler, the keys it reads and its sample length."""
     key = json.loads(json.dumps(asdict(cfg.search), default=str))
     if cfg.search.algorithm == SearchAlgorithm.sample:
-        key.pop("rollout")
+        key = {name: key[name] for name in SAMPLER_KEYS}
+        key["max_new_tokens"] = cfg.decode.max_new_tokens
     return {"model": str(cfg.model.name), "search": key}
 
 

@@ -112,3 +112,16 @@ def test_split_train_searches_the_training_problems(bench, tiny_model_dir, tmp_p
     assert result["split"] == "train" and set(result["variants"]) == {"default", "sampling"}
     assert seen and all(ids == train for ids in seen)
     assert not set(train) & {p.id for p in task.split("dev")}
+
+
+def test_a_tree_search_key_leaves_the_samplers_cached_count_valid(bench):
+    sampler = ["search.algorithm=sample", "search.simulations=8"]
+    key = bench.search_key(compose_config(["experiment=demo_cpu", *sampler]))
+    for change in ("search.evaluate_root=false", "search.rollout.max_new_tokens=8",
+                   "search.leaves_per_tree=4", "search.c_max=5"):
+        assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change])) == key
+    for change in ("search.temperature=0.5", "search.check_equations=false", "search.seed=3",
+                   "decode.max_new_tokens=40", "search.simulations=9"):
+        assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change])) != key
+    mcts = bench.search_key(compose_config(["experiment=demo_cpu"]))
+    assert mcts != bench.search_key(compose_config(["experiment=demo_cpu", "search.c_max=5"]))
