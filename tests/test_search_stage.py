@@ -311,8 +311,7 @@ def test_search_params_from_search_config():
     s = SearchConfig(simulations=7, token_budget=300, c_puct=1.7, max_depth=5, c_min=1, c_max=4,
                      root_c_min=2, root_c_max=6, alpha=2.5, merge=MergeMethod.edit,
                      merge_threshold=0.8, merge_retries=3, virtual_loss=0.5, leaves_per_tree=3,
-                     widening=Widening.first,
-                     seed=11)
+                     widening=Widening.first, evaluate_root=False, seed=11)
     p = search_params(s)
     assert isinstance(p, SearchParams)
     for f in fields(SearchParams):
