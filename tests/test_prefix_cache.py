@@ -283,6 +283,20 @@ def test_eval_search_trees_identical_with_reuse_on_and_off(varied, tmp_path):
     assert on_scorer.kv.stats.prefill_tokens < off_scorer.kv.stats.prefill_tokens / 2
 
 
+@pytest.mark.parametrize("which", ["varied", "smol_tiny"])
+def test_the_roots_rollouts_leave_their_prompts_to_the_first_expansion(which, request, tmp_path):
+    """Each root's fast rollout runs through the search's KV cache, so the root's first
+    expansion prefills one token of its prompt (the one whose logits start decoding)."""
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = prompts_for(tokenizer)[:3]
+    cfg = compose_config(["debug=default", f"model.cache_dir={tmp_path}", "search.kv_cache_mb=32",
+                          "search.simulations=1", "search.merge_retries=0"])
+    _, scorer = eval_search(prompts, cfg, SearchModels(model, tokenizer))
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    assert scorer.kv.stats.reused_tokens >= sum(n - 1 for n in lengths)
+    assert scorer.kv.stats.hits >= len(prompts)
+
+
 # ---------------------------------------------------------------- incremental text
 
 

@@ -280,9 +280,13 @@ class LeafScorer:
         prompts = [r.prompt + "".join(r.steps) for r in requests]
         hidden = self.generation_features and self.models.rollout_model is None
         rollout = self.cfg.search.rollout
+        # the policy's rollouts (the roots') share the expansions' KV cache: the roots' first
+        # expansions then prefill nothing of their prompts
+        kv = self.kv if self.models.rollout_model is None else None
         gens = generate(model, tokenizer, prompts, max_new_tokens=rollout.max_new_tokens,
                         temperature=rollout.temperature, seeds=[r.seed for r in requests],
-                        batch_size=self.generation_batch, hidden=hidden, wrong=self.step_check)
+                        batch_size=self.generation_batch, hidden=hidden, wrong=self.step_check,
+                        prefix_cache=kv)
         for r, g in zip(requests, gens if hidden else []):
             self.features.record_rollout(r.tree_index, "".join(r.steps), g)
         return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished,
