@@ -38,7 +38,6 @@ from critics.shared_prompt import (
     shareable_prefix_length,
     with_cache,
 )
-from pipeline.lm.kv_layer import decoding_cache
 
 
 @dataclass
@@ -270,14 +269,14 @@ def prefill(model, tokenizer, prompts: Sequence[str], store: PrefixCache | None,
 
 def _cache_with_past(model, found: list, past_len: int) -> DynamicCache:
     if past_len == 0:
-        return decoding_cache(model)
+        return DynamicCache(config=model.config)
     like = next(kv for m, kv in found if m)
     layers, _, heads, _, dim = like.shape
     past = like.new_zeros((layers, 2, len(found), heads, past_len, dim))
     for u, (m, kv) in enumerate(found):
         if m:
             past[:, :, u, :, past_len - m:] = kv
-    return decoding_cache(model, [(past[i, 0], past[i, 1]) for i in range(layers)])
+    return DynamicCache([(past[i, 0], past[i, 1]) for i in range(layers)], config=model.config)
 
 
 def _share_prefix(model, seqs: list, found: list,
