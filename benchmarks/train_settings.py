@@ -10,7 +10,8 @@ each phase's seconds, the process's peak RSS and DPO's after-training means over
 it took LoRA (issue 16): every weight with activation checkpointing at 2e-5, LoRA at 2e-4 with
 and without it, and LoRA at four rows per forward or under bf16 autocast (train.cpu_autocast),
 and under autocast on the last 15, 10 or 6 decoder layers only (train.lora_layer_fraction) at
-the same or a larger step.
+the same or a larger step; and the run's own config with DPO's steps started at the first
+adapted layer from the reference pass's states (pipeline.lm.trunk) and without.
 Compare seconds only between settings run on an equally quiet machine.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -58,7 +60,12 @@ SETTINGS = {
     "lora_autocast_top6_1e-3": ["train.lora=true", "train.learning_rate=1e-3",
                                 "train.activation_checkpointing=false", "train.cpu_autocast=true",
                                 "train.lora_layer_fraction=0.2"],
+    # the run's own config, DPO's steps starting at the first adapted layer (pipeline.lm.trunk),
+    # and the same with every layer run at every step (SHARE_TRUNK off)
+    "run_config": [],
+    "run_config_whole_trunk": [],
 }
+WHOLE_TRUNK = {"run_config_whole_trunk"}  # settings that turn pipeline.lm.trunk off
 KEPT = ("dpo/seconds", "sft/seconds", "dpo/steps", "sft/steps", "dpo/loss_last", "sft/loss_last",
         "dpo/after/rewards/margins", "dpo/after/rewards/accuracies", "dpo/logps/chosen_change")
 
@@ -67,14 +74,17 @@ def one_setting(run: Path, iteration: int, name: str, out: Path) -> dict:
     """Train in this process; returns the setting's numbers."""
     from omegaconf import OmegaConf
 
+    import pipeline.lm.trunk as trunk_lib
     from pipeline.compose import recorded_config, to_config
     from pipeline.lm.models import resolve_model_path
     from pipeline.run.store import RunStore
     from pipeline.stages.train import train_policy
 
+    trunk_lib.SHARE_TRUNK = name not in WHOLE_TRUNK
     cfg = to_config(OmegaConf.merge(recorded_config(run), OmegaConf.from_dotlist(SETTINGS[name])))
     policy = RunStore(run).policy_ref(iteration, cfg.model.name)
     policy = str(run / policy) if (run / policy).exists() else resolve_model_path(cfg.model)
+    shutil.rmtree(out / name, ignore_errors=True)  # a finished policy there would be returned as is
     start = time.perf_counter()
     metrics = train_policy(policy, run / f"iter_{iteration:03d}" / "data", cfg.train, out / name,
                            model_cfg=cfg.model, iteration=iteration, reference_dir=policy)
@@ -87,7 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run directory whose iteration has its data")
     parser.add_argument("--iteration", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="in this order; a name given twice runs twice (kept as name#2)")
     parser.add_argument("--work", type=Path, default=None, help="where each setting trains "
                         "(default: RUN/train_settings)")
     parser.add_argument("--output", type=Path, default=RESULTS / "train_settings.json")
@@ -102,8 +113,9 @@ def main() -> None:
         child = subprocess.run([sys.executable, __file__, str(args.run), "--iteration",
                                 str(args.iteration), "--work", str(work), "--one", name],
                                check=True, capture_output=True, text=True)
-        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(name, json.dumps(results[name]), flush=True)
+        key = name if name not in results else f"{name}#{sum(k.split('#')[0] == name for k in results) + 1}"
+        results[key] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(key, json.dumps(results[key]), flush=True)
     write_json(args.output, {"benchmark": "train_settings", "run": str(args.run),
                              "iteration": args.iteration, "settings": results})
     print(f"wrote {args.output}")

@@ -88,14 +88,16 @@ class _Rows:
 
 @torch.no_grad()
 def backbone_features(model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                      batch_size: int, max_length: int, logprobs: bool = False) -> Features:
+                      batch_size: int, max_length: int, logprobs: bool = False,
+                      tap=None) -> Features:
     """Features of every prompt + completion, in their order. `logprobs` needs a causal LM.
 
     Texts that share a prompt (a tree's nodes and rollouts all do) run it once, and their
     completions as one token tree where the model allows it; the prefix all the prompts open
     with runs once for all of them (critics.shared_prompt; 14x fewer tokens than a pass per text
     on 16 demo trees). A text longer than `max_length`, with an empty prompt or with a prompt of
-    its own runs in a left-padded batch (long texts keep their tail)."""
+    its own runs in a left-padded batch (long texts keep their tail). `tap`: told about each
+    shared-prompt forward (pipeline.lm.trunk.Trunk records what its frozen trunk computed)."""
     lm_head = model.get_output_embeddings() if logprobs else None
     if logprobs and lm_head is None:
         raise ValueError("critics.orm_features=confidence and critics.state_features=confidence "
@@ -110,7 +112,8 @@ def backbone_features(model, tokenizer, prompts: Sequence[str], completions: Seq
               tokenizer(c, add_special_tokens=False).input_ids if c else [])
              for p, c in zip(prompts, completions, strict=True)]
     groups, alone = group_by_prompt(pairs, max_length, min_group=2)
-    for i, _, states, logps in grouped_states(model, groups, batch_size, pad_id(tokenizer), lm_head):
+    for i, _, states, logps in grouped_states(model, groups, batch_size, pad_id(tokenizer), lm_head,
+                                              tap):
         out.put(i, states[-1], states[0], None if logps is None else _logprob_stats(logps))
     _left_padded(model, lm_head, tokenizer, prompts, completions, alone, batch_size, max_length, out)
     return Features(torch.stack(out.hidden), torch.stack(out.prompt),

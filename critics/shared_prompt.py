@@ -153,22 +153,29 @@ def shareable_prefix_length(model, prompts: Sequence[Sequence[int]]) -> int:
 
 
 @torch.no_grad()
-def shared_prefix(model, prompts: Sequence[Sequence[int]]) -> PromptPrefix | None:
-    """The prefix all `prompts` share, run once; None where none is shareable."""
+def shared_prefix(model, prompts: Sequence[Sequence[int]], tap=None) -> PromptPrefix | None:
+    """The prefix all `prompts` share, run once; None where none is shareable. `tap`
+    (pipeline.lm.trunk.Trunk or Replay): told before and after each forward of the pass, to
+    replay or file what enters the first layer above the model's frozen trunk."""
     k = shareable_prefix_length(model, prompts)
     if not k:
         return None
     ids = list(prompts[0][:k])
+    if tap is not None:
+        tap.before("prefix", ids)
     out = model.base_model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
+    if tap is not None:
+        tap.prefix()
     return PromptPrefix(ids, returned_cache(out))
 
 
 def grouped_states(model, groups: dict[tuple[int, ...], list[Row]], batch_size: int,
-                   pad: int, lm_head=None) -> Iterator[Scored]:
+                   pad: int, lm_head=None, tap=None) -> Iterator[Scored]:
     """completion_states for every prompt group, the prefix the prompts share run once."""
-    prefix = shared_prefix(model, list(groups))
+    prefix = shared_prefix(model, list(groups), tap)
     for prompt_ids, rows in groups.items():
-        yield from completion_states(model, list(prompt_ids), rows, batch_size, pad, prefix, lm_head)
+        yield from completion_states(model, list(prompt_ids), rows, batch_size, pad, prefix,
+                                     lm_head, tap)
 
 
 def picked_logprobs(lm_head, predictors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -185,7 +192,7 @@ def picked_logprobs(lm_head, predictors: torch.Tensor, targets: torch.Tensor) ->
 @torch.no_grad()
 def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_size: int,
                       pad: int, prefix: PromptPrefix | None = None,
-                      lm_head=None) -> Iterator[Scored]:
+                      lm_head=None, tap=None) -> Iterator[Scored]:
     """Per row sharing `prompt_ids`: (index, completion ids, states, log-probs), where states is
     (1 + len(ids), hidden): the final hidden state at the prompt's last token, then at each
     completion token; states[k] predicts completion token k. With `lm_head` (plain_lm_head),
@@ -198,13 +205,17 @@ def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_s
     if prefix is not None and prefix.opens(prompt_ids):
         start = len(prefix.ids)
         cache = with_cache(base, copy.deepcopy(prefix.cache))
+    if tap is not None:
+        tap.before("prompt", prompt_ids, start)
     first = base(input_ids=torch.tensor([prompt_ids[start:]], device=model.device),
                  position_ids=torch.arange(start, len(prompt_ids), device=model.device)[None],
                  use_cache=True, **cache)
+    if tap is not None:
+        tap.prompt(prompt_ids, start)
     prompt_state = first.last_hidden_state[0, -1:]
     run = _tree_states if tree_attention_fits(model) else _padded_states
     for i, ids, hidden, logps in run(model, returned_cache(first), prompt_state, len(prompt_ids),
-                                     rows, batch_size, pad, lm_head):
+                                     rows, batch_size, pad, lm_head, tap):
         states = torch.cat([prompt_state, hidden]) if ids else prompt_state
         if lm_head is not None and logps is None:  # one row's own tokens: nothing to share
             logps = picked_logprobs(lm_head, states[:-1], torch.tensor(ids, device=model.device))
@@ -212,7 +223,7 @@ def completion_states(model, prompt_ids: list[int], rows: Sequence[Row], batch_s
 
 
 def _padded_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[Row],
-                   batch_size: int, pad: int, lm_head):
+                   batch_size: int, pad: int, lm_head, tap=None):
     """(index, ids, states of the ids, None) per row, in right-padded batches of like length;
     each batch reads a copy of the prompt's cache, repeated per row (`prompt_state` and
     `lm_head` are unused: rows share no tokens, completion_states projects each)."""
@@ -227,8 +238,13 @@ def _padded_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[
             mask = torch.tensor([[1] * (size + len(ids)) + [0] * (width - len(ids)) for _, ids in chunk],
                                 device=device)
             positions = torch.arange(size, size + width, device=device).expand(len(chunk), width)
+            told = [(ids, torch.arange(len(ids)), j) for j, (_, ids) in enumerate(chunk)]
+            if tap is not None:
+                tap.before("rows", told, (len(chunk), width))
             hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                           use_cache=True, **with_cache(base, cache)).last_hidden_state
+        if tap is not None and width:
+            tap.rows(told)
         for j, (i, ids) in enumerate(chunk):
             yield i, ids, hidden[j, :len(ids)] if ids else None, None
 
@@ -294,7 +310,7 @@ def token_trees(rows: Sequence[Row], batch_size: int, budget: int) -> Iterator[T
 
 
 def _tree_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[Row],
-                 batch_size: int, pad: int, lm_head):
+                 batch_size: int, pad: int, lm_head, tap=None):
     """(index, ids, states of the ids, their log-probs or None) per row, one forward per token
     tree after the prompt's cache (cut back to the prompt after each); with `lm_head`, each tree
     token's log-prob is read once, from its parent's state (`prompt_state` for the first
@@ -309,10 +325,15 @@ def _tree_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[Ro
             mask[:, :size] = 0.0
             mask[:, size:].masked_fill_(tree.visible(), 0.0)
             positions = torch.tensor([[size + d for d in tree.depth]], device=device)
+            told = [(ids, torch.tensor(path, dtype=torch.long), 0) for _, ids, path in tree.rows]
+            if tap is not None:
+                tap.before("rows", told, (1, n))
             hidden = base(input_ids=torch.tensor([tree.tokens], device=device),
                           attention_mask=mask[None, None].to(device), position_ids=positions,
                           use_cache=True, **with_cache(base, prompt_cache)).last_hidden_state[0]
             prompt_cache.crop(-n)  # back to the prompt alone (a negative count: tokens to drop)
+            if tap is not None:
+                tap.rows(told)
             if lm_head is not None:  # row 0 the prompt's state: a NO_PARENT (-1) token's predictor
                 parents = torch.tensor(tree.parent, device=device) + 1
                 logps = picked_logprobs(lm_head, torch.cat([prompt_state, hidden])[parents],

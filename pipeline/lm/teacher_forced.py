@@ -10,19 +10,28 @@ from collections.abc import Sequence
 import torch
 
 from critics.shared_prompt import group_by_prompt, grouped_states, pad_id, plain_lm_head
+from pipeline.lm.trunk import Trunk, replaying_passes
 
 LOGITS_MB = 256  # float32 logits (and their log-softmax) one forward may hold; rows are chunked
 
 
 @torch.no_grad()
 def completion_logprobs(model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                        batch_size: int = 16) -> list[list[float]]:
+                        batch_size: int = 16, tap=None) -> list[list[float]]:
     """Teacher-forced per-token log-probs of each completion (text, tokenized apart from its
     prompt) after its prompt. Used by the implicit DPO reward (log pi - log pi_ref) and by beam
-    scoring."""
+    scoring. `tap`: as tail_logprobs takes it."""
     pairs = [(tokenizer(p, add_special_tokens=False).input_ids,
               tokenizer(c, add_special_tokens=False).input_ids) for p, c in zip(prompts, completions)]
-    return tail_logprobs(model, tokenizer, pairs, batch_size)
+    return tail_logprobs(model, tokenizer, pairs, batch_size, tap)
+
+
+def trunk_logprobs(model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                   batch_size: int = 16, *, trunk: Trunk | None = None) -> list[list[float]]:
+    """completion_logprobs, each forward starting above `trunk` (pipeline.lm.trunk) where
+    `model` computes its states and the trunk holds every text; else whole."""
+    with replaying_passes(model, trunk) as tap:
+        return completion_logprobs(model, tokenizer, prompts, completions, batch_size, tap)
 
 
 @torch.no_grad()
@@ -39,17 +48,20 @@ def token_logprobs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence
 
 
 def tail_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]],
-                  batch_size: int) -> list[list[float]]:
+                  batch_size: int, tap=None) -> list[list[float]]:
     """Per (prompt ids, completion ids): the completion tokens' log-probs. Completions that share
     a prompt (a problem's samples, a node's sibling options) run it once, and the prefix all
     those prompts open with once for all of them (critics.shared_prompt); the rest run in
-    left-padded batches."""
+    left-padded batches. `tap` (pipeline.lm.trunk): files the grouped rows' trunk states, or replays them."""
     lm_head = plain_lm_head(model)
     groups, alone = group_by_prompt(pairs, min_group=2)
     if lm_head is None:  # scaled or soft-capped logits: each text runs whole
         groups, alone = {}, list(range(len(pairs)))
+    if tap is not None and not tap.covers([pairs[i] for rows in groups.values() for i, _ in rows]):
+        tap = None  # the pass's forwards share KV caches: replay all of them or none
     results: list[list[float] | None] = [None] * len(pairs)
-    for i, _, _, logps in grouped_states(model, groups, batch_size, pad_id(tokenizer), lm_head):
+    for i, _, _, logps in grouped_states(model, groups, batch_size, pad_id(tokenizer), lm_head,
+                                           tap):
         results[i] = logps.tolist()
     for i, found in zip(alone, _left_padded(model, tokenizer, [pairs[i] for i in alone], batch_size)):
         results[i] = found

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,10 +45,11 @@ from critics.targets import cap_state_examples, heldout_problems
 from pipeline.config import CriticsConfig, ModelConfig, QstarConfig, to_dict
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
+from pipeline.lm.trunk import Trunk
 from pipeline.run.atomic import atomic_dir, write_json
 from pipeline.run.store import load_shards
 from pipeline.stages.base import Loop, resolve_ref
-from pipeline.stages.reference import dpo_reference, implicit_critic, implicit_policy
+from pipeline.stages.reference import dpo_reference, implicit_critic, implicit_policy, trained_trunk
 
 LOSS = {"value": "mse", "prm": "bce", "orm": "bce"}  # value regresses Q; PRM/ORM are probabilities
 
@@ -129,19 +131,29 @@ def within_problem(scores, heldout: Sequence[Example]) -> dict:
 
 def implicit_metrics(heldout: Sequence[Example], reference: tuple[str, float] | None, policy,
                      tokenizer, policy_dir: str, backbone: str, model_cfg: ModelConfig,
-                     batch_size: int) -> dict:
-    """The policy's implicit reward (summed over each held-out completion) as a critic of it."""
+                     batch_size: int, trunk: Trunk | None = None) -> dict:
+    """The policy's implicit reward (summed over each held-out completion) as a critic of it;
+    its passes start above the `trunk` the features pass recorded, where the models share it."""
     if reference is None:
         return {"skipped": "the policy was not trained by DPO: no reference"}
     dpo_phase = implicit_policy(policy_dir)
     if dpo_phase is None and Path(backbone).resolve() != Path(policy_dir).resolve():
         policy, tokenizer = load_model(replace(model_cfg, name=policy_dir))
     critic = implicit_critic(reference, policy, tokenizer, model_cfg, batch_size,
-                             f"{policy_dir}/meta.json", dpo_phase)
+                             f"{policy_dir}/meta.json", dpo_phase, trunk)
     rewards = critic.of_texts([e.prompt for e in heldout], [e.completion for e in heldout])
     targets = [e.target for e in heldout]
     return {"beta": reference[1], "heldout_examples": len(heldout),
             "auc": auc(rewards, targets), **within_problem(rewards, heldout)}
+
+
+def _state_features(model, tokenizer, states: list[tuple[str, str]], cfg: CriticsConfig,
+                    uses: dict, trunk: Trunk | None):
+    """backbone_features of every (prompt, completion), recording the trunk where there is one."""
+    with trunk.recording(model) if trunk else nullcontext():
+        return backbone_features(model, tokenizer, [p for p, _ in states], [c for _, c in states],
+                                 cfg.score_batch_size, cfg.max_length,
+                                 logprobs=FeatureSet.confidence in uses.values(), tap=trunk)
 
 
 def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out_dir: Path,
@@ -169,9 +181,10 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
     states = sorted({(e.prompt, e.completion) for kind in KINDS for e in examples[kind]})
     uses = head_features(cfg)
     feature_start = time.perf_counter()
-    found = backbone_features(model, tokenizer, [p for p, _ in states], [c for _, c in states],
-                              cfg.score_batch_size, cfg.max_length,
-                              logprobs=FeatureSet.confidence in uses.values())
+    # the layers below LoRA's, which the reference and DPO phase share: kept for the implicit pass
+    trunk = (trained_trunk(policy_dir, model.config.num_hidden_layers)
+             if reference and not cfg.backbone else None)
+    found = _state_features(model, tokenizer, states, cfg, uses, trunk)
     feature_seconds = time.perf_counter() - feature_start
     index = {state: i for i, state in enumerate(states)}
     heads, meta, metrics = {}, {}, {}
@@ -189,7 +202,8 @@ def train_critics(rows: Sequence[dict], policy_dir: str, cfg: CriticsConfig, out
         meta[kind] = {"backbone": recorded, "examples": {"train": len(train), "heldout": len(heldout)},
                       "metrics": metrics[kind], "config": to_dict(cfg)}
     metrics["implicit"] = implicit_metrics(completions, reference, model, tokenizer, policy_dir,
-                                           backbone, model_cfg or ModelConfig(), cfg.score_batch_size)
+                                           backbone, model_cfg or ModelConfig(), cfg.score_batch_size,
+                                           trunk)
     result = {**metrics, "backbone": recorded, "problems": len(problem_ids),
               "heldout_problems": sorted(heldout_problems(problem_ids, cfg.heldout_fraction, cfg.seed)),
               "texts": len(states),

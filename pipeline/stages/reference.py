@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from critics import ImplicitCritic
 from pipeline.config import CriticsConfig, ModelConfig, TrainConfig, replace_model_name
 from pipeline.errors import QstarError
+from pipeline.lm import trunk as trunk_lib
 from pipeline.lm.models import load_model, resolve_model_path
-from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs
+from pipeline.lm.teacher_forced import completion_logprobs, token_logprobs, trunk_logprobs
+from pipeline.lm.trunk import Trunk
 from pipeline.run.atomic import atomic_dir
 from pipeline.run.progress import weight_bars_off
+from pipeline.stages.trl_trainers import adapted_layers
 
 DPO_PHASE = "dpo_phase"  # the DPO phase's model, inside a policy a later phase trained on
 SFT_PHASE = "sft_phase"  # the SFT phase's model, inside a policy DPO trained against it
@@ -103,10 +107,12 @@ def load_implicit(policy_dir: str, model, tokenizer, model_cfg: ModelConfig,
 
 
 def implicit_critic(reference: tuple[str, float], model, tokenizer, model_cfg: ModelConfig,
-                    batch_size: int, where: str, dpo_phase: str | None = None) -> ImplicitCritic:
+                    batch_size: int, where: str, dpo_phase: str | None = None,
+                    trunk: Trunk | None = None) -> ImplicitCritic:
     """The implicit reward against (reference path, beta): of `model`, or of the DPO phase's
     model at `dpo_phase` when a later phase made `model` (then `model` only generates); `where`
-    names the reference's source in the one-line error when it cannot be loaded."""
+    names the reference's source in the one-line error when it cannot be loaded. Its text
+    passes start above `trunk` (pipeline.lm.trunk) where the models compute its states."""
     path, beta = reference
     try:
         ref_model, _ = load_model(replace(model_cfg, name=path))
@@ -114,8 +120,22 @@ def implicit_critic(reference: tuple[str, float], model, tokenizer, model_cfg: M
         raise QstarError(f"{where}: reference={path!r} cannot be loaded ({exc})") from None
     if dpo_phase is not None:  # its own tokenizer: `model` may be a separate critics backbone
         model, tokenizer = load_model(replace(model_cfg, name=dpo_phase))
-    return ImplicitCritic(model, ref_model, tokenizer, beta, completion_logprobs, token_logprobs,
+    texts = partial(trunk_logprobs, trunk=trunk) if trunk is not None else completion_logprobs
+    return ImplicitCritic(model, ref_model, tokenizer, beta, texts, token_logprobs,
                           batch_size, generates=dpo_phase is None)
+
+
+def trained_trunk(policy_dir: str, layers: int) -> Trunk | None:
+    """A Trunk to record below the first layer the policy's LoRA training adapted (meta.json's
+    train config), which its DPO reference and DPO phase share with it; None when every layer
+    trained (or SHARE_TRUNK is off). Policies saved before `lora_layer_fraction` adapted every
+    layer."""
+    meta = _dpo_meta(policy_dir)
+    cfg = meta["config"] if meta else {}
+    if not (trunk_lib.SHARE_TRUNK and cfg.get("lora") and "lora_layer_fraction" in cfg):
+        return None
+    depth = adapted_layers(cfg["lora_layer_fraction"], layers).start
+    return Trunk(depth) if depth > 0 else None
 
 
 def keep_phase(path: Path, model, tokenizer, use_cache: bool | None) -> None:

@@ -1,37 +1,34 @@
 """Train stage: TRL DPO and/or SFT on the data stage's rows -> the next iteration's policy.
 
-`train_policy` fine-tunes policy_i on `data_dir/{dpo,sft}.jsonl` (see pipeline.stages.data for the
-row formats) and saves policy_{i+1} into `out_dir/policy`. TRL does the training; this module
-only builds its configs and datasets. `train.history` adds earlier iterations' rows (oldest
-first, as they were written: a solution two searches found trains twice), and
-`train.from_base` starts from policy_0 instead of policy_i: STaR's and ReST-EM's recipe
-(history=-1, from_base=true) refits the base model on everything verified so far each
-iteration, so the policy never drifts further than one fine-tune from the base.
+`train_policy` fine-tunes policy_i on `data_dir/{dpo,sft}.jsonl` (pipeline.stages.data) into
+`out_dir/policy`; TRL trains, this module builds its configs and datasets. `train.history` adds
+earlier iterations' rows (oldest first, as written), `train.from_base` starts from policy_0:
+STaR's and ReST-EM's recipe (history=-1, from_base=true) refits the base model on everything
+verified so far, never further than one fine-tune from the base.
 
-- DPO: `trl.DPOTrainer` with beta, loss_type (a list: several are mixed with equal weights, e.g.
-  `train.loss_type=[sigmoid,sft]`), learning rate, epochs, batch size, gradient accumulation and max_length from
-  TrainConfig. Reference = the starting policy with `precompute_ref_log_probs=True`: TRL runs one
-  no-grad pass of the *untrained* model over the pairs before training, stores the reference
-  log-probs as dataset columns and sets `ref_model=None`, so no second model is held during
-  training. (With LoRA the reference is the base model with the adapter disabled.)
+- DPO: `trl.DPOTrainer` with TrainConfig's beta, loss_type (a list: mixed with equal weights,
+  e.g. `[sigmoid,sft]`), step, epochs, batches and max_length. Reference = the starting policy
+  with `precompute_ref_log_probs=True`: one no-grad pass of the *untrained* model (with LoRA:
+  the adapter off) stores the reference log-probs as dataset columns before training, so no
+  second model is held during training.
   `train.reference=base`: policy_0 is the reference in every iteration (pipeline.stages.reference).
-  `train.reference=sft` (train.mode=dpo): SFT on the SFT rows first, then DPO from its model
-  with its model as the reference (TRL's reference pass runs it), kept inside the policy
-  (`sft_phase/`, named by meta.json's `reference`). No SFT rows: DPO against policy_i alone.
-- EOS: TRL appends the tokenizer's EOS to every DPO completion. A step option that is not
-  terminal in the tree does not end the solution, so a thin collator (TRL's own
-  `DataCollatorForPreference`, wrapped) removes that EOS token from non-terminal completions,
-  for the reference pass and for training alike. SFT rows are whole solutions: TRL's EOS stays.
+  `train.reference=sft` (train.mode=dpo): SFT first, then DPO from and against its model, kept
+  inside the policy (`sft_phase/`, meta.json's `reference`). No SFT rows: DPO against policy_i.
+- EOS: TRL appends EOS to every DPO completion; a thin collator (TRL's, wrapped) removes it
+  from a step option that is not terminal in the tree (it does not end the solution), for the
+  reference pass and training alike. SFT rows are whole solutions: TRL's EOS stays.
 - SFT: `trl.SFTTrainer` on prompt/completion rows, loss on the completion only (TRL's default).
   Both phases project the vocabulary at labelled positions only (`lm_head_on_labels_only`).
 - mode: dpo | sft | dpo_then_sft (DPO from policy_i, then SFT from the DPO result). A phase with
-  no rows is skipped; when no phase has rows nothing is trained or written and the result says
-  `skipped` and names the old policy in `policy_dir`, for the caller to reuse.
+  no rows is skipped; with none, nothing is trained or written: the result says `skipped` and
+  names the old policy in `policy_dir`.
 - Precision: float32 weights; bf16 (fp16) autocast on cuda with model.dtype bfloat16 (float16),
   on CPU only with train.cpu_autocast and model.dtype bfloat16 (benchmarks/RESULTS.md); the pair
   metrics after training run under TRL's autocast too. Activation checkpointing unless off.
 - LoRA (cfg.lora): peft lazily; r=16, alpha=32, all linear layers (of the last
   cfg.lora_layer_fraction of layers), merged before saving: the next policy is a plain checkpoint.
+  DPO's steps start at the first adapted layer, from what the reference pass computed below it
+  (pipeline.lm.trunk).
 - Checkpoints: TRL's output_dir is `out_dir/trainer/<phase>`, saved every `save_steps` steps and
   at the end, keeping one. If a checkpoint is there, the phase resumes from it
   (`resume_from_checkpoint`), so an interrupted training loses only the steps since it. A
@@ -42,28 +39,27 @@ iteration, so the policy never drifts further than one fine-tune from the base.
   `out_dir/policy` (atomic). meta.json: source_policy, reference, iteration, data_dir and
   earlier_data (run-relative in a run), rows {dpo, sft}, metrics, config (TrainConfig), model
   (ModelConfig), and implicit_policy when SFT trained on after DPO: the DPO phase's own model,
-  kept in `out_dir/policy/dpo_phase` (saved there when the DPO phase ends, moved in with the policy), whose log-ratio against the reference is the
-  policy's implicit reward (pipeline.stages.reference). If `out_dir/policy/meta.json` already exists, training is complete
-  and its metrics are returned without training again. Checkpoints are deleted afterwards unless
-  keep_checkpoints; each phase's TRL log history stays in `out_dir/trainer/<phase>/log_history.json`
-  (and, kept current while the phase runs, `log.jsonl`).
-- Output: a bar per phase and a summary line at its end (pipeline.run.train_progress), not the
-  Trainer's metric dicts or checkpoint bars; progress=false leaves only the summary line.
+  kept in `out_dir/policy/dpo_phase` (saved when the DPO phase ends, moved in with the policy),
+  whose log-ratio against the reference is the policy's implicit reward (pipeline.stages.reference).
+  If `out_dir/policy/meta.json` exists, training is complete and its metrics are returned.
+  Checkpoints are deleted afterwards unless keep_checkpoints; each phase's TRL log history stays
+  in `out_dir/trainer/<phase>/log_history.json` (and, current while the phase runs, `log.jsonl`).
+- Output: a bar per phase and a summary line (pipeline.run.train_progress); progress=false: the line.
 
 Metrics (flat dict; `<phase>` is dpo or sft):
-    mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration, pairs (DPO rows in the files), sft_rows, data_iterations,
-    steps, seconds, loss (last logged loss of the last phase), skipped (only when nothing trained),
+    mode, phases, policy_dir, source_policy, reference (None without a DPO phase), iteration,
+    pairs (DPO rows in the files), sft_rows, data_iterations, steps, seconds, loss (last logged
+    loss of the last phase), skipped (only when nothing trained),
     <phase>/rows (rows trained on), <phase>/rows_too_long (prompt alone >= max_length tokens:
     dropped, as TRL would), <phase>/steps, <phase>/seconds (reference pass included),
     <phase>/loss_first, <phase>/loss_last, <phase>/loss_mean, <phase>/train_loss,
     dpo/rewards/{chosen,rejected,margins,accuracies} (last logged step) and their _mean,
-    dpo/logps/chosen_first, dpo/logps/chosen_last, dpo/logps/rejected_first,
-    dpo/logps/rejected_last (per-step batch means: each step sees other pairs, so first and last
-    are not one pair's change), dpo/after/{rewards/chosen,rewards/rejected,rewards/margins,
-    rewards/accuracies,logps/chosen,logps/rejected} (means over every pair with the trained
-    policy: `pair_metrics_after`), dpo/logps/chosen_change (dpo/after/rewards/chosen / beta: the
-    chosen log-prob against the reference, mean over all pairs; the r -> Q* paper predicts it
-    falls during DPO), <phase>/mean_token_accuracy (last step) and its _mean.
+    dpo/logps/{chosen,rejected}_{first,last} (per-step batch means: each step sees other pairs,
+    so first and last are not one pair's change), dpo/after/{rewards/chosen,rewards/rejected,
+    rewards/margins,rewards/accuracies,logps/chosen,logps/rejected} (means over every pair with
+    the trained policy: `pair_metrics_after`), dpo/logps/chosen_change (dpo/after/rewards/chosen
+    / beta: the chosen log-prob against the reference, mean over all pairs; the r -> Q* paper
+    predicts it falls during DPO), <phase>/mean_token_accuracy (last step) and its _mean.
 """
 
 from __future__ import annotations
@@ -80,6 +76,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig, Reference, TrainConfig, TrainMode, to_dict
 from pipeline.lm.models import load_tokenizer
+from pipeline.lm.trunk import replaying
 from pipeline.run.atomic import atomic_dir, read_jsonl, write_json
 from pipeline.run.memory import release_freed_memory
 from pipeline.run.progress import weight_bars_off
@@ -95,6 +92,7 @@ from pipeline.stages.reference import (
 from pipeline.stages.trl_trainers import (
     DPO_KEYS,
     dpo_trainer,
+    dpo_trunk,
     lm_head_on_labels_only,
     load_policy_for_training,
     pair_metrics_after,
@@ -285,7 +283,8 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
     checkpoint. A DPO phase that another follows leaves its model in out_dir/dpo_phase (the
     implicit reward's policy); an SFT phase DPO follows, in out_dir/sft_phase (its reference).
     Returns the trained model, the last trainer, the histories."""
-    runners = {"dpo": partial(dpo_trainer, ref_model=ref_model), "sft": sft_trainer}
+    trunk = dpo_trunk(cfg, model, ref_model)  # recorded by DPO's reference pass, replayed by its steps
+    runners = {"dpo": partial(dpo_trainer, ref_model=ref_model, trunk=trunk), "sft": sft_trainer}
     histories, trainer = {}, None
     for phase in phases:
         output_dir = out_dir / "trainer" / phase
@@ -297,7 +296,8 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
                                      report_to, save_steps, callbacks, progress)
             show_progress(trainer, phase, output_dir, progress)  # a bar and a summary line
             _free_memory()  # what TRL's reference pass (in the trainer's init) left behind
-            trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
+            with replaying(trainer.model, trunk if phase == "dpo" else None):
+                trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir))
         histories[phase] = trainer.state.log_history
         metrics.update(_phase_metrics(phase, trainer.state.log_history, trainer.state.global_step,
                                       time.perf_counter() - phase_start, len(trainer.train_dataset)))
@@ -305,7 +305,7 @@ def _train_phases(model, tokenizer, rows: dict, phases: list[str], metrics: dict
         if cfg.lora:
             model = model.merge_and_unload()  # the next phase, or the saved policy, is plain
         if phase == "dpo":
-            metrics.update(pair_metrics_after(model, trainer, cfg.beta))
+            metrics.update(pair_metrics_after(model, trainer, cfg.beta, trunk))
         if phase != phases[-1]:  # what a later phase's implicit reward needs of this one
             keep_phase(out_dir / (DPO_PHASE if phase == "dpo" else SFT_PHASE), model, tokenizer,
                        use_cache)

@@ -18,8 +18,10 @@ import torch
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import QstarError
+from pipeline.lm import trunk as trunk_lib
 from pipeline.lm.models import cuda_attention
 from pipeline.lm.teacher_forced import tail_logprobs
+from pipeline.lm.trunk import Trunk, replaying_passes
 from pipeline.run.progress import weight_bars_off
 from pipeline.run.train_progress import library_bars_off
 
@@ -100,7 +102,7 @@ def lm_head_on_labels_only():
 
 
 @contextmanager
-def reference_pass_as_token_trees(pairs_per_forward: int):
+def reference_pass_as_token_trees(pairs_per_forward: int, trunk: Trunk | None = None):
     """While it is open, the reference log-prob pass in TRL's DPOTrainer init (its
     `_precompute_ref_logps`, swapped for the duration) scores each pair's prompt once for both
     completions, as pair_metrics_after does: `reference_logps` on the token ids TRL's collator
@@ -108,7 +110,8 @@ def reference_pass_as_token_trees(pairs_per_forward: int):
     instruction and worked example) run once. TRL's own pass runs every pair's prompt twice,
     right-padded: 104 against 78.5 s of the demo's DPO phase on a CPU (benchmarks/RESULTS.md,
     "Token trees for the reference pass and the refit"). The columns TRL's loss reads
-    (ref_chosen_logps, ref_rejected_logps) are the same.
+    (ref_chosen_logps, ref_rejected_logps) are the same. With a `trunk` (pipeline.lm.trunk) the
+    pass also records what enters its first adapted layer, for the training steps to start there.
     Leaves TRL's pass alone where a TRL version no longer has the method."""
     from trl import DPOTrainer
 
@@ -118,7 +121,7 @@ def reference_pass_as_token_trees(pairs_per_forward: int):
         return
 
     def shared(trainer, dataset, name, batch_size):
-        chosen, rejected = reference_logps(trainer, dataset, 2 * pairs_per_forward)
+        chosen, rejected = reference_logps(trainer, dataset, 2 * pairs_per_forward, trunk)
         return (dataset.add_column("ref_chosen_logps", chosen)
                 .add_column("ref_rejected_logps", rejected))
 
@@ -143,19 +146,23 @@ def pair_token_ids(trainer, dataset) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-def reference_logps(trainer, dataset, batch: int) -> tuple[list[float], list[float]]:
+def reference_logps(trainer, dataset, batch: int,
+                    trunk: Trunk | None = None) -> tuple[list[float], list[float]]:
     """Each pair's summed reference log-probs (chosen, rejected), under the autocast of TRL's
-    training: the trainer's ref_model, else its model (a peft model with its adapter off)."""
+    training: the trainer's ref_model, else its model (a peft model with its adapter off), whose
+    frozen trunk `trunk` records then."""
     model = trainer.ref_model or trainer.model
     adapter_off = nullcontext()
     if trainer.ref_model is None and hasattr(model, "disable_adapter"):  # a peft model
         adapter_off, model = model.disable_adapter(), model.get_base_model()
+    trunk = trunk if trainer.ref_model is None else None  # another model's trunk is not ours
     training = model.training
     model.eval()
     try:
-        with adapter_off, trainer.accelerator.autocast():
+        with adapter_off, trainer.accelerator.autocast(), \
+                trunk.recording(model) if trunk else nullcontext():
             logps = [sum(tokens) for tokens in tail_logprobs(
-                model, trainer.processing_class, pair_token_ids(trainer, dataset), batch)]
+                model, trainer.processing_class, pair_token_ids(trainer, dataset), batch, trunk)]
     finally:
         model.train(training)
     return logps[0::2], logps[1::2]
@@ -164,6 +171,16 @@ def reference_logps(trainer, dataset, batch: int) -> tuple[list[float], list[flo
 def adapted_layers(fraction: float, layers: int) -> range:
     """The decoder layers LoRA adapts: the last `fraction` of them, rounded, at least one."""
     return range(layers - max(1, round(fraction * layers)), layers)
+
+
+def dpo_trunk(cfg: TrainConfig, model, ref_model) -> Trunk | None:
+    """The trunk DPO's reference pass records and its steps replay (pipeline.lm.trunk): the
+    layers below the first adapted one, when LoRA leaves some, the reference is the model DPO
+    starts from, and no activation checkpointing recomputes the layers; else None."""
+    if not (trunk_lib.SHARE_TRUNK and cfg.lora and ref_model is None and not cfg.activation_checkpointing):
+        return None
+    depth = adapted_layers(cfg.lora_layer_fraction, model.config.num_hidden_layers).start
+    return Trunk(depth) if depth else None
 
 
 def lora_config(cfg: TrainConfig, model):
@@ -230,7 +247,7 @@ def load_policy_for_training(path: str, cfg: TrainConfig, model_cfg: ModelConfig
 
 
 def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, save_steps, callbacks,
-                progress, ref_model=None):
+                progress, ref_model=None, trunk: Trunk | None = None):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -252,7 +269,7 @@ def dpo_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
                                   truncation_mode=args.truncation_mode),
         tokenizer.eos_token_id,
     )
-    with reference_pass_as_token_trees(cfg.reference_batch_size):
+    with reference_pass_as_token_trees(cfg.reference_batch_size, trunk):
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, data_collator=collator,
                              callbacks=callbacks, peft_config=lora_config(cfg, model))
@@ -275,7 +292,7 @@ def sft_trainer(model, tokenizer, rows, cfg, model_cfg, output_dir, report_to, s
                       callbacks=callbacks, peft_config=lora_config(cfg, model))
 
 
-def pair_metrics_after(model, trainer, beta: float) -> dict:
+def pair_metrics_after(model, trainer, beta: float, trunk: Trunk | None = None) -> dict:
     """TRL's DPO metrics over every pair with the trained `model`, each pair weighed alike (the
     per-step logs are one batch each, a different batch every step). The reference log-probs are
     the trainer's precomputed dataset columns; each pair's token ids are the ones TRL trained on,
@@ -284,15 +301,16 @@ def pair_metrics_after(model, trainer, beta: float) -> dict:
     token tree (pipeline.lm.teacher_forced.tail_logprobs), instead of `trainer.evaluate`'s full
     forward of each completion with its prompt. rewards/x = beta * (log pi(x) - log pi_ref(x));
     dpo/logps/chosen_change = rewards/chosen / beta: the chosen completions' mean log-prob change
-    against the reference (r -> Q*: it falls)."""
+    against the reference (r -> Q*: it falls). With the `trunk` DPO's reference pass recorded
+    (pipeline.lm.trunk), each forward starts at its depth."""
     pairs = pair_token_ids(trainer, trainer.train_dataset)
     refs = [(row["ref_chosen_logps"], row["ref_rejected_logps"]) for row in trainer.train_dataset]
     training = model.training
     model.eval()
     try:
-        with trainer.accelerator.autocast():  # the precision of the reference pass and training
+        with trainer.accelerator.autocast(), replaying_passes(model, trunk) as tap:
             logps = [sum(tokens) for tokens in tail_logprobs(model, trainer.processing_class, pairs,
-                                                            PAIR_METRICS_BATCH)]
+                                                            PAIR_METRICS_BATCH, tap)]
     finally:
         model.train(training)
     chosen, rejected = logps[0::2], logps[1::2]
