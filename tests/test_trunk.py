@@ -145,6 +145,9 @@ def test_replayed_passes_give_the_same_logprobs_without_the_trunks_layers(tiny_m
     head = "the same instruction opens every prompt here: "
     pairs = [(tokenizer(head + q).input_ids, tokenizer(c).input_ids)
              for q in ("4 + 4 = ?", "9 + 2 = ?") for c in ("8", "81", "11 or so", "")]
+    # one token sequence split two ways: a step pair's prompt holds a trajectory's first step
+    step = pairs[6][0] + pairs[6][1][:3]
+    pairs += [(step, pairs[6][1][3:]), (step, tokenizer(" or 12").input_ids)]
     trunk = Trunk(depth=1)
     with torch.no_grad(), trunk.recording(model):
         recorded = tail_logprobs(model, tokenizer, pairs, 4, trunk)

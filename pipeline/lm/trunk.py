@@ -54,8 +54,10 @@ class Trunk:
     the shared-prompt pass's tap (critics.shared_prompt calls it after each forward)."""
 
     depth: int
-    # per sequence: (its prompt's ids, the states of its completion tokens)
-    states: dict[tuple[int, ...], tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
+    # per (prompt ids, completion ids): the states of the completion's tokens; one token
+    # sequence may be split two ways (a step pair's prompt holds a trajectory pair's first step)
+    states: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+    sequences: dict[tuple[int, ...], tuple] = field(default_factory=dict)  # whole ids -> a key of states
     prompts: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # per prompt
     decoder: object = None  # the decoder it was recorded on
     versions: list[int] = field(default_factory=list)  # its trunk's weights' in-place versions
@@ -101,7 +103,9 @@ class Trunk:
         positions of its tokens in that forward's batch row, which row)."""
         prompt_ids, prompt = self._prompt
         for ids, at, row in rows:
-            self.states[prompt_ids + tuple(ids)] = prompt_ids, self._entering[row][at]
+            key = prompt_ids, tuple(ids)
+            self.states[key] = self._entering[row][at]
+            self.sequences[prompt_ids + key[1]] = key
 
     def batch(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """(batch, width, hidden): the recorded states of right-padded rows (zeros at the
@@ -109,10 +113,10 @@ class Trunk:
         lengths = mask.sum(-1).tolist() if mask is not None else [input_ids.shape[1]] * len(input_ids)
         found = []
         for row, n in zip(input_ids.tolist(), lengths):
-            recorded = self.states.get(tuple(row[:n]))
-            if recorded is None or (mask is not None and n and not bool(mask[len(found), :n].all())):
+            key = self.sequences.get(tuple(row[:n]))
+            if key is None or (mask is not None and n and not bool(mask[len(found), :n].all())):
                 return None
-            found.append(torch.cat([self.prompts[recorded[0]], recorded[1]]))
+            found.append(torch.cat([self.prompts[key[0]], self.states[key]]))
         out = found[0].new_zeros(len(found), input_ids.shape[1], found[0].shape[-1])
         for b, states in enumerate(found):
             out[b, :len(states)] = states
@@ -131,7 +135,7 @@ class Replay:
     _prompt: tuple[int, ...] = ()
 
     def covers(self, pairs) -> bool:
-        return all(tuple(p) in self.trunk.prompts and tuple(p) + tuple(c) in self.trunk.states
+        return all(tuple(p) in self.trunk.prompts and (tuple(p), tuple(c)) in self.trunk.states
                    for p, c in pairs)
 
     def before(self, kind: str, *what) -> None:
@@ -152,7 +156,7 @@ class Replay:
             self.ready = some.new_zeros(batch, width, some.shape[-1])
             for ids, at, row in rows:
                 if ids:
-                    self.ready[row, at] = self.trunk.states[self._prompt + tuple(ids)][1]
+                    self.ready[row, at] = self.trunk.states[self._prompt, tuple(ids)]
 
     def prefix(self) -> None:  # the recording half of the tap's protocol: nothing to file
         pass
