@@ -238,8 +238,8 @@ def _padded_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[
             mask = torch.tensor([[1] * (size + len(ids)) + [0] * (width - len(ids)) for _, ids in chunk],
                                 device=device)
             positions = torch.arange(size, size + width, device=device).expand(len(chunk), width)
-            told = [(ids, torch.arange(len(ids)), j) for j, (_, ids) in enumerate(chunk)]
             if tap is not None:
+                told = [(ids, torch.arange(len(ids)), j) for j, (_, ids) in enumerate(chunk)]
                 tap.before("rows", told, (len(chunk), width))
             hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                           use_cache=True, **with_cache(base, cache)).last_hidden_state
@@ -325,8 +325,8 @@ def _tree_states(model, prompt_cache, prompt_state, size: int, rows: Sequence[Ro
             mask[:, :size] = 0.0
             mask[:, size:].masked_fill_(tree.visible(), 0.0)
             positions = torch.tensor([[size + d for d in tree.depth]], device=device)
-            told = [(ids, torch.tensor(path, dtype=torch.long), 0) for _, ids, path in tree.rows]
             if tap is not None:
+                told = [(ids, torch.tensor(path, dtype=torch.long), 0) for _, ids, path in tree.rows]
                 tap.before("rows", told, (1, n))
             hidden = base(input_ids=torch.tensor([tree.tokens], device=device),
                           attention_mask=mask[None, None].to(device), position_ids=positions,
