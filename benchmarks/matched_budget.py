@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from paired import correct_by_problem, paired, rule_grades  # noqa: E402
 
 from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
-from pipeline.config import to_dict  # noqa: E402
+from pipeline.config import Selection, to_dict  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.loop import resume_run, run_loop  # noqa: E402
 from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
@@ -206,8 +206,19 @@ def evaluation_arm(base: list[str], store: RunStore, policies: list[int], n: int
                      # problem by problem: the discordant counts, standard error, sign test
                      "paired": paired(correct_by_problem(mcts_json), correct_by_problem(bon_json),
                                       ("mcts", "best_of_n")),
-                     "paired_by_best_path": rules_against(mcts_json, bon_json)})
+                     "paired_by_best_path": rules_against(mcts_json, bon_json),
+                     "paired_with_checked_majority": against_checked(mcts_json, bon_json)})
     return rows
+
+
+def against_checked(mcts_json: Path, bon_json: Path) -> dict | None:
+    """MCTS against best-of-N's checked_majority (majority over the samples in which the step
+    check flags no line, as the search drops its dead ends), problem by problem; None when the
+    samples were graded without the check."""
+    rules = rule_grades(json.loads(bon_json.read_text())["rows"], "select")
+    checked = rules.get(Selection.checked_majority.value)
+    return None if checked is None else paired(correct_by_problem(mcts_json), checked,
+                                               ("mcts", "checked_majority"))
 
 
 def rules_against(mcts_json: Path, bon_json: Path) -> dict[str, dict]:
@@ -355,6 +366,10 @@ def plot(result: dict, output: Path) -> list[Path]:
                            ("mcts", "MCTS (critics, matched tokens)")):
             ax.plot([r["policy"] for r in rows], [r[key]["accuracy"] for r in rows], marker="o",
                     label=label)
+        checked = [(r["policy"], (r["best_of_n_majority"]["accuracy_by_select"] or {})
+                    .get(Selection.checked_majority.value)) for r in rows]
+        if all(acc is not None for _, acc in checked):
+            ax.plot(*zip(*checked), marker="o", linestyle="--", label="best-of-N, checked majority")
         ax.set(xlabel="policy", ylabel="test accuracy", title="Evaluation at matched tokens")
         ax.legend(fontsize=8)
         paths.append(_save(fig, output.with_name(f"{output.stem}_eval.png")))

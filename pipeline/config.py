@@ -48,6 +48,8 @@ class Selection(str, Enum):
     # the answer whose candidates' sigmoid(summed implicit reward) sum highest: DPO's own link,
     # so each vote weighs its Bradley-Terry odds against a zero-reward completion
     implicit_vote = "implicit_vote"
+    # majority over the samples in which the step check flags no line (search.check_equations)
+    checked_majority = "checked_majority"
 
 
 class SearchAlgorithm(str, Enum):
@@ -88,9 +90,7 @@ class TrainMode(str, Enum):
     dpo = "dpo"
     sft = "sft"
     dpo_then_sft = "dpo_then_sft"
-    # the GRPO baseline: TRL's GRPOTrainer samples and is rewarded by the task's grader; the loop
-    # runs no search, critics or data stage (pipeline/stages/grpo.py)
-    grpo = "grpo"
+    grpo = "grpo"  # TRL's GRPOTrainer, rewarded by the grader; no search, critics or data stage
 
 
 class LeafFeatures(str, Enum):

@@ -12,6 +12,8 @@ from mcts.fake import FakeCritic
 from mcts.merge import match_candidates, text_similarity
 from pipeline.decoding import mcts as dm
 from pipeline.decoding.tree_search import Rollout
+from pipeline.tasks.answers import extract_answer
+from pipeline.tasks.equations import false_equation
 
 
 def extract(text):
@@ -77,7 +79,7 @@ def skewed_tree():
     tree.draws[a] = 3
     rollouts = {(0, b): Rollout("Answer: 2\n", 3, -0.1, finished=True),
                 (0, a): Rollout("Answer: 5", 3, -0.1, finished=False)}  # cut short: no answer
-    return tree, SimpleNamespace(rollouts=rollouts)
+    return tree, SimpleNamespace(rollouts=rollouts, step_check=None)
 
 
 def test_answer_shares_weigh_each_branch_by_its_draws():
@@ -95,6 +97,30 @@ def test_answer_shares_weigh_each_branch_by_its_draws():
     assert shares == pytest.approx({"1": 0.75, "2": 0.125, "3": 0.125})
     # no answer anywhere: the most-visited path, as the other rules do
     assert dm.draws_completion(tree, scorer, lambda text: None) == dm.completion_of(tree, scorer)
+
+
+def test_dead_ends_and_flagged_rollouts_give_no_answer_to_any_vote():
+    """A node the step check stopped ends at a false equality, not an answer; the task's
+    extractor would still read its last number (8), so without the check it outvotes 7."""
+    tree = Tree("P:")
+    a = tree.add_node(0, "3 + 4 = 7\n", 5, -1.0, terminal=False)
+    tree.add_node(a, "Answer: 7\n", 3, -1.0, terminal=True)
+    for _ in range(2):  # two dead ends, both "answering" 8 by their last number
+        tree.add_node(0, "3 + 4 = 8\n", 5, -1.0, terminal=True)
+    b = tree.add_node(0, "3 + 5 = 8\n", 5, -1.0, terminal=False)
+    rollouts = {(0, b): Rollout("8 + 1 = 8", 5, -0.1, finished=True, wrong=True)}  # EOS at a flagged line
+    flagged = SimpleNamespace(rollouts=rollouts, step_check=false_equation)
+    unchecked = SimpleNamespace(rollouts=rollouts, step_check=None)
+    assert [extract_answer(t) for t, _ in dm.tree_solutions(tree, unchecked)] == ["7", "8", "8"]
+    rollouts[(0, b)].wrong = False  # the same rollout, unflagged, is a solution
+    assert [extract_answer(t) for t, _ in dm.tree_solutions(tree, unchecked)] == ["7", "8", "8", "8"]
+    rollouts[(0, b)].wrong = True
+    assert dm.tree_solutions(tree, flagged) == [("3 + 4 = 7\nAnswer: 7\n", 0)]
+    assert dm.vote_completion(tree, unchecked, extract_answer, by_visits=False) == "3 + 4 = 8\n"
+    assert dm.vote_completion(tree, flagged, extract_answer, by_visits=False) == "3 + 4 = 7\nAnswer: 7\n"
+    shares, _ = dm.answer_shares(tree, flagged, extract_answer)
+    assert shares == {"7": 1.0}
+    assert dm.answer_shares(tree, unchecked, extract_answer)[0]["8"] > 0.5
 
 
 def test_decode_mcts_grades_draws_beside_the_other_rules(monkeypatch):

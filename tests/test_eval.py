@@ -129,6 +129,31 @@ def test_implicit_vote_weighs_each_answer_by_sigmoid_of_its_rewards(monkeypatch)
         decode_best_of_n(None, None, ["p1"], d, 0, None, before_bar, None, None)
 
 
+def test_checked_majority_votes_over_the_samples_the_step_check_passes(monkeypatch):
+    from pipeline.tasks.answers import extract_answer
+    from pipeline.tasks.equations import false_equation
+
+    groups = [["2 + 3 = 6\n6 + 1 = 7\nAnswer: 7", "2 + 3 = 6\n6 + 1 = 7\nAnswer: 7",
+               "2 + 3 = 5\n5 + 1 = 6\nAnswer: 6"],
+              ["1 + 1 = 3\nAnswer: 3", "1 + 1 = 3\nAnswer: 3"]]  # every sample flagged
+    gens = [[Generation(c, [0] * 4, [-1.0] * 4, True, False) for c in g] for g in groups]
+    monkeypatch.setattr(pipeline.decoding.best_of_n, "sample_generations", lambda *a, **k: gens)
+    d = DecodeConfig(strategy=DecodeStrategy.best_of_n, n=3)
+    out = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, extract_answer, None, None,
+                           false_equation)
+    assert [extract_answer(c) for c in out.completions] == ["7", "3"]  # plain majority
+    # the two samples answering 7 state 2 + 3 = 6: only the 6 passes; all flagged: all vote
+    assert out.alternatives == {"checked_majority": [groups[0][2], groups[1][0]]}
+    assert out.tokens == 20  # the samples decode as without the check
+    without = decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, extract_answer)
+    assert without.alternatives == {}
+    d.select = Selection.checked_majority
+    assert decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, extract_answer, None, None,
+                            false_equation).completions == [groups[0][2], groups[1][0]]
+    with pytest.raises(QstarError, match="decode.select=checked_majority needs the step check"):
+        decode_best_of_n(None, None, ["p1"], d, 0, None, extract_answer)
+
+
 def test_orm_weighted_vote_lets_agreement_outweigh_one_high_score():
     candidates = ["4|a", "5|b", "5|c", "5|d", "-|e"]
     scores = [0.9, 0.4, 0.35, 0.5, 1.0]
@@ -258,8 +283,9 @@ def test_decoding_never_sees_gold(tiny_model, debug_overrides, monkeypatch, stra
     assert kinds.index("decoded") < first_grading
     assert all(k in ("is_correct", "grade") for k in kinds[kinds.index("decoded") + 1:])
     # graded once per problem, after decoding; best-of-N also grades its n candidates for
-    # pass@n, MCTS the answer of each best_path rule (read off the same trees)
-    per_problem = {DecodeStrategy.best_of_n: 1 + cfg.decode.n,
+    # pass@n and checked_majority's pick, MCTS the answer of each best_path rule (same trees)
+    assert cfg.search.check_equations
+    per_problem = {DecodeStrategy.best_of_n: 2 + cfg.decode.n,
                    DecodeStrategy.mcts: len(BestPath)}.get(strategy, 1)
     assert kinds.count("is_correct") == len(problems) * per_problem
     assert prompts_seen and not any(SENTINEL in p for p in prompts_seen)

@@ -38,6 +38,11 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     (row,) = result["evaluation"]
     assert row["policy"] == 0 and row["critics"] is None
     assert row["mcts"]["token_budget"] == max(1, round(row["best_of_n_majority"]["tokens_per_problem"]))
+    # MCTS against the same samples' majority over those the step check passes (the default)
+    checked = row["paired_with_checked_majority"]
+    assert checked["problems"] == row["paired"]["problems"] == 2
+    assert checked["difference"] == pytest.approx(
+        row["mcts"]["accuracy"] - row["best_of_n_majority"]["accuracy_by_select"]["checked_majority"])
     cached = sorted((run / "test_evals").glob("p0_*.json"))
     assert len(cached) == 3
     stamps = [p.stat().st_mtime_ns for p in cached]

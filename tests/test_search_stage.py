@@ -469,7 +469,7 @@ def voting_tree():
         tree.visits[node] = visits
     rollouts = {(0, b): Rollout("Answer: 4\n", 3, -0.1, finished=True),
                 (0, a): Rollout("Answer: 4", 3, -0.1, finished=False)}  # cut short: not counted
-    return tree, SimpleNamespace(rollouts=rollouts)
+    return tree, SimpleNamespace(rollouts=rollouts, step_check=None)
 
 
 def extract(text):

@@ -1,6 +1,7 @@
-"""decode=best_of_n: n samples per prompt, selected by majority vote, ORM argmax, ORM-weighted
-vote, or the policy's summed DPO implicit reward, argmax or weighted vote (`decode.select`);
-every selection the critics allow is graded on the same samples."""
+"""decode=best_of_n: n samples per prompt, selected by majority vote (over every sample, or over
+those the step check passes), ORM argmax, ORM-weighted vote, or the policy's summed DPO implicit
+reward, argmax or weighted vote (`decode.select`); every selection the critics and the step
+check allow is graded on the same samples."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from pipeline.decoding.voting import majority_vote, orm_select, orm_weighted_vot
 from pipeline.errors import QstarError
 
 
-def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool) -> None:
+def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool, has_check: bool) -> None:
     """Refuse a selection whose critic is missing, with one line saying what to pass."""
+    if d.select == Selection.checked_majority and not has_check:
+        raise QstarError("decode.select=checked_majority needs the step check: set "
+                         "search.check_equations=true, or use decode.select=majority")
     if d.select in (Selection.orm, Selection.orm_vote) and not has_orm:
         raise QstarError(f"decode.select={d.select.value} needs a trained ORM: pass "
                          "eval.critics=<run>/iter_NNN/refit, or use decode.select=majority")
@@ -33,16 +37,29 @@ def _per_group(flat: list[float], groups: list[list]) -> list[list[float]]:
     return found
 
 
+def checked_majority(candidates: list[str], extract: Callable[[str], str | None],
+                     step_check: Callable[[str], bool]) -> str:
+    """Majority vote over the candidates in which `step_check` flags no line (none sees gold);
+    every candidate flagged: majority over all of them."""
+    passed = [c for c in candidates if not step_check(c)]
+    return majority_vote(passed or candidates, extract)
+
+
 def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed: int,
                      progress: str | None, extract: Callable[[str], str | None],
-                     orm_score: Scorer | None = None, implicit=None) -> Decoded:
+                     orm_score: Scorer | None = None, implicit=None,
+                     step_check: Callable[[str], bool] | None = None) -> Decoded:
     """n samples per prompt; every selection the critics allow is made from the same samples.
-    `implicit`: a critics.ImplicitCritic for the policy (None: no DPO reference)."""
-    check_selection(d, orm_score is not None, implicit is not None)
+    `implicit`: a critics.ImplicitCritic for the policy (None: no DPO reference). `step_check`
+    (search.check_equations) adds checked_majority; the samples decode as without it."""
+    check_selection(d, orm_score is not None, implicit is not None, step_check is not None)
     gens = sample_generations(model, tokenizer, prompts, d, seed, progress)
     groups = [[g.text for g in group] for group in gens]
     flat_p = [p for p, g in zip(prompts, groups) for _ in g]
     picks = {Selection.majority.value: [majority_vote(g, extract) for g in groups]}
+    if step_check is not None:
+        picks[Selection.checked_majority.value] = [checked_majority(g, extract, step_check)
+                                                   for g in groups]
     row_extra = [{"candidates": g} for g in groups]
     if orm_score is not None:
         by_group = _per_group(orm_score(flat_p, [c for g in groups for c in g]), groups)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from mcts.tree import ROOT_INDEX, PathRule, Tree, highest_q, most_visited
 from pipeline.config import BestPath, QstarConfig
 from pipeline.decoding.base import Decoded
-from pipeline.decoding.tree_search import LeafScorer, SearchModels, eval_search
+from pipeline.decoding.tree_search import LeafScorer, Rollout, SearchModels, eval_search
 from pipeline.decoding.voting import weighted_vote
 
 
@@ -23,16 +23,31 @@ def completion_of(tree: Tree, scorer: LeafScorer, rule: PathRule = most_visited)
     return text
 
 
+def dead_end(tree: Tree, node: int, scorer: LeafScorer) -> bool:
+    """A terminal node whose option the step check flags (search.check_equations): it ends at a
+    false equality ("8 - 8 = 8"), not at an answer, so it is no solution, though its last number
+    would read as one."""
+    return bool(tree.terminal[node] and scorer.step_check is not None
+                and scorer.step_check(tree.text[node]))
+
+
+def finished_rollout(tree: Tree, node: int, scorer: LeafScorer) -> Rollout | None:
+    """The node's fast rollout when it ended the solution and the step check passed it."""
+    rollout = scorer.rollouts.get((tree.tree_index, node))
+    return rollout if rollout is not None and rollout.finished and not rollout.wrong else None
+
+
 def tree_solutions(tree: Tree, scorer: LeafScorer) -> list[tuple[str, int]]:
     """Every whole solution the search wrote, with its node's visits: terminal nodes, and
-    evaluated nodes whose rollout ended the solution."""
+    evaluated nodes whose rollout ended the solution; never a dead end or a flagged rollout."""
     found = []
     for node in range(1, tree.num_nodes):
         if tree.terminal[node]:
-            found.append((tree.trajectory_text(tree.path(node)), tree.visits[node]))
+            if not dead_end(tree, node, scorer):
+                found.append((tree.trajectory_text(tree.path(node)), tree.visits[node]))
             continue
-        rollout = scorer.rollouts.get((tree.tree_index, node))
-        if rollout is not None and rollout.finished:
+        rollout = finished_rollout(tree, node, scorer)
+        if rollout is not None:
             found.append((tree.trajectory_text(tree.path(node)) + rollout.text, tree.visits[node]))
     return found
 
@@ -51,9 +66,9 @@ def vote_completion(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str
 def answer_shares(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str | None]
                   ) -> tuple[dict[str, float], dict[str, str]]:
     """The policy's answer distribution estimated on the tree, and a solution giving each answer.
-    A terminal node gives its answer; any other node mixes its finished rollout (weight 1) and its
-    children (weight Tree.draws: how often the policy sampled that option, duplicates included),
-    over the parts that reach an answer. Each level weighs the policy's next options by how often
+    A terminal node gives its answer (a dead end none); any other node mixes its finished
+    rollout (weight 1) and its children (weight Tree.draws: how often the policy sampled that
+    option, duplicates included), over the parts that reach an answer. Each level weighs the policy's next options by how often
     it sampled them, so the shares estimate the policy's own answer probabilities, where one vote
     per solution (`majority`) weighs a rarely sampled branch with many solutions above a common
     one with few."""
@@ -70,10 +85,10 @@ def answer_shares(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str |
     for node in sorted(range(tree.num_nodes), key=tree.path):  # depth-first: first solutions
         prefix = tree.trajectory_text(tree.path(node))
         if tree.terminal[node]:
-            shares[node] = one(prefix)
+            shares[node] = {} if dead_end(tree, node, scorer) else one(prefix)
             continue
-        rollout = scorer.rollouts.get((tree.tree_index, node))
-        if rollout is not None and rollout.finished:
+        rollout = finished_rollout(tree, node, scorer)
+        if rollout is not None:
             shares[node] = one(prefix + rollout.text)
     for node in reversed(range(tree.num_nodes)):  # a child's id is larger than its parent's
         parts = [(tree.draws[c], shares[c]) for c in tree.children[node] if shares[c]]

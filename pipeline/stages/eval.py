@@ -139,7 +139,8 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
                          "(expected <run>/iter_NNN/refit or iter_NNN/critics, with value/, prm/, orm/)")
     if cfg.decode.strategy == DecodeStrategy.best_of_n:  # refuse before loading anything
         check_selection(cfg.decode, bool(critics_dir),
-                        dpo_reference(resolve_model_path(cfg.model)) is not None)
+                        dpo_reference(resolve_model_path(cfg.model)) is not None,
+                        cfg.search.check_equations)
     model, tokenizer = load_model(cfg.model)
     critics = None
     if critics_dir:
