@@ -15,8 +15,8 @@ on the same test samples, and what scoring with trained critics costs the search
    majority vote, ORM argmax, ORM-weighted vote and the summed implicit reward (against the
    policy's DPO reference, recorded in its meta.json), each also against majority problem by
    problem (`paired_with_majority`, benchmarks/paired.py). On the same samples, of problems nothing
-   trained on, `within_problem_auc` per critic and policy, beside two untrained scores (the
-   samples' mean log-prob and their answer's vote share).
+   trained on, `within_problem_auc` per critic and policy, beside three untrained scores (the
+   samples' mean log-prob, their answer's vote share, and the step check's pass or flag).
 3. search_tok_s_ratio_with_critics: the final policy searches the training problems three
    times in this process: without critics, with its trained critics reading a backbone pass
    per leaf (critics.leaf_features=backbone), and with them reading the search's own decoding
@@ -48,6 +48,7 @@ from paired import against_rule  # noqa: E402
 
 from pipeline.compose import load_run_config  # noqa: E402
 from pipeline.config import Selection  # noqa: E402
+from pipeline.tasks.equations import false_equation  # noqa: E402
 from pipeline.report.summary import critics_metrics  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
@@ -55,7 +56,8 @@ from pipeline.run.store import RunStore  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 QSTAR = str(Path(sys.executable).parent / "qstar")
 CRITICS = ("value", "prm", "orm", "implicit")
-SELECTIONS = tuple(s.value for s in Selection)  # majority, orm, orm_vote, implicit, implicit_vote
+UNTRAINED = ("mean_logprob", "vote_share", "step_check")  # scores no run trained
+SELECTIONS = tuple(s.value for s in Selection)  # majority, orm, ..., checked_majority
 HALVES = (("without_critics", False, "generation"),  # (name, with critics, critics.leaf_features)
           ("with_critics_backbone", True, "backbone"),
           ("with_critics", True, "generation"))
@@ -124,9 +126,9 @@ def selection(store: RunStore, cfg, iterations: int, n: int, out: Path) -> list[
 def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) -> dict[str, list]:
     """Per critic, per trained policy: the within-problem AUC on that policy's best-of-N samples
     of the test problems (right against wrong samples of one problem, averaged over problems
-    with both), which no policy or critic trained on. Beside the critics, two untrained scores
-    for reference: the samples' mean token log-prob under the policy, and their answer's vote
-    share. Value and PRM judge the whole sample as a state. Kept per policy in `out`."""
+    with both), which no policy or critic trained on. Beside the critics, three untrained scores
+    for reference: the samples' mean token log-prob under the policy, their answer's vote share,
+    and the step check (1 when it flags no line, 0 when it does; a rule, not a trained critic). Value and PRM judge the whole sample as a state. Kept per policy in `out`."""
     from critics.metrics import within_problem_auc
     from pipeline.lm.models import load_model, resolve_model_path
     from pipeline.lm.teacher_forced import completion_logprobs
@@ -136,7 +138,7 @@ def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) ->
 
     task = make_task(cfg.task)
     problems = {p.id: p for p in task.split("test")}
-    found = {kind: [] for kind in (*CRITICS, "mean_logprob", "vote_share")}
+    found = {kind: [] for kind in (*CRITICS, *UNTRAINED)}
     for i in range(1, iterations + 1):
         part = out / f"p{i}_within_problem_test.json"
         if not part.is_file():
@@ -152,7 +154,8 @@ def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) ->
                       "mean_logprob": [sum(lp) / max(len(lp), 1) for lp in completion_logprobs(
                           model, tokenizer, [prompts[pid] for pid in ids], samples,
                           cfg.critics.score_batch_size)],
-                      "vote_share": [_vote_share(r, task, c) for r in rows for c in r["candidates"]]}
+                      "vote_share": [_vote_share(r, task, c) for r in rows for c in r["candidates"]],
+                      "step_check": [0.0 if false_equation(c) else 1.0 for c in samples]}
             critics = load_critics(store.critics_dir(i), policy, model, tokenizer, cfg)
             if critics is not None:
                 scores.update({k: v.tolist() for k, v in critics.score(

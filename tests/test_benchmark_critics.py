@@ -27,7 +27,8 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     # which has no DPO reference
     assert result["within_problem_auc_trees"]["implicit"] == [None]
     on_test = result["within_problem_auc"]
-    assert set(on_test) == {"value", "prm", "orm", "implicit", "mean_logprob", "vote_share"}
+    assert set(on_test) == {"value", "prm", "orm", "implicit", "mean_logprob", "vote_share",
+                            "step_check"}
     assert on_test["implicit"] == [None] and all(len(v) == 1 for v in on_test.values())
     [row] = result["best_of_n_on_test"]
     assert row["policy"] == 1 and row["n"] == 2 and row["problems"] == 4 and row["split"] == "test"
@@ -83,7 +84,7 @@ def test_within_problem_auc_on_test_samples_with_right_and_wrong_answers(bench, 
     cfg = load_run_config(runs, [])
     task = make_task(cfg.task)
     rows = [{"id": p.id, "candidates": [f"Answer: {p.answer}", f"Answer: {p.answer}",
-                                        f"Answer: {p.answer}1", f"Answer: {p.answer}2"]}
+                                        f"1 + 1 = 3\nAnswer: {p.answer}1", f"Answer: {p.answer}2"]}
             for p in task.split("test")]
     assert all(task.is_correct(p, f"Answer: {p.answer}") for p in task.split("test"))
     (out / "p1_best_of_2_test.json").write_text(json.dumps({"rows": rows}))
@@ -91,6 +92,9 @@ def test_within_problem_auc_on_test_samples_with_right_and_wrong_answers(bench, 
     found = bench.on_test_samples(RunStore(runs), cfg, 1, 2, out)
     # right answers hold 2 of 4 votes, each wrong one 1: vote share ranks them perfectly
     assert found["vote_share"] == [1.0] == [vote_share_auc(rows, runs)]
+    # the step check passes both right samples (1) and flags one wrong one (0; the other 1):
+    # of the four right-wrong pairs two are ranked right and two tied, (2 + 2 * 0.5) / 4
+    assert found["step_check"] == [0.75]
     for kind in ("value", "prm", "orm", "mean_logprob"):
         assert 0.0 <= found[kind][0] <= 1.0
     assert found["implicit"] == [None]  # no implicit rewards recorded: the policy has no reference
