@@ -48,10 +48,10 @@ from paired import against_rule  # noqa: E402
 
 from pipeline.compose import load_run_config  # noqa: E402
 from pipeline.config import Selection  # noqa: E402
-from pipeline.tasks.equations import false_equation  # noqa: E402
 from pipeline.report.summary import critics_metrics  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
+from pipeline.tasks.equations import false_equation  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QSTAR = str(Path(sys.executable).parent / "qstar")
