@@ -219,7 +219,7 @@ INVALID_VALUES = [
     (["critics.trained_weights.implicit=-1"], "critics.trained_weights=[0.3, 0.2, 0.2, 0.3, -1.0]"),
     (["critics.trained_weights.verifier=1"], "Key 'verifier' not in 'CriticWeights'"),
     (["train.reference=last"], "Invalid value 'last', expected one of [previous, base, sft]"),
-    (["decode.select=likelihood"], "expected one of [majority, orm, orm_vote, implicit, implicit_vote]"),
+    (["decode.select=likelihood"], "expected one of [majority, orm, orm_vote, implicit, implicit_vote, checked_majority]"),
     (["decode.n=0"], "config key decode.n=0 is invalid: must be >= 1"),
     (["decode.beam_width=0"], "config key decode.beam_width=0 is invalid: must be >= 1"),
     (["search.algorithm=greedy"], "Invalid value 'greedy', expected one of [mcts, sample]"),
