@@ -128,7 +128,8 @@ def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) ->
     of the test problems (right against wrong samples of one problem, averaged over problems
     with both), which no policy or critic trained on. Beside the critics, three untrained scores
     for reference: the samples' mean token log-prob under the policy, their answer's vote share,
-    and the step check (1 when it flags no line, 0 when it does; a rule, not a trained critic). Value and PRM judge the whole sample as a state. Kept per policy in `out`."""
+    and the step check (1 when it flags no line, 0 when it does; a rule, not a trained critic).
+    Value and PRM judge the whole sample as a state. Kept per policy in `out`."""
     from critics.metrics import within_problem_auc
     from pipeline.lm.models import load_model, resolve_model_path
     from pipeline.lm.teacher_forced import completion_logprobs
@@ -154,7 +155,8 @@ def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) ->
                       "mean_logprob": [sum(lp) / max(len(lp), 1) for lp in completion_logprobs(
                           model, tokenizer, [prompts[pid] for pid in ids], samples,
                           cfg.critics.score_batch_size)],
-                      "vote_share": [_vote_share(r, task, c) for r in rows for c in r["candidates"]],
+                      "vote_share": [_vote_share(r, task, c) for r in rows
+                                     for c in r["candidates"]],
                       "step_check": [0.0 if false_equation(c) else 1.0 for c in samples]}
             critics = load_critics(store.critics_dir(i), policy, model, tokenizer, cfg)
             if critics is not None:

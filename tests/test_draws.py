@@ -108,16 +108,19 @@ def test_dead_ends_and_flagged_rollouts_give_no_answer_to_any_vote():
     for _ in range(2):  # two dead ends, both "answering" 8 by their last number
         tree.add_node(0, "3 + 4 = 8\n", 5, -1.0, terminal=True)
     b = tree.add_node(0, "3 + 5 = 8\n", 5, -1.0, terminal=False)
-    rollouts = {(0, b): Rollout("8 + 1 = 8", 5, -0.1, finished=True, wrong=True)}  # EOS at a flagged line
+    # a rollout that reached EOS at a line the check flagged
+    rollouts = {(0, b): Rollout("8 + 1 = 8", 5, -0.1, finished=True, wrong=True)}
     flagged = SimpleNamespace(rollouts=rollouts, step_check=false_equation)
     unchecked = SimpleNamespace(rollouts=rollouts, step_check=None)
     assert [extract_answer(t) for t, _ in dm.tree_solutions(tree, unchecked)] == ["7", "8", "8"]
     rollouts[(0, b)].wrong = False  # the same rollout, unflagged, is a solution
-    assert [extract_answer(t) for t, _ in dm.tree_solutions(tree, unchecked)] == ["7", "8", "8", "8"]
+    answers = [extract_answer(t) for t, _ in dm.tree_solutions(tree, unchecked)]
+    assert answers == ["7", "8", "8", "8"]
     rollouts[(0, b)].wrong = True
     assert dm.tree_solutions(tree, flagged) == [("3 + 4 = 7\nAnswer: 7\n", 0)]
     assert dm.vote_completion(tree, unchecked, extract_answer, by_visits=False) == "3 + 4 = 8\n"
-    assert dm.vote_completion(tree, flagged, extract_answer, by_visits=False) == "3 + 4 = 7\nAnswer: 7\n"
+    right = "3 + 4 = 7\nAnswer: 7\n"
+    assert dm.vote_completion(tree, flagged, extract_answer, by_visits=False) == right
     shares, _ = dm.answer_shares(tree, flagged, extract_answer)
     assert shares == {"7": 1.0}
     assert dm.answer_shares(tree, unchecked, extract_answer)[0]["8"] > 0.5

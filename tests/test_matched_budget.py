@@ -41,8 +41,9 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     # MCTS against the same samples' majority over those the step check passes (the default)
     checked = row["paired_with_checked_majority"]
     assert checked["problems"] == row["paired"]["problems"] == 2
+    by_select = row["best_of_n_majority"]["accuracy_by_select"]
     assert checked["difference"] == pytest.approx(
-        row["mcts"]["accuracy"] - row["best_of_n_majority"]["accuracy_by_select"]["checked_majority"])
+        row["mcts"]["accuracy"] - by_select["checked_majority"])
     cached = sorted((run / "test_evals").glob("p0_*.json"))
     assert len(cached) == 3
     stamps = [p.stat().st_mtime_ns for p in cached]

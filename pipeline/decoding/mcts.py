@@ -68,10 +68,10 @@ def answer_shares(tree: Tree, scorer: LeafScorer, extract: Callable[[str], str |
     """The policy's answer distribution estimated on the tree, and a solution giving each answer.
     A terminal node gives its answer (a dead end none); any other node mixes its finished
     rollout (weight 1) and its children (weight Tree.draws: how often the policy sampled that
-    option, duplicates included), over the parts that reach an answer. Each level weighs the policy's next options by how often
-    it sampled them, so the shares estimate the policy's own answer probabilities, where one vote
-    per solution (`majority`) weighs a rarely sampled branch with many solutions above a common
-    one with few."""
+    option, duplicates included), over the parts that reach an answer. Each level weighs the
+    policy's next options by how often it sampled them, so the shares estimate the policy's own
+    answer probabilities, where one vote per solution (`majority`) weighs a rarely sampled
+    branch with many solutions above a common one with few."""
     solution: dict[str, str] = {}
 
     def one(text: str) -> dict[str, float]:
