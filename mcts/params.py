@@ -29,6 +29,9 @@ class SearchParams:
     virtual_loss: float = 1.0  # visits of value 0 added per in-flight selection through a node
     leaves_per_tree: int = 2  # leaves gathered per tree per round
     widening: Widening = Widening.puct  # more children for an expanded node
+    # dead-end children (Option.dead_end) per node that do not count toward its n(s): the node
+    # samples a replacement for each, so a rejected step does not take a live option's place
+    dead_end_retries: int = 0
     # evaluate the root before the first round (a leaf evaluation with no steps: with a policy, a
     # fast rollout from the prompt) for v(root) in I(root); False: v(root) is the mean of its
     # children's values (Tree.node_value), and the root's evaluation costs nothing
@@ -46,6 +49,7 @@ def validate_params(params: SearchParams) -> None:
         (1 <= params.root_c_min <= params.root_c_max, "need 1 <= root_c_min <= root_c_max"),
         (params.alpha >= 0, "alpha must be >= 0"),
         (params.merge_retries >= 0, "merge_retries must be >= 0"),
+        (params.dead_end_retries >= 0, "dead_end_retries must be >= 0"),
         (params.virtual_loss >= 0, "virtual_loss must be >= 0"),
         (params.leaves_per_tree >= 1, "leaves_per_tree must be >= 1"),
         (params.widening in Widening.__members__, f"widening must be one of {', '.join(Widening.__members__)}"),

@@ -251,8 +251,10 @@ def _add_children(leaf: _Leaf, max_depth: int) -> None:
     tree, node = leaf.tree, leaf.node
     for option, draws in zip(leaf.kept, leaf.kept_draws, strict=True):
         terminal = option.terminal or tree.depth[node] + 1 >= max_depth
-        child = tree.add_node(node, option.text, option.num_tokens, option.logprob, terminal)
+        child = tree.add_node(node, option.text, option.num_tokens, option.logprob,
+                              terminal or option.dead_end)
         tree.draws[child] = draws
+        tree.dead_end[child] = option.dead_end
         leaf.new_children.append(child)
     siblings = tree.children[node]
     priors = priors_from_logprobs([tree.logprob[c] for c in siblings], [tree.num_tokens[c] for c in siblings])
@@ -342,7 +344,8 @@ def _update_branching(leaf: _Leaf, params: SearchParams) -> None:
     lo, hi = branching_bounds(tree.depth[node], params.c_min, params.c_max,
                               params.root_c_min, params.root_c_max)
     spread = importance(tree.node_value(node), [tree.total[c] for c in tree.children[node]])
-    tree.expand_target[node] = num_children(spread, params.alpha, lo, hi)
+    replaced = min(sum(tree.dead_end[c] for c in tree.children[node]), params.dead_end_retries)
+    tree.expand_target[node] = num_children(spread, params.alpha, lo, hi) + replaced
 
 
 def _finish_if_done(tree: Tree, params: SearchParams, start: float,

@@ -77,6 +77,7 @@ class Tree:
         # options sampled at the parent that are this node: 1 + the duplicates merged into it,
         # so a node's children's draws sum to its sampled options (len(children) + merges)
         self.draws: list[int] = []
+        self.dead_end: list[bool] = []  # the option was rejected (Option.dead_end): terminal, worth 0
         self.expand_target: list[int] = []  # n(s): children wanted; 0 = never expanded
         self.expand_requests: list[int] = []  # expand requests made for this node (seeds resamples)
         self.pending: list[int] = []  # selections in flight through this node (virtual loss); transient
@@ -106,6 +107,7 @@ class Tree:
         self.terminal_reward.append(None)
         self.merges.append(0)
         self.draws.append(1)
+        self.dead_end.append(False)
         self.expand_target.append(0)
         self.expand_requests.append(0)
         self.pending.append(0)
@@ -210,6 +212,7 @@ class Tree:
             "terminal_reward": self.terminal_reward[n],
             "merges": self.merges[n],
             "draws": self.draws[n],
+            "dead_end": self.dead_end[n],
             "expand_target": self.expand_target[n],
             "expand_requests": self.expand_requests[n],
         }
@@ -232,6 +235,7 @@ class Tree:
                          "terminal_reward", "merges", "expand_target", "expand_requests"):
                 getattr(tree, name)[n] = row[name]
             tree.draws[n] = row.get("draws", 1)  # trees written before draws were counted: 1
+            tree.dead_end[n] = row.get("dead_end", False)  # ... or before dead ends were marked
         return tree
 
 

@@ -24,6 +24,9 @@ class Option:
     # the option was read off its parent's rollout (search.reuse_rollouts): its tokens were
     # counted there, so the budget does not count them again
     reused: bool = False
+    # the expander rejected the step (e.g. a false equality): a terminal child worth 0, kept for
+    # training pairs, that may be replaced by a new sample (SearchParams.dead_end_retries)
+    dead_end: bool = False
 
 
 @dataclass

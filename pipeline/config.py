@@ -211,6 +211,7 @@ class SearchConfig:
     merge: MergeMethod = MergeMethod.edit  # how near-duplicate sibling options are found
     merge_threshold: float = SearchParams.merge_threshold  # similarity at or above which two siblings are duplicates
     merge_retries: int = SearchParams.merge_retries  # extra expansion rounds that resample duplicates, then drop them
+    dead_end_retries: int = SearchParams.dead_end_retries  # dead ends (check_equations) per node resampled, not counted in n(s)
     virtual_loss: float = SearchParams.virtual_loss  # visits of value 0 added per in-flight selection through a node
     leaves_per_tree: int = SearchParams.leaves_per_tree  # leaves gathered per tree per round (virtual loss)
     widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
@@ -225,8 +226,7 @@ class SearchConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kv_cache_mb: int = 512  # KV kept across expansions (LRU; 0 = off); SmolLM2-135M fp32: ~46 KB/token
     stream: bool = True  # trees advance on their own through one running decode batch; false: lock-step rounds
-    # a row repeating a sibling row's option stops at its boundary: the merge drops it anyway
-    cut_repeats: bool = True
+    cut_repeats: bool = True  # a row repeating a sibling row's option stops at its boundary (merged)
     reuse_rollouts: bool = False  # one option (and rollout) read off the node's rollout; dev: no gain (README)
     # a line stating a false equality ("8 - 8 = 8") ends its row, a dead end (pipeline/tasks/equations.py)
     check_equations: bool = True  # dev: 1.11x the verified solutions per token, none false (RESULTS.md)

@@ -105,6 +105,8 @@ def _validate_search(s: SearchConfig) -> None:
     _require(0 < s.merge_threshold <= 1, "search.merge_threshold", "must be in (0, 1]",
              s.merge_threshold)
     _require(s.merge_retries >= 0, "search.merge_retries", "must be >= 0", s.merge_retries)
+    _require(s.dead_end_retries >= 0, "search.dead_end_retries", "must be >= 0",
+             s.dead_end_retries)
     _require(s.leaves_per_tree >= 1, "search.leaves_per_tree", "must be >= 1", s.leaves_per_tree)
     _require(s.trees_per_batch >= 1, "search.trees_per_batch", "must be >= 1", s.trees_per_batch)
     _require(s.temperature > 0, "search.temperature", "must be > 0", s.temperature)

@@ -133,8 +133,31 @@ def test_decode_mcts_grades_draws_beside_the_other_rules(monkeypatch):
     monkeypatch.setattr(dm, "eval_search", lambda prompts, cfg, models, desc: ([tree], scorer))
     cfg = compose_config(["debug=default", "search.best_path=draws"])
     out = dm.decode_mcts(cfg, None, None, ["P:"], None, None, extract)
-    assert out.completions == ["a\nAnswer: 1\n"] and out.extra == {"best_path": "draws"}
+    assert out.completions == ["a\nAnswer: 1\n"] and out.extra["best_path"] == "draws"
     assert out.alternatives["majority"] == ["b\nAnswer: 2\n"]
+
+
+def test_eval_rows_say_what_each_tree_spent_and_why_it_stopped(monkeypatch):
+    from pipeline.compose import compose_config
+
+    tree = Tree("P:")
+    a = tree.add_node(0, "3 + 4 = 7\n", 5, -1.0, terminal=False)
+    tree.add_node(a, "Answer: 7\n", 3, -1.0, terminal=True)
+    tree.add_node(0, "3 + 4 = 8\n", 5, -1.0, terminal=True)  # a dead end
+    tree.stats.stop_reason, tree.stats.tokens_generated, tree.stats.evaluator_tokens = \
+        "exhausted", 13, 20
+    tree.stats.simulations = 3
+    other = Tree("Q:")
+    other.stats.stop_reason = "token_budget"
+    scorer = SimpleNamespace(rollouts={}, step_check=false_equation)
+    monkeypatch.setattr(dm, "eval_search",
+                        lambda prompts, cfg, models, desc: ([tree, other], scorer))
+    out = dm.decode_mcts(compose_config(["debug=default"]), None, None, ["P:", "Q:"], None, None,
+                         extract_answer)
+    assert out.extra["stop_reasons"] == {"exhausted": 1, "token_budget": 1}
+    assert out.row_extra[0]["search"] == {"stop_reason": "exhausted", "tokens": 33,
+                                          "simulations": 3, "nodes": 4, "dead_ends": 1}
+    assert out.tokens == 33
 
 
 def test_inspect_shows_how_often_an_option_was_sampled():

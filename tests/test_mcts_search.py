@@ -1,10 +1,11 @@
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from mcts import ExpandRequest, LeafEval, Option, SearchParams, search
+from mcts import ExpandRequest, LeafEval, Option, SearchParams, Tree, search
 from mcts.fake import FakeCritic, FakePolicy, FakeVerifier
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -261,6 +262,34 @@ def test_empty_expansion_marks_a_dead_end():
     assert [[r.node_id for r in call] for call in critic.calls] == [[0]] and verifier.calls == []
     assert tree.terminal[0]
     assert tree.stats.stop_reason == "exhausted"
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 5])
+def test_dead_end_children_are_replaced_up_to_dead_end_retries(retries):
+    """The root's first sampling holds two rejected steps (Option.dead_end) and one live one;
+    each dead end stays a terminal child, and up to `retries` of them are resampled, so they do
+    not take a live option's place in n(s). Every later option answers (terminal)."""
+    first = []
+
+    def expand(requests):
+        out = []
+        for r in requests:
+            dead = r.node_id == 0 and not first
+            first.append(r.node_id)
+            out.append([Option(f"{r.seed}/{i}\n", -1.0, 2, True, dead_end=dead and i < 2)
+                        for i in range(r.num_options)])
+        return out
+
+    params = SearchParams(simulations=20, root_c_min=3, root_c_max=3, alpha=0.0)
+    (tree,) = search(["p"], expand, FakeCritic(), replace(params, dead_end_retries=retries))
+    children = tree.children[0]
+    assert sum(tree.dead_end[c] for c in children) == 2
+    assert all(tree.terminal[c] for c in children)
+    assert len(children) == 3 + min(retries, 2)  # n(s) = 3 live options, at most 2 replaced
+    assert tree.expand_target[0] == len(children)
+    assert tree.stats.stop_reason == "exhausted"
+    again = Tree.from_json(json.loads(json.dumps(tree.to_json())))
+    assert again.dead_end == tree.dead_end
 
 
 def test_callback_contract_errors():

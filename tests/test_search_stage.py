@@ -510,7 +510,7 @@ def test_decode_mcts_grades_every_best_path_rule_on_the_same_trees(monkeypatch, 
     out = dm.decode_mcts(cfg, None, None, ["P:"], None, None, extract)
     expected = {"visits": "x\nAnswer: 3\n", "q": "y\nAnswer: 4\n", "vote": "y\nAnswer: 4\n",
                 "majority": "y\nAnswer: 4\n", "draws": "y\nAnswer: 4\n"}
-    assert out.completions == [expected[rule]] and out.extra == {"best_path": rule}
+    assert out.completions == [expected[rule]] and out.extra["best_path"] == rule
     assert out.alternatives == {k: [v] for k, v in expected.items() if k != rule}
     problem = Problem("p", "q", "4", {})
     task = SimpleNamespace(is_correct=lambda p, c: extract(c) == p.answer, extract_answer=extract)

@@ -3,6 +3,7 @@ confidence) value the leaves, and `search.best_path` picks the answer."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from mcts.tree import ROOT_INDEX, PathRule, Tree, highest_q, most_visited
@@ -129,5 +130,16 @@ def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
                                        for t in trees],
              BestPath.draws.value: [draws_completion(t, scorer, extract) for t in trees]}
     mode = cfg.search.best_path.value
+    stops = Counter(t.stats.stop_reason for t in trees)
     return Decoded(picks.pop(mode), sum(t.stats.total_tokens for t in trees),
-                   extra={"best_path": mode}, alternatives=picks, alternatives_of="best_path")
+                   extra={"best_path": mode, "stop_reasons": dict(sorted(stops.items()))},
+                   alternatives=picks, alternatives_of="best_path",
+                   row_extra=[{"search": tree_summary(t, scorer)} for t in trees])
+
+
+def tree_summary(tree: Tree, scorer: LeafScorer) -> dict:
+    """What one evaluation tree spent and why it stopped (kept in the eval rows): whether it ran
+    out of simulations, of budget, or of leaves to expand (`exhausted`)."""
+    return {"stop_reason": tree.stats.stop_reason, "tokens": tree.stats.total_tokens,
+            "simulations": tree.stats.simulations, "nodes": tree.num_nodes,
+            "dead_ends": sum(dead_end(tree, n, scorer) for n in range(1, tree.num_nodes))}

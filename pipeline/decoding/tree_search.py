@@ -66,7 +66,8 @@ def search_params(s: SearchConfig) -> SearchParams:
         max_depth=s.max_depth, c_min=s.c_min, c_max=s.c_max, root_c_min=s.root_c_min,
         root_c_max=s.root_c_max, alpha=s.alpha,
         merge_threshold=s.merge_threshold if s.merge != MergeMethod.none else 2.0,
-        merge_retries=s.merge_retries, virtual_loss=s.virtual_loss,
+        merge_retries=s.merge_retries, dead_end_retries=s.dead_end_retries,
+        virtual_loss=s.virtual_loss,
         leaves_per_tree=s.leaves_per_tree, widening=s.widening, evaluate_root=s.evaluate_root,
         seed=s.seed,
     )
@@ -227,7 +228,8 @@ class LeafScorer:
                 g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True,
                 token_ids=g.rollout_ids or [], logprobs=lps, wrong=g.rollout_wrong))
         return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal,
-                      rollout_tokens=0 if g.replayed else g.rollout_tokens, reused=g.replayed)
+                      rollout_tokens=0 if g.replayed else g.rollout_tokens, reused=g.replayed,
+                      dead_end=bool(g.wrong))
 
     def evaluate(self, requests: list[EvalRequest]) -> list[LeafEval]:
         rollouts = self._rollouts(requests)
