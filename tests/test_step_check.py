@@ -156,6 +156,9 @@ def test_at_evaluation_a_dead_end_is_worth_0_and_a_failed_rollout_has_no_outcome
     trees, scorer = eval_search(prompts, stand_in, models)
     dead = [(t, n) for t in trees for n in range(1, t.num_nodes) if flagged(t.text[n])]
     assert dead and all(t.terminal[n] and t.total[n] == 0.0 for t, n in dead)
+    # the search is told which children are dead ends (search.dead_end_retries replaces them)
+    marked = [(t, n) for t in trees for n in range(1, t.num_nodes) if t.dead_end[n]]
+    assert marked and all(flagged(t.text[n]) for t, n in marked)
     failed = [(trees[i], n) for (i, n), ro in scorer.rollouts.items() if ro.wrong]
     assert failed and all(t.orm[n] == 0.0 for t, n in failed)
 
