@@ -31,7 +31,7 @@ class SearchParams:
     widening: Widening = Widening.puct  # more children for an expanded node
     # dead-end children (Option.dead_end) per node that do not count toward its n(s): the node
     # samples a replacement for each, so a rejected step does not take a live option's place
-    dead_end_retries: int = 0
+    dead_end_retries: int = 2  # chosen on dev at evaluation (benchmarks/RESULTS.md, "Dead ends replaced")
     # evaluate the root before the first round (a leaf evaluation with no steps: with a policy, a
     # fast rollout from the prompt) for v(root) in I(root); False: v(root) is the mean of its
     # children's values (Tree.node_value), and the root's evaluation costs nothing

@@ -221,8 +221,8 @@ class SearchConfig:
     # around task.num_train, so each iteration meets problems its policy has not trained on; 0 = all
     problems_per_iteration: int = 0
     temperature: float = 0.8  # sampling temperature of options
-    # evaluation: how the answer is read off the tree; majority was chosen on dev (benchmarks/RESULTS.md)
-    best_path: BestPath = BestPath.majority
+    # evaluation: how the answer is read off the tree; draws, with dead_end_retries, chosen on dev
+    best_path: BestPath = BestPath.draws  # (benchmarks/RESULTS.md, "Dead ends replaced")
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kv_cache_mb: int = 512  # KV kept across expansions (LRU; 0 = off); SmolLM2-135M fp32: ~46 KB/token
     stream: bool = True  # trees advance on their own through one running decode batch; false: lock-step rounds
