@@ -123,13 +123,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<18} {found[name]['verified_per_1k_tokens']:>6.3f} verified / 1k tokens "
               f"({found[name]['verified_solutions']} in {found[name]['tokens']})", flush=True)
     per_sample = sample_length(args, models)
-    samples = max(1, round(found["default"]["tokens"] / args.problems / per_sample))
+    problems = found["default"]["problems"]  # the split may hold fewer than --problems
+    samples = max(1, round(found["default"]["tokens"] / problems / per_sample))
     found["sampling"] = searched(args.overrides, ["search.algorithm=sample",
                                                   f"search.simulations={samples}"],
                                  args.problems, args.runs / f"sampling_{samples}.json", models,
                                  args.split)
     sampling = found["sampling"]["verified_per_1k_tokens"]
-    result = {"benchmark": "data_generation_dev", "split": args.split, "problems": args.problems,
+    result = {"benchmark": "data_generation_dev", "split": args.split, "problems": problems,
               "policy": str(cfg.model.name), "samples_per_problem": samples, "variants": found,
               "over_sampling": {k: round(v["verified_per_1k_tokens"] / sampling, 3) if sampling
                                 else None for k, v in found.items()}}

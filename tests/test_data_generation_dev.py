@@ -125,3 +125,21 @@ def test_a_tree_search_key_leaves_the_samplers_cached_count_valid(bench):
         assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change])) != key
     mcts = bench.search_key(compose_config(["experiment=demo_cpu"]))
     assert mcts != bench.search_key(compose_config(["experiment=demo_cpu", "search.c_max=5"]))
+
+
+def test_more_problems_asked_than_the_split_holds_calibrates_on_those_searched(bench, tiny_model_dir,
+                                                                             tmp_path):
+    """--problems larger than the split: every count, and the sampling arm's samples per
+    problem, are over the problems actually searched (the split's), not the number asked."""
+    overrides = tiny_overrides(tiny_model_dir, tmp_path)
+    held = len(make_task(compose_config(["experiment=demo_cpu", *overrides, "task.num_dev=3"])
+                         .task).split("dev"))
+    result = bench.main(["--problems", "1000", "--runs", str(tmp_path / "runs"), "--output",
+                         str(tmp_path / "out.json"), "--variant", "default", *overrides,
+                         "task.num_dev=3"])
+    assert held == 3 and result["problems"] == 3
+    default = result["variants"]["default"]
+    one = json.loads((tmp_path / "runs" / "sampling_1.json").read_text())
+    per_sample = max(one["tokens"] / one["problems"], 1.0)
+    assert one["problems"] == 3
+    assert result["samples_per_problem"] == max(1, round(default["tokens"] / 3 / per_sample))
