@@ -179,6 +179,8 @@ INVALID_VALUES = [
      "config key search.rollout.temperature=-0.5 is invalid: must be >= 0 (0 = greedy)"),
     (["search.c_min=4", "search.c_max=3"], "config key search.c_min=4 is invalid: need 1 <= c_min <= c_max"),
     (["search.root_c_min=6", "search.root_c_max=5"], "search.root_c_min=6 is invalid"),
+    (["search.dead_end_retries=-1"],
+     "config key search.dead_end_retries=-1 is invalid: must be >= 0"),
     (["task.num_train=8", "search.problems_per_iteration=9"],
      "config key search.problems_per_iteration=9 is invalid: need 0 <= problems_per_iteration "
      "<= task.num_train=8 (0 = all)"),
