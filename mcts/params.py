@@ -32,6 +32,9 @@ class SearchParams:
     # dead-end children (Option.dead_end) per node that do not count toward its n(s): the node
     # samples a replacement for each, so a rejected step does not take a live option's place
     dead_end_retries: int = 2  # chosen on dev at evaluation (benchmarks/RESULTS.md, "Dead ends replaced")
+    # with a token_budget: a tree left with nothing to expand while under its budget asks its
+    # root for one more first step and goes on (a reopening), rather than stop `exhausted`
+    reopen_root: bool = False
     # evaluate the root before the first round (a leaf evaluation with no steps: with a policy, a
     # fast rollout from the prompt) for v(root) in I(root); False: v(root) is the mean of its
     # children's values (Tree.node_value), and the root's evaluation costs nothing

@@ -354,12 +354,24 @@ def _finish_if_done(tree: Tree, params: SearchParams, start: float,
         reason = "simulations"
     elif params.token_budget and _budget_spent(tree, params, round_start):
         reason = "token_budget"
-    elif not tree.has_expandable():
+    elif not tree.has_expandable() and not _reopen_root(tree, params):
         reason = "exhausted"
     else:
         return False
     tree.stats.stop_reason = reason
     tree.stats.seconds = time.perf_counter() - start
+    return True
+
+
+def _reopen_root(tree: Tree, params: SearchParams) -> bool:
+    """A tree with budget left and nothing to expand asks its root for one more child. PUCT
+    still decides when the root widens; the simulations cap ends a tree whose root never does."""
+    if not (params.reopen_root and params.token_budget) or tree.terminal[ROOT_INDEX]:
+        return False
+    if tree.stats.total_tokens >= params.token_budget:
+        return False
+    tree.expand_target[ROOT_INDEX] = len(tree.children[ROOT_INDEX]) + 1
+    tree.stats.reopens += 1
     return True
 
 

@@ -43,6 +43,7 @@ class TreeStats:
     reused: int = 0  # options read off their node's rollout, not decoded (Option.reused)
     seconds: float = 0.0  # wall time from search start until this tree was done
     stop_reason: str = ""  # "simulations" | "token_budget" | "exhausted"
+    reopens: int = 0  # times the root was asked for one more child (SearchParams.reopen_root)
 
     @property
     def total_tokens(self) -> int:

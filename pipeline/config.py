@@ -212,6 +212,7 @@ class SearchConfig:
     merge_threshold: float = SearchParams.merge_threshold  # similarity at or above which two siblings are duplicates
     merge_retries: int = SearchParams.merge_retries  # extra expansion rounds that resample duplicates, then drop them
     dead_end_retries: int = SearchParams.dead_end_retries  # dead ends (check_equations) per node resampled, not counted in n(s)
+    reopen_root: bool = SearchParams.reopen_root  # token_budget left, nothing to expand: one more root child
     virtual_loss: float = SearchParams.virtual_loss  # visits of value 0 added per in-flight selection through a node
     leaves_per_tree: int = SearchParams.leaves_per_tree  # leaves gathered per tree per round (virtual loss)
     widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
@@ -221,8 +222,7 @@ class SearchConfig:
     # around task.num_train, so each iteration meets problems its policy has not trained on; 0 = all
     problems_per_iteration: int = 0
     temperature: float = 0.8  # sampling temperature of options
-    # evaluation: how the answer is read off the tree; draws, with dead_end_retries, chosen on dev
-    best_path: BestPath = BestPath.draws  # (benchmarks/RESULTS.md, "Dead ends replaced")
+    best_path: BestPath = BestPath.draws  # evaluation: the answer read off the tree (RESULTS.md, "Dead ends replaced")
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kv_cache_mb: int = 512  # KV kept across expansions (LRU; 0 = off); SmolLM2-135M fp32: ~46 KB/token
     stream: bool = True  # trees advance on their own through one running decode batch; false: lock-step rounds

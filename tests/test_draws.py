@@ -146,7 +146,7 @@ def test_eval_rows_say_what_each_tree_spent_and_why_it_stopped(monkeypatch):
     tree.add_node(0, "3 + 4 = 8\n", 5, -1.0, terminal=True)  # a dead end
     tree.stats.stop_reason, tree.stats.tokens_generated, tree.stats.evaluator_tokens = \
         "exhausted", 13, 20
-    tree.stats.simulations = 3
+    tree.stats.simulations, tree.stats.reopens = 3, 1
     other = Tree("Q:")
     other.stats.stop_reason = "token_budget"
     scorer = SimpleNamespace(rollouts={}, step_check=false_equation)
@@ -156,7 +156,8 @@ def test_eval_rows_say_what_each_tree_spent_and_why_it_stopped(monkeypatch):
                          extract_answer)
     assert out.extra["stop_reasons"] == {"exhausted": 1, "token_budget": 1}
     assert out.row_extra[0]["search"] == {"stop_reason": "exhausted", "tokens": 33,
-                                          "simulations": 3, "nodes": 4, "dead_ends": 1}
+                                          "simulations": 3, "nodes": 4, "reopens": 1,
+                                          "dead_ends": 1}
     assert out.tokens == 33
 
 

@@ -326,3 +326,25 @@ def test_dropped_options_and_their_fused_rollouts_count_in_the_budget():
     assert tree.stats.tokens_generated == 3 + 3 + 2
     assert tree.stats.evaluator_tokens == 5 + 7 + 4
     assert tree.stats.total_tokens == 24
+
+
+@pytest.mark.parametrize("reopen_root,budget", [(False, 60), (True, 0), (True, 60)])
+def test_a_tree_under_its_budget_reopens_its_root_rather_than_stop_exhausted(reopen_root, budget):
+    """Every option answers, so the root's first 3 children leave nothing to expand. With
+    reopen_root and a token budget the root is asked for one more child at a time until the
+    budget (or the simulations) runs out; without either, the tree stops `exhausted`."""
+    def expand(requests):
+        return [[Option(f"{r.seed}/{i}\n", -1.0, 4, True) for i in range(r.num_options)]
+                for r in requests]
+
+    params = SearchParams(simulations=200, root_c_min=3, root_c_max=3, alpha=0.0,
+                          token_budget=budget, reopen_root=reopen_root)
+    (tree,) = search(["p"], expand, FakeCritic(), params)
+    children = tree.children[0]
+    assert len(children) == 3 + tree.stats.reopens
+    if reopen_root and budget:
+        assert tree.stats.stop_reason == "token_budget"
+        assert tree.stats.reopens >= 5  # 12 tokens before the first reopening, 4 per reopening
+        assert budget - 8 <= tree.stats.total_tokens <= budget + 8
+    else:
+        assert (tree.stats.stop_reason, tree.stats.reopens) == ("exhausted", 0)

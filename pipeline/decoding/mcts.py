@@ -139,7 +139,7 @@ def decode_mcts(cfg: QstarConfig, model, tokenizer, prompts: list[str], critics,
 
 def tree_summary(tree: Tree, scorer: LeafScorer) -> dict:
     """What one evaluation tree spent and why it stopped (kept in the eval rows): whether it ran
-    out of simulations, of budget, or of leaves to expand (`exhausted`)."""
+    out of simulations, of budget, or of leaves to expand (`exhausted`); how often it reopened its root."""
     return {"stop_reason": tree.stats.stop_reason, "tokens": tree.stats.total_tokens,
-            "simulations": tree.stats.simulations, "nodes": tree.num_nodes,
+            "simulations": tree.stats.simulations, "nodes": tree.num_nodes, "reopens": tree.stats.reopens,
             "dead_ends": sum(dead_end(tree, n, scorer) for n in range(1, tree.num_nodes))}

@@ -67,6 +67,7 @@ def search_params(s: SearchConfig) -> SearchParams:
         root_c_max=s.root_c_max, alpha=s.alpha,
         merge_threshold=s.merge_threshold if s.merge != MergeMethod.none else 2.0,
         merge_retries=s.merge_retries, dead_end_retries=s.dead_end_retries,
+        reopen_root=s.reopen_root,
         virtual_loss=s.virtual_loss,
         leaves_per_tree=s.leaves_per_tree, widening=s.widening, evaluate_root=s.evaluate_root,
         seed=s.seed,
