@@ -24,6 +24,7 @@ Widening (`widening`): a node never expanded is a leaf and is expanded. A node t
 children but wants more (n(s) above its child count) is widened only when the child not yet
 sampled wins PUCT against the existing ones ("puct": no visits, its parent's Q, prior 1/(k+1));
 "first" widens before descending, whatever the children's values (the old rule).
+A tree under its token budget with nothing left to expand reopens its root (reopen_root).
 """
 
 from __future__ import annotations
