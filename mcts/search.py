@@ -365,11 +365,10 @@ def _finish_if_done(tree: Tree, params: SearchParams, start: float,
 
 
 def _reopen_root(tree: Tree, params: SearchParams) -> bool:
-    """A tree with budget left and nothing to expand asks its root for one more child. PUCT
-    still decides when the root widens; the simulations cap ends a tree whose root never does."""
+    """A tree with nothing to expand asks its root for one more child, if it has a budget (called
+    only once `_budget_spent` said budget is left). PUCT still decides when the root widens; the
+    simulations cap ends a tree whose root never does."""
     if not (params.reopen_root and params.token_budget) or tree.terminal[ROOT_INDEX]:
-        return False
-    if tree.stats.total_tokens >= params.token_budget:
         return False
     tree.expand_target[ROOT_INDEX] = len(tree.children[ROOT_INDEX]) + 1
     tree.stats.reopens += 1
