@@ -234,29 +234,56 @@ def arm_grades(out: Path, i: int, n: int, budget: int) -> tuple[Path, Path]:
     return out / f"p{i}_mcts_budget{budget}.json", out / f"p{i}_best_of_{n}.json"
 
 
+def evals_dir(run: Path, split: str, overrides: list[str]) -> Path:
+    """Where --eval-run caches RUN's grades on SPLIT: RUN/SPLIT_evals, or, when the overrides
+    change the task (another held-out set, say `task.seed=1 task.num_test=200`), a folder named
+    by those overrides (RUN/test_evals_task.num_test-200_task.seed-1), so that grading one run on two sets never overwrites the first's."""
+    task = sorted(o for o in overrides if o.split("=")[0].split(".")[0].lstrip("+~") == "task")
+    suffix = "".join(f"_{o}" for o in task)  # '=' in a path would break Hydra's override parser
+    suffix = suffix.replace("=", "-").replace("/", "-").replace(" ", "")
+    return run / f"{split}_evals{suffix}"
+
+
 def pooled(arms: list[dict]) -> dict:
     """Several evaluation arms of one run's policies on disjoint held-out sets (e.g. the test
     split of two task seeds) as one: per policy, MCTS against best-of-N problem by problem over
-    every set's problems, read from the grades each arm cached beside its run."""
+    every set's problems, read from the grades each arm cached beside its run; beside it, MCTS
+    against the samples' checked majority and every select rule against majority."""
     by_policy: dict[int, list] = {}
     for arm in arms:
-        out = Path(arm["runs"]["mcts"]) / f"{arm['split']}_evals"
+        out = Path(arm.get("evals") or Path(arm["runs"]["mcts"]) / f"{arm['split']}_evals")
         for row in arm["evaluation"]:
-            grades = arm_grades(out, row["policy"], row["best_of_n_majority"]["n"],
-                                row["mcts"]["token_budget"])
-            by_policy.setdefault(row["policy"], []).append(tuple(map(correct_by_problem, grades)))
+            by_policy.setdefault(row["policy"], []).append(arm_grades(
+                out, row["policy"], row["best_of_n_majority"]["n"], row["mcts"]["token_budget"]))
     rows = []
     for i, sets in sorted(by_policy.items()):
-        mcts = {k: v for found, _ in sets for k, v in found.items()}
-        bon = {k: v for _, found in sets for k, v in found.items()}
-        if len(mcts) != sum(len(found) for found, _ in sets):
-            raise ValueError(f"policy {i}'s held-out sets share problems")
+        mcts = merged([correct_by_problem(m) for m, _ in sets], i)
+        bon = merged([correct_by_problem(b) for _, b in sets], i)
+        rules = [rule_grades(json.loads(b.read_text())["rows"], "select") for _, b in sets]
+        common = set.intersection(*(set(r) for r in rules))  # rules every set recorded
+        select = {rule: merged([r[rule] for r in rules], i) for rule in sorted(common)}
+        checked = select.get(Selection.checked_majority.value)
         rows.append({"policy": i, "sets": len(sets),
                      "mcts_accuracy": round(sum(mcts.values()) / len(mcts), 4),
                      "best_of_n_accuracy": round(sum(bon.values()) / len(bon), 4),
-                     "paired": paired(mcts, bon, ("mcts", "best_of_n"))})
+                     "paired": paired(mcts, bon, ("mcts", "best_of_n")),
+                     "paired_with_checked_majority": None if checked is None else paired(
+                         mcts, checked, ("mcts", "checked_majority")),
+                     # the same samples under each select rule, against their majority
+                     "best_of_n_by_select": {rule: {
+                         "accuracy": round(sum(g.values()) / len(g), 4),
+                         "paired_with_majority": paired(g, bon, (rule, "majority"))}
+                         for rule, g in select.items() if rule != Selection.majority.value}})
     return {"benchmark": "matched_budget", "pooled": [str(a["runs"]["mcts"]) for a in arms],
             "splits": sorted({a["split"] for a in arms}), "evaluation": rows}
+
+
+def merged(sets: list[dict[str, bool]], policy: int) -> dict[str, bool]:
+    """Problem id -> right over disjoint held-out sets; refused when two sets share a problem."""
+    out = {k: v for found in sets for k, v in found.items()}
+    if len(out) != sum(len(found) for found in sets):
+        raise ValueError(f"policy {policy}'s held-out sets share problems")
+    return out
 
 
 def loop_arm(base: list[str], stores: dict[str, RunStore], iterations: int, out: Path) -> dict:
@@ -495,16 +522,18 @@ def main(argv: list[str] | None = None) -> dict:
 def evaluation_only(args, parser) -> dict:
     """The evaluation arm for one run's policies, no loop run or extended: policies trained by
     any run (`qstar run experiment=demo_cpu ...`), graded on test as the full proof grades
-    them (on dev with --split dev); its evaluations are cached under RUN/SPLIT_evals."""
+    them (on dev with --split dev); its evaluations are cached under evals_dir (RUN/SPLIT_evals
+    for the run's own task)."""
     run = args.eval_run.resolve()
     store, policies = RunStore(run), args.eval_policies or [0]
     trained = 1 + sum(store.done(i, "train") for i in range(max(policies)))
     if max(policies) >= trained:
         parser.error(f"--eval-policies {policies}: {run} has policies 0..{trained - 1}")
     base = [*(SMOKE if args.smoke else []), *args.overrides]
-    rows = evaluation_arm(base, store, policies, args.n, run / f"{args.split}_evals", args.split)
+    out = evals_dir(run, args.split, args.overrides)
+    rows = evaluation_arm(base, store, policies, args.n, out, args.split)
     result = {"benchmark": "matched_budget", "split": args.split, "smoke": args.smoke,
-              "runs": {"mcts": str(run)}, "evaluation": rows}
+              "runs": {"mcts": str(run)}, "evals": str(out), "evaluation": rows}
     output = (args.output if args.output != RESULTS / "matched_budget.json"
               else RESULTS / f"matched_budget_evaluation_{args.split}.json")
     write_json(output, result)

@@ -92,6 +92,26 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
         assert row["paired"][key] == result["evaluation"][0]["paired"][key] + dev["evaluation"][0]["paired"][key]
     assert row["mcts_accuracy"] == (result["evaluation"][0]["mcts"]["accuracy"]
                                     + dev["evaluation"][0]["mcts"]["accuracy"]) / 2
+    # beside it, the checked majority and every select rule of the samples, pooled the same way
+    both = [arm["evaluation"][0] for arm in (result, dev)]
+    assert row["paired_with_checked_majority"]["mcts_only"] == sum(
+        r["paired_with_checked_majority"]["mcts_only"] for r in both)
+    by_select = row["best_of_n_by_select"]
+    assert "majority" not in by_select and "checked_majority" in by_select
+    assert by_select["checked_majority"]["accuracy"] == sum(
+        r["best_of_n_majority"]["accuracy_by_select"]["checked_majority"] for r in both) / 2
+    assert by_select["checked_majority"]["paired_with_majority"]["problems"] == 4
+
+    # another task's held-out set (task.seed=1) is cached apart: seed 0's grades stay as they were
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "test_evals").glob("p0_*.json")}
+    seeded = bench.main([*argv, "task.seed=1"])
+    assert seeded["evals"] == str(run / "test_evals_task.seed-1") != result["evals"]
+    assert {p: p.stat().st_mtime_ns for p in (run / "test_evals").glob("p0_*.json")} == stamps
+    (seeded_bon,) = (run / "test_evals_task.seed-1").glob("p0_best_of_*.json")
+    assert all("/seed1/" in r["id"] for r in json.loads(seeded_bon.read_text())["rows"])
+    (arms[1]).write_text(json.dumps(seeded))  # two test sets, read from their own folders
+    pooled = bench.main(["--pool", *map(str, arms), "--output", str(tmp_path / "pooled.json")])
+    assert pooled["evaluation"][0]["paired"]["problems"] == 4
     def refused(argv: list[str]) -> str:  # one line from argparse, exit code 2
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
