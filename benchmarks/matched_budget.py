@@ -237,7 +237,8 @@ def arm_grades(out: Path, i: int, n: int, budget: int) -> tuple[Path, Path]:
 def evals_dir(run: Path, split: str, overrides: list[str]) -> Path:
     """Where --eval-run caches RUN's grades on SPLIT: RUN/SPLIT_evals, or, when the overrides
     change the task (another held-out set, say `task.seed=1 task.num_test=200`), a folder named
-    by those overrides (RUN/test_evals_task.num_test-200_task.seed-1), so that grading one run on two sets never overwrites the first's."""
+    by those overrides (RUN/test_evals_task.num_test-200_task.seed-1), so that grading one run
+    on two sets never overwrites the first's."""
     task = sorted(o for o in overrides if o.split("=")[0].split(".")[0].lstrip("+~") == "task")
     suffix = "".join(f"_{o}" for o in task)  # '=' in a path would break Hydra's override parser
     suffix = suffix.replace("=", "-").replace("/", "-").replace(" ", "")
