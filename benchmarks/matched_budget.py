@@ -4,6 +4,8 @@
     python benchmarks/matched_budget.py --smoke model=<tiny checkpoint>   # minutes, plumbing only
     python benchmarks/matched_budget.py --eval-run RUN --eval-policies 0 1 [--split dev]
                                         # the evaluation arm alone, no loop (dev: to tune on)
+    python benchmarks/matched_budget.py --eval-run RUN --eval-policies 1 2 3 --output B.json \
+        -- task.seed=1 task.num_test=200   # another held-out set, cached apart (evals_dir)
     python benchmarks/matched_budget.py --pool A.json B.json --output POOLED.json
                                         # arms graded on disjoint held-out sets, pooled
 
