@@ -40,8 +40,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="qstar model name or path")
     parser.add_argument("--random-init", choices=sorted(ARCHS), default=None,
                         help="a random model of this architecture instead of --model")
+    parser.add_argument("--layers", type=_at_least_one, default=None,
+                        help="hidden layers of the --random-init model (default: the architecture's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of layers, at least 1 (got {text!r})")
+    return int(text)
 
 
 def model_overrides(args) -> list[str]:
@@ -56,12 +64,14 @@ def load(args) -> tuple[object, object, str]:
         model, tokenizer = load_model(ModelConfig(name=args.model, device=args.device,
                                                   dtype=args.dtype))
         return model, tokenizer, args.model
-    return random_model(args.random_init, args.device, args.dtype)
+    return random_model(args.random_init, args.device, args.dtype, args.layers)
 
 
-def random_model(arch: str, device: str, dtype: str):
+def random_model(arch: str, device: str, dtype: str, layers: int | None = None):
+    """A random model of `arch` (`layers` hidden layers, default the architecture's)."""
     tokenizer, tok_name = _tokenizer()
     config_cls, dims = ARCHS[arch]
+    dims = dims if layers is None else {**dims, "num_hidden_layers": layers}
     config = getattr(transformers, config_cls)(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **dims)
@@ -69,7 +79,8 @@ def random_model(arch: str, device: str, dtype: str):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     cuda_attention(device)
     model.to(device).eval()
-    return model, tokenizer, f"random {arch} ({tok_name} tokenizer, vocab {len(tokenizer)})"
+    return model, tokenizer, (f"random {arch} ({config.num_hidden_layers} layers, {tok_name} "
+                              f"tokenizer, vocab {len(tokenizer)})")
 
 
 def _tokenizer():

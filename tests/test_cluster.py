@@ -274,7 +274,7 @@ def test_gpu_check_script_cpu_part(tmp_path):
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, DEVICE="cpu", DTYPE="float32", LAYERS="2", BATCHES="2",
+    env = dict(os.environ, DEVICE="cpu", DTYPE="float32", LAYERS="2", BENCH_LAYERS="2", BATCHES="2",
                ARCHS="smollm2", SEARCH_PROBLEMS="2", SEARCH_SIMULATIONS="1",
                SDPA_ROWS="2", SDPA_KV="16", SDPA_CALLS="2", PYTHON=sys.executable, PYTHONPATH=str(repo))
     done = subprocess.run(["bash", str(repo / "benchmarks/gpu_check.sh"), "-", str(tmp_path)],
@@ -291,6 +291,7 @@ def test_gpu_check_script_cpu_part(tmp_path):
     assert [r["batch"] for r in rows] == [2] and rows[0]["qstar_tok_s"] > 0
     search = json.loads((tmp_path / "search_smollm2.json").read_text())
     assert search["problems"] == 2 and search["device"] == "cpu"
+    assert search["model"].startswith("random smollm2 (2 layers")  # BENCH_LAYERS reached it
     assert search["search"]["tokens"] > 0 and search["search_efficiency"] > 0
     lockstep = json.loads((tmp_path / "search_smollm2_lockstep.json").read_text())
     assert (search["stream"], lockstep["stream"]) == (True, False)
