@@ -15,8 +15,9 @@ on the same test samples, and what scoring with trained critics costs the search
    majority vote, ORM argmax, ORM-weighted vote and the summed implicit reward (against the
    policy's DPO reference, recorded in its meta.json), each also against majority problem by
    problem (`paired_with_majority`, benchmarks/paired.py). On the same samples, of problems nothing
-   trained on, `within_problem_auc` per critic and policy, beside three untrained scores (the
-   samples' mean log-prob, their answer's vote share, and the step check's pass or flag).
+   trained on, `within_problem_auc` per critic and policy, beside four untrained scores (the
+   samples' mean log-prob, their answer's vote share, the step check's pass or flag, and
+   checked majority's score: the pass plus the answer's share of the samples passed).
 3. search_tok_s_ratio_with_critics: the final policy searches the training problems three
    times in this process: without critics, with its trained critics reading a backbone pass
    per leaf (critics.leaf_features=backbone), and with them reading the search's own decoding
@@ -45,18 +46,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from paired import against_rule  # noqa: E402
+from sample_scores import candidate_scores  # noqa: E402
 
 from pipeline.compose import load_run_config  # noqa: E402
 from pipeline.config import Selection  # noqa: E402
 from pipeline.report.summary import critics_metrics  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
-from pipeline.tasks.equations import false_equation  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QSTAR = str(Path(sys.executable).parent / "qstar")
 CRITICS = ("value", "prm", "orm", "implicit")
-UNTRAINED = ("mean_logprob", "vote_share", "step_check")  # scores no run trained
+UNTRAINED = ("mean_logprob", "vote_share", "step_check", "checked_vote")  # scores no run trained
 SELECTIONS = tuple(s.value for s in Selection)  # majority, orm, ..., checked_majority
 HALVES = (("without_critics", False, "generation"),  # (name, with critics, critics.leaf_features)
           ("with_critics_backbone", True, "backbone"),
@@ -126,9 +127,11 @@ def selection(store: RunStore, cfg, iterations: int, n: int, out: Path) -> list[
 def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) -> dict[str, list]:
     """Per critic, per trained policy: the within-problem AUC on that policy's best-of-N samples
     of the test problems (right against wrong samples of one problem, averaged over problems
-    with both), which no policy or critic trained on. Beside the critics, three untrained scores
-    for reference: the samples' mean token log-prob under the policy, their answer's vote share,
-    and the step check (1 when it flags no line, 0 when it does; a rule, not a trained critic).
+    with both), which no policy or critic trained on. Beside the critics, untrained scores for
+    reference: the samples' mean token log-prob under the policy, and the rules'
+    (benchmarks/sample_scores.py): their answer's vote share, the step check (1 when it flags no
+    line, 0 when it does) and checked majority's score (the check plus the answer's share of
+    the samples it passes).
     Value and PRM judge the whole sample as a state. Kept per policy in `out`."""
     from critics.metrics import within_problem_auc
     from pipeline.lm.models import load_model, resolve_model_path
@@ -151,13 +154,13 @@ def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) ->
             texts = [(r["id"], c) for r in rows for c in r["candidates"]]
             ids, samples = [t[0] for t in texts], [t[1] for t in texts]
             right = [float(task.is_correct(problems[pid], c)) for pid, c in texts]
+            rules = [candidate_scores(r["candidates"], task.extract_answer) for r in rows]
             scores = {"implicit": [x for r in rows for x in r.get("implicit_rewards") or []] or None,
                       "mean_logprob": [sum(lp) / max(len(lp), 1) for lp in completion_logprobs(
                           model, tokenizer, [prompts[pid] for pid in ids], samples,
                           cfg.critics.score_batch_size)],
-                      "vote_share": [_vote_share(r, task, c) for r in rows
-                                     for c in r["candidates"]],
-                      "step_check": [0.0 if false_equation(c) else 1.0 for c in samples]}
+                      **{kind: [x for per_row in rules for x in per_row[kind]]
+                         for kind in ("vote_share", "step_check", "checked_vote")}}
             critics = load_critics(store.critics_dir(i), policy, model, tokenizer, cfg)
             if critics is not None:
                 scores.update({k: v.tolist() for k, v in critics.score(
@@ -168,12 +171,6 @@ def on_test_samples(store: RunStore, cfg, iterations: int, n: int, out: Path) ->
         for kind in found:
             found[kind].append(auc.get(kind))
     return found
-
-
-def _vote_share(row: dict, task, completion: str) -> float:
-    answers = [task.extract_answer(c) for c in row["candidates"]]
-    mine = task.extract_answer(completion)
-    return 0.0 if mine is None else answers.count(mine) / len(answers)
 
 
 def search_speed(store: RunStore, cfg, iterations: int, part: Path, problems: int | None) -> dict:

@@ -6,8 +6,9 @@
                                         # the evaluation arm alone, no loop (dev: to tune on)
     python benchmarks/matched_budget.py --eval-run RUN --eval-policies 1 2 3 --output B.json \
         -- task.seed=1 task.num_test=200   # another held-out set, cached apart (evals_dir)
-    python benchmarks/matched_budget.py --pool A.json B.json --output POOLED.json
-                                        # arms graded on disjoint held-out sets, pooled
+    python benchmarks/matched_budget.py --pool A.json B.json --output POOLED.json \
+        [--note-file RULE.md]           # arms graded on disjoint held-out sets, pooled; the
+                                        # samples' within-problem AUC per selection score
 
 Three loops on the default task (same training problems, same base policy, same test split):
 the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT), the STaR loop
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paired import correct_by_problem, paired, rule_grades  # noqa: E402
+from sample_scores import within_problem_aucs  # noqa: E402
 
 from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
 from pipeline.config import Selection, to_dict  # noqa: E402
@@ -251,7 +253,8 @@ def pooled(arms: list[dict]) -> dict:
     """Several evaluation arms of one run's policies on disjoint held-out sets (e.g. the test
     split of two task seeds) as one: per policy, MCTS against best-of-N problem by problem over
     every set's problems, read from the grades each arm cached beside its run; beside it, MCTS
-    against the samples' checked majority and every select rule against majority."""
+    against the samples' checked majority and every select rule against majority, and the
+    within-problem AUC of each selection's score on the samples (benchmarks/sample_scores.py)."""
     by_policy: dict[int, list] = {}
     for arm in arms:
         out = Path(arm.get("evals") or Path(arm["runs"]["mcts"]) / f"{arm['split']}_evals")
@@ -276,7 +279,9 @@ def pooled(arms: list[dict]) -> dict:
                      "best_of_n_by_select": {rule: {
                          "accuracy": round(sum(g.values()) / len(g), 4),
                          "paired_with_majority": paired(g, bon, (rule, "majority"))}
-                         for rule, g in select.items() if rule != Selection.majority.value}})
+                         for rule, g in select.items() if rule != Selection.majority.value},
+                     # how well each selection's score ranks one problem's samples (issue 15)
+                     "within_problem_auc_best_of_n": within_problem_aucs([b for _, b in sets])})
     return {"benchmark": "matched_budget", "pooled": [str(a["runs"]["mcts"]) for a in arms],
             "splits": sorted({a["split"] for a in arms}), "evaluation": rows}
 
@@ -455,8 +460,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run nothing: pool --eval-run outputs graded on disjoint held-out "
                              "sets (say the test split of task.seed 0 and 1) into --output, "
                              "MCTS against best-of-N per policy over all their problems")
+    parser.add_argument("--note-file", type=Path, default=None, metavar="FILE",
+                        help="with --pool or --eval-run: FILE's text goes into the JSON as `note` "
+                             "(say, the rule written down before the grades)")
     parser.add_argument("overrides", nargs="*", help="extra qstar overrides for every run")
     args = parser.parse_args(argv)
+    note = {}
+    if args.note_file is not None:
+        try:
+            note = {"note": args.note_file.read_text()}
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--note-file {args.note_file}: {e.__class__.__name__}: {e}")
     if args.pool:
         if args.output == RESULTS / "matched_budget.json":
             parser.error("--pool needs --output: the proof's own JSON is not the pooled arm's")
@@ -474,15 +488,18 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--pool: {e} (the arm's run no longer holds its grades)")
         except ValueError as e:
             parser.error(f"--pool: {e}")
+        result = {**result, "arms": [str(p) for p in args.pool], **note}
         write_json(args.output, result)
         print(f"wrote {args.output}")
         return result
+    if args.note_file is not None and args.eval_run is None:
+        parser.error("--note-file goes with --pool or --eval-run")
     if args.split != "test" and args.eval_run is None:
         parser.error("--split dev needs --eval-run: the proof's numbers are on test")
     if args.no_eval and (args.eval_run is not None or args.eval_policies):
         parser.error("--no-eval runs the loops alone: not with --eval-run or --eval-policies")
     if args.eval_run is not None:
-        return evaluation_only(args, parser)
+        return evaluation_only(args, parser, note)
     if args.smoke:
         args.iterations, args.n = 1, 2
     if args.eval_policies and max(args.eval_policies) > args.iterations:  # before hours of loops
@@ -522,7 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def evaluation_only(args, parser) -> dict:
+def evaluation_only(args, parser, note: dict) -> dict:
     """The evaluation arm for one run's policies, no loop run or extended: policies trained by
     any run (`qstar run experiment=demo_cpu ...`), graded on test as the full proof grades
     them (on dev with --split dev); its evaluations are cached under evals_dir (RUN/SPLIT_evals
@@ -536,7 +553,7 @@ def evaluation_only(args, parser) -> dict:
     out = evals_dir(run, args.split, args.overrides)
     rows = evaluation_arm(base, store, policies, args.n, out, args.split)
     result = {"benchmark": "matched_budget", "split": args.split, "smoke": args.smoke,
-              "runs": {"mcts": str(run)}, "evals": str(out), "evaluation": rows}
+              "runs": {"mcts": str(run)}, "evals": str(out), "evaluation": rows, **note}
     output = (args.output if args.output != RESULTS / "matched_budget.json"
               else RESULTS / f"matched_budget_evaluation_{args.split}.json")
     write_json(output, result)

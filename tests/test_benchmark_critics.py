@@ -28,7 +28,7 @@ def test_smoke_writes_every_measure_and_resumes(bench, tiny_model_dir, tmp_path,
     assert result["within_problem_auc_trees"]["implicit"] == [None]
     on_test = result["within_problem_auc"]
     assert set(on_test) == {"value", "prm", "orm", "implicit", "mean_logprob", "vote_share",
-                            "step_check"}
+                            "step_check", "checked_vote"}
     assert on_test["implicit"] == [None] and all(len(v) == 1 for v in on_test.values())
     [row] = result["best_of_n_on_test"]
     assert row["policy"] == 1 and row["n"] == 2 and row["problems"] == 4 and row["split"] == "test"
@@ -95,6 +95,9 @@ def test_within_problem_auc_on_test_samples_with_right_and_wrong_answers(bench, 
     # the step check passes both right samples (1) and flags one wrong one (0; the other 1):
     # of the four right-wrong pairs two are ranked right and two tied, (2 + 2 * 0.5) / 4
     assert found["step_check"] == [0.75]
+    # checked majority's score: the two passing answers' share among the three samples passed
+    # (right 2/3, wrong 1/3) on top of the check, the flagged one 0: every pair ranked right
+    assert found["checked_vote"] == [1.0]
     for kind in ("value", "prm", "orm", "mean_logprob"):
         assert 0.0 <= found[kind][0] <= 1.0
     assert found["implicit"] == [None]  # no implicit rewards recorded: the policy has no reference

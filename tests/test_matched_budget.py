@@ -101,6 +101,12 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     assert by_select["checked_majority"]["accuracy"] == sum(
         r["best_of_n_majority"]["accuracy_by_select"]["checked_majority"] for r in both) / 2
     assert by_select["checked_majority"]["paired_with_majority"]["problems"] == 4
+    # and how well each selection's score ranks one problem's samples, over both sets (the
+    # values by hand: tests/test_sample_scores.py); policy 0 has no DPO reference, so no implicit
+    aucs = row["within_problem_auc_best_of_n"]
+    assert set(aucs) == {"problems", "implicit", "vote_share", "step_check", "checked_vote"}
+    assert aucs["problems"] == 4 and aucs["implicit"] is None
+    assert 0 <= aucs["vote_share"]["problems_with_both"] <= 4
 
     # another task's held-out set (task.seed=1) is cached apart: seed 0's grades stay as they were
     stamps = {p: p.stat().st_mtime_ns for p in (run / "test_evals").glob("p0_*.json")}
@@ -110,8 +116,13 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     (seeded_bon,) = (run / "test_evals_task.seed-1").glob("p0_best_of_*.json")
     assert all("/seed1/" in r["id"] for r in json.loads(seeded_bon.read_text())["rows"])
     (arms[1]).write_text(json.dumps(seeded))  # two test sets, read from their own folders
-    pooled = bench.main(["--pool", *map(str, arms), "--output", str(tmp_path / "pooled.json")])
+    rule = tmp_path / "rule.md"
+    rule.write_text("Written before the grades: the pooled figure decides.\n")
+    pooled = bench.main(["--pool", *map(str, arms), "--output", str(tmp_path / "pooled.json"),
+                         "--note-file", str(rule)])
     assert pooled["evaluation"][0]["paired"]["problems"] == 4
+    assert pooled["note"] == rule.read_text() and pooled["arms"] == [str(a) for a in arms]
+    assert json.loads((tmp_path / "pooled.json").read_text())["note"] == rule.read_text()
     def refused(argv: list[str]) -> str:  # one line from argparse, exit code 2
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
@@ -124,6 +135,9 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     # one set twice is not two sets
     assert "policy 0's held-out sets share problems" in refused(["--pool", *map(str, [arms[0]] * 2), *out])
     assert "--pool needs --output" in refused(["--pool", str(arms[0])])  # never the proof's JSON
+    assert f"--note-file {tmp_path / 'no.md'}: FileNotFoundError" in refused(
+        ["--pool", str(arms[0]), *out, "--note-file", str(tmp_path / "no.md")])
+    assert "--note-file goes with --pool or --eval-run" in refused(["--note-file", str(rule), *out])
     for bad in (tmp_path / "missing.json", tmp_path / "pooled.json"):  # no file; not an arm
         assert f"--pool {bad}: not an --eval-run output" in refused(["--pool", str(bad), *out])
     (graded,) = (run / "test_evals").glob("p0_best_of_*.json")
