@@ -56,13 +56,17 @@ from sample_scores import within_problem_aucs  # noqa: E402
 
 from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
 from pipeline.config import Selection, to_dict  # noqa: E402
-from pipeline.lm.models import resolve_model_path  # noqa: E402
+from pipeline.decoding.tree_search import SearchModels, train_search  # noqa: E402
+from pipeline.lm.models import load_model, resolve_model_path  # noqa: E402
 from pipeline.loop import resume_run, run_loop  # noqa: E402
 from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
 from pipeline.stages.data import verified_completions  # noqa: E402
 from pipeline.stages.eval import run_eval  # noqa: E402
+from pipeline.stages.search import shard_rows, summarize_search  # noqa: E402
 from pipeline.stages.train import pair_metrics_of  # noqa: E402
+from pipeline.tasks import make_task  # noqa: E402
+from pipeline.tasks.prompt import task_prompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GRPO_EPOCHS = 4  # the GRPO arm's cap on epochs per iteration; the token budget stops it first
@@ -140,17 +144,28 @@ def count_verified(rows: list[dict], tokens: int) -> dict:
 
 
 def star_samples(base: list[str], mcts: RunStore, out: Path) -> dict:
-    """Samples per problem that spend the MCTS loop's iteration-0 search tokens (base policy,
-    training problems: one sample each measures the length; no accuracy is read)."""
+    """Samples per problem that spend the MCTS loop's iteration-0 search tokens. One sample per
+    training problem from the STaR loop's own sampler (`experiment=star_cpu`, base policy; with
+    the step check a sample stops at its first flagged line, as the loop's do) measures their
+    length; no accuracy is read. (Before, a plain `decode=sample` eval measured it: with the
+    check on, its unstopped samples ran 1.6x longer, and STaR spent 0.66x the MCTS tokens.)"""
     out.mkdir(parents=True, exist_ok=True)
-    output = out / "calibration_sample_train.json"
+    output = out / "calibration_star_sample_train.json"
     if not output.is_file():
-        run_eval(compose_config([*base, "decode=sample", "eval.split=train",
-                                 f"eval.output={output}", "progress=false"]))
-    sample = json.loads(output.read_text())["summary"]
+        cfg = compose_config(["experiment=star_cpu", *base, "search.simulations=1",
+                              "progress=false"])
+        model, tokenizer = load_model(cfg.model)
+        task = make_task(cfg.task)
+        problems = task.split("train")
+        trees, scorer = train_search(problems, task, task_prompts(tokenizer, task, problems), cfg,
+                                     SearchModels(policy=model, tokenizer=tokenizer))
+        rows = shard_rows(trees, scorer, problems, 0)
+        write_json(output, {"problems": len(problems),
+                            "tokens": summarize_search(rows, 0.0)["tokens"]})
+    sample = json.loads(output.read_text())
     search = mcts.metrics(0, "search")
     mcts_per_problem = search["tokens"] / max(search["problems"], 1)
-    per_sample = per_problem(sample)
+    per_sample = round(sample["tokens"] / max(sample["problems"], 1), 1)
     return {"mcts_search_tokens": search["tokens"],
             "mcts_search_tokens_per_problem": round(mcts_per_problem, 1),
             "sample_tokens": per_sample,

@@ -215,6 +215,11 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     assert grpo["tokens"] >= grpo["token_budget"] or grpo["steps"] == bench.GRPO_EPOCHS  # 1 step/epoch
     calibration = result["star_calibration"]
     assert calibration["samples"] >= 1 and calibration["samples_used"] == calibration["samples"]
+    # measured on one sample per training problem of the STaR loop's own sampler (the step check
+    # stops a sample at a flagged line there; a plain decode=sample eval never stops it)
+    one = json.loads((tmp_path / "runs" / "test_evals" / "calibration_star_sample_train.json").read_text())
+    assert one["problems"] == len(task.split("train")) and one["tokens"] > 0
+    assert calibration["sample_tokens"] == round(one["tokens"] / one["problems"], 1)
     star_tokens = RunStore(result["runs"]["star"]).metrics(0, "search")["tokens"]
     assert calibration["star_search_tokens"] == star_tokens
     assert calibration["star_over_mcts_tokens"] == round(
