@@ -144,32 +144,57 @@ def count_verified(rows: list[dict], tokens: int) -> dict:
 
 
 def star_samples(base: list[str], mcts: RunStore, out: Path) -> dict:
-    """Samples per problem that spend the MCTS loop's iteration-0 search tokens. One sample per
-    training problem from the STaR loop's own sampler (`experiment=star_cpu`, base policy; with
-    the step check a sample stops at its first flagged line, as the loop's do) measures their
-    length; no accuracy is read. (Before, a plain `decode=sample` eval measured it: with the
-    check on, its unstopped samples ran 1.6x longer, and STaR spent 0.66x the MCTS tokens.)"""
-    out.mkdir(parents=True, exist_ok=True)
-    output = out / "calibration_star_sample_train.json"
-    if not output.is_file():
-        cfg = compose_config(["experiment=star_cpu", *base, "search.simulations=1",
+    """Samples per problem whose STaR iteration-0 search comes nearest the MCTS loop's
+    iteration-0 search tokens. The STaR loop's own sampler (`experiment=star_cpu`, base policy,
+    training problems; with the step check a sample stops at its first flagged line, and a
+    repeat of a sibling sample is cut, so a sample's length depends on the count) searches at
+    the count one sample's mean length suggests, then one more or one fewer until the tokens
+    cross the target; the nearer count wins. Every count's tokens are cached; no accuracy is
+    read. (Until 2026-12-06 a plain `decode=sample` eval set the count: with the check on, its
+    unstopped samples ran 1.6x longer, and STaR spent 0.66x the MCTS tokens.)"""
+    target = mcts.metrics(0, "search")
+    search = StarSampler(base, out)
+    start = max(1, round(target["tokens"] / max(search.tokens(1), 1)))
+    count, step = start, (1 if search.tokens(start) < target["tokens"] else -1)
+    while count + step >= 1 and (search.tokens(count + step) < target["tokens"]) == (step == 1):
+        count += step  # not crossed yet
+    probed = {k: search.tokens(k) for k in sorted(search.found)}
+    best = min(probed, key=lambda k: (abs(probed[k] - target["tokens"]), k))
+    return {"mcts_search_tokens": target["tokens"],
+            "mcts_search_tokens_per_problem": round(target["tokens"] / max(target["problems"], 1), 1),
+            "sample_tokens": round(probed[1] / max(target["problems"], 1), 1),
+            "samples": best, "star_tokens_by_samples": {str(k): v for k, v in probed.items()}}
+
+
+class StarSampler:
+    """The STaR loop's iteration-0 search at a given number of samples per training problem:
+    its decoded tokens, cached in OUT/calibration_star_train_<count>.json."""
+
+    def __init__(self, base: list[str], out: Path):
+        self.base, self.out, self.found, self.models = base, out, {}, None
+
+    def tokens(self, count: int) -> int:
+        if count not in self.found:
+            self.found[count] = self._searched(count)
+        return self.found[count]
+
+    def _searched(self, count: int) -> int:
+        cache = self.out / f"calibration_star_train_{count}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())["tokens"]
+        cfg = compose_config(["experiment=star_cpu", *self.base, f"search.simulations={count}",
                               "progress=false"])
-        model, tokenizer = load_model(cfg.model)
+        if self.models is None:
+            model, tokenizer = load_model(cfg.model)
+            self.models = SearchModels(policy=model, tokenizer=tokenizer)
         task = make_task(cfg.task)
         problems = task.split("train")
-        trees, scorer = train_search(problems, task, task_prompts(tokenizer, task, problems), cfg,
-                                     SearchModels(policy=model, tokenizer=tokenizer))
-        rows = shard_rows(trees, scorer, problems, 0)
-        write_json(output, {"problems": len(problems),
-                            "tokens": summarize_search(rows, 0.0)["tokens"]})
-    sample = json.loads(output.read_text())
-    search = mcts.metrics(0, "search")
-    mcts_per_problem = search["tokens"] / max(search["problems"], 1)
-    per_sample = round(sample["tokens"] / max(sample["problems"], 1), 1)
-    return {"mcts_search_tokens": search["tokens"],
-            "mcts_search_tokens_per_problem": round(mcts_per_problem, 1),
-            "sample_tokens": per_sample,
-            "samples": max(1, round(mcts_per_problem / max(per_sample, 1e-9)))}
+        trees, scorer = train_search(problems, task, task_prompts(self.models.tokenizer, task,
+                                                                  problems), cfg, self.models)
+        tokens = summarize_search(shard_rows(trees, scorer, problems, 0), 0.0)["tokens"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(cache, {"samples": count, "problems": len(problems), "tokens": tokens})
+        return tokens
 
 
 def star_used(calibration: dict, star: RunStore) -> dict:

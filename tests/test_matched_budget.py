@@ -215,12 +215,15 @@ def test_smoke_writes_every_arm_on_test_and_resumes(bench, tiny_model_dir, tmp_p
     assert grpo["tokens"] >= grpo["token_budget"] or grpo["steps"] == bench.GRPO_EPOCHS  # 1 step/epoch
     calibration = result["star_calibration"]
     assert calibration["samples"] >= 1 and calibration["samples_used"] == calibration["samples"]
-    # measured on one sample per training problem of the STaR loop's own sampler (the step check
-    # stops a sample at a flagged line there; a plain decode=sample eval never stops it)
-    one = json.loads((tmp_path / "runs" / "test_evals" / "calibration_star_sample_train.json").read_text())
-    assert one["problems"] == len(task.split("train")) and one["tokens"] > 0
-    assert calibration["sample_tokens"] == round(one["tokens"] / one["problems"], 1)
     star_tokens = RunStore(result["runs"]["star"]).metrics(0, "search")["tokens"]
+    # the count comes from the STaR loop's own sampler, probed until its tokens cross the MCTS
+    # loop's (the step check stops a sample at a flagged line there; a decode=sample eval does not)
+    probed = {int(k): v for k, v in calibration["star_tokens_by_samples"].items()}
+    target = calibration["mcts_search_tokens"]
+    assert calibration["samples"] == min(probed, key=lambda k: (abs(probed[k] - target), k))
+    assert (min(probed.values()) < target <= max(probed.values())) or probed.get(1, 0) >= target
+    assert star_tokens == probed[calibration["samples"]]  # the loop's iteration 0 is that probe
+    assert calibration["sample_tokens"] == round(probed[1] / len(task.split("train")), 1)
     assert calibration["star_search_tokens"] == star_tokens
     assert calibration["star_over_mcts_tokens"] == round(
         star_tokens / calibration["mcts_search_tokens"], 3)
