@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from critics.metrics import within_problem_auc
 from pipeline.config import TaskConfig
@@ -56,10 +57,13 @@ def within_problem_aucs(bon_jsons: list[Path]) -> dict:
     found: dict[str, list] = {k: [] for k in (*SCORES, "right", "problem")}
     for path in bon_jsons:
         saved = json.loads(path.read_text())
-        task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig),
-                                                       saved["config"]["task"]))
-        task = make_task(task_cfg)
-        problems = {p.id: p for p in task.split(saved["config"]["eval"]["split"])}
+        try:  # the task it was graded on, as its JSON recorded it
+            task = make_task(OmegaConf.to_object(OmegaConf.merge(
+                OmegaConf.structured(TaskConfig), saved["config"]["task"])))
+            problems = {p.id: p for p in task.split(saved["config"]["eval"]["split"])}
+        except (KeyError, TypeError, OmegaConfBaseException) as e:
+            raise ValueError(f"{path} records no readable task config "
+                             f"({e.__class__.__name__}: {e}); grade it again") from None
         for row in saved["rows"]:
             scores = candidate_scores(row["candidates"], task.extract_answer,
                                       row.get("implicit_rewards"))

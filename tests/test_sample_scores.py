@@ -70,3 +70,12 @@ def test_within_problem_aucs_of_a_graded_json(scores, tmp_path):
                                    "rows": [{k: v for k, v in r.items() if k != "implicit_rewards"}
                                             for r in rows]}))
     assert scores.within_problem_aucs([without])["implicit"] is None
+
+
+def test_a_grade_without_its_task_config_is_one_clear_error(scores, tmp_path):
+    """A grade from before eval JSONs recorded their config: a ValueError naming the file, which
+    `matched_budget.py --pool` prints as one line (exit 2), not a KeyError traceback."""
+    old = tmp_path / "p1_best_of_8.json"
+    old.write_text(json.dumps({"rows": [{"id": "x", "candidates": ["Answer: 1"]}]}))
+    with pytest.raises(ValueError, match=f"{old} records no readable task config"):
+        scores.within_problem_aucs([old])
