@@ -69,6 +69,7 @@ from pipeline.tasks import make_task  # noqa: E402
 from pipeline.tasks.prompt import task_prompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+MAX_STAR_SAMPLES = 256  # STaR's calibration probes no count above this (a search that never grows)
 GRPO_EPOCHS = 4  # the GRPO arm's cap on epochs per iteration; the token budget stops it first
 GRADED_BY = ("model", "task", "decode", "critics", "eval", "seed")  # what run_eval reads
 SMOKE = ["debug=default", "task.num_train=2", "task.num_dev=2", "task.num_test=2",
@@ -154,9 +155,10 @@ def star_samples(base: list[str], mcts: RunStore, out: Path) -> dict:
     unstopped samples ran 1.6x longer, and STaR spent 0.66x the MCTS tokens.)"""
     target = mcts.metrics(0, "search")
     search = StarSampler(base, out)
-    start = max(1, round(target["tokens"] / max(search.tokens(1), 1)))
+    start = min(MAX_STAR_SAMPLES, max(1, round(target["tokens"] / max(search.tokens(1), 1))))
     count, step = start, (1 if search.tokens(start) < target["tokens"] else -1)
-    while count + step >= 1 and (search.tokens(count + step) < target["tokens"]) == (step == 1):
+    while (1 <= count + step <= MAX_STAR_SAMPLES
+           and (search.tokens(count + step) < target["tokens"]) == (step == 1)):
         count += step  # not crossed yet
     probed = {k: search.tokens(k) for k in sorted(search.found)}
     best = min(probed, key=lambda k: (abs(probed[k] - target["tokens"]), k))
