@@ -218,9 +218,7 @@ class SearchConfig:
     widening: Widening = SearchParams.widening  # when a node below its importance target n(s) gets a child
     evaluate_root: bool = SearchParams.evaluate_root  # a rollout from the prompt for v(root); false: its children's mean
     trees_per_batch: int = 16  # problems per search shard, searched together
-    # training problems searched per iteration: the window of this many from i * this, wrapping
-    # around task.num_train, so each iteration meets problems its policy has not trained on; 0 = all
-    problems_per_iteration: int = 0
+    problems_per_iteration: int = 0  # training problems per iteration: the window from i * this, wrapping around task.num_train; 0 = all
     temperature: float = 0.8  # sampling temperature of options
     best_path: BestPath = BestPath.draws  # evaluation: the answer read off the tree (RESULTS.md, "Dead ends replaced")
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -230,6 +228,7 @@ class SearchConfig:
     reuse_rollouts: bool = False  # one option (and rollout) read off the node's rollout; dev: no gain (README)
     # a line stating a false equality ("8 - 8 = 8") ends its row, a dead end (pipeline/tasks/equations.py)
     check_equations: bool = True  # dev: 1.11x the verified solutions per token, none false (RESULTS.md)
+    check_answers: bool = False  # an answer no line above it wrote ("Answer: 23" alone) is a dead end, reward 0
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 
 

@@ -150,7 +150,7 @@ def test_checked_majority_votes_over_the_samples_the_step_check_passes(monkeypat
     d.select = Selection.checked_majority
     assert decode_best_of_n(None, None, ["p1", "p2"], d, 0, None, extract_answer, None, None,
                             false_equation).completions == [groups[0][2], groups[1][0]]
-    with pytest.raises(QstarError, match="decode.select=checked_majority needs the step check"):
+    with pytest.raises(QstarError, match="decode.select=checked_majority needs a check"):
         decode_best_of_n(None, None, ["p1"], d, 0, None, extract_answer)
 
 

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from pipeline.config import DecodeStrategy, QstarConfig
 from pipeline.decoding.base import Decoded
 from pipeline.decoding.beam import decode_beam
-from pipeline.decoding.best_of_n import decode_best_of_n
+from pipeline.decoding.best_of_n import decode_best_of_n, sample_check
 from pipeline.decoding.mcts import decode_mcts
 from pipeline.decoding.sampling import decode_greedy, decode_sample
-from pipeline.tasks.equations import false_equation
 
 
 def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts: list[str],
@@ -30,9 +29,8 @@ def decode(cfg: QstarConfig, strategy: DecodeStrategy, model, tokenizer, prompts
         return decode_sample(model, tokenizer, prompts, d, seed, progress)
     if strategy == DecodeStrategy.best_of_n:
         orm = critics.orm_scorer() if critics is not None else None
-        check = false_equation if cfg.search.check_equations else None
         return decode_best_of_n(model, tokenizer, prompts, d, seed, progress, extract, orm,
-                                implicit, check)
+                                implicit, sample_check(cfg.search))
     if strategy == DecodeStrategy.beam:
         return decode_beam(cfg, model, tokenizer, prompts, progress)
     return decode_mcts(cfg, model, tokenizer, prompts, critics, progress, extract, implicit)

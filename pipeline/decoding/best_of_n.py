@@ -9,24 +9,35 @@ from collections.abc import Callable
 
 from critics.critic_set import Scorer
 from critics.implicit import implicit_score
-from pipeline.config import DecodeConfig, Selection
+from pipeline.config import DecodeConfig, SearchConfig, Selection
 from pipeline.decoding.base import Decoded
 from pipeline.decoding.sampling import sample_generations
 from pipeline.decoding.voting import majority_vote, orm_select, orm_weighted_vote
 from pipeline.errors import QstarError
+from pipeline.tasks.equations import false_equation, unsupported_answer
 
 
 def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool, has_check: bool) -> None:
     """Refuse a selection whose critic is missing, with one line saying what to pass."""
     if d.select == Selection.checked_majority and not has_check:
-        raise QstarError("decode.select=checked_majority needs the step check: set "
-                         "search.check_equations=true, or use decode.select=majority")
+        raise QstarError("decode.select=checked_majority needs a check: set "
+                         "search.check_equations=true or search.check_answers=true, or use "
+                         "decode.select=majority")
     if d.select in (Selection.orm, Selection.orm_vote) and not has_orm:
         raise QstarError(f"decode.select={d.select.value} needs a trained ORM: pass "
                          "eval.critics=<run>/iter_NNN/refit, or use decode.select=majority")
     if d.select in (Selection.implicit, Selection.implicit_vote) and not has_implicit:
         raise QstarError(f"decode.select={d.select.value} needs a policy trained by DPO (its meta.json "
                          "names the reference): use model=<run>/iter_NNN/train/policy")
+
+
+def sample_check(s: SearchConfig) -> Callable[[str], bool] | None:
+    """What a whole sample must pass for checked_majority: no line stating a false equality
+    (search.check_equations) and an answer its working wrote (search.check_answers); None
+    when both are off."""
+    checks = [check for check, on in ((false_equation, s.check_equations),
+                                      (unsupported_answer, s.check_answers)) if on]
+    return (lambda text: any(check(text) for check in checks)) if checks else None
 
 
 def _per_group(flat: list[float], groups: list[list]) -> list[list[float]]:
@@ -39,8 +50,8 @@ def _per_group(flat: list[float], groups: list[list]) -> list[list[float]]:
 
 def checked_majority(candidates: list[str], extract: Callable[[str], str | None],
                      step_check: Callable[[str], bool]) -> str:
-    """Majority vote over the candidates in which `step_check` flags no line (none sees gold);
-    every candidate flagged: majority over all of them."""
+    """Majority vote over the candidates `step_check` does not flag (`sample_check`; none sees
+    gold); every candidate flagged: majority over all of them."""
     passed = [c for c in candidates if not step_check(c)]
     return majority_vote(passed or candidates, extract)
 
@@ -51,7 +62,7 @@ def decode_best_of_n(model, tokenizer, prompts: list[str], d: DecodeConfig, seed
                      step_check: Callable[[str], bool] | None = None) -> Decoded:
     """n samples per prompt; every selection the critics allow is made from the same samples.
     `implicit`: a critics.ImplicitCritic for the policy (None: no DPO reference). `step_check`
-    (search.check_equations) adds checked_majority; the samples decode as without it."""
+    (`sample_check`) adds checked_majority; the samples decode as without it."""
     check_selection(d, orm_score is not None, implicit is not None, step_check is not None)
     gens = sample_generations(model, tokenizer, prompts, d, seed, progress)
     groups = [[g.text for g in group] for group in gens]

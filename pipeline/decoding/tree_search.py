@@ -50,7 +50,7 @@ from pipeline.lm.prefix_cache import PrefixCache
 from pipeline.lm.stopping import OptionClaims
 from pipeline.run.progress import progress_bar
 from pipeline.tasks.base import Problem, Task
-from pipeline.tasks.equations import false_equation
+from pipeline.tasks.equations import false_equation, unsupported_answer
 
 RewardFn = Callable[[int, str], float]  # (tree index, full solution text) -> reward in [0, 1]
 
@@ -178,10 +178,16 @@ class LeafScorer:
         """search.check_equations: a line stating a false equality ends its row."""
         return false_equation if self.cfg.search.check_equations else None
 
+    def unsupported(self, solution: str) -> bool:
+        """search.check_answers: a solution whose answer line states what no line above wrote."""
+        return self.cfg.search.check_answers and unsupported_answer(solution)
+
     def dead(self, request: EvalRequest) -> bool:
-        """A terminal node whose last step the step check flags: a dead end, worth 0."""
-        return bool(request.terminal and request.steps and self.step_check is not None
-                    and self.step_check(request.steps[-1]))
+        """A terminal node whose last step the step check flags, or whose answer its working
+        never wrote (search.check_answers): a dead end, worth 0."""
+        return bool(request.terminal and request.steps and (
+            self.step_check is not None and self.step_check(request.steps[-1])
+            or self.unsupported("".join(request.steps))))
 
     def expansion_kwargs(self) -> dict:
         """How expansions decode (`generate`'s arguments, past the prompts and batching):
@@ -228,9 +234,10 @@ class LeafScorer:
             self.pending.setdefault((request.tree_index, prefix), Rollout(
                 g.rollout, len(lps), sum(lps) / max(len(lps), 1), g.rollout_finished, fused=True,
                 token_ids=g.rollout_ids or [], logprobs=lps, wrong=g.rollout_wrong))
+        dead = g.wrong or terminal and self.unsupported("".join(request.steps) + g.text)
         return Option(text=g.text, logprob=g.logprob, num_tokens=g.num_tokens, terminal=terminal,
                       rollout_tokens=0 if g.replayed else g.rollout_tokens, reused=g.replayed,
-                      dead_end=bool(g.wrong))
+                      dead_end=bool(dead))
 
     def evaluate(self, requests: list[EvalRequest]) -> list[LeafEval]:
         rollouts = self._rollouts(requests)
@@ -249,7 +256,8 @@ class LeafScorer:
             if self.reward_fn is not None:  # training only: the verifier on s + rollout
                 parts["rollout"] = self.reward_fn(r.tree_index, states[i] + ro.text)
             dead = self.dead(r)  # the step check: a dead end's parts are all 0, a failed rollout's outcome's
-            for kind in [k for k in parts if dead or (ro.wrong and k in ("orm", "rollout"))]:
+            failed = ro.wrong or self.unsupported(states[i] + ro.text)
+            for kind in [k for k in parts if dead or (failed and k in ("orm", "rollout"))]:
                 parts[kind] = 0.0
             reward = self.implicit.pop((r.tree_index, states[i]), None)
             if reward is not None:
@@ -369,7 +377,9 @@ def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cf
                  models: SearchModels, desc: str | None = None) -> tuple[list[Tree], LeafScorer]:
     """Training-time search: the verifier scores terminal nodes and rollouts."""
 
-    def reward(tree_index: int, solution: str) -> float:
+    def reward(tree_index: int, solution: str) -> float:  # search.check_answers: no working, no reward
+        if cfg.search.check_answers and unsupported_answer(solution):
+            return 0.0
         return task.score(problems[tree_index], solution)
 
     scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size)

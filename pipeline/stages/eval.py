@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.config import DecodeStrategy, QstarConfig, replace_model_name, to_dict
 from pipeline.decoding import decode
 from pipeline.decoding.base import Decoded
-from pipeline.decoding.best_of_n import check_selection
+from pipeline.decoding.best_of_n import check_selection, sample_check
 from pipeline.errors import QstarError
 from pipeline.lm.models import load_model, resolve_model_path
 from pipeline.run.atomic import write_json
@@ -140,7 +140,7 @@ def run_eval(cfg: QstarConfig) -> EvalResult:
     if cfg.decode.strategy == DecodeStrategy.best_of_n:  # refuse before loading anything
         check_selection(cfg.decode, bool(critics_dir),
                         dpo_reference(resolve_model_path(cfg.model)) is not None,
-                        cfg.search.check_equations)
+                        sample_check(cfg.search) is not None)
     model, tokenizer = load_model(cfg.model)
     critics = None
     if critics_dir:

@@ -95,3 +95,29 @@ def _evaluate(node: ast.AST) -> Fraction:
     if isinstance(node, ast.BinOp):
         return OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
     raise ValueError("not a numeric expression")
+
+
+# An answer line ("Answer: 41", "#### 41") whose value is one plain number, and a number in text.
+ANSWER_LINE = re.compile(r"(?i)(?:\banswer\s*\**\s*:|####)\s*\**\s*\$?\s*(-?\d+(?:,\d{3})*(?:\.\d+)?)"
+                         r"[\s.*$]*$")
+NUMBER_IN_TEXT = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def unsupported_answer(text: str) -> bool:
+    """True when a whole solution's last answer line states a number that no line above it
+    wrote: an answer with no working ("Answer: 23" alone) or one its working never reached.
+    An answer that is not one plain number is never judged. Like `false_equation` it reads the
+    text alone, never a gold answer; unlike it, it judges a whole solution, not one line."""
+    lines = text.splitlines()
+    for k in range(len(lines) - 1, -1, -1):
+        found = ANSWER_LINE.search(lines[k])
+        if found is None:
+            continue
+        answer = _number(found.group(1))
+        working = "\n".join(lines[:k]) + lines[k][:found.start()]
+        return all(_number(n) != answer for n in NUMBER_IN_TEXT.findall(working))
+    return False
+
+
+def _number(text: str) -> Fraction:
+    return Fraction(text.replace(",", ""))
