@@ -22,9 +22,8 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # before benchmarks/, whose critics.py is not the critics package
 
 from paired import paired  # noqa: E402
 from sample_scores import graded_rows, within_problem_aucs  # noqa: E402
