@@ -6,9 +6,9 @@ checked majority with the step check and an answer check, each graded on the sam
 (paired, sign test), and the within-problem AUC of checked majority's score under each check:
 
 - `answers`: pipeline.tasks.equations.unsupported_answer, the check `search.check_answers` turns
-  on: the answer line's number appears nowhere in the lines above it;
-- `last_line`: a stricter variant, measured beside it: the answer must be the last number of the
-  last non-empty line above it.
+  on: the answer must be the last number of the last non-empty line above it;
+- `anywhere`: a looser variant, measured beside it (and on dev not chosen): the answer's number
+  appears nowhere in the lines above it.
 
 Majority and step-check-only checked majority are recomputed and compared with the grades each
 JSON recorded (`correct_by_select`), so a re-scoring that drifted from `qstar eval` stops here.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,24 +35,24 @@ from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.tasks.equations import ANSWER_LINE, NUMBER_IN_TEXT, false_equation, unsupported_answer  # noqa: E402
 
 
-def last_line_unsupported(text: str) -> bool:
-    """The stricter variant: the answer line's number is not the last number of the last
-    non-empty line above it (no such line: unsupported). A non-numeric answer is never judged."""
+def anywhere_unsupported(text: str) -> bool:
+    """The looser variant: the answer line's number appears nowhere in the lines above it (nor
+    before it on its own line). A non-numeric answer is never judged."""
     lines = text.splitlines()
     for k in range(len(lines) - 1, -1, -1):
         found = ANSWER_LINE.search(lines[k])
         if found is None:
             continue
-        above = [line for line in [*lines[:k], lines[k][:found.start()]] if line.strip()]
-        numbers = NUMBER_IN_TEXT.findall(above[-1]) if above else []
-        return not numbers or numbers[-1].replace(",", "") != found.group(1).replace(",", "")
+        working = "\n".join(lines[:k]) + "\n" + lines[k][:found.start()]
+        answer = Fraction(found.group(1).replace(",", ""))
+        return all(Fraction(n.replace(",", "")) != answer for n in NUMBER_IN_TEXT.findall(working))
     return False
 
 
 CHECKS = {
     "step": false_equation,
     "answers": lambda text: false_equation(text) or unsupported_answer(text),
-    "last_line": lambda text: false_equation(text) or last_line_unsupported(text),
+    "anywhere": lambda text: false_equation(text) or anywhere_unsupported(text),
 }
 
 
@@ -95,7 +96,7 @@ def score_set(paths: list[Path]) -> dict:
         out[f"correct_{name}"] = sum(by_problem.values())
     for name, check in CHECKS.items():
         out[f"within_problem_auc_checked_vote_{name}"] = within_problem_aucs(paths, check)["checked_vote"]
-    for name in ("answers", "last_line"):
+    for name in ("answers", "anywhere"):
         out[f"{name}_minus_step"] = paired(grades[name], grades["step"], (name, "step"))
     out["step_minus_majority"] = paired(grades["step"], grades["majority"], ("step", "majority"))
     return out
@@ -119,10 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
             parser.exit(2, f"--set {name}: {e}\n")
         s = result[name]
         print(f"{name}: {s['problems']} problems: majority {s['correct_majority']}, checked "
-              f"{s['correct_step']}, + answers {s['correct_answers']}, + last line "
-              f"{s['correct_last_line']}; AUC {s['within_problem_auc_checked_vote_step']['auc']} / "
+              f"{s['correct_step']}, + answers {s['correct_answers']}, + answers anywhere "
+              f"{s['correct_anywhere']}; AUC {s['within_problem_auc_checked_vote_step']['auc']} / "
               f"{s['within_problem_auc_checked_vote_answers']['auc']} / "
-              f"{s['within_problem_auc_checked_vote_last_line']['auc']}")
+              f"{s['within_problem_auc_checked_vote_anywhere']['auc']}")
     write_json(args.output, result)
     print(f"wrote {args.output}")
     return result

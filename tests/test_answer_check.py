@@ -1,5 +1,5 @@
-"""search.check_answers: a whole solution whose answer line states a number that no line above it
-wrote is flagged (pipeline/tasks/equations.unsupported_answer).
+"""search.check_answers: a whole solution whose answer line states a number other than the last
+number of the line above it is flagged (pipeline/tasks/equations.unsupported_answer).
 
 The check on hand-written solutions and on every worked solution of the default task; how
 checked majority, the training verifier and the search treat what it flags (with a stand-in
@@ -34,12 +34,13 @@ from pipeline.tasks.prompt import render_prompts
 
 UNSUPPORTED = ["Answer: 23", "12 + 34 = 46\nAnswer: 41", "Answer: 1,000", "3 - 8 = -5\nAnswer: 5",
                "The sum is 12.\nAnswer: 13", "12 + 34 = 46\n#### 47", "**Answer:** 7",
-               "2 + 2 = 4\nAnswer: 4\n4 + 1 = 5\nAnswer: 6"]  # the last answer line is judged
+               "2 + 2 = 4\nAnswer: 4\n4 + 1 = 5\nAnswer: 6",  # the last answer line is judged
+               "12 + 34 = 46\n46 - 5 = 41\nAnswer: 46"]  # written above, but not where it ended
 SUPPORTED_OR_UNREAD = ["12 + 34 = 46\n46 - 5 = 41\nAnswer: 41", "3 - 8 = -5\nAnswer: -5",
                        "So 1000 total.\n#### 1,000", "The total is 41. Answer: 41",
                        "12 + 34 = 46\nAnswer: 46.\n", "x = 1/2\nAnswer: 1/2", "no answer line",
                        "Answer: x + 1", "Answer:", "2.5 + 1 = 3.5\nAnswer: 3.50", "",
-                       "12 + 34 = 46\n**Answer:** 46"]
+                       "12 + 34 = 46\n**Answer:** 46", "12 + 34 = 46\n\nAnswer: 46"]
 
 
 @pytest.mark.parametrize("text", UNSUPPORTED)
@@ -53,8 +54,9 @@ def test_a_supported_or_unreadable_answer_is_not(text):
 
 
 def test_every_worked_solution_passes_and_its_bare_answer_does_not():
-    """The default task's own solution format: the full working passes; the answer alone, or the
-    answer of a chain whose last step was dropped, is flagged (the property, on 200 chains)."""
+    """The default task's own solution format: the full working passes; the answer alone is
+    flagged, and so is the answer of a chain whose last step was dropped unless that step left
+    the partial result as it was (the property, on 200 chains)."""
     rng = random.Random(0)
     for _ in range(200):
         terms = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5))]
@@ -62,11 +64,8 @@ def test_every_worked_solution_passes_and_its_bare_answer_does_not():
         lines = worked_solution(expression).splitlines()
         assert not unsupported_answer("\n".join(lines))
         assert unsupported_answer(lines[-1])
-        answer = int(lines[-1].split()[-1])
-        numbers = {int(n) for line in lines[:-2] for n in line.replace("=", " ").split()
-                   if n.lstrip("-").isdigit()}
-        if answer not in numbers:  # dropping the last step leaves the answer unwritten
-            assert unsupported_answer("\n".join([*lines[:-2], lines[-1]]))
+        answer, before = int(lines[-1].split()[-1]), int(lines[-3].split()[-1])
+        assert unsupported_answer("\n".join([*lines[:-2], lines[-1]])) == (before != answer)
 
 
 def test_sample_check_composes_the_checks_it_is_given():
@@ -198,7 +197,7 @@ def test_the_benchmark_rescores_a_graded_json_by_hand(tmp_path):
                                   "rows": [row]}))
     found = bench.main(["--set", "p1", str(graded), "--output", str(tmp_path / "out.json")])["p1"]
     assert (found["correct_majority"], found["correct_step"]) == (0, 0)
-    assert found["correct_answers"] == found["correct_last_line"] == 1
+    assert found["correct_answers"] == found["correct_anywhere"] == 1
     assert found["flagged_answers"] == 3 and found["right_samples_flagged_answers"] == 0
     assert found["within_problem_auc_checked_vote_answers"]["auc"] == pytest.approx(1.0)
     assert found["within_problem_auc_checked_vote_step"]["auc"] == pytest.approx(0.0)

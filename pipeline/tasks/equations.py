@@ -104,18 +104,20 @@ NUMBER_IN_TEXT = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def unsupported_answer(text: str) -> bool:
-    """True when a whole solution's last answer line states a number that no line above it
-    wrote: an answer with no working ("Answer: 23" alone) or one its working never reached.
-    An answer that is not one plain number is never judged. Like `false_equation` it reads the
-    text alone, never a gold answer; unlike it, it judges a whole solution, not one line."""
+    """True when a whole solution's last answer line states a number that is not the last
+    number of the last line above it with a word or number in it (the text before the answer on
+    its own line counts): an answer with no working ("Answer: 23" alone) or one its working did not end on. An answer
+    that is not one plain number is never judged. Like `false_equation` it reads the text
+    alone, never a gold answer; unlike it, it judges a whole solution, not one line."""
     lines = text.splitlines()
     for k in range(len(lines) - 1, -1, -1):
         found = ANSWER_LINE.search(lines[k])
         if found is None:
             continue
-        answer = _number(found.group(1))
-        working = "\n".join(lines[:k]) + lines[k][:found.start()]
-        return all(_number(n) != answer for n in NUMBER_IN_TEXT.findall(working))
+        above = [line for line in [*lines[:k], lines[k][:found.start()]]
+                 if any(c.isalnum() for c in line)]  # not blank, not only "**" markup
+        numbers = NUMBER_IN_TEXT.findall(above[-1]) if above else []
+        return not numbers or _number(numbers[-1]) != _number(found.group(1))
     return False
 
 
