@@ -121,7 +121,7 @@ def test_a_tree_search_key_leaves_the_samplers_cached_count_valid(bench):
                    "search.leaves_per_tree=4", "search.c_max=5"):
         assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change])) == key
     for change in ("search.temperature=0.5", "search.check_equations=false", "search.seed=3",
-                   "search.check_answers=false",
+                   "search.check_answers=true",
                    "decode.max_new_tokens=40", "search.simulations=9"):
         assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change])) != key
     mcts = bench.search_key(compose_config(["experiment=demo_cpu"]))
