@@ -44,7 +44,7 @@ SUPPORTED_OR_UNREAD = ["12 + 34 = 46\n46 - 5 = 41\nAnswer: 41", "3 - 8 = -5\nAns
 
 
 @pytest.mark.parametrize("text", UNSUPPORTED)
-def test_an_answer_its_working_never_wrote_is_flagged(text):
+def test_an_answer_that_is_not_the_workings_last_number_is_flagged(text):
     assert unsupported_answer(text)
 
 

@@ -33,8 +33,8 @@ def check_selection(d: DecodeConfig, has_orm: bool, has_implicit: bool, has_chec
 
 def sample_check(s: SearchConfig) -> Callable[[str], bool] | None:
     """What a whole sample must pass for checked_majority: no line stating a false equality
-    (search.check_equations) and an answer its working wrote (search.check_answers); None
-    when both are off."""
+    (search.check_equations) and an answer that is its working's last number
+    (search.check_answers); None when both are off."""
     checks = [check for check, on in ((false_equation, s.check_equations),
                                       (unsupported_answer, s.check_answers)) if on]
     return (lambda text: any(check(text) for check in checks)) if checks else None

@@ -179,12 +179,12 @@ class LeafScorer:
         return false_equation if self.cfg.search.check_equations else None
 
     def unsupported(self, solution: str) -> bool:
-        """search.check_answers: a solution whose answer line states what no line above wrote."""
+        """search.check_answers: a solution whose answer is not its working's last number."""
         return self.cfg.search.check_answers and unsupported_answer(solution)
 
     def dead(self, request: EvalRequest) -> bool:
-        """A terminal node whose last step the step check flags, or whose answer its working
-        never wrote (search.check_answers): a dead end, worth 0."""
+        """A terminal node whose last step the step check flags, or whose answer is not its
+        working's last number (search.check_answers): a dead end, worth 0."""
         return bool(request.terminal and request.steps and (
             self.step_check is not None and self.step_check(request.steps[-1])
             or self.unsupported("".join(request.steps))))
@@ -377,7 +377,7 @@ def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cf
                  models: SearchModels, desc: str | None = None) -> tuple[list[Tree], LeafScorer]:
     """Training-time search: the verifier scores terminal nodes and rollouts."""
 
-    def reward(tree_index: int, solution: str) -> float:  # search.check_answers: no working, no reward
+    def reward(tree_index: int, solution: str) -> float:  # search.check_answers: unsupported, no reward
         if cfg.search.check_answers and unsupported_answer(solution):
             return 0.0
         return task.score(problems[tree_index], solution)
