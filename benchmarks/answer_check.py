@@ -6,7 +6,7 @@ checked majority with the step check and an answer check, each graded on the sam
 (paired, sign test), and the within-problem AUC of checked majority's score under each check:
 
 - `answers`: pipeline.tasks.equations.unsupported_answer, the check `search.check_answers` turns
-  on: the answer must be the last number of the last non-empty line above it;
+  on: the answer must be the last number of the last line above it with a word or number;
 - `anywhere`: a looser variant, measured beside it (and on dev not chosen): the answer's number
   appears nowhere in the lines above it.
 
@@ -32,7 +32,8 @@ from sample_scores import graded_rows, within_problem_aucs  # noqa: E402
 from pipeline.decoding.best_of_n import checked_majority  # noqa: E402
 from pipeline.decoding.voting import majority_vote  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
-from pipeline.tasks.equations import ANSWER_LINE, NUMBER_IN_TEXT, false_equation, unsupported_answer  # noqa: E402
+from pipeline.tasks.answers import NUMBER_IN_TEXT  # noqa: E402
+from pipeline.tasks.equations import ANSWER_LINE, false_equation, unsupported_answer  # noqa: E402
 
 
 def anywhere_unsupported(text: str) -> bool:

@@ -58,11 +58,13 @@ def candidate_scores(candidates: list[str], extract: Callable[[str], str | None]
 def graded_rows(path: Path) -> tuple[Task, dict[str, Problem], list[dict]]:
     """A graded JSON's task (as its config recorded it), its split's problems by id, its rows;
     ValueError naming the file when it records no readable task config."""
-    saved = json.loads(path.read_text())
     try:
+        saved = json.loads(path.read_text())
         task = make_task(OmegaConf.to_object(OmegaConf.merge(
             OmegaConf.structured(TaskConfig), saved["config"]["task"])))
         problems = {p.id: p for p in task.split(saved["config"]["eval"]["split"])}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a JSON file ({e}); grade it again") from None
     except (KeyError, TypeError, OmegaConfBaseException) as e:
         raise ValueError(f"{path} records no readable task config "
                          f"({e.__class__.__name__}: {e}); grade it again") from None

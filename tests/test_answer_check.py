@@ -209,3 +209,17 @@ def test_the_benchmark_rescores_a_graded_json_by_hand(tmp_path):
     with pytest.raises(SystemExit) as stop:
         bench.main(["--set", "p1", str(graded), "--output", str(tmp_path / "out.json")])
     assert stop.value.code == 2
+
+
+def test_the_benchmark_refuses_a_missing_or_broken_file_in_one_line(tmp_path, capsys):
+    bench = load_benchmark("answer_check")
+    broken = tmp_path / "p1_best_of_8.json"
+    broken.write_text('{"rows": [')  # a grade cut short
+    for argv, said in (([str(tmp_path / "absent.json")], "absent.json: no such file"),
+                       ([str(broken)], f"{broken} is not a JSON file")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--set", "p1", *argv, "--output", str(tmp_path / "out.json")])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.json").exists()

@@ -14,7 +14,7 @@ _ANSWER_LINE = re.compile(r"(?i)\banswer\s*\**\s*:\s*\**(.*)")
 _HASHES = re.compile(r"####\s*(.*)")
 
 
-_NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
+NUMBER_IN_TEXT = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")  # also the answer check's
 
 
 def _last_boxed(text: str) -> str | None:
@@ -59,7 +59,7 @@ def extract_answer(text: str) -> str | None:
     if value is None:
         value = _last_boxed(text)
     if value is None:
-        numbers = _NUMBER.findall(text)
+        numbers = NUMBER_IN_TEXT.findall(text)
         value = numbers[-1] if numbers else None
     if value is None:
         return None
@@ -84,7 +84,7 @@ def _safe_for_sympy(answer: str) -> bool:
 def _as_number(text: str) -> float | None:
     """The text as a plain number, or None (`3/4` is not the number 4)."""
     text = text.strip()
-    return float(text.replace(",", "")) if _NUMBER.fullmatch(text) else None
+    return float(text.replace(",", "")) if NUMBER_IN_TEXT.fullmatch(text) else None
 
 
 def math_parses(gold: str) -> bool:

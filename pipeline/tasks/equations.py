@@ -14,6 +14,8 @@ import ast
 import re
 from fractions import Fraction
 
+from pipeline.tasks.answers import NUMBER_IN_TEXT
+
 # A side of an equality: a maximal run of numbers, operators, parentheses and spaces next to "=".
 LEFT = re.compile(r"[-+*/().,\d\s]+$")
 RIGHT = re.compile(r"^[-+*/().,\d\s]+")
@@ -97,18 +99,17 @@ def _evaluate(node: ast.AST) -> Fraction:
     raise ValueError("not a numeric expression")
 
 
-# An answer line ("Answer: 41", "#### 41") whose value is one plain number, and a number in text.
+# An answer line ("Answer: 41", "#### 41") whose value is one plain number.
 ANSWER_LINE = re.compile(r"(?i)(?:\banswer\s*\**\s*:|####)\s*\**\s*\$?\s*(-?\d+(?:,\d{3})*(?:\.\d+)?)"
                          r"[\s.*$]*$")
-NUMBER_IN_TEXT = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def unsupported_answer(text: str) -> bool:
     """True when a whole solution's last answer line states a number that is not the last
     number of the last line above it with a word or number in it (the text before the answer on
-    its own line counts): an answer with no working ("Answer: 23" alone) or one its working did not end on. An answer
-    that is not one plain number is never judged. Like `false_equation` it reads the text
-    alone, never a gold answer; unlike it, it judges a whole solution, not one line."""
+    its own line counts): an answer with no working ("Answer: 23" alone) or one its working did
+    not end on. An answer that is not one plain number is never judged. Like `false_equation`
+    it reads the text alone, never a gold answer; unlike it, it judges a whole solution."""
     lines = text.splitlines()
     for k in range(len(lines) - 1, -1, -1):
         found = ANSWER_LINE.search(lines[k])
