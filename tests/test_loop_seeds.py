@@ -87,3 +87,65 @@ def test_refusals_name_the_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         loop_seeds.main(["--seed", f"1={dev}", "--seed", f"2={test}"])
     assert exc.value.code == 2 and "different splits" in capsys.readouterr().err
+
+
+def test_held_out_sets_pool_with_the_seeds_own_problems(tmp_path, monkeypatch):
+    """--held-out grades every policy on another set (here a stand-in grader writes the files
+    matched_budget.loop_arm would cache) and every curve and pair is over both sets' problems."""
+    new = ["n0", "n1"]
+    right = {0: ({"n0"}, {"n0"}), 1: ({"n0", "n1"}, set()), 2: (set(), {"n1"})}
+    calls = []
+
+    def fake_loop_arm(base, stores, iterations, out):
+        calls.append((base, sorted(stores), iterations, out))
+        for k, (m, s) in right.items():
+            for name, ids in (("p", m),) + ((("star_p", s),) if k else ()):
+                rows = [{"id": pid, "correct": pid in ids} for pid in new]
+                (out / f"{name}{k}_greedy.json").write_text(json.dumps({"rows": rows}))
+
+    monkeypatch.setattr(loop_seeds, "loop_arm", fake_loop_arm)
+    one = proof(tmp_path, "s1", [0.25, 0.5, 0.75], [0.25, 0.25, 0.5],
+                {0: ({"q0"}, {"q0"}), 1: ({"q0", "q1"}, {"q0"}), 2: ({"q0", "q1", "q2"}, {"q0", "q1"})})
+    got = loop_seeds.main(["--seed", f"1={one}", "--output", str(tmp_path / "o.json"),
+                           "--held-out", "task.seed=1", "task.num_test=2"])
+    folder = tmp_path / "s1" / "test_evals_task.num_test-2_task.seed-1"
+    assert calls == [(["task.seed=1", "task.num_test=2"], ["mcts", "star"], 2, folder)]
+    assert got["held_out"] == [["task.seed=1", "task.num_test=2"]]
+    assert got["problems_per_seed"] == {"1": 6}
+    # six problems: policy 0 {q0, n0} = 2/6; policy 1 MCTS {q0, q1, n0, n1} 4/6, STaR {q0} 1/6;
+    # policy 2 MCTS {q0, q1, q2} 3/6, STaR {q0, q1, n1} 3/6
+    row = got["per_seed"]["1"]
+    assert row["mcts_test_greedy"] == [0.3333, 0.6667, 0.5]
+    assert row["star_test_greedy"] == [0.3333, 0.1667, 0.5]
+    assert row["mcts_minus_star"] == [0.5, 0.0] and row["mcts_stops_rising_at_policy"] == 2
+    first = got["pooled_paired"][0]
+    assert first["policy"] == 1 and first["paired"]["problems"] == 6
+    assert (first["paired"]["mcts_only"], first["paired"]["star_only"]) == (3, 0)
+    again = loop_seeds.main(["--seed", f"1={one}", "--output", str(tmp_path / "o.json"),
+                             "--held-out", "task.seed=1", "task.num_test=2"])
+    assert again["per_seed"] == got["per_seed"]  # the cached grades, read back
+
+
+def test_held_out_refusals(tmp_path, capsys):
+    one = proof(tmp_path, "s1", [0.25, 0.5], [0.25, 0.25], None)  # its own grades are gone
+    with pytest.raises(SystemExit) as exc:
+        loop_seeds.main(["--seed", f"1={one}", "--held-out", "search.seed=1"])
+    assert exc.value.code == 2 and "--held-out search.seed=1: expected task overrides" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        loop_seeds.main(["--seed", f"1={one}", "--held-out", "task.seed=1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--seed 1: its own test grades are not beside its runs" in err
+
+
+def test_a_held_out_set_that_repeats_a_problem_is_refused(tmp_path, monkeypatch, capsys):
+    def fake_loop_arm(base, stores, iterations, out):  # grades the seed's own q0 again
+        for name in ("p0", "p1", "star_p1"):
+            (out / f"{name}_greedy.json").write_text(json.dumps({"rows": [{"id": "q0", "correct": 1}]}))
+
+    monkeypatch.setattr(loop_seeds, "loop_arm", fake_loop_arm)
+    one = proof(tmp_path, "s1", [0.25, 0.5], [0.25, 0.25], {0: ({"q0"}, {"q0"}), 1: ({"q0"}, set())})
+    with pytest.raises(SystemExit) as exc:
+        loop_seeds.main(["--seed", f"1={one}", "--held-out", "task.num_test=1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "shares 1 problems with the sets before it (e.g. q0)" in err
