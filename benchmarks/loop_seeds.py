@@ -148,12 +148,12 @@ def with_held_out(results: dict[str, dict], held_out: list[list[str]]) -> dict[s
     `grade_folders` naming where those grades are; ValueError naming a seed without its own."""
     out = {}
     for seed, result in results.items():
-        if grades_of(result) is None:
-            raise ValueError(f"--seed {seed}: its own test grades are not beside its runs "
-                             f"({Path(result['runs']['mcts']).parent / 'test_evals'}); "
-                             "--held-out pools them with the new sets")
-        folders = [Path(result["runs"]["mcts"]).parent / "test_evals",
-                   *(grade_held_out(result, overrides) for overrides in held_out)]
+        own = Path(result["runs"]["mcts"]).parent / "test_evals"
+        if grades_of(result, [own], first=0) is None:
+            raise ValueError(f"--seed {seed}: its own test grades (every policy's, the base's "
+                             f"too) are not beside its runs ({own}); --held-out pools them with "
+                             "the new sets")
+        folders = [own, *(grade_held_out(result, overrides) for overrides in held_out)]
         out[seed] = {**on_union(result, grades_of(result, folders, first=0)),
                      "grade_folders": [str(f) for f in folders]}
     return out

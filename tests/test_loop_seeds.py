@@ -135,7 +135,11 @@ def test_held_out_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         loop_seeds.main(["--seed", f"1={one}", "--held-out", "task.seed=1"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "--seed 1: its own test grades are not beside its runs" in err
+    assert exc.value.code == 2 and "--seed 1: its own test grades" in err
+    no_base = proof(tmp_path, "s2", [0.25, 0.5], [0.25, 0.25], {1: ({"q0"}, set())})  # no p0
+    with pytest.raises(SystemExit) as exc:
+        loop_seeds.main(["--seed", f"2={no_base}", "--held-out", "task.seed=1"])
+    assert exc.value.code == 2 and "the base's too) are not beside its runs" in capsys.readouterr().err
 
 
 def test_a_held_out_set_that_repeats_a_problem_is_refused(tmp_path, monkeypatch, capsys):
