@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 from matched_budget import evals_dir, loop_arm, stops_rising  # noqa: E402
 from paired import correct_by_problem, paired  # noqa: E402
 
+from pipeline.compose import compose_config  # noqa: E402
+from pipeline.errors import QstarError  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.run.store import RunStore  # noqa: E402
 
@@ -173,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
                for o in overrides):
             parser.error(f"--held-out {' '.join(overrides)}: expected task overrides only "
                          "(task.KEY=VALUE), which name a held-out set")
+        try:  # a key or value the task config refuses, before any grading
+            compose_config(overrides).task.num_test  # noqa: B018
+        except QstarError as e:
+            parser.error(f"--held-out {' '.join(overrides)}: {e}")
     results = {}
     for item in args.seed:
         seed, sep, path = item.partition("=")
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[seed] = result
     try:
         summary = summarize(results, args.held_out)
-    except ValueError as e:
+    except (ValueError, QstarError) as e:
         parser.error(str(e))
     write_json(args.output, summary)
     print(json.dumps(summary["mean"]))

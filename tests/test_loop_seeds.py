@@ -132,6 +132,13 @@ def test_held_out_refusals(tmp_path, capsys):
         loop_seeds.main(["--seed", f"1={one}", "--held-out", "search.seed=1"])
     assert exc.value.code == 2 and "--held-out search.seed=1: expected task overrides" in \
         capsys.readouterr().err
+    for bad, said in (("task.nope=1", "Key 'nope' not in 'TaskConfig'"),
+                      ("task.num_test=abc", "could not be converted to Integer")):
+        with pytest.raises(SystemExit) as exc:
+            loop_seeds.main(["--seed", f"1={one}", "--held-out", bad])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"--held-out {bad}: " in err and said in err
+        assert "Traceback" not in err
     with pytest.raises(SystemExit) as exc:
         loop_seeds.main(["--seed", f"1={one}", "--held-out", "task.seed=1"])
     err = capsys.readouterr().err
