@@ -153,20 +153,21 @@ class TaskConfig:
     num_train: int = 64  # problems
     num_dev: int = 100  # problems
     num_test: int = 100  # problems; laid out first, so it stays put when num_train/num_dev change
-    # >= 0; fixes the split order and reasoning-gym's generation (each seed an independent draw)
-    seed: int = 0
+    seed: int = 0  # >= 0; fixes the split order and reasoning-gym's draw (each seed independent)
     skip_bad_rows: bool = False  # JSONL/HF: skip (and count) unusable rows instead of refusing
     # task=custom: the user's task class, `package.module:ClassName` (pipeline/tasks/custom.py
-    # documents the protocol), and the keyword arguments its constructor gets
+    # documents the protocol), and its constructor's keyword arguments
     target: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    # chain_steps / arithmetic (reasoning-gym chain_sum) difficulty. 3-5 one-digit terms:
-    # every chain_steps solution takes at least 3 lines, and the base SmolLM2 solves some
-    # (README "Tasks"); task=arithmetic sets 2 terms of 1-2 digits.
+    # chain_steps / arithmetic (chain_sum) difficulty: 3-5 one-digit terms, so every chain_steps
+    # solution takes 3+ lines and base SmolLM2 solves some (README "Tasks"); arithmetic: 2 terms.
     min_terms: int = 3  # fewest terms in a sum
     max_terms: int = 5  # most terms in a sum
     min_digits: int = 1  # fewest digits per term
     max_digits: int = 1  # most digits per term
+    # chain_steps, training only (the verifier, task.score): a right answer scores 1 only when the
+    # working's results are the question's partial sums, left to right. Evaluation never reads it.
+    verify_steps: bool = False
 
 
 @dataclass

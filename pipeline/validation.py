@@ -41,6 +41,9 @@ def _validate_task(t: TaskConfig) -> None:
              t.min_terms)
     _require(1 <= t.min_digits <= t.max_digits, "task.min_digits",
              "need 1 <= min_digits <= max_digits", t.min_digits)
+    _require(not t.verify_steps or t.kind == TaskKind.chain_steps, "task.verify_steps",
+             f"only task=chain_steps has partial sums to check (task.kind={t.kind.value})",
+             t.verify_steps)
 
 
 def _validate_eval(e: EvalConfig) -> None:

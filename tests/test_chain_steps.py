@@ -12,7 +12,14 @@ from pipeline.lm.generation import newline_token_ids
 from pipeline.lm.models import EMBEDDED, embedded_gguf
 from pipeline.tasks import make_task
 from pipeline.tasks.base import Problem
-from pipeline.tasks.chain_steps import EXAMPLE, SYSTEM_PROMPT, ChainStepsTask, worked_solution
+from pipeline.tasks.chain_steps import (
+    EXAMPLE,
+    SYSTEM_PROMPT,
+    ChainStepsTask,
+    follows_steps,
+    partial_sums,
+    worked_solution,
+)
 from pipeline.tasks.prompt import task_prompts
 
 has_smollm2 = importlib.util.find_spec(EMBEDDED["smollm2-135m"][0]) is not None
@@ -107,3 +114,50 @@ def test_solution_lines_end_at_newline_tokens_with_smollm2(task, smollm2_tokeniz
         assert options == [line + "\n" for line in solution.splitlines()[:-1]] + \
             [solution.splitlines()[-1]]
         assert task.is_correct(p, "".join(options))
+
+
+# ---------------------------------------------------------------- task.verify_steps
+
+
+def test_partial_sums_and_follows_steps_by_hand():
+    assert partial_sums("12 + 34 - 5 + 7") == [46, 41, 48] and partial_sums("3 - 5") == [-2]
+    assert follows_steps("6 - 0 - 4", "6 - 0 = 6\n6 - 4 = 2\nAnswer: 2")
+    assert follows_steps("3 - 5 - 1", "3 - 5 = -2\n\n-2 - 1 = -3\nAnswer: -3")  # a blank line
+    assert follows_steps("6 - 0 - 4", "6 - 0 = 6\nAnswer: 6 - 4 = 2")  # the last step on its line
+    refused = ["6 - 4 = 2\n2 + 0 = 2\nAnswer: 2",  # right answer, terms out of order
+               "6 - 0 - 4 = 2\nAnswer: 2",  # two steps in one line
+               "6 - 0 = 6\n6 - 4 = 2\n2 = 2\nAnswer: 2",  # a line more
+               "6 - 0 = 6\n6 - 4 = 3\nAnswer: 2",  # a wrong partial sum
+               "6 - 0 =\n6 - 4 = 2\nAnswer: 2",  # no result after "="
+               "Answer: 2"]  # no working
+    assert not any(follows_steps("6 - 0 - 4", text) for text in refused)
+
+
+def test_verify_steps_changes_the_training_score_only(task):
+    strict = make_task(TaskConfig(kind=TaskKind.chain_steps, num_train=40, num_dev=20,
+                                  num_test=20, verify_steps=True))
+    for p in task.split("dev")[:10]:
+        expression = p.entry["metadata"]["expression"]
+        sums = partial_sums(expression)
+        worked = worked_solution(expression)
+        shortcut = f"{expression} = {sums[-1]}\nAnswer: {sums[-1]}"  # right, one line
+        wrong = worked.rsplit("Answer: ", 1)[0] + f"Answer: {sums[-1] + 1}"
+        assert strict.score(p, worked) == task.score(p, worked) == 1.0
+        assert task.score(p, shortcut) == 1.0 and strict.score(p, shortcut) == 0.0
+        assert strict.score(p, wrong) == task.score(p, wrong) == 0.0
+        assert strict.is_correct(p, shortcut) and task.is_correct(p, shortcut)  # eval unchanged
+
+
+def test_verify_steps_reads_smollm2s_decoded_options(smollm2_tokenizer):
+    """The search scores the decoded text of its options joined: the worked solution cut at
+    SmolLM2's newline tokens and decoded piece by piece still follows its steps."""
+    strict = make_task(TaskConfig(kind=TaskKind.chain_steps, num_train=40, num_dev=20,
+                                  num_test=20, verify_steps=True))
+    newline_ids = set(newline_token_ids(smollm2_tokenizer).tolist())
+    for p in strict.split("train")[:10]:
+        ids = smollm2_tokenizer(worked_solution(p.entry["metadata"]["expression"]),
+                                add_special_tokens=False)["input_ids"]
+        cuts = [k for k, t in enumerate(ids) if t in newline_ids]
+        text = "".join(smollm2_tokenizer.decode(ids[a + 1:b + 1])
+                       for a, b in zip([-1, *cuts], [*cuts, len(ids) - 1]))
+        assert strict.score(p, text) == 1.0

@@ -190,6 +190,7 @@ def test_debug_group_shrinks_sizes():
     (["model.dtype=int8"], "model.dtype"),
     (["eval.decodes=[greedy,nope]"], "eval.decodes"),
     (["task=jsonl"], "task.path"),
+    (["task=arithmetic", "task.verify_steps=true"], "task.verify_steps"),
 ])
 def test_out_of_range_values_refused(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

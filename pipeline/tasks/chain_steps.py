@@ -7,12 +7,22 @@
 
 Every solution takes at least three lines (two partial results and the answer), so option-level
 search has steps to choose between. The prompt shows one worked example.
+
+With `task.verify_steps` the training verifier (`score`: both loops' terminal reward, GRPO's
+reward) also checks the working: a right answer scores 1 only when the result of every line with
+an "=" is the question's next partial sum, left to right, and no line adds another ("6 - 4 = 2",
+"2 + 0 = 2" for 6 - 0 - 4 is right but scores 0). It reads the gold question, so evaluation
+(`is_correct`) never uses it.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from pipeline.config import TaskConfig
+from pipeline.tasks.answers import NUMBER_IN_TEXT
 from pipeline.tasks.arithmetic import ArithmeticTask
+from pipeline.tasks.base import Problem
 
 SYSTEM_PROMPT = (
     "Add or subtract the numbers one at a time, left to right. Write one partial result per "
@@ -21,16 +31,33 @@ SYSTEM_PROMPT = (
 
 
 
-def worked_solution(expression: str) -> str:
-    """The solution the prompt asks for: one partial result per line, then `Answer:`.
-    `expression` is chain_sum's `a op b op c ...` (integers, + and -)."""
+def partial_sums(expression: str) -> list[int]:
+    """The running totals of chain_sum's `a op b op c ...` (integers, + and -), left to right,
+    after each operation: `12 + 34 - 5` gives [46, 41]."""
     tokens = expression.split()
-    total, lines = int(tokens[0]), []
+    totals = [int(tokens[0])]
     for op, term in zip(tokens[1::2], tokens[2::2]):
-        new = total + int(term) if op == "+" else total - int(term)
-        lines.append(f"{total} {op} {term} = {new}")
-        total = new
-    return "\n".join([*lines, f"Answer: {total}"])
+        totals.append(totals[-1] + int(term) if op == "+" else totals[-1] - int(term))
+    return totals[1:]
+
+
+def worked_solution(expression: str) -> str:
+    """The solution the prompt asks for: one partial result per line, then `Answer:`."""
+    tokens, sums = expression.split(), partial_sums(expression)
+    lines = [f"{before} {op} {term} = {after}" for before, op, term, after
+             in zip([int(tokens[0]), *sums], tokens[1::2], tokens[2::2], sums)]
+    return "\n".join([*lines, f"Answer: {sums[-1]}"])
+
+
+def follows_steps(expression: str, completion: str) -> bool:
+    """Whether the working's results are the question's partial sums: the first number after the
+    last "=" of every line that has one, in order, is exactly `partial_sums(expression)`."""
+    results = []
+    for line in completion.splitlines():
+        if "=" in line:
+            found = NUMBER_IN_TEXT.search(line.rsplit("=", 1)[1])
+            results.append(Fraction(found.group(0).replace(",", "")) if found else None)
+    return results == [Fraction(s) for s in partial_sums(expression)]
 
 
 def ask(expression: str) -> str:
@@ -50,6 +77,15 @@ class ChainStepsTask(ArithmeticTask):
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
         self.name = "chain_steps"
+        self.verify_steps = cfg.verify_steps
+
+    def score(self, problem: Problem, completion: str) -> float:
+        """The training verifier: 1.0 for a right answer, and with task.verify_steps only when
+        the working follows the question's partial sums too."""
+        if self.verify_steps and not follows_steps(problem.entry["metadata"]["expression"],
+                                                   completion):
+            return 0.0
+        return super().score(problem, completion)
 
     def question(self, entry: dict) -> str:
         return ask(entry["metadata"]["expression"])
