@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 
+from pipeline.compose import compose_config
 from pipeline.config import TaskConfig, TaskKind
 from pipeline.lm.generation import newline_token_ids
 from pipeline.lm.models import EMBEDDED, embedded_gguf
@@ -100,6 +101,14 @@ def test_prompt_with_smollm2_chat_template(task, smollm2_tokenizer):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+def cut_at_newlines(tokenizer, newline_ids: set[int], text: str) -> list[str]:
+    """`text` as the newline option rule cuts it: split after every token that holds a newline,
+    each piece decoded on its own, as the search decodes its options."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cuts = [k for k, t in enumerate(ids) if t in newline_ids]
+    return [tokenizer.decode(ids[a + 1:b + 1]) for a, b in zip([-1, *cuts], [*cuts, len(ids) - 1])]
+
+
 def test_solution_lines_end_at_newline_tokens_with_smollm2(task, smollm2_tokenizer):
     """Each line of a solution ends at a token that holds its newline, so the newline option
     rule cuts exactly one line per option, never inside a number."""
@@ -108,9 +117,7 @@ def test_solution_lines_end_at_newline_tokens_with_smollm2(task, smollm2_tokeniz
         solution = worked_solution(p.entry["metadata"]["expression"])
         ids = smollm2_tokenizer(solution, add_special_tokens=False)["input_ids"]
         assert smollm2_tokenizer.decode(ids) == solution
-        cuts = [k for k, t in enumerate(ids) if t in newline_ids]
-        options = [smollm2_tokenizer.decode(ids[a + 1:b + 1])
-                   for a, b in zip([-1, *cuts], [*cuts, len(ids) - 1])]
+        options = cut_at_newlines(smollm2_tokenizer, newline_ids, solution)
         assert options == [line + "\n" for line in solution.splitlines()[:-1]] + \
             [solution.splitlines()[-1]]
         assert task.is_correct(p, "".join(options))
@@ -148,6 +155,17 @@ def test_verify_steps_changes_the_training_score_only(task):
         assert strict.is_correct(p, shortcut) and task.is_correct(p, shortcut)  # eval unchanged
 
 
+def test_the_composed_default_checks_the_working_and_debug_and_arithmetic_do_not():
+    """What `qstar run` builds: conf/task/chain_steps.yaml turns the check on."""
+    on = make_task(compose_config([]).task)
+    p = on.split("train")[0]
+    sums = partial_sums(p.entry["metadata"]["expression"])
+    shortcut = f"{p.entry['metadata']['expression']} = {sums[-1]}\nAnswer: {sums[-1]}"
+    assert on.score(p, shortcut) == 0.0 and on.is_correct(p, shortcut)
+    assert not compose_config(["debug=default"]).task.verify_steps
+    assert not compose_config(["task=arithmetic"]).task.verify_steps
+
+
 def test_verify_steps_reads_smollm2s_decoded_options(smollm2_tokenizer):
     """The search scores the decoded text of its options joined: the worked solution cut at
     SmolLM2's newline tokens and decoded piece by piece still follows its steps."""
@@ -155,9 +173,6 @@ def test_verify_steps_reads_smollm2s_decoded_options(smollm2_tokenizer):
                                   num_test=20, verify_steps=True))
     newline_ids = set(newline_token_ids(smollm2_tokenizer).tolist())
     for p in strict.split("train")[:10]:
-        ids = smollm2_tokenizer(worked_solution(p.entry["metadata"]["expression"]),
-                                add_special_tokens=False)["input_ids"]
-        cuts = [k for k, t in enumerate(ids) if t in newline_ids]
-        text = "".join(smollm2_tokenizer.decode(ids[a + 1:b + 1])
-                       for a, b in zip([-1, *cuts], [*cuts, len(ids) - 1]))
-        assert strict.score(p, text) == 1.0
+        options = cut_at_newlines(smollm2_tokenizer, newline_ids,
+                                  worked_solution(p.entry["metadata"]["expression"]))
+        assert len(options) >= 3 and strict.score(p, "".join(options)) == 1.0
