@@ -10,6 +10,9 @@ export RAY_AUTH_MODE ?= disabled
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	# The venv takes about 2.1 GiB; pip's own failure on a full disk is an OSError deep in torch.
+	@python3 -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+		free >= 3 or sys.exit(print(f'make install: {free:.1f} GiB free on this disk; the install needs about 3 GiB', file=sys.stderr) or 2)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The CPU wheel of torch 2.13.0 is local; installing it first keeps pip from pulling CUDA builds.
