@@ -58,7 +58,7 @@ VARIANTS = {  # name -> overrides on top of experiment=demo_cpu; "default" comes
 # What the sampler (pipeline.decoding.sampling.sample_trees) reads of the search config; a
 # change to a tree-search-only key (the rollout, branching, evaluate_root) leaves its count valid
 SAMPLER_KEYS = ("algorithm", "simulations", "temperature", "seed", "check_equations",
-               "check_answers")
+               "check_answers", "prune_steps")
 
 
 def search_key(cfg) -> dict:

@@ -227,8 +227,8 @@ class SearchConfig:
     stream: bool = True  # trees advance on their own through one running decode batch; false: lock-step rounds
     cut_repeats: bool = True  # a row repeating a sibling row's option stops at its boundary (merged)
     reuse_rollouts: bool = False  # one option (and rollout) read off the node's rollout; dev: no gain (README)
-    # a line stating a false equality ("8 - 8 = 8") ends its row, a dead end (pipeline/tasks/equations.py)
-    check_equations: bool = True  # dev: 1.11x the verified solutions per token, none false (RESULTS.md)
+    check_equations: bool = True  # a false equality ("8 - 8 = 8") ends its row, a dead end; dev: 1.11x the verified solutions per token (RESULTS.md)
+    prune_steps: bool = False  # training only: a line the task's verifier rejects (Task.off_track: task.verify_steps) ends its row, a dead end
     check_answers: bool = False  # an answer that is not the working's last number is a dead end, reward 0; dev: no gain (RESULTS.md)
     seed: int = SearchParams.seed  # seeds every expansion (per tree, node and request)
 

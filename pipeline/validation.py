@@ -74,6 +74,10 @@ def _validate_run(cfg: QstarConfig) -> None:
              "search.problems_per_iteration",
              f"need 0 <= problems_per_iteration <= task.num_train={cfg.task.num_train} (0 = all)",
              cfg.search.problems_per_iteration)
+    _require(not cfg.search.prune_steps or cfg.task.kind == TaskKind.custom
+             or cfg.task.kind == TaskKind.chain_steps and cfg.task.verify_steps,
+             "search.prune_steps", "needs a verifier that reads the working: task=chain_steps "
+             "with task.verify_steps=true, or a custom task's off_track", cfg.search.prune_steps)
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype",
              "allowed: float32, bfloat16, float16, auto", cfg.model.dtype)
     _require(cfg.model.device == "cpu" or cfg.model.device.startswith("cuda"), "model.device",

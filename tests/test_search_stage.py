@@ -18,12 +18,11 @@ from mcts import SearchParams
 from mcts.search import Widening
 from pipeline.compose import compose_config
 from pipeline.config import CriticWeights, MergeMethod, SearchConfig, Termination
+from pipeline.decoding.search_keys import option_end, search_params
 from pipeline.decoding.tree_search import (
     LeafScorer,
     SearchModels,
     eval_search,
-    option_end,
-    search_params,
     train_search,
     weighted,
 )
@@ -559,9 +558,9 @@ def test_streaming_expansions_give_the_lock_step_trees(cfg, models, monkeypatch,
     joined_busy = []
     real_submit = Decoder.submit
 
-    def submit(self, rows, seeds=None, groups=None):
+    def submit(self, rows, seeds=None, groups=None, checks=None):
         joined_busy.append(self.busy)
-        return real_submit(self, rows, seeds, groups)
+        return real_submit(self, rows, seeds, groups, checks)
 
     monkeypatch.setattr(Decoder, "submit", submit)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -46,20 +47,25 @@ def sample_candidates(model, tokenizer, prompts: list[str], d: DecodeConfig, see
 
 def sample_trees(prompts: list[str], model, tokenizer, cfg: QstarConfig,
                  reward_fn: Callable[[int, str], float], step_check=None,
-                 desc: str | None = None) -> list[Tree]:
+                 desc: str | None = None,
+                 off_track: Callable[[int, str], bool] | None = None) -> list[Tree]:
     """The STaR baseline's search: `search.simulations` whole solutions per prompt, verified.
 
     Each prompt becomes a depth-1 tree whose children are the complete samples (terminal,
     visited once, valued by the verifier), so the data stage reads them like MCTS trees: the
     SFT row is a verified sample, trajectory pairs are correct vs incorrect samples. With a
-    `step_check` (search.check_equations), a sample stops at the first line it flags, reward 0.
+    `step_check` (search.check_equations), a sample stops at the first line it flags, reward 0;
+    so it does with `off_track` (search.prune_steps: prompt index, text so far -> rejected).
     """
     s, d = cfg.search, cfg.decode
     start = time.perf_counter()
     repeated = [p for p in prompts for _ in range(s.simulations)]
     gens = generate(model, tokenizer, repeated, max_new_tokens=d.max_new_tokens,
                     temperature=s.temperature, batch_size=d.batch_size, seed=s.seed,
-                    progress=desc, wrong=step_check)
+                    progress=desc, wrong=step_check,
+                    checks=None if off_track is None else
+                    [functools.partial(off_track, i) for i in range(len(prompts))
+                     for _ in range(s.simulations)])
     trees = []
     for i, prompt in enumerate(prompts):
         tree = Tree(prompt, i)

@@ -41,8 +41,9 @@ class StreamingExpander:
     reads an option off a node's rollout instead of decoding it (search.reuse_rollouts)."""
 
     def __init__(self, decoder: Decoder, batch_size: int, options: OptionsFn,
-                 reuse: RolloutReuse | None = None):
+                 reuse: RolloutReuse | None = None, checks=lambda requests: None):
         self.decoder, self.batch_size, self.options, self.reuse = decoder, batch_size, options, reuse
+        self.checks = checks  # requests -> one check per row, or None (LeafScorer.row_checks)
         self.tickets: dict[int, tuple[list[ExpandRequest], list[ExpandRequest], list, list[int]]] = {}
         self.owner: dict[int, int] = {}  # row -> its ticket
         self.left: dict[int, int] = {}  # ticket -> rows still decoding
@@ -50,7 +51,7 @@ class StreamingExpander:
     def submit(self, ticket: int, requests: list[ExpandRequest]) -> None:
         fresh, taken = split_requests(self.reuse, requests)
         prompts, seeds, groups = expansion_rows(fresh)
-        rows = self.decoder.submit(prompts, seeds, groups)
+        rows = self.decoder.submit(prompts, seeds, groups, self.checks(fresh))
         self.tickets[ticket] = (requests, fresh, taken, rows)
         self.left[ticket] = len(rows)
         for r in rows:

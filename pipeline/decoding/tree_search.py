@@ -28,8 +28,8 @@ import numpy as np
 
 from critics.critic_set import FeatureSet
 from critics.implicit import implicit_score
-from mcts.options import OptionEnd, is_answer_line
-from mcts.search import SearchParams, search
+from mcts.options import is_answer_line
+from mcts.search import search
 from mcts.tree import Tree
 from mcts.types import EvalRequest, ExpandRequest, LeafEval, Option
 from pipeline.config import (
@@ -38,13 +38,13 @@ from pipeline.config import (
     MergeMethod,
     QstarConfig,
     SearchAlgorithm,
-    SearchConfig,
 )
 from pipeline.decoding.leaf_features import LeafFeatureStore
 from pipeline.decoding.reuse import RolloutReuse, split_requests
 from pipeline.decoding.sampling import sample_trees
+from pipeline.decoding.search_keys import option_end, search_params, similarity_fn
 from pipeline.decoding.streaming import StreamingExpander, expansion_rows
-from pipeline.lm.embedding import cosine_similarity_fn
+from pipeline.errors import QstarError
 from pipeline.lm.generation import generate, replayed, streaming_decoder
 from pipeline.lm.prefix_cache import PrefixCache
 from pipeline.lm.stopping import OptionClaims
@@ -53,32 +53,6 @@ from pipeline.tasks.base import Problem, Task
 from pipeline.tasks.equations import false_equation, unsupported_answer
 
 RewardFn = Callable[[int, str], float]  # (tree index, full solution text) -> reward in [0, 1]
-
-
-def option_end(s: SearchConfig) -> OptionEnd:
-    return OptionEnd(kind=s.termination.value, regex=s.step_regex if s.termination.value ==
-                     "step_marker" else None, max_tokens=s.max_option_tokens)
-
-
-def search_params(s: SearchConfig) -> SearchParams:
-    return SearchParams(
-        simulations=s.simulations, token_budget=s.token_budget, c_puct=s.c_puct,
-        max_depth=s.max_depth, c_min=s.c_min, c_max=s.c_max, root_c_min=s.root_c_min,
-        root_c_max=s.root_c_max, alpha=s.alpha,
-        merge_threshold=s.merge_threshold if s.merge != MergeMethod.none else 2.0,
-        merge_retries=s.merge_retries, dead_end_retries=s.dead_end_retries,
-        reopen_root=s.reopen_root,
-        virtual_loss=s.virtual_loss,
-        leaves_per_tree=s.leaves_per_tree, widening=s.widening, evaluate_root=s.evaluate_root,
-        seed=s.seed,
-    )
-
-
-def similarity_fn(s: SearchConfig):
-    """None: mcts' default edit-distance ratio. `embedding`: MiniLM cosine, offline."""
-    if s.merge != MergeMethod.embedding:
-        return None
-    return cosine_similarity_fn()
 
 
 @dataclass
@@ -120,6 +94,8 @@ class LeafScorer:
     models: SearchModels
     reward_fn: RewardFn | None  # training only: the verifier on a full solution
     generation_batch: int = 64
+    # training only, search.prune_steps: (tree index, working so far) -> the verifier rejects it
+    off_track: Callable[[int, str], bool] | None = None
     pending: dict = field(default_factory=dict)  # (tree, prefix text) -> Rollout from expansion
     rollouts: dict = field(default_factory=dict)  # (tree, node) -> Rollout, kept for the record
     implicit: dict = field(default_factory=dict)  # (tree, steps text) -> the option's implicit reward
@@ -169,7 +145,8 @@ class LeafScorer:
         fresh, taken = split_requests(self.reuse, requests)
         prompts, seeds, groups = expansion_rows(fresh)
         gens = generate(self.models.policy, self.models.tokenizer, prompts, **self.expansion_kwargs(),
-                        batch_size=self.generation_batch, seeds=seeds, groups=groups)
+                        batch_size=self.generation_batch, seeds=seeds, groups=groups,
+                        checks=self.row_checks(fresh))
         return self.options(requests, expansion_rows(requests)[0],
                             RolloutReuse.join(fresh, taken, gens))
 
@@ -178,16 +155,27 @@ class LeafScorer:
         """search.check_equations: a line stating a false equality ends its row."""
         return false_equation if self.cfg.search.check_equations else None
 
+    def row_checks(self, requests) -> list | None:
+        """One check per row of these requests' expansions (or rollouts, `expansion_rows`
+        order): search.prune_steps' verifier on the node's steps plus the row's text."""
+        if self.off_track is None:
+            return None
+        return [functools.partial(_off_track, self.off_track, r.tree_index, "".join(r.steps))
+                for r in requests for _ in range(getattr(r, "num_options", 1))]
+
     def unsupported(self, solution: str) -> bool:
         """search.check_answers: a solution whose answer is not its working's last number."""
         return self.cfg.search.check_answers and unsupported_answer(solution)
 
     def dead(self, request: EvalRequest) -> bool:
-        """A terminal node whose last step the step check flags, or whose answer is not its
-        working's last number (search.check_answers): a dead end, worth 0."""
+        """A terminal node whose last step the step check flags, whose working the verifier
+        rejects (search.prune_steps), or whose answer is not its working's last number
+        (search.check_answers): a dead end, worth 0."""
+        working = "".join(request.steps)
         return bool(request.terminal and request.steps and (
             self.step_check is not None and self.step_check(request.steps[-1])
-            or self.unsupported("".join(request.steps))))
+            or self.off_track is not None and self.off_track(request.tree_index, working)
+            or self.unsupported(working)))
 
     def expansion_kwargs(self) -> dict:
         """How expansions decode (`generate`'s arguments, past the prompts and batching):
@@ -297,7 +285,7 @@ class LeafScorer:
         gens = generate(model, tokenizer, prompts, max_new_tokens=rollout.max_new_tokens,
                         temperature=rollout.temperature, seeds=[r.seed for r in requests],
                         batch_size=self.generation_batch, hidden=hidden, wrong=self.step_check,
-                        prefix_cache=kv)
+                        prefix_cache=kv, checks=self.row_checks(requests))
         for r, g in zip(requests, gens if hidden else []):
             self.features.record_rollout(r.tree_index, "".join(r.steps), g)
         return [Rollout(g.text, g.num_tokens, g.logprob / max(g.num_tokens, 1), g.finished,
@@ -336,6 +324,10 @@ class LeafScorer:
 
 
 
+def _off_track(check: Callable[[int, str], bool], tree_index: int, steps: str, text: str) -> bool:
+    return check(tree_index, steps + text)
+
+
 def confidence(r: EvalRequest, ro: Rollout) -> float:
     """The policy's confidence in the leaf's solution so far, steps root..node plus the fast
     rollout: exp(mean token log-prob). Terminal and non-terminal alike (a terminal's rollout is
@@ -364,8 +356,9 @@ def _run(prompts: list[str], scorer: LeafScorer, training: bool, desc: str | Non
     s = scorer.cfg.search
     bar = progress_bar(total=len(prompts) * s.simulations, desc=desc, unit="sim")
     expander = StreamingExpander(
-        streaming_decoder(scorer.models.policy, scorer.models.tokenizer, **scorer.expansion_kwargs()),
-        scorer.generation_batch, scorer.options, scorer.reuse) if s.stream else None
+        streaming_decoder(scorer.models.policy, scorer.models.tokenizer, **scorer.expansion_kwargs(),
+                          lines=scorer.off_track is not None),
+        scorer.generation_batch, scorer.options, scorer.reuse, scorer.row_checks) if s.stream else None
     trees = search(prompts, scorer.expand, scorer.evaluate, search_params(s),
                    terminal_reward_fn=scorer.terminal_reward if training else None,
                    similarity_fn=similarity_fn(s), on_round=bar.update, expander=expander)
@@ -382,10 +375,17 @@ def train_search(problems: Sequence[Problem], task: Task, prompts: list[str], cf
             return 0.0
         return task.score(problems[tree_index], solution)
 
-    scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size)
+    def off_track(tree_index: int, working: str) -> bool:
+        return task.off_track(problems[tree_index], working)
+
+    if cfg.search.prune_steps and not task.checks_working:
+        raise QstarError(f"search.prune_steps=true is invalid: task {task.name}'s verifier does "
+                         "not read the working (Task.off_track)")
+    scorer = LeafScorer(cfg, models, reward_fn=reward, generation_batch=cfg.decode.batch_size,
+                        off_track=off_track if cfg.search.prune_steps else None)
     if cfg.search.algorithm == SearchAlgorithm.sample:
         return sample_trees(prompts, models.policy, models.tokenizer, cfg, reward,
-                            scorer.step_check, desc), scorer
+                            scorer.step_check, desc, scorer.off_track), scorer
     return _run(prompts, scorer, training=True, desc=desc), scorer
 
 

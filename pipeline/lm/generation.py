@@ -86,7 +86,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              batch_size: int = 32, seed: int | None = None, seeds: Sequence[int] | None = None,
              progress: str | None = None, prefix_cache: PrefixCache | None = None,
              hidden: bool = False, groups: Sequence | None = None,
-             claims: OptionClaims | None = None) -> list[Generation]:
+             claims: OptionClaims | None = None, checks: Sequence | None = None) -> list[Generation]:
     """Continue each prompt (already chat-templated text) until EOS, the stop rule or the cap.
 
     At most `batch_size` rows decode at once; as rows stop, the next prompts join the running
@@ -110,7 +110,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     option an earlier row of its group already wrote stops there (`OptionClaims`).
 
     `wrong(line_text)`: a step check; a row stops at the first option or line it flags
-    (`Rule.wrong`; Generation.wrong, Generation.rollout_wrong).
+    (`Rule.wrong`; Generation.wrong, Generation.rollout_wrong). `checks` (one per prompt, or
+    None): each row's own check on its text so far, asked at the same points (`Row.check`).
     """
     if seeds is None and seed is not None:
         seeds = [row_seed(seed, i) for i in range(len(prompts))]
@@ -118,8 +119,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                                 temperature=temperature, top_p=top_p, stop=stop,
                                 rollout_tokens=rollout_tokens,
                                 rollout_temperature=rollout_temperature, final=final, wrong=wrong,
-                                prefix_cache=prefix_cache, hidden=hidden, claims=claims)
-    rows = decoder.submit(list(prompts), seeds, groups)
+                                prefix_cache=prefix_cache, hidden=hidden, claims=claims,
+                                lines=checks is not None)
+    rows = decoder.submit(list(prompts), seeds, groups, checks)
     with progress_bar(total=len(rows), desc=progress, unit="row") as bar:
         while decoder.busy:
             bar.update(len(decoder.advance(batch_size)))
@@ -130,14 +132,14 @@ def streaming_decoder(model, tokenizer, *, max_new_tokens: int, temperature: flo
                       top_p: float = 1.0, stop: StopRule | None = None, rollout_tokens: int = 0,
                       rollout_temperature: float = 0.0, final=None, wrong=None,
                       prefix_cache: PrefixCache | None = None, hidden: bool = False,
-                      claims: OptionClaims | None = None) -> Decoder:
+                      claims: OptionClaims | None = None, lines: bool = False) -> Decoder:
     """A streaming `generate`: rows are submitted at any time (`Decoder.submit`), decode in one
-    running batch, and come back as they finish (`Decoder.advance`). The arguments mean what
-    they mean for `generate`; a row's tokens are the same whichever rows share its batch."""
+    running batch, and come back as they finish (`Decoder.advance`). The arguments mean what they
+    mean for `generate` (`lines`: rows come with checks); a row's tokens never depend on its batch."""
     if rollout_tokens and stop is None:
         raise ValueError("rollout_tokens needs a stop rule: the rollout starts at the option boundary")
     return Decoder(model, tokenizer, _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens,
-                                           final, rollout_temperature, wrong),
+                                           final, rollout_temperature, wrong, lines),
                    temperature, top_p, prefix_cache, hidden, claims)
 
 
@@ -151,9 +153,9 @@ def replayed(model, tokenizer, tokens: list[int], logprobs: list[float], *, max_
 
 
 def _rule(model, tokenizer, stop, max_new_tokens, rollout_tokens, final, rollout_temperature,
-          wrong=None) -> Rule:
-    """The newline tokens are flagged for the newline stop rule and for the step check."""
-    lines = wrong is not None or (stop is not None and stop.kind == "newline")
+          wrong=None, checks: bool = False) -> Rule:
+    """The newline tokens are flagged for the newline stop rule and for the step checks."""
+    lines = checks or wrong is not None or (stop is not None and stop.kind == "newline")
     return Rule(tokenizer, eos_token_ids(model, tokenizer).to(model.device), stop,
                 newline_token_ids(tokenizer).to(model.device) if lines else None, max_new_tokens,
                 rollout_tokens, final or (lambda text: False), rollout_temperature, wrong)
@@ -195,15 +197,16 @@ class Decoder:
         self.batch = RunningBatch()
 
     def submit(self, prompts: list[str], seeds: Sequence[int] | None = None,
-               groups: Sequence | None = None) -> list[int]:
+               groups: Sequence | None = None, checks: Sequence | None = None) -> list[int]:
         """Queue rows (chat-templated prompts, one generator seed each or None, one group each
-        or None: see `generate`); their ids."""
-        for name, values in (("seeds", seeds), ("groups", groups)):
+        or None, one check each or None: see `generate`); their ids."""
+        for name, values in (("seeds", seeds), ("groups", groups), ("checks", checks)):
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
         ids = list(range(len(self.prompts), len(self.prompts) + len(prompts)))
         self.prompts += prompts
-        self.rows += [Row([], [], group=g) for g in (groups or [None] * len(prompts))]
+        self.rows += [Row([], [], group=g, check=c) for g, c in
+                      zip(groups or [None] * len(prompts), checks or [None] * len(prompts))]
         self.prompt_ids += [[] for _ in prompts]
         self.generators += ([None] * len(prompts) if seeds is None else
                             [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds])

@@ -101,6 +101,9 @@ class Row:
     line_at: int = 0  # the step check: where the line not checked yet starts
     wrong: bool = False  # stopped at its option (or whole sample) as the step check flagged it
     rollout_wrong: bool = False  # stopped at a rollout line the step check flagged
+    # a check on the row's working so far (its text through the line just ended; e.g. a
+    # training search's search.prune_steps), asked beside `Rule.wrong`; None: none
+    check: object = None
 
     @property
     def option_len(self) -> int:
@@ -134,18 +137,19 @@ class OptionClaims:
 
 def row_ends(row: Row, rule: Rule, eos: bool, newline: bool) -> bool:
     """Update the row after its newest token; True when it stops generating."""
+    checked = rule.wrong is not None or row.check is not None
     if eos:
         row.eos = True
-        if rule.wrong is not None:
+        if checked:
             flags_line(rule, row)  # the last line: of the rollout, the option or the sample
         return True
     n = len(row.tokens)
     if row.boundary >= 0:  # in the rollout
-        if newline and rule.wrong is not None and flags_line(rule, row):
+        if newline and checked and flags_line(rule, row):
             return True
         return n - 1 - row.boundary >= rule.rollout_tokens
     if rule.stop is None:
-        if newline and rule.wrong is not None and flags_line(rule, row):
+        if newline and checked and flags_line(rule, row):
             return True
         return n >= rule.option_cap
     if rule.stop.kind == "newline":  # decode only at a newline (leading newlines are no end)
@@ -157,7 +161,8 @@ def row_ends(row: Row, rule: Rule, eos: bool, newline: bool) -> bool:
         return False
     row.boundary = n - 1 if at_boundary else last_word_end(rule.tokenizer, row.tokens)
     option = rule.stop.cut(row_text(rule, row, row.boundary + 1))
-    if rule.wrong is not None and rule.wrong(option):
+    if (rule.wrong is not None and rule.wrong(option)) or (row.check is not None
+                                                           and row.check(option)):
         row.wrong = True  # a dead end: no rollout after it
         return True
     if rule.rollout_tokens == 0:
@@ -167,10 +172,13 @@ def row_ends(row: Row, rule: Rule, eos: bool, newline: bool) -> bool:
 
 def flags_line(rule: Rule, row: Row) -> bool:
     """The step check on the line the newest token ended (decoded from `row.line_at`, or from
-    the rollout's start): True, and the row is marked, when it flags it."""
+    the rollout's start), and the row's own check on its text so far: True, and the row is
+    marked, when either flags it."""
     start = max(row.line_at, row.boundary + 1)
     row.line_at = len(row.tokens)
-    flagged = bool(rule.wrong(rule.tokenizer.decode(row.tokens[start:], skip_special_tokens=True)))
+    flagged = bool(rule.wrong is not None and rule.wrong(
+        rule.tokenizer.decode(row.tokens[start:], skip_special_tokens=True))
+        or row.check is not None and row.check(row_text(rule, row)))
     if row.boundary >= 0:
         row.rollout_wrong = flagged
     else:
@@ -226,11 +234,12 @@ def row_result(tokenizer, row: Row, stop: StopRule | None) -> Generation:
 
 
 
-def replay(rule: Rule, tokens: list[int], logprobs: list[float]) -> Generation:
-    """The Generation a row decoding exactly `tokens` (with their log-probs) would end as under
-    `rule`: its option to the first boundary, then its rollout. A node's own rollout, replayed,
-    is a sample of its first step and that step's rollout (`search.reuse_rollouts`)."""
-    eos_ids, row = set(rule.eos_ids.tolist()), Row([], [])
+def replay(rule: Rule, tokens: list[int], logprobs: list[float], check=None) -> Generation:
+    """The Generation a row decoding exactly `tokens` (with their log-probs, and its own `check`,
+    as `Row.check`) would end as under `rule`: its option to the first boundary, then its
+    rollout. A node's own rollout, replayed, is a sample of its first step and that step's
+    rollout (`search.reuse_rollouts`)."""
+    eos_ids, row = set(rule.eos_ids.tolist()), Row([], [], check=check)
     newline_ids = set(rule.newline_ids.tolist()) if rule.newline_ids is not None else set()
     for token in tokens:
         row.tokens.append(token)

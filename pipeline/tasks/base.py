@@ -73,6 +73,17 @@ class Task:
         terminal node and GRPO's reward. A custom task may give partial credit."""
         return 1.0 if self.is_correct(problem, completion) else 0.0
 
+    def off_track(self, problem: Problem, working: str) -> bool:
+        """The training verifier on a solution's working so far (text through a line's end):
+        True once it can no longer score 1 whatever follows (search.prune_steps). The base task
+        checks only whole solutions: never."""
+        return False
+
+    @property
+    def checks_working(self) -> bool:
+        """Whether `off_track` can ever be True (search.prune_steps has work to do)."""
+        return False
+
 
 def problems_digest(problems: list[Problem]) -> str:
     """A short hash of a split's problems (ids, questions, gold answers, in order): a run records

@@ -49,15 +49,27 @@ def worked_solution(expression: str) -> str:
     return "\n".join([*lines, f"Answer: {sums[-1]}"])
 
 
-def follows_steps(expression: str, completion: str) -> bool:
-    """Whether the working's results are the question's partial sums: the first number after the
-    last "=" of every line that has one, in order, is exactly `partial_sums(expression)`."""
+def line_results(working: str) -> list[Fraction | None]:
+    """The first number after the last "=" of every line that has one, in order (None for such
+    a line without a number)."""
     results = []
-    for line in completion.splitlines():
+    for line in working.splitlines():
         if "=" in line:
             found = NUMBER_IN_TEXT.search(line.rsplit("=", 1)[1])
             results.append(Fraction(found.group(0).replace(",", "")) if found else None)
-    return results == [Fraction(s) for s in partial_sums(expression)]
+    return results
+
+
+def follows_steps(expression: str, completion: str) -> bool:
+    """Whether the working's results (`line_results`) are exactly the question's partial sums."""
+    return line_results(completion) == [Fraction(s) for s in partial_sums(expression)]
+
+
+def leaves_steps(expression: str, working: str) -> bool:
+    """Whether the working so far has left the question's partial sums: its results so far are
+    not the first of them, in order (one result too many leaves them too)."""
+    results = line_results(working)
+    return results != [Fraction(s) for s in partial_sums(expression)][:len(results)]
 
 
 def ask(expression: str) -> str:
@@ -86,6 +98,14 @@ class ChainStepsTask(ArithmeticTask):
                                                    completion):
             return 0.0
         return super().score(problem, completion)
+
+    def off_track(self, problem: Problem, working: str) -> bool:
+        """With task.verify_steps: a line's result is not the question's next partial sum."""
+        return self.verify_steps and leaves_steps(problem.entry["metadata"]["expression"], working)
+
+    @property
+    def checks_working(self) -> bool:
+        return self.verify_steps
 
     def question(self, entry: dict) -> str:
         return ask(entry["metadata"]["expression"])
