@@ -181,6 +181,9 @@ INVALID_VALUES = [
     (["search.root_c_min=6", "search.root_c_max=5"], "search.root_c_min=6 is invalid"),
     (["search.dead_end_retries=-1"],
      "config key search.dead_end_retries=-1 is invalid: must be >= 0"),
+    (["search.prune_steps=true", "task=arithmetic"],
+     "config key search.prune_steps=True is invalid: needs a verifier that reads the working"),
+    (["search.prune_steps=true", "task.verify_steps=false"], "search.prune_steps=True is invalid"),
     (["task.num_train=8", "search.problems_per_iteration=9"],
      "config key search.problems_per_iteration=9 is invalid: need 0 <= problems_per_iteration "
      "<= task.num_train=8 (0 = all)"),

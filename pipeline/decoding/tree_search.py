@@ -161,7 +161,8 @@ class LeafScorer:
         if self.off_track is None:
             return None
         return [functools.partial(_off_track, self.off_track, r.tree_index, "".join(r.steps))
-                for r in requests for _ in range(getattr(r, "num_options", 1))]
+                for r in requests
+                for _ in range(r.num_options if isinstance(r, ExpandRequest) else 1)]
 
     def unsupported(self, solution: str) -> bool:
         """search.check_answers: a solution whose answer is not its working's last number."""
