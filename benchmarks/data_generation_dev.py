@@ -11,7 +11,10 @@ is the split that tuning reads; test is never loaded). Every variant is one trai
 search (`train_search`) with the base policy under `experiment=demo_cpu` plus its overrides,
 counted as matched_budget counts (count_verified: correct terminals and verified finished
 rollouts); `sampling` is the STaR search (`search.algorithm=sample`) at the samples per problem
-that spend the default search's tokens. Each variant's counts are cached in --runs with the
+that spend the default search's tokens (rounded), and at the whole counts on either side, so that
+`over_sampling_interpolated` reads sampling's curve at each variant's own tokens: rounding can
+leave the two sides 10-15% apart, and pruned sampling finds fewer solutions per token the more
+it samples. Each variant's counts are cached in --runs with the
 search config they came from, so a killed run resumes, and a variant whose config changed since
 (a new default) is searched again. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -125,26 +129,50 @@ def main(argv: list[str] | None = None) -> dict:
               f"({found[name]['verified_solutions']} in {found[name]['tokens']})", flush=True)
     per_sample = sample_length(args, models)
     problems = found["default"]["problems"]  # the split may hold fewer than --problems
-    samples = max(1, round(found["default"]["tokens"] / problems / per_sample))
-    found["sampling"] = searched(args.overrides, ["search.algorithm=sample",
-                                                  f"search.simulations={samples}"],
-                                 args.problems, args.runs / f"sampling_{samples}.json", models,
-                                 args.split)
+    exact = found["default"]["tokens"] / problems / per_sample
+    samples = max(1, round(exact))
+    curve = {1: sampled(args, 1, models)}
+    for k in sorted({max(1, math.floor(exact)), max(1, math.ceil(exact)), samples}):
+        curve[k] = sampled(args, k, models)
+    found["sampling"] = curve[samples]
     sampling = found["sampling"]["verified_per_1k_tokens"]
+    points = sorted((c["tokens"], c["verified_solutions"]) for c in curve.values())
     result = {"benchmark": "data_generation_dev", "split": args.split, "problems": problems,
               "policy": str(cfg.model.name), "samples_per_problem": samples, "variants": found,
               "over_sampling": {k: round(v["verified_per_1k_tokens"] / sampling, 3) if sampling
-                                else None for k, v in found.items()}}
+                                else None for k, v in found.items()},
+              "sampling_curve": {k: [c["tokens"], c["verified_solutions"]] for k, c in curve.items()},
+              "over_sampling_interpolated": {k: over_interpolated(v, points)
+                                             for k, v in found.items()}}
     write_json(args.output, result)
     print(f"wrote {args.output}")
     return result
 
 
+def sampled(args, samples: int, models) -> dict:
+    """The STaR sampler at `samples` whole samples per problem (cached)."""
+    return searched(args.overrides, ["search.algorithm=sample", f"search.simulations={samples}"],
+                    args.problems, args.runs / f"sampling_{samples}.json", models, args.split)
+
+
+def over_interpolated(variant: dict, points: list[tuple[int, int]]) -> float | None:
+    """A search's verified solutions per token over sampling's at exactly its tokens: the
+    sampling curve (tokens, verified solutions) at whole samples per problem, read between its
+    two nearest points; None outside the curve. Rounding the samples per problem can leave
+    sampling 10-15% above or below the search's tokens, and pruned sampling finds fewer
+    solutions per token the more it samples."""
+    tokens = variant["tokens"]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t0 <= tokens <= t1 and t1 > t0:
+            at = v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
+            return round(variant["verified_solutions"] / at, 3) if at else None
+    return None
+
+
 def sample_length(args, models) -> float:
     """Mean tokens of one sample (one sample per problem, cached): sets the sampling arm's
     samples per problem so that it spends the default search's tokens."""
-    one = searched(args.overrides, ["search.algorithm=sample", "search.simulations=1"],
-                   args.problems, args.runs / "sampling_1.json", models, args.split)
+    one = sampled(args, 1, models)
     return max(one["tokens"] / max(one["problems"], 1), 1.0)
 
 

@@ -4,6 +4,7 @@ only, counted as the matched-budget proof counts, cached, and the sampling arm c
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import load_benchmark
@@ -49,7 +50,8 @@ def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path
                                                                     "sampling"}
     dev = [p.id for p in make_task(compose_config(["experiment=demo_cpu", *overrides]).task)
            .split("dev")[:2]]
-    assert len(seen) == 4 and all(ids == dev for ids in seen)  # dev problems only, each time
+    # two variants, then sampling once per count on its curve; dev problems only, each time
+    assert len(seen) == 2 + len(result["sampling_curve"]) and all(ids == dev for ids in seen)
     for v in result["variants"].values():
         assert v["problems"] == 2 and v["tokens"] > 0
         assert v["verified_per_1k_tokens"] == round(1000 * v["verified_solutions"] / v["tokens"], 3)
@@ -96,8 +98,41 @@ def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_mode
     shorter = bench.main([*argv, "search.rollout.max_new_tokens=5"])
     assert seen.count(("mcts", 2)) == len(bench.VARIANTS)  # every search variant, again
     samples = shorter["samples_per_problem"]  # follows the default's tokens, which changed
-    assert [x for x in seen if x[0] == "sample"] == (
-        [] if samples == first["samples_per_problem"] else [("sample", samples)])  # not sampling_1
+    resampled = {x[1] for x in seen if x[0] == "sample"}
+    assert 1 not in resampled  # sampling_1 stays cached
+    assert resampled == {int(k) for k in shorter["sampling_curve"]} - {
+        int(k) for k in first["sampling_curve"]}  # each count searched once, where not cached
+    assert str(samples) in shorter["sampling_curve"] or samples in shorter["sampling_curve"]
+
+
+def test_the_sampling_curve_brackets_the_search_and_is_read_between_points(bench, tiny_model_dir,
+                                                                           tmp_path):
+    """Sampling is searched at the whole counts on either side of the default's tokens, and the
+    interpolated ratio is the search's solutions over the curve's, at the search's tokens."""
+    overrides = tiny_overrides(tiny_model_dir, tmp_path)
+    result = bench.main(["--problems", "2", "--runs", str(tmp_path / "runs"), "--output",
+                         str(tmp_path / "out.json"), "--variant", "default", *overrides])
+    curve = {int(k): v for k, v in result["sampling_curve"].items()}
+    one = curve[1][0] / 2
+    exact = result["variants"]["default"]["tokens"] / 2 / one
+    assert set(curve) == {1, max(1, math.floor(exact)), max(1, math.ceil(exact)),
+                          result["samples_per_problem"]}
+    for k, (tokens, verified) in curve.items():
+        cached = json.loads((tmp_path / "runs" / f"sampling_{k}.json").read_text())
+        assert (cached["tokens"], cached["verified_solutions"]) == (tokens, verified)
+    assert result["over_sampling_interpolated"]["sampling"] in (1.0, None)
+
+
+def test_interpolation_reads_the_curve_between_its_nearest_points(bench):
+    points = [(100, 2), (300, 4), (500, 5)]
+    # at 200 tokens sampling would find 3: a search with 6 finds twice as many
+    assert bench.over_interpolated({"tokens": 200, "verified_solutions": 6}, points) == 2.0
+    assert bench.over_interpolated({"tokens": 400, "verified_solutions": 9}, points) == 2.0
+    assert bench.over_interpolated({"tokens": 300, "verified_solutions": 4}, points) == 1.0
+    assert bench.over_interpolated({"tokens": 600, "verified_solutions": 9}, points) is None
+    assert bench.over_interpolated({"tokens": 50, "verified_solutions": 1}, points) is None
+    assert bench.over_interpolated({"tokens": 200, "verified_solutions": 1},
+                                   [(100, 0), (300, 0)]) is None  # sampling found none
 
 
 def test_split_train_searches_the_training_problems(bench, tiny_model_dir, tmp_path, monkeypatch):

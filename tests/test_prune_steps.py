@@ -18,6 +18,7 @@ from tiny import tiny_tokenizer
 
 from mcts.options import is_answer_line, newline
 from mcts.types import ExpandRequest
+from pipeline.compose import compose_config
 from pipeline.config import SearchAlgorithm
 from pipeline.decoding.tree_search import LeafScorer, eval_search, train_search
 from pipeline.errors import ConfigError, QstarError
@@ -198,3 +199,17 @@ def test_the_row_checks_are_one_per_row_with_the_nodes_steps(pruning, models):  
     assert len(checks) == 2 and all(isinstance(c, functools.partial) for c in checks)
     checks[1]("c")
     assert calls == [(3, "a\nb\nc")]
+
+
+def test_the_pruned_preset_prunes_with_a_narrower_tree_and_is_refused_where_nothing_prunes():
+    """`search=pruned`: pruning on, fewer children than the default at every node and no
+    resampled duplicates; on a task whose verifier does not read the working, one line."""
+    default, pruned = (compose_config(["experiment=demo_cpu", *x]).search
+                       for x in ([], ["search=pruned"]))
+    assert pruned.prune_steps and not default.prune_steps
+    assert pruned.c_max < default.c_max and pruned.root_c_max < default.root_c_max
+    assert pruned.c_min <= pruned.c_max and pruned.root_c_min <= pruned.root_c_max
+    assert pruned.merge_retries == 0 < default.merge_retries
+    assert pruned.simulations == default.simulations  # the demo's budget, only the shape changes
+    with pytest.raises(ConfigError, match="search.prune_steps=True is invalid"):
+        validate(compose_config(["experiment=demo_cpu", "search=pruned", "task=arithmetic"]))
