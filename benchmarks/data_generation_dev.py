@@ -12,7 +12,8 @@ search (`train_search`) with the base policy under `experiment=demo_cpu` plus it
 counted as matched_budget counts (count_verified: correct terminals and verified finished
 rollouts); `sampling` is the STaR search (`search.algorithm=sample`) at the samples per problem
 that spend the default search's tokens (rounded), and at the whole counts on either side, so that
-`over_sampling_interpolated` reads sampling's curve at each variant's own tokens: rounding can
+`verified_solutions_over_sampling_interpolated` (and `solved_...`) read sampling's
+curve at each variant's own tokens: rounding can
 leave the two sides 10-15% apart, and pruned sampling finds fewer solutions per token the more
 it samples. Each variant's counts are cached in --runs with the
 search config they came from, so a killed run resumes, and a variant whose config changed since
@@ -51,6 +52,9 @@ from pipeline.tasks import make_task  # noqa: E402
 from pipeline.tasks.prompt import task_prompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+# what the sampling curve is read for: distinct verified texts (the proof's arm (a) counts these),
+# and problems with at least one (a tree's extra texts are often the same working worded apart)
+COUNTS = ("verified_solutions", "solved")
 VARIANTS = {  # name -> overrides on top of experiment=demo_cpu; "default" comes first
     "default": [],
     "no_merge_retries": ["search.merge_retries=0"],
@@ -136,14 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
         curve[k] = sampled(args, k, models)
     found["sampling"] = curve[samples]
     sampling = found["sampling"]["verified_per_1k_tokens"]
-    points = sorted((c["tokens"], c["verified_solutions"]) for c in curve.values())
     result = {"benchmark": "data_generation_dev", "split": args.split, "problems": problems,
               "policy": str(cfg.model.name), "samples_per_problem": samples, "variants": found,
               "over_sampling": {k: round(v["verified_per_1k_tokens"] / sampling, 3) if sampling
                                 else None for k, v in found.items()},
-              "sampling_curve": {k: [c["tokens"], c["verified_solutions"]] for k, c in curve.items()},
-              "over_sampling_interpolated": {k: over_interpolated(v, points)
-                                             for k, v in found.items()}}
+              "sampling_curve": {k: {f: c[f] for f in ("tokens", *COUNTS)} for k, c in curve.items()},
+              **{f"{count}_over_sampling_interpolated": {
+                  k: over_interpolated(v, list(curve.values()), count) for k, v in found.items()}
+                 for count in COUNTS}}
     write_json(args.output, result)
     print(f"wrote {args.output}")
     return result
@@ -155,17 +159,17 @@ def sampled(args, samples: int, models) -> dict:
                     args.problems, args.runs / f"sampling_{samples}.json", models, args.split)
 
 
-def over_interpolated(variant: dict, points: list[tuple[int, int]]) -> float | None:
-    """A search's verified solutions per token over sampling's at exactly its tokens: the
-    sampling curve (tokens, verified solutions) at whole samples per problem, read between its
-    two nearest points; None outside the curve. Rounding the samples per problem can leave
-    sampling 10-15% above or below the search's tokens, and pruned sampling finds fewer
-    solutions per token the more it samples."""
+def over_interpolated(variant: dict, curve: list[dict], count: str) -> float | None:
+    """A search's `count` per token over sampling's at exactly its tokens: the sampling curve
+    (tokens, count) at whole samples per problem, read between its two nearest points; None
+    outside the curve. Rounding the samples per problem can leave sampling 10-15% above or below
+    the search's tokens, and pruned sampling finds fewer solutions per token the more it samples."""
+    points = sorted((c["tokens"], c[count]) for c in curve)
     tokens = variant["tokens"]
     for (t0, v0), (t1, v1) in zip(points, points[1:]):
         if t0 <= tokens <= t1 and t1 > t0:
             at = v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
-            return round(variant["verified_solutions"] / at, 3) if at else None
+            return round(variant[count] / at, 3) if at else None
     return None
 
 

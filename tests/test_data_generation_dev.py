@@ -113,26 +113,32 @@ def test_the_sampling_curve_brackets_the_search_and_is_read_between_points(bench
     result = bench.main(["--problems", "2", "--runs", str(tmp_path / "runs"), "--output",
                          str(tmp_path / "out.json"), "--variant", "default", *overrides])
     curve = {int(k): v for k, v in result["sampling_curve"].items()}
-    one = curve[1][0] / 2
+    one = curve[1]["tokens"] / 2
     exact = result["variants"]["default"]["tokens"] / 2 / one
     assert set(curve) == {1, max(1, math.floor(exact)), max(1, math.ceil(exact)),
                           result["samples_per_problem"]}
-    for k, (tokens, verified) in curve.items():
+    for k, point in curve.items():
         cached = json.loads((tmp_path / "runs" / f"sampling_{k}.json").read_text())
-        assert (cached["tokens"], cached["verified_solutions"]) == (tokens, verified)
-    assert result["over_sampling_interpolated"]["sampling"] in (1.0, None)
+        assert point == {f: cached[f] for f in ("tokens", "verified_solutions", "solved")}
+    for count in ("verified_solutions", "solved"):  # sampling is on its own curve
+        assert result[f"{count}_over_sampling_interpolated"]["sampling"] in (1.0, None)
 
 
 def test_interpolation_reads_the_curve_between_its_nearest_points(bench):
-    points = [(100, 2), (300, 4), (500, 5)]
+    curve = [{"tokens": t, "verified_solutions": v, "solved": v} for t, v in
+             [(300, 4), (100, 2), (500, 5)]]  # in any order
+
+    def over(tokens, found, points=curve):
+        return bench.over_interpolated({"tokens": tokens, "verified_solutions": found}, points,
+                                       "verified_solutions")
+
     # at 200 tokens sampling would find 3: a search with 6 finds twice as many
-    assert bench.over_interpolated({"tokens": 200, "verified_solutions": 6}, points) == 2.0
-    assert bench.over_interpolated({"tokens": 400, "verified_solutions": 9}, points) == 2.0
-    assert bench.over_interpolated({"tokens": 300, "verified_solutions": 4}, points) == 1.0
-    assert bench.over_interpolated({"tokens": 600, "verified_solutions": 9}, points) is None
-    assert bench.over_interpolated({"tokens": 50, "verified_solutions": 1}, points) is None
-    assert bench.over_interpolated({"tokens": 200, "verified_solutions": 1},
-                                   [(100, 0), (300, 0)]) is None  # sampling found none
+    assert over(200, 6) == 2.0 and over(400, 9) == 2.0 and over(300, 4) == 1.0
+    assert over(600, 9) is None and over(50, 1) is None  # outside the curve
+    assert over(200, 1, [{"tokens": 100, "verified_solutions": 0},
+                         {"tokens": 300, "verified_solutions": 0}]) is None  # sampling found none
+    solved = bench.over_interpolated({"tokens": 200, "solved": 3}, curve, "solved")
+    assert solved == 1.0
 
 
 def test_split_train_searches_the_training_problems(bench, tiny_model_dir, tmp_path, monkeypatch):
