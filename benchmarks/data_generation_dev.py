@@ -11,13 +11,12 @@ is the split that tuning reads; test is never loaded). Every variant is one trai
 search (`train_search`) with the base policy under `experiment=demo_cpu` plus its overrides,
 counted as matched_budget counts (count_verified: correct terminals and verified finished
 rollouts); `sampling` is the STaR search (`search.algorithm=sample`) at the samples per problem
-that spend the default search's tokens (rounded), and at the whole counts on either side, so that
-`verified_solutions_over_sampling_interpolated` (and `solved_...`) read sampling's
-curve at each variant's own tokens: rounding can
-leave the two sides 10-15% apart, and pruned sampling finds fewer solutions per token the more
-it samples. Each variant's counts are cached in --runs with the
-search config they came from, so a killed run resumes, and a variant whose config changed since
-(a new default) is searched again. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
+that spend the default search's tokens (rounded), and at the whole counts on either side, so
+that `verified_solutions_over_sampling_interpolated` (and `solved_...`) read sampling's curve at
+each variant's own tokens (None outside it): rounding can leave the two sides 10-15% apart, and
+pruned sampling finds fewer solutions per token the more it samples. Each variant's counts are
+cached in --runs with the search config they came from, so a killed run resumes, and a variant
+whose config changed since (a new default) is searched again. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
 
 `--split train` measures the proof's arm (a) itself without running the loops: the same two
 searches as the MCTS and STaR loops' iteration 0 (the default variant is `experiment=demo_cpu`'s
