@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
                                args.runs / f"{name}.json", models, args.split)
         print(f"{name:<18} {found[name]['verified_per_1k_tokens']:>6.3f} verified / 1k tokens "
               f"({found[name]['verified_solutions']} in {found[name]['tokens']})", flush=True)
-    per_sample = sample_length(args, models)
+    curve = {1: sampled(args, 1, models)}  # its mean sample length sets the counts below
+    per_sample = max(curve[1]["tokens"] / max(curve[1]["problems"], 1), 1.0)
     problems = found["default"]["problems"]  # the split may hold fewer than --problems
     exact = found["default"]["tokens"] / problems / per_sample
-    samples = max(1, round(exact))
-    curve = {1: sampled(args, 1, models)}
+    samples = max(1, round(exact))  # the samples per problem that spend the default's tokens
     for k in sorted({max(1, math.floor(exact)), max(1, math.ceil(exact)), samples}):
         curve[k] = sampled(args, k, models)
     found["sampling"] = curve[samples]
@@ -170,13 +170,6 @@ def over_interpolated(variant: dict, curve: list[dict], count: str) -> float | N
             at = v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
             return round(variant[count] / at, 3) if at else None
     return None
-
-
-def sample_length(args, models) -> float:
-    """Mean tokens of one sample (one sample per problem, cached): sets the sampling arm's
-    samples per problem so that it spends the default search's tokens."""
-    one = sampled(args, 1, models)
-    return max(one["tokens"] / max(one["problems"], 1), 1.0)
 
 
 if __name__ == "__main__":
