@@ -21,6 +21,11 @@ model for runs trained before the train stage kept it.
    problem's highest-scored sample, and that pick against the eval's majority vote problem by
    problem (benchmarks/paired.py). The split is the eval's; the log-probs are cached beside the
    output, so a killed run resumes.
+   The DPO phase's log-ratio is also read per line (an option is a line; a token holding a
+   newline closes its line, blank lines are skipped), as a PRM is read per step: its mean per
+   token, the worst line's sum and mean (min over lines), the last line's sum, and the sum
+   without the `Answer:` line (`LINE_AGGREGATES`). The question they ask: DPO's pairs from the
+   trees differ at one step, so is the reward's signal local to a step, and drowned in the sum?
 """
 
 from __future__ import annotations
@@ -99,19 +104,55 @@ def keep(store: RunStore, cfg, i: int, tolerance: float) -> dict:
             "matched": {k: found[k] for k in found if k.startswith(AFTER)}}
 
 
-def summed_logprobs(model_dir: str, cfg, prompts: list[str], texts: list[str], cache: Path) -> list[float]:
+def text_logprobs(model_dir: str, cfg, prompts: list[str], texts: list[str], cache: Path) -> list[list[float]]:
+    """Each text's teacher-forced per-token log-probs after its prompt (cached)."""
     from pipeline.lm.models import load_model
     from pipeline.lm.teacher_forced import completion_logprobs
 
     if not cache.is_file():
         model, tokenizer = load_model(replace(cfg.model, name=model_dir))
-        write_json(cache, [sum(lp) for lp in completion_logprobs(
-            model, tokenizer, prompts, texts, cfg.critics.score_batch_size)])
+        write_json(cache, completion_logprobs(model, tokenizer, prompts, texts,
+                                              cfg.critics.score_batch_size))
     return json.loads(cache.read_text())
+
+
+def text_lines(tokens: list[str], rewards: list[float]) -> list[tuple[str, list[float]]]:
+    """Per-token rewards cut into lines, (line text, its tokens' rewards): a token holding a
+    newline closes the line it is in (BPE may merge "\n\n"); blank lines are dropped."""
+    if len(tokens) != len(rewards):
+        raise ValueError(f"{len(tokens)} tokens but {len(rewards)} rewards")
+    lines, text, part = [], "", []
+    for token, reward in zip(tokens, rewards):
+        text, part = text + token, [*part, reward]
+        if "\n" in token:
+            lines.append((text, part))
+            text, part = "", []
+    lines.append((text, part))
+    return [(t, r) for t, r in lines if t.strip() and r]
+
+
+def _is_answer(line: str) -> bool:
+    return line.strip().lower().startswith("answer")
+
+
+LINE_AGGREGATES = {  # name -> f(lines) over a sample's non-blank lines (text_lines)
+    "mean": lambda ls: sum(sum(r) for _, r in ls) / max(sum(len(r) for _, r in ls), 1),
+    "min_line": lambda ls: min((sum(r) for _, r in ls), default=0.0),
+    "min_line_mean": lambda ls: min((sum(r) / len(r) for _, r in ls), default=0.0),
+    "last_line": lambda ls: sum(ls[-1][1]) if ls else 0.0,
+    "without_answer": lambda ls: sum(sum(r) for t, r in ls if not _is_answer(t)),
+}
+
+
+def line_scores(tokens: list[list[str]], rewards: list[list[float]]) -> dict[str, list[float]]:
+    """Per LINE_AGGREGATES name, one score per sample (its tokens' texts and rewards)."""
+    lines = [text_lines(t, r) for t, r in zip(tokens, rewards, strict=True)]
+    return {name: [f(ls) for ls in lines] for name, f in LINE_AGGREGATES.items()}
 
 
 def log_ratios(store: RunStore, cfg, i: int, eval_json: Path, cache: Path) -> dict:
     """The three log-ratios on policy i's best-of-N samples (see the module docstring)."""
+    from critics.implicit import completion_tokens
     from critics.metrics import within_problem_auc
     from pipeline.lm.models import load_tokenizer
     from pipeline.tasks import make_task
@@ -133,18 +174,24 @@ def log_ratios(store: RunStore, cfg, i: int, eval_json: Path, cache: Path) -> di
         raise QstarError(f"policy {i} ({policy}) has no kept DPO phase: run --keep first")
     task = make_task(cfg.task)
     problems = {p.id: p for p in task.split(split)}
-    prompts = task_prompts(load_tokenizer(cfg.model, policy), task, [problems[r["id"]] for r in rows])
+    tokenizer = load_tokenizer(cfg.model, policy)
+    prompts = task_prompts(tokenizer, task, [problems[r["id"]] for r in rows])
     flat = [(r["id"], prompt, c) for r, prompt in zip(rows, prompts, strict=True) for c in r["candidates"]]
     ids, texts = [f[0] for f in flat], [f[2] for f in flat]
     right = [float(task.is_correct(problems[pid], c)) for pid, c in zip(ids, texts)]
-    sums = {name: summed_logprobs(d, cfg, [f[1] for f in flat], texts,
-                                  cache / f"p{i}_{eval_json.stem}_{name}.json")
-            for name, d in (("reference", reference_dir(policy, cfg.model)), ("dpo", phase),
-                            ("policy", policy))}
+    logprobs = {name: text_logprobs(d, cfg, [f[1] for f in flat], texts,
+                                    cache / f"p{i}_{eval_json.stem}_{name}_tokens.json")
+                for name, d in (("reference", reference_dir(policy, cfg.model)), ("dpo", phase),
+                                ("policy", policy))}
+    sums = {name: [sum(lp) for lp in found] for name, found in logprobs.items()}
     beta = dpo_reference(policy)[1]
     scores = {"policy": [beta * (p - r) for p, r in zip(sums["policy"], sums["reference"])],
               "dpo_phase": [beta * (d - r) for d, r in zip(sums["dpo"], sums["reference"])],
               "sft_phase": [p - d for p, d in zip(sums["policy"], sums["dpo"])]}
+    per_token = [[beta * (d - r) for d, r in zip(dpo, ref, strict=True)]
+                 for dpo, ref in zip(logprobs["dpo"], logprobs["reference"], strict=True)]
+    scores |= {f"dpo_phase_{name}": found for name, found in line_scores(
+        [completion_tokens(tokenizer, t) for t in texts], per_token).items()}
     majority = {r["id"]: r["correct_by_select"]["majority"] if "correct_by_select" in r else
                 bool(r["correct"]) for r in rows}  # rows graded before correct_by_select: select
     if "correct_by_select" not in rows[0] and graded["summary"]["select"] != "majority":

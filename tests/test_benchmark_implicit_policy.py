@@ -73,8 +73,9 @@ def test_keep_restores_the_dpo_phase_and_scores_three_log_ratios(bench, debug_ov
     assert json.loads(out.read_text())["log_ratios"] == [json.loads(json.dumps(row))]
     assert row["split"] == "dev" and row["samples"] == 3 * row["problems"] and row["majority"] == 0
     cache = out.parent / ".implicit_policy_logprobs"
-    sums = {name: json.loads((cache / f"p1_p1_best_of_3_dev_{name}.json").read_text())
-            for name in ("reference", "dpo", "policy")}
+    tokens = {name: json.loads((cache / f"p1_p1_best_of_3_dev_{name}_tokens.json").read_text())
+              for name in ("reference", "dpo", "policy")}
+    sums = {name: [sum(lp) for lp in found] for name, found in tokens.items()}
     beta = cfg.train.beta  # by hand from the cached summed log-probs
     by_hand = {"policy": [beta * (p - r) for p, r in zip(sums["policy"], sums["reference"])],
                "dpo_phase": [beta * (d - r) for d, r in zip(sums["dpo"], sums["reference"])],
@@ -86,8 +87,17 @@ def test_keep_restores_the_dpo_phase_and_scores_three_log_ratios(bench, debug_ov
         assert found["argmax"] == pytest.approx(sum(picks) / row["problems"]), name
         assert found["argmax_vs_majority"]["difference"] == pytest.approx(found["argmax"])  # majority got none right
     assert sums["dpo"] != pytest.approx(sums["policy"], abs=1e-4)  # SFT moved the policy
-    assert set(row["by_log_ratio"]) == set(by_hand)
-    for name in by_hand:
+    # the DPO phase's log-ratio per line: every sample here is one line ("Answer: ..."), so the
+    # worst line and the last line are its sum, and without the Answer line nothing is left
+    for name, value in (("min_line", by_hand["dpo_phase"]), ("last_line", by_hand["dpo_phase"]),
+                        ("without_answer", [0.0] * len(by_hand["dpo_phase"]))):
+        picks = [max(range(3), key=lambda j: (value[3 * k + j], -j)) == 1
+                 for k in range(row["problems"])]
+        assert row["by_log_ratio"][f"dpo_phase_{name}"]["argmax"] == pytest.approx(
+            sum(picks) / row["problems"]), name
+    assert set(row["by_log_ratio"]) == set(by_hand) | {f"dpo_phase_{name}"
+                                                       for name in bench.LINE_AGGREGATES}
+    for name in row["by_log_ratio"]:
         auc = row["by_log_ratio"][name]["within_problem_auc"]
         assert auc is None or 0 <= auc <= 1
     assert "policy 1 (dev" in capsys.readouterr().out
@@ -135,3 +145,40 @@ def test_samples_of_a_policy_dpo_trained_last_are_one_line(bench, debug_override
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert "was trained in phases ['dpo']: no SFT phase followed DPO" in err
+
+
+WORKING = "3 + 4 = 7\n7 - 0 = 7\n\nAnswer: 7"
+
+
+@pytest.mark.parametrize("tokenizer", ["smollm2_tokenizer", "tiny_tokenizer"])
+def test_text_lines_cut_at_newline_tokens(bench, tokenizer, request):
+    """With SmolLM2's BPE ("\n\n" one token) and the per-character test tokenizer: the lines'
+    texts are the working's lines, each token's reward in the line its token ends or is in."""
+    from critics.implicit import completion_tokens
+    if tokenizer == "tiny_tokenizer":
+        from pipeline.config import ModelConfig
+        from pipeline.lm.models import load_tokenizer
+        tok = load_tokenizer(ModelConfig(name=str(request.getfixturevalue("tiny_model_dir"))))
+    else:
+        tok = request.getfixturevalue(tokenizer)
+    tokens = completion_tokens(tok, WORKING)
+    assert "".join(tokens) == WORKING
+    rewards = [float(k) for k in range(len(tokens))]
+    lines = bench.text_lines(tokens, rewards)
+    assert [t.strip() for t, _ in lines] == ["3 + 4 = 7", "7 - 0 = 7", "Answer: 7"]
+    for text, part in lines:  # each line's rewards are its own tokens' (reward k = token k)
+        assert part == list(range(int(part[0]), int(part[-1]) + 1))
+        assert "".join(tokens[int(k)] for k in part) == text
+    # only a blank line is dropped: the second "\n" of the per-character tokenizer
+    assert "".join(t for t, _ in lines) in (WORKING, WORKING.replace("\n\n", "\n"))
+    scores = bench.line_scores([tokens], [rewards])
+    sums = [sum(part) for _, part in lines]
+    assert scores["min_line"] == [min(sums)] and scores["last_line"] == [sums[-1]]
+    assert scores["without_answer"] == [sums[0] + sums[1]]
+    assert scores["min_line_mean"] == [min(s / len(p) for s, (_, p) in zip(sums, lines))]
+    assert scores["mean"] == [pytest.approx(sum(sums) / sum(len(p) for _, p in lines))]
+
+
+def test_text_lines_refuse_misaligned_rewards(bench):
+    with pytest.raises(ValueError, match="2 tokens but 1 rewards"):
+        bench.text_lines(["a", "\n"], [0.0])
