@@ -151,7 +151,8 @@ def line_scores(tokens: list[list[str]], rewards: list[list[float]]) -> dict[str
 
 
 def log_ratios(store: RunStore, cfg, i: int, eval_json: Path, cache: Path) -> dict:
-    """The three log-ratios on policy i's best-of-N samples (see the module docstring)."""
+    """The three log-ratios on policy i's best-of-N samples, and the DPO phase's read per line
+    (see the module docstring)."""
     from critics.implicit import completion_tokens
     from critics.metrics import within_problem_auc
     from pipeline.lm.models import load_tokenizer
