@@ -44,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from paired import paired  # noqa: E402
 
+from mcts.options import is_answer_line  # noqa: E402
 from pipeline.compose import load_run_config  # noqa: E402
 from pipeline.config import TrainMode  # noqa: E402
 from pipeline.errors import QstarError  # noqa: E402
@@ -128,11 +129,7 @@ def text_lines(tokens: list[str], rewards: list[float]) -> list[tuple[str, list[
             lines.append((text, part))
             text, part = "", []
     lines.append((text, part))
-    return [(t, r) for t, r in lines if t.strip() and r]
-
-
-def _is_answer(line: str) -> bool:
-    return line.strip().lower().startswith("answer")
+    return [(t, r) for t, r in lines if t.strip()]
 
 
 LINE_AGGREGATES = {  # name -> f(lines) over a sample's non-blank lines (text_lines)
@@ -140,7 +137,7 @@ LINE_AGGREGATES = {  # name -> f(lines) over a sample's non-blank lines (text_li
     "min_line": lambda ls: min((sum(r) for _, r in ls), default=0.0),
     "min_line_mean": lambda ls: min((sum(r) / len(r) for _, r in ls), default=0.0),
     "last_line": lambda ls: sum(ls[-1][1]) if ls else 0.0,
-    "without_answer": lambda ls: sum(sum(r) for t, r in ls if not _is_answer(t)),
+    "without_answer": lambda ls: sum(sum(r) for t, r in ls if not is_answer_line(t)),
 }
 
 

@@ -1,6 +1,7 @@
 """benchmarks/implicit_policy.py on the tiny model: --keep trains a run's DPO phase again and
 keeps exactly the model the train stage would have kept; the three log-ratios on a best-of-N
-eval's samples, checked by hand; bad input is one line."""
+eval's samples and the DPO phase's read per line, checked by hand (line cuts with SmolLM2's
+BPE too); bad input is one line."""
 
 import json
 import shutil
@@ -9,7 +10,9 @@ import pytest
 import torch
 from conftest import load_benchmark
 from test_train_stage import dpo_rows, sft_rows, weights, write_rows
+from tiny import tiny_tokenizer
 
+from critics.implicit import completion_tokens
 from pipeline.compose import compose_config
 from pipeline.config import to_dict
 from pipeline.lm.models import resolve_model_path
@@ -150,17 +153,11 @@ def test_samples_of_a_policy_dpo_trained_last_are_one_line(bench, debug_override
 WORKING = "3 + 4 = 7\n7 - 0 = 7\n\nAnswer: 7"
 
 
-@pytest.mark.parametrize("tokenizer", ["smollm2_tokenizer", "tiny_tokenizer"])
-def test_text_lines_cut_at_newline_tokens(bench, tokenizer, request):
+@pytest.mark.parametrize("bpe", [True, False])
+def test_text_lines_cut_at_newline_tokens(bench, bpe, request):
     """With SmolLM2's BPE ("\n\n" one token) and the per-character test tokenizer: the lines'
     texts are the working's lines, each token's reward in the line its token ends or is in."""
-    from critics.implicit import completion_tokens
-    if tokenizer == "tiny_tokenizer":
-        from pipeline.config import ModelConfig
-        from pipeline.lm.models import load_tokenizer
-        tok = load_tokenizer(ModelConfig(name=str(request.getfixturevalue("tiny_model_dir"))))
-    else:
-        tok = request.getfixturevalue(tokenizer)
+    tok = request.getfixturevalue("smollm2_tokenizer") if bpe else tiny_tokenizer()
     tokens = completion_tokens(tok, WORKING)
     assert "".join(tokens) == WORKING
     rewards = [float(k) for k in range(len(tokens))]
