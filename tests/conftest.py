@@ -32,6 +32,7 @@ def load_benchmark(name: str):
         sys.path.append(str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: a dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
