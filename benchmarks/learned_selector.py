@@ -249,6 +249,8 @@ def measure(fit_set: Samples, held_out: Samples, only: tuple[str, ...] = FEATURE
             "cross_validated_auc": {r: None if v is None else round(v, 4) for r, v in cv.items()},
             "chosen_reading": chosen,
             "held_out_problems": len(held_out.rows),
+            "held_out_problems_with_both": sum(0 < sum(r["right"]) < len(r["right"])
+                                               for r in held_out.rows),
             "within_problem_auc": {**{r: _round(_auc(held_out, scores[r])) for r in READINGS},
                                    "checked_majority_score": _round(_auc(held_out, checked_score(held_out))),
                                    **{f: _round(_auc(held_out, [row[f] for row in held_out.features]))

@@ -103,7 +103,7 @@ def test_the_script_end_to_end(sel, tmp_path):
                      "--exclude-train", "1", "--output", str(out)]) == 0
     found = json.loads(out.read_text())["policies"]["1"]
     assert found["fit_problems"] == 11 and found["fit_samples"] == 66
-    assert found["held_out_problems"] == 6
+    assert found["held_out_problems"] == found["held_out_problems_with_both"] == 6
     assert found["features"] == ["vote_share", "step_check", "answer_check", "checked_share", "lines"]
     assert found["within_problem_auc"]["sample"] == pytest.approx(1.0)
     assert found["within_problem_auc"]["checked_majority_score"] == pytest.approx(1.0)
