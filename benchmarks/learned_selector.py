@@ -106,10 +106,15 @@ class Samples:
     rows: list[dict]  # per problem: {"id", "candidates", "answers", "right"}
 
 
-def load_samples(path: Path, exclude_train: int = 0) -> Samples:
+def load_samples(path: Path, exclude_train: int = 0, fit: bool = False) -> Samples:
     """Every candidate of a graded best-of-N JSON with its features and its grade; `exclude_train`
-    drops the first N problems of the task's training split (those a loop trained on)."""
+    drops the first N problems of the task's training split (those a loop trained on). A `fit`
+    set must be graded on training problems, a held-out one on others (ValueError naming it)."""
     task, problems, rows = graded_rows(path)
+    split = json.loads(path.read_text())["config"]["eval"]["split"]
+    if fit != (split == "train"):
+        raise ValueError(f"{path} is graded on {split} problems: the fit reads training problems "
+                         "(eval.split=train), the held-out set dev or test")
     skip = {p.id for p in task.split("train")[:exclude_train]}
     out = Samples([], [], [], [])
     for row in rows:
@@ -272,7 +277,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, Path]:
     for item in items:
         key, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
-            raise SystemExit(f"{flag} {item!r}: expected POLICY=GRADED_JSON naming a file")
+            raise ValueError(f"{flag} {item!r}: expected POLICY=GRADED_JSON naming a file")
         out[key] = Path(path)
     return out
 
@@ -287,17 +292,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="drop the fit JSONs' first N training problems (the loop's own)")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    fits, held = _pairs(args.fit, "--fit"), _pairs(args.held_out, "--held-out")
-    if set(fits) != set(held):
-        raise SystemExit(f"--fit names policies {sorted(fits)}, --held-out {sorted(held)}: "
-                         "give both for the same policies")
     try:
+        fits, held = _pairs(args.fit, "--fit"), _pairs(args.held_out, "--held-out")
+        if set(fits) != set(held):
+            raise ValueError(f"--fit names policies {sorted(fits)}, --held-out {sorted(held)}: "
+                             "give both for the same policies")
         result = {"exclude_train": args.exclude_train, "policies": {
-            p: _policy(load_samples(fits[p], args.exclude_train), load_samples(held[p]))
+            p: _policy(load_samples(fits[p], args.exclude_train, fit=True), load_samples(held[p]))
             | {"fit": str(fits[p]), "held_out": str(held[p])}
             for p in sorted(fits)}}
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    except ValueError as e:  # bad input: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_json(args.output, result)
     print(json.dumps(result, indent=1))
     return 0

@@ -88,7 +88,7 @@ def _rows(problems, right_first):
     return rows
 
 
-def test_the_script_end_to_end(sel, tmp_path):
+def test_the_script_end_to_end(sel, tmp_path, capsys):
     """Fit on training problems where the checks say who is right and the vote says otherwise;
     on held-out problems alike (their samples in another order), the fitted selector ranks
     every problem right (AUC 1) and picks right, where majority picks wrong everywhere. The
@@ -109,16 +109,21 @@ def test_the_script_end_to_end(sel, tmp_path):
     assert found["within_problem_auc"]["checked_majority_score"] == pytest.approx(1.0)
     assert found["accuracy"] == {"majority": 0.0, "checked_majority": 1.0, "sample": 1.0, "vote": 1.0}
     assert found["weights"]["checked_share"] > 0
+
+    def refused(args):
+        code = sel.main([*args, "--output", str(tmp_path / "refused.json")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and not (tmp_path / "refused.json").exists()
+        return err
+
+    assert f"{dev_json} is graded on dev problems" in refused(  # a fit must read training problems
+        ["--fit", f"1={dev_json}", "--held-out", f"1={dev_json}"])
+    assert f"{fit_json} is graded on train problems" in refused(
+        ["--fit", f"1={fit_json}", "--held-out", f"1={fit_json}"])
+    assert "--fit names policies ['1'], --held-out ['2']" in refused(
+        ["--fit", f"1={fit_json}", "--held-out", f"2={dev_json}"])
+    assert "expected POLICY=GRADED_JSON" in refused(["--fit", "1", "--held-out", f"1={dev_json}"])
     # the per-text fit reads no agreement; here the two checks alone separate right from wrong
     per_text = found["per_text"]
     assert per_text["features"] == ["step_check", "answer_check", "lines"]
     assert per_text["within_problem_auc"]["sample"] == pytest.approx(1.0)
-
-
-def test_mismatched_policies_are_one_line(sel, tmp_path):
-    path = tmp_path / "x.json"
-    path.write_text("{}")
-    with pytest.raises(SystemExit, match="--fit names policies"):
-        sel.main(["--fit", f"1={path}", "--held-out", f"2={path}", "--output", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="expected POLICY=GRADED_JSON"):
-        sel.main(["--fit", "1", "--held-out", f"2={path}", "--output", str(tmp_path / "o")])
