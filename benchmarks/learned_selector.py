@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))  # before benchmarks/, whose critics.py is not the
 from sample_scores import graded_rows  # noqa: E402
 
 from critics.metrics import within_problem_auc  # noqa: E402
-from pipeline.decoding.best_of_n import checked_majority  # noqa: E402
+from pipeline.config import SearchConfig  # noqa: E402
+from pipeline.decoding.best_of_n import checked_majority, sample_check  # noqa: E402
 from pipeline.decoding.voting import majority_vote  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.tasks.equations import false_equation, unsupported_answer  # noqa: E402
@@ -59,9 +60,8 @@ FOLDS = 5
 L2 = 1e-2  # the penalty on the standardised weights (a mild one: 7 weights, ~1,000 samples)
 
 
-def both_checks(text: str) -> bool:
-    """What checked majority skips with both checks on: a false equality or an unsupported answer."""
-    return false_equation(text) or unsupported_answer(text)
+# What checked majority skips with both checks on: a false equality or an unsupported answer.
+both_checks = sample_check(SearchConfig(check_equations=True, check_answers=True))
 
 
 def _standardised(values: list[float]) -> list[float]:
@@ -72,12 +72,14 @@ def _standardised(values: list[float]) -> list[float]:
 
 def sample_features(candidates: list[str], extract, orm: list[float] | None,
                     implicit: list[float] | None) -> list[dict[str, float]]:
-    """FEATURES for every candidate of one problem (orm / implicit absent when the row lacks them)."""
+    """FEATURES for every candidate of one problem (orm / implicit absent when the row lacks
+    them). The checked share is counted here, not taken as sample_scores' checked score less its
+    check: that difference is off by a rounding error, which splits ties an AUC must keep."""
     answers = [extract(c) for c in candidates]
     passed = [not both_checks(c) for c in candidates]
     votes = Counter(a for a in answers if a is not None)
     checked = Counter(a for a, ok in zip(answers, passed) if ok and a is not None)
-    pool = checked if any(passed) else votes
+    pool = checked if any(passed) else votes  # as checked majority: all of them when all flagged
     implicit_z = _standardised(implicit) if implicit else None
     rows = []
     for j, (text, answer) in enumerate(zip(candidates, answers)):
@@ -115,6 +117,8 @@ def load_samples(path: Path, exclude_train: int = 0, fit: bool = False) -> Sampl
     if fit != (split == "train"):
         raise ValueError(f"{path} is graded on {split} problems: the fit reads training problems "
                          "(eval.split=train), the held-out set dev or test")
+    if any("candidates" not in row for row in rows):
+        raise ValueError(f"{path} records no candidates: grade it with decode=best_of_n")
     skip = {p.id for p in task.split("train")[:exclude_train]}
     out = Samples([], [], [], [])
     for row in rows:
@@ -222,11 +226,7 @@ def pick_accuracy(samples: Samples, scores: dict[str, list[float]]) -> dict[str,
     k = 0
     for row in samples.rows:
         c, right, n = row["candidates"], row["right"], len(row["candidates"])
-        by_text = dict(zip(c, right))
-
-        def extract(text, _c=c, _a=row["answers"]):
-            return _a[_c.index(text)]
-
+        by_text, extract = dict(zip(c, right)), dict(zip(c, row["answers"])).get
         got["majority"].append(by_text[majority_vote(c, extract)])
         got["checked_majority"].append(by_text[checked_majority(c, extract, both_checks)])
         for r in READINGS:

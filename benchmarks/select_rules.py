@@ -37,7 +37,7 @@ def set_rows(name: str, paths: list[Path]) -> list[dict]:
     for path in paths:
         try:
             found = json.loads(path.read_text())["rows"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a graded `qstar eval` JSON ({e})") from None
         if found and "correct_by_select" not in found[0]:
             raise ValueError(f"{path} records no per-rule grades: it is not a best-of-N grade, "

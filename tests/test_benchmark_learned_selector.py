@@ -70,8 +70,8 @@ def test_vote_reading_sums_over_the_answer(sel):
     assert found["vote"] == pytest.approx([0.5, 0.5, 0.9, 0.0])
 
 
-def _graded(tmp_path, split, rows, cfg):
-    path = tmp_path / f"{split}.json"
+def _graded(tmp_path, split, rows, cfg, name=None):
+    path = tmp_path / f"{name or split}.json"
     path.write_text(json.dumps({"config": to_dict(cfg) | {"eval": {"split": split}}, "rows": rows}))
     return path
 
@@ -123,6 +123,10 @@ def test_the_script_end_to_end(sel, tmp_path, capsys):
     assert "--fit names policies ['1'], --held-out ['2']" in refused(
         ["--fit", f"1={fit_json}", "--held-out", f"2={dev_json}"])
     assert "expected POLICY=GRADED_JSON" in refused(["--fit", "1", "--held-out", f"1={dev_json}"])
+    greedy = _graded(tmp_path, "dev", [{"id": p.id, "completion": "Answer: 1"} for p in dev], cfg,
+                     name="greedy")
+    assert "records no candidates: grade it with decode=best_of_n" in refused(
+        ["--fit", f"1={fit_json}", "--held-out", f"1={greedy}"])
     # the per-text fit reads no agreement; here the two checks alone separate right from wrong
     per_text = found["per_text"]
     assert per_text["features"] == ["step_check", "answer_check", "lines"]

@@ -53,7 +53,10 @@ def test_bad_input_is_one_line(rules, tmp_path, capsys):
     greedy = tmp_path / "greedy.json"
     greedy.write_text(json.dumps({"rows": [{"id": "x", "correct": True}]}))
     out = tmp_path / "out.json"
+    listed = tmp_path / "listed.json"
+    listed.write_text("[1, 2]")
     for args, says in (([str(greedy)], "records no per-rule grades"),
+                       ([str(listed)], "is not a graded `qstar eval` JSON"),
                        ([], "expected a new name, then graded JSON files"),
                        ([str(tmp_path / "missing.json")], "expected a new name")):
         assert rules.main(["--set", "a", *args, "--output", str(out)]) == 2
