@@ -292,26 +292,30 @@ def evals_dir(run: Path, split: str, overrides: list[str]) -> Path:
 
 
 def pooled(arms: list[dict]) -> dict:
-    """Several evaluation arms of one run's policies on disjoint held-out sets (e.g. the test
-    split of two task seeds) as one: per policy, MCTS against best-of-N problem by problem over
+    """Several evaluation arms as one: one run's policies on disjoint held-out sets (e.g. the
+    test split of two task seeds), or several runs' policies (two loops' policy k on the same
+    problems are two pairs each): per policy, MCTS against best-of-N problem by problem over
     every set's problems, read from the grades each arm cached beside its run; beside it, MCTS
     against the samples' checked majority and every select rule against majority, and the
     within-problem AUC of each selection's score on the samples (benchmarks/sample_scores.py)."""
     by_policy: dict[int, list] = {}
     for arm in arms:
-        out = Path(arm.get("evals") or Path(arm["runs"]["mcts"]) / f"{arm['split']}_evals")
+        run = arm["runs"]["mcts"]
+        out = Path(arm.get("evals") or Path(run) / f"{arm['split']}_evals")
         for row in arm["evaluation"]:
-            by_policy.setdefault(row["policy"], []).append(arm_grades(
-                out, row["policy"], row["best_of_n_majority"]["n"], row["mcts"]["token_budget"]))
+            by_policy.setdefault(row["policy"], []).append((run, *arm_grades(
+                out, row["policy"], row["best_of_n_majority"]["n"], row["mcts"]["token_budget"])))
     rows = []
     for i, sets in sorted(by_policy.items()):
-        mcts = merged([correct_by_problem(m) for m, _ in sets], i)
-        bon = merged([correct_by_problem(b) for _, b in sets], i)
-        rules = [rule_grades(json.loads(b.read_text())["rows"], "select") for _, b in sets]
+        mcts = merged([by_run(run, correct_by_problem(m)) for run, m, _ in sets], i)
+        bon = merged([by_run(run, correct_by_problem(b)) for run, _, b in sets], i)
+        rules = [{rule: by_run(run, grades) for rule, grades in
+                  rule_grades(json.loads(b.read_text())["rows"], "select").items()}
+                 for run, _, b in sets]
         common = set.intersection(*(set(r) for r in rules))  # rules every set recorded
         select = {rule: merged([r[rule] for r in rules], i) for rule in sorted(common)}
         checked = select.get(Selection.checked_majority.value)
-        rows.append({"policy": i, "sets": len(sets),
+        rows.append({"policy": i, "sets": len(sets), "runs": len({run for run, _, _ in sets}),
                      "mcts_accuracy": round(sum(mcts.values()) / len(mcts), 4),
                      "best_of_n_accuracy": round(sum(bon.values()) / len(bon), 4),
                      "paired": paired(mcts, bon, ("mcts", "best_of_n")),
@@ -323,13 +327,20 @@ def pooled(arms: list[dict]) -> dict:
                          "paired_with_majority": paired(g, bon, (rule, "majority"))}
                          for rule, g in select.items() if rule != Selection.majority.value},
                      # how well each selection's score ranks one problem's samples (issue 15)
-                     "within_problem_auc_best_of_n": within_problem_aucs([b for _, b in sets])})
+                     "within_problem_auc_best_of_n": within_problem_aucs([b for _, _, b in sets])})
     return {"benchmark": "matched_budget", "pooled": [str(a["runs"]["mcts"]) for a in arms],
             "splits": sorted({a["split"] for a in arms}), "evaluation": rows}
 
 
+def by_run(run: str, grades: dict[str, bool]) -> dict[str, bool]:
+    """Grades keyed by run and problem: one run's policy k on two held-out sets must not share a
+    problem, while two runs' policy k (two loops, say two seeds) on the same problems are two
+    pairs each."""
+    return {f"{run}\t{problem}": right for problem, right in grades.items()}
+
+
 def merged(sets: list[dict[str, bool]], policy: int) -> dict[str, bool]:
-    """Problem id -> right over disjoint held-out sets; refused when two sets share a problem."""
+    """(Run, problem) -> right over the sets; refused when two sets of one run share a problem."""
     out = {k: v for found in sets for k, v in found.items()}
     if len(out) != sum(len(found) for found in sets):
         raise ValueError(f"policy {policy}'s held-out sets share problems")

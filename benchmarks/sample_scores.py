@@ -73,9 +73,10 @@ def graded_rows(path: Path) -> tuple[Task, dict[str, Problem], list[dict]]:
 
 def within_problem_aucs(bon_jsons: list[Path], check: Callable[[str], bool] = false_equation) -> dict:
     """Per score, the within-problem AUC over every problem of these graded best-of-N JSONs
-    (disjoint held-out sets of one policy), each graded with the task its JSON records."""
+    (disjoint held-out sets of one policy, or several policies on the same problems: a problem's
+    samples are grouped within their own JSON), each graded with the task its JSON records."""
     found: dict[str, list] = {k: [] for k in (*SCORES, "right", "problem")}
-    for path in bon_jsons:
+    for k, path in enumerate(bon_jsons):
         task, problems, rows = graded_rows(path)
         for row in rows:
             scores = candidate_scores(row["candidates"], task.extract_answer,
@@ -84,7 +85,7 @@ def within_problem_aucs(bon_jsons: list[Path], check: Callable[[str], bool] = fa
                 found[name].extend(scores[name] or [None] * len(row["candidates"]))
             found["right"].extend(float(task.is_correct(problems[row["id"]], c))
                                   for c in row["candidates"])
-            found["problem"].extend([row["id"]] * len(row["candidates"]))
+            found["problem"].extend([f"{k}\t{row['id']}"] * len(row["candidates"]))
     out = {"problems": len(set(found["problem"]))}
     for name in SCORES:
         if any(s is None for s in found[name]):

@@ -4,6 +4,7 @@ graded on the test split, and a second call reuses what is on disk."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -123,6 +124,21 @@ def test_eval_run_grades_the_evaluation_arm_alone_and_reuses_it(bench, tiny_mode
     assert pooled["evaluation"][0]["paired"]["problems"] == 4
     assert pooled["note"] == rule.read_text() and pooled["arms"] == [str(a) for a in arms]
     assert json.loads((tmp_path / "pooled.json").read_text())["note"] == rule.read_text()
+    # two runs' policy 0 on the same problems (two loops, say two seeds) are two pairs each, and
+    # each problem's samples are ranked within their own run
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    (tmp_path / "twin.json").write_text(json.dumps(
+        {**result, "runs": {"mcts": str(twin)}, "evals": str(twin / "test_evals")}))
+    both = bench.main(["--pool", str(arms[0]), str(tmp_path / "twin.json"),
+                       "--output", str(tmp_path / "twins.json")])
+    (row,) = both["evaluation"]
+    one = result["evaluation"][0]
+    assert row["runs"] == 2 and row["sets"] == 2 and row["paired"]["problems"] == 4
+    assert [row["paired"][k] for k in ("mcts_only", "best_of_n_only")] == [
+        2 * one["paired"][k] for k in ("mcts_only", "best_of_n_only")]
+    assert row["within_problem_auc_best_of_n"]["problems"] == 4
+
     def refused(argv: list[str]) -> str:  # one line from argparse, exit code 2
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
