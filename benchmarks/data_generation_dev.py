@@ -48,6 +48,7 @@ from pipeline.lm.models import load_model  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
 from pipeline.stages.search import shard_rows, summarize_search  # noqa: E402
 from pipeline.tasks import make_task  # noqa: E402
+from pipeline.tasks.base import problems_digest  # noqa: E402
 from pipeline.tasks.prompt import task_prompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,14 +69,18 @@ SAMPLER_KEYS = ("algorithm", "simulations", "temperature", "seed", "check_equati
                "check_answers", "prune_steps")
 
 
-def search_key(cfg) -> dict:
-    """What a cached count was searched with: the whole search config (a default changed since
-    makes it stale); for the sampler, the keys it reads and its sample length."""
+def search_key(cfg, problems: str) -> dict:
+    """What a cached count was searched with: the problems (`problems_digest` of those searched:
+    another task seed, task or --problems is another count) and the task config (its verifier:
+    `task.verify_steps` changes what counts as verified), the policy, and the whole search config
+    (a default changed since makes it stale); for the sampler, the keys it reads and its sample
+    length."""
     key = json.loads(json.dumps(asdict(cfg.search), default=str))
     if cfg.search.algorithm == SearchAlgorithm.sample:
         key = {name: key[name] for name in SAMPLER_KEYS}
         key["max_new_tokens"] = cfg.decode.max_new_tokens
-    return {"model": str(cfg.model.name), "search": key}
+    task = json.loads(json.dumps(asdict(cfg.task), default=str))
+    return {"model": str(cfg.model.name), "problems": problems, "task": task, "search": key}
 
 
 def searched(base: list[str], overrides: list[str], problems: int, cache: Path, models,
@@ -84,13 +89,15 @@ def searched(base: list[str], overrides: list[str], problems: int, cache: Path, 
     cached under `cache` with the search config they came from, and searched again when it
     differs."""
     cfg = compose_config(["experiment=demo_cpu", *base, *overrides, "progress=false"])
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("config") == search_key(cfg):
-            return {**cached, "overrides": overrides}
-        print(f"{cache.name}: searched with another config; searching again", flush=True)
     task = make_task(cfg.task)
     chosen = task.split(split)[:problems]
+    key = search_key(cfg, problems_digest(chosen))
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("config") == key:
+            return {**cached, "overrides": overrides}
+        print(f"{cache.name}: searched with another config or other problems; searching again",
+              flush=True)
     prompts = task_prompts(models.tokenizer, task, chosen)
     start = time.perf_counter()
     trees, scorer = train_search(chosen, task, prompts, cfg, models, desc=cache.stem)
@@ -98,7 +105,7 @@ def searched(base: list[str], overrides: list[str], problems: int, cache: Path, 
     summary = summarize_search(rows, time.perf_counter() - start)
     result = {"overrides": overrides, **count_verified(rows, summary["tokens"]),
               "seconds": summary["seconds"], "merges": summary["merges"], "nodes": summary["nodes"],
-              "config": search_key(cfg)}
+              "config": key}
     write_json(cache, result)
     return result
 

@@ -62,6 +62,14 @@ def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path
     # resumable: a second call searches nothing and reports the same numbers
     seen.clear()
     assert bench.main(argv) == result and seen == []
+    # other problems (another task seed; more of them) are searched again, never read from the
+    # cache of the first
+    for other in (["task.seed=1"], ["--problems", "3"]):
+        seen.clear()
+        again = bench.main([*argv, *other] if other[0].startswith("task") else [*other, *argv[2:]])
+        assert seen and all(ids != dev for ids in seen)
+        assert again["variants"]["default"]["config"]["problems"] != \
+            result["variants"]["default"]["config"]["problems"]
 
 
 def test_a_count_searched_with_another_config_is_searched_again(bench, tiny_model_dir, tmp_path,
@@ -158,16 +166,20 @@ def test_split_train_searches_the_training_problems(bench, tiny_model_dir, tmp_p
 
 def test_a_tree_search_key_leaves_the_samplers_cached_count_valid(bench):
     sampler = ["search.algorithm=sample", "search.simulations=8"]
-    key = bench.search_key(compose_config(["experiment=demo_cpu", *sampler]))
+    key = bench.search_key(compose_config(["experiment=demo_cpu", *sampler]), "abc")
     for change in ("search.evaluate_root=false", "search.rollout.max_new_tokens=8",
                    "search.leaves_per_tree=4", "search.c_max=5"):
-        assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change])) == key
+        assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change]), "abc") == key
     for change in ("search.temperature=0.5", "search.check_equations=false", "search.seed=3",
                    "search.check_answers=true",
                    "decode.max_new_tokens=40", "search.simulations=9"):
-        assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change])) != key
-    mcts = bench.search_key(compose_config(["experiment=demo_cpu"]))
-    assert mcts != bench.search_key(compose_config(["experiment=demo_cpu", "search.c_max=5"]))
+        assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler, change]), "abc") != key
+    assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler]), "abd") != key
+    # the verifier is the task's: the same problems checked another way are another count
+    assert bench.search_key(compose_config(["experiment=demo_cpu", *sampler,
+                                            "task.verify_steps=false"]), "abc") != key
+    mcts = bench.search_key(compose_config(["experiment=demo_cpu"]), "abc")
+    assert mcts != bench.search_key(compose_config(["experiment=demo_cpu", "search.c_max=5"]), "abc")
 
 
 def test_more_problems_asked_than_the_split_holds_calibrates_on_those_searched(bench, tiny_model_dir,
