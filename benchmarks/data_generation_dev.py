@@ -15,8 +15,9 @@ that spend the default search's tokens (rounded), and at the whole counts on eit
 that `verified_solutions_over_sampling_interpolated` (and `solved_...`) read sampling's curve at
 each variant's own tokens (None outside it): rounding can leave the two sides 10-15% apart, and
 pruned sampling finds fewer solutions per token the more it samples. Each variant's counts are
-cached in --runs with the search config they came from, so a killed run resumes, and a variant
-whose config changed since (a new default) is searched again. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
+cached in --runs with the problems, task and search config they came from, so a killed run
+resumes, and a variant whose config changed since (a new default, another task seed, more
+problems) is searched again. Writes benchmarks/results/data_generation_dev.json (`"split": "dev"`).
 
 `--split train` measures the proof's arm (a) itself without running the loops: the same two
 searches as the MCTS and STaR loops' iteration 0 (the default variant is `experiment=demo_cpu`'s

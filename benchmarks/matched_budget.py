@@ -7,8 +7,10 @@
     python benchmarks/matched_budget.py --eval-run RUN --eval-policies 1 2 3 --output B.json \
         -- task.seed=1 task.num_test=200   # another held-out set, cached apart (evals_dir)
     python benchmarks/matched_budget.py --pool A.json B.json --output POOLED.json \
-        [--note-file RULE.md]           # arms graded on disjoint held-out sets, pooled; the
-                                        # samples' within-problem AUC per selection score
+        [--note-file RULE.md]           # arms graded on disjoint held-out sets, or several
+                                        # runs' arms (two loops' policy k: two pairs per
+                                        # problem), pooled; the samples' within-problem AUC
+                                        # per selection score
 
 Three loops on the default task (same training problems, same base policy, same test split):
 the MCTS loop (`experiment=demo_cpu`: MCTS + critics + DPO/SFT), the STaR loop
@@ -511,8 +513,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --eval-run: dev grades the arm on dev, for choosing defaults")
     parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
                         help="run nothing: pool --eval-run outputs graded on disjoint held-out "
-                             "sets (say the test split of task.seed 0 and 1) into --output, "
-                             "MCTS against best-of-N per policy over all their problems")
+                             "sets (say the test split of task.seed 0 and 1), or several runs' "
+                             "(a pair per run and problem), into --output, MCTS against "
+                             "best-of-N per policy over all their problems")
     parser.add_argument("--note-file", type=Path, default=None, metavar="FILE",
                         help="with --pool or --eval-run: FILE's text goes into the JSON as `note` "
                              "(say, the rule written down before the grades)")

@@ -64,9 +64,9 @@ def test_variants_search_dev_problems_and_resume(bench, tiny_model_dir, tmp_path
     assert bench.main(argv) == result and seen == []
     # other problems (another task seed; more of them) are searched again, never read from the
     # cache of the first
-    for other in (["task.seed=1"], ["--problems", "3"]):
+    for again_argv in ([*argv, "task.seed=1"], ["--problems", "3", *argv[2:]]):
         seen.clear()
-        again = bench.main([*argv, *other] if other[0].startswith("task") else [*other, *argv[2:]])
+        again = bench.main(again_argv)
         assert seen and all(ids != dev for ids in seen)
         assert again["variants"]["default"]["config"]["problems"] != \
             result["variants"]["default"]["config"]["problems"]
