@@ -62,10 +62,10 @@ from pipeline.decoding.tree_search import SearchModels, train_search  # noqa: E4
 from pipeline.lm.models import load_model, resolve_model_path  # noqa: E402
 from pipeline.loop import resume_run, run_loop  # noqa: E402
 from pipeline.run.atomic import atomic_path, write_json  # noqa: E402
-from pipeline.run.store import RunStore  # noqa: E402
+from pipeline.run.store import RunStore, load_shards  # noqa: E402
 from pipeline.stages.data import verified_completions  # noqa: E402
 from pipeline.stages.eval import run_eval  # noqa: E402
-from pipeline.stages.search import shard_rows, summarize_search  # noqa: E402
+from pipeline.stages.search import search_spread, shard_rows, summarize_search  # noqa: E402
 from pipeline.stages.train import pair_metrics_of  # noqa: E402
 from pipeline.tasks import make_task  # noqa: E402
 from pipeline.tasks.prompt import task_prompts  # noqa: E402
@@ -395,8 +395,11 @@ def wall_arm(store: RunStore, greedy: list[float], iterations: int) -> dict:
         after = dpo_after(store, i, train)
         change = after.get("dpo/logps/chosen_change")
         logp = after.get("dpo/after/logps/chosen")
+        spread = search_spread(load_shards(store.stage_dir(i, "search")))
         rows.append({"iteration": i, "training_solve_rate": search.get("solve_rate"),
                      "dpo_pairs": train.get("pairs"), "skipped": train.get("skipped"),
+                     # what the search had to pair: a sharper policy's resampled options merge
+                     "search_merges": search.get("merges"), **spread,
                      # means over every pair: the trained policy against its reference
                      "dpo_chosen_logp_change": change,
                      # the reference's (with train.reference=previous: the starting policy's)

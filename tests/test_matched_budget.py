@@ -16,7 +16,7 @@ from pipeline.lm.models import load_model
 from pipeline.lm.teacher_forced import completion_logprobs
 from pipeline.loop import run_loop
 from pipeline.run.atomic import write_jsonl
-from pipeline.run.store import RunStore
+from pipeline.run.store import RunStore, load_shards
 from pipeline.stages.train import train_policy
 from pipeline.tasks import make_task
 
@@ -309,3 +309,10 @@ def test_wall_computes_dpo_metrics_over_all_pairs_for_runs_trained_before(bench,
                                 [r["chosen"] + tokenizer.eos_token for r in chosen])
     by_hand = sum(map(sum, logps)) / len(logps)
     assert wall["dpo_chosen_logp_reference"] == pytest.approx(by_hand, abs=1e-2)
+    # what the search had to pair, from its shards: merges as recorded, log-prob per token by hand
+    assert wall["search_merges"] == store.metrics(0, "search")["merges"]
+    options = [n for row in load_shards(store.stage_dir(0, "search"))
+               for n in row["tree"]["nodes"] if n["num_tokens"]]
+    assert wall["option_logp_per_token"] == pytest.approx(
+        sum(n["logprob"] for n in options) / sum(n["num_tokens"] for n in options), abs=1e-4)
+    assert wall["contrast_problems"] == 0  # the tiny model solves nothing

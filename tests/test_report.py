@@ -23,7 +23,8 @@ from pipeline.report.collect import lock_holder, run_status, search_rows
 from pipeline.report.credit import iteration_credit
 from pipeline.report.inspect import LoopKind, iteration_rows, loop_kind
 from pipeline.report.page import build_report, embed_json
-from pipeline.run.store import RunStore
+from pipeline.run.store import RunStore, load_shards
+from pipeline.stages.search import search_spread
 
 
 def page_data(path) -> dict:
@@ -75,6 +76,19 @@ def test_the_table_shows_the_critics_each_policy_was_evaluated_with(tmp_path):
     del store.manifest["stages"]["iter_000/refit"]
     header, _, policy_1 = iteration_rows(store)
     assert policy_1[header.index("orm_auc")] == "0.600" and run_status(store)["complete"]
+
+
+def test_the_table_shows_what_each_search_had_to_pair(tmp_path):
+    """contrast and logp_tok come from the search stage's metrics; a run searched before they were
+    recorded shows '-' rather than failing."""
+    store = make_run(tmp_path / "run", trees=4)
+    header, _, policy_1 = iteration_rows(store)
+    assert policy_1[header.index("contrast")] == "-" and policy_1[header.index("logp_tok")] == "-"
+    search = store.metrics(0, "search") | search_spread(load_shards(store.stage_dir(0, "search")))
+    store.complete(0, "search", search, 1.0)
+    header, _, policy_1 = iteration_rows(store)
+    assert policy_1[header.index("contrast")] == str(search["contrast_problems"])
+    assert policy_1[header.index("logp_tok")] == format(search["option_logp_per_token"], ".2f")
 
 
 def test_page_loads_nothing_from_the_network(tmp_path):

@@ -36,6 +36,7 @@ from pipeline.stages.search import (
     SearchWorker,
     expected_shards,
     missing_shards,
+    search_spread,
     shard_path,
     summarize_search,
 )
@@ -742,3 +743,22 @@ def test_an_option_keeps_its_first_rows_rollout(cfg, models):
     options = scorer.options([request], ["prompt"] * 3, [row("", cut=True), row("ab"), row("xyz")])[0]
     assert [o.rollout_tokens for o in options] == [0, 2, 3]  # each row's decoded tokens, counted
     assert scorer.pending[(0, "Step 1\n12 + 3 = 15\n")].text == "ab"
+
+
+def _spread_row(nodes: list[tuple[int, float, bool, float | None]]) -> dict:
+    """A shard row whose tree holds a root and these (num_tokens, logprob, terminal, reward)."""
+    root = {"num_tokens": 0, "logprob": 0.0, "terminal": False, "terminal_reward": None}
+    return {"tree": {"nodes": [root] + [{"num_tokens": t, "logprob": lp, "terminal": term,
+                                         "terminal_reward": r} for t, lp, term, r in nodes]}}
+
+
+def test_search_spread_counts_contrast_and_the_options_log_prob_per_token():
+    """contrast: a tree with a correct and a wrong terminal (not one with only either, nor one
+    whose wrong leaf is unfinished); the log-prob per token weighs each option by its tokens."""
+    rows = [_spread_row([(4, -2.0, False, None), (6, -1.0, True, 1.0), (2, -1.0, True, 0.0)]),
+            _spread_row([(3, -3.0, True, 1.0), (5, -1.0, False, None)]),  # correct only
+            _spread_row([(2, -0.5, True, 0.0), (2, -0.5, True, 0.0)])]  # wrong only
+    spread = search_spread(rows)
+    assert spread["contrast_problems"] == 1
+    assert spread["option_logp_per_token"] == round(-9.0 / 24, 4)  # not the mean of the ratios
+    assert search_spread([_spread_row([])]) == {"option_logp_per_token": None, "contrast_problems": 0}

@@ -27,13 +27,17 @@ def iteration_rows(store: RunStore) -> list[list[str]]:
     rows = policy_rows(store)
     decodes = sorted({d for r in rows for d in r["accuracy"]})
     header = ["policy"] + [f"acc:{d}" for d in decodes] + [
-        "pairs", "dpo_margin", "chosen_dlogp", "orm_auc", "prm_auc", "solve", "tokens", "minutes",
+        "pairs", "dpo_margin", "chosen_dlogp", "orm_auc", "prm_auc", "solve",
+        "contrast",  # trees with both a correct and a wrong terminal
+        "logp_tok",  # the search's options, log-prob per token: near 0, a sharp policy
+        "tokens", "minutes",
         "peak_gb"]  # the driver's peak resident memory over the row's stages
     lines = [header]
     for r in rows:
         lines.append([str(r["policy"])] + [_fmt(r["accuracy"].get(d)) for d in decodes] + [
             _fmt(r.get("pairs"), "d"), _fmt(r.get("dpo_margin")), _fmt(r.get("chosen_dlogp"), ".2f"),
             _fmt(r.get("orm_auc")), _fmt(r.get("prm_auc")), _fmt(r.get("search_solve_rate")),
+            _fmt(r.get("contrast_problems"), "d"), _fmt(r.get("option_logp_per_token"), ".2f"),
             _fmt(r.get("tokens"), "d"), _fmt(r.get("minutes"), ".1f"),
             _fmt(r["peak_rss_mb"] and r["peak_rss_mb"] / 1024, ".1f")])
     return lines

@@ -48,6 +48,9 @@ def policy_rows(store: RunStore) -> list[dict]:
             "prm_auc": _value(critics, "prm", "auc"),
             "value_ece": _value(critics, "value", "ece"),
             "search_solve_rate": _value(search, "solve_rate"),
+            # what the search had to pair (none for runs searched before they were recorded)
+            "contrast_problems": _value(search, "contrast_problems"),
+            "option_logp_per_token": _value(search, "option_logp_per_token"),
             # generated tokens: the search's, or GRPO's sampling inside its train stage
             "tokens": _value(search, "tokens") if search else _value(train, "tokens"),
             "minutes": _minutes(store, k, ITERATION_STAGES),

@@ -181,4 +181,23 @@ def summarize_search(rows: list[dict], seconds: float) -> dict:
             "nodes": sum(len(r["tree"]["nodes"]) for r in rows),
             "merges": sum(s["merges"] for s in stats), "tokens": tokens,
             "reused_options": sum(s.get("reused", 0) for s in stats),  # older trees lack it
-            "seconds": round(seconds, 2)}
+            **search_spread(rows), "seconds": round(seconds, 2)}
+
+
+def search_spread(rows: list[dict]) -> dict:
+    """How much the trees had to contrast, which is what the data stage pairs.
+
+    option_logp_per_token: the options kept in the trees, their summed token log-prob over their
+    tokens (None without any); nearer 0 is a sharper policy, whose resampled options merge.
+    contrast_problems: trees that reached both a verified-correct and a wrong terminal, the
+    problems a trajectory pair can come from."""
+    options = [n for r in rows for n in r["tree"]["nodes"] if n["num_tokens"]]
+    option_tokens = sum(n["num_tokens"] for n in options)
+    contrast = 0
+    for row in rows:
+        rewards = {n["terminal_reward"] == 1.0 for n in row["tree"]["nodes"]
+                   if n["terminal"] and n["terminal_reward"] is not None}
+        contrast += rewards == {True, False}
+    return {"option_logp_per_token": (round(sum(n["logprob"] for n in options) / option_tokens, 4)
+                                      if option_tokens else None),
+            "contrast_problems": contrast}
