@@ -39,7 +39,8 @@ from pipeline.compose import compose_config, recorded_config, to_config  # noqa:
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.loop import open_loop, run_stage, stage_runners  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
-from pipeline.run.store import RunStore  # noqa: E402
+from pipeline.run.store import RunStore, load_shards  # noqa: E402
+from pipeline.stages.search import search_spread  # noqa: E402
 
 SOURCE = "source"  # the name the source run's grades go under
 
@@ -92,10 +93,12 @@ def grade(run: Path, iteration: int, base: list[str], dev_sets: list[list[str]],
 
 
 def searched(store: RunStore, iteration: int) -> dict:
-    """What the branch's search found and the data stage made of it."""
+    """What the run's search found (its spread read off the shards, as runs searched before the
+    metrics held it need) and the data stage made of it."""
     search, data = store.metrics(iteration, "search"), store.metrics(iteration, "data")
-    keys = ("solved", "tokens", "merges", "option_logp_per_token", "contrast_problems")
-    return {**{k: search.get(k) for k in keys}, "dpo_pairs": data["dpo"], "sft_rows": data["sft"]}
+    return {**{k: search[k] for k in ("solved", "tokens", "merges")},
+            **search_spread(load_shards(store.stage_dir(iteration, "search"))),
+            "dpo_pairs": data["dpo"], "sft_rows": data["sft"]}
 
 
 def eval_ids(store: RunStore, iteration: int, fallback: set[str]) -> set[str]:
