@@ -223,7 +223,11 @@ def test_plots_show_dpo_rewards_and_within_problem_auc_per_iteration(tmp_path):
                                     "dpo/logps/chosen_change": chosen / 0.1,
                                     **(after if k == 1 else {})}, 1.0)
         store.complete(k, "eval", {"decodes": {"greedy": {"accuracy": 0.3}}}, 1.0)
+        store.complete(k, "search", {"contrast_problems": 5 - k, "option_logp_per_token": -0.5 + k / 5}, 1.0)
+        store.complete(k, "data", {"dpo": 20 - 8 * k, "sft": 5 + k}, 1.0)
     rows = policy_rows(store)
+    assert [(r["pairs"], r["sft_rows"], r["contrast_problems"]) for r in rows[1:]] == [(20, 5, 5), (12, 6, 4)]
+    assert [r["option_logp_per_token"] for r in rows[1:]] == [-0.5, pytest.approx(-0.3)]
     assert [r.get("reference") for r in rows] == [None, "previous", "base"]
     assert rows[2]["within_auc"] == {"value": 0.55, "prm": None, "orm": 0.7, "implicit": 0.8}
     assert rows[1]["within_auc"]["implicit"] is None
@@ -231,7 +235,7 @@ def test_plots_show_dpo_rewards_and_within_problem_auc_per_iteration(tmp_path):
     assert (rows[2]["chosen_reward"], rows[2]["rejected_reward"]) == (pytest.approx(-0.25), -0.8)
     assert (rows[1]["chosen_reward"], rows[1]["rejected_reward"]) == (0.1, -0.3)
     written = write_plots(store)
-    for name in ("dpo_rewards.png", "within_problem_auc.png"):
+    for name in ("dpo_rewards.png", "within_problem_auc.png", "search_data.png"):
         path = tmp_path / "run" / "plots" / name
         assert str(path) in written and path.stat().st_size > 1000
 

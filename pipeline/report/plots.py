@@ -41,7 +41,7 @@ def write_plots(store: RunStore) -> list[str]:
             ax.set(xlabel="iteration + 1", title=title)
             ax.legend()
             written.append(_save(fig, out / name))
-    for draw in (_dpo_rewards, _within_problem_auc):
+    for draw in (_dpo_rewards, _within_problem_auc, _search_data):
         path = draw(plt, trained, out)
         if path:
             written.append(path)
@@ -82,6 +82,27 @@ def _within_problem_auc(plt, rows: list[dict], out):
               for kind in CRITICS}
     title = "Within-problem AUC (completions held out from the heads, not from DPO)"
     return _lines(plt, series, title, "AUC", out / "within_problem_auc.png")
+
+
+def _search_data(plt, rows: list[dict], out):
+    """What each iteration's search gave the train stage (pairs, SFT rows, trees with both a
+    correct and a wrong terminal) beside how sharp its options were: a sharper policy's
+    resampled options merge, and its trees have less to pair."""
+    counts = {"DPO pairs": _points(rows, lambda r: r.get("pairs")),
+              "SFT rows": _points(rows, lambda r: r.get("sft_rows")),
+              "trees with a right and a wrong answer": _points(rows, lambda r: r.get("contrast_problems"))}
+    path = _lines(plt, counts, "What each search gave training", "rows / trees", out / "search_data.png")
+    sharpness = _points(rows, lambda r: r.get("option_logp_per_token"))
+    if path is None or not sharpness:
+        return path
+    fig = plt.gcf()
+    fig.axes[0].legend(loc="upper left", fontsize="small")
+    twin = fig.axes[0].twinx()
+    twin.plot(*zip(*sharpness), marker="x", linestyle="--", color="gray",
+              label="options' log-prob per token (right)")
+    twin.set(ylabel="log-prob per token")
+    twin.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
 
 
 def _save(fig, path) -> str:
