@@ -34,7 +34,6 @@ USAGE = """usage:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings

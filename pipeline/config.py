@@ -364,7 +364,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: str = "offline"  # offline | online | disabled (WANDB_MODE, when set, wins)
     project: str = "qstar"  # the wandb project
 
 
