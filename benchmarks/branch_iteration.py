@@ -6,9 +6,9 @@ dev beside the original's.
         [--output X.json]
 
 Each variant of each source run (say, two seeds' loops) is a branch: a run directory
-`DIR/<run name>/NAME` whose iterations before I are the source
-run's (symbolic links, never written), whose manifest is the source's without iteration I's
-stages or any after it, and whose config is the source's plus the variant's overrides for
+`DIR/<run name>/NAME` whose iterations before I are the source run's (symbolic links, never
+written), whose manifest is the source's without iteration I's stages or any after it, and
+whose config is the source's plus the variant's overrides (dotted KEY=VALUE keys) for
 iteration I alone (recorded under `branch` in its manifest). Iteration I's stages then run
 there as `qstar run` runs them, and policy I+1 of every branch and of the source is graded with
 greedy decoding on the source's dev split and on each `--held-out` dev set (task overrides such
@@ -16,8 +16,8 @@ as `task.seed=5 task.num_dev=200`). Dev only: this is for asking what a late ite
 (say, why a curve flattens) without running the whole loop again, and test is never read.
 
 Each variant is paired problem by problem against its sources (benchmarks/paired.py) over
-every run and dev set, and reported per run with what its search had to pair beside it (pipeline.stages.search's
-spread, the pairs and the SFT rows). Everything is cached: a killed call resumes, a branch whose
+every run and dev set, and reported per run with what its search had to pair beside it
+(pipeline.stages.search's spread, the pairs and the SFT rows). Everything is cached: a killed call resumes, a branch whose
 stages are done is not run again, and a grade on disk is read back (matched_budget.graded).
 """
 
@@ -33,9 +33,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from matched_budget import graded  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from paired import correct_by_problem, paired  # noqa: E402
 
-from pipeline.compose import compose_config, recorded_config, to_config  # noqa: E402
+from pipeline.compose import compose_config, one_line, recorded_config, to_config  # noqa: E402
+from pipeline.config import QstarConfig  # noqa: E402
+from pipeline.errors import ConfigError, QstarError  # noqa: E402
 from pipeline.lm.models import resolve_model_path  # noqa: E402
 from pipeline.loop import open_loop, run_stage, stage_runners  # noqa: E402
 from pipeline.run.atomic import write_json  # noqa: E402
@@ -66,16 +69,41 @@ def branch(source: Path, dest: Path, iteration: int, overrides: list[str]) -> Ru
     return RunStore(dest)
 
 
+def variant_config(source: Path, iteration: int, overrides: list[str]) -> QstarConfig:
+    """The source's recorded config plus a variant's dotted overrides (KEY=VALUE; a group preset
+    such as search=pruned is not a dotted key), run to iteration `iteration`, no wandb."""
+    try:
+        merged = OmegaConf.merge(recorded_config(source), OmegaConf.from_dotlist(overrides),
+                                 OmegaConf.create({"iterations": iteration + 1,
+                                                   "tracking": {"wandb_mode": "disabled"}}))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(one_line(exc)) from None
+    return to_config(merged)
+
+
 def run_branch(store: RunStore, iteration: int, overrides: list[str]) -> None:
     """Iteration `iteration`'s stages in the branch, with the source's config plus overrides."""
-    source = Path(store.manifest["branch"]["source"])
-    merged = OmegaConf.merge(recorded_config(source), OmegaConf.from_dotlist(overrides),
-                             OmegaConf.create({"iterations": iteration + 1,
-                                               "tracking": {"wandb_mode": "disabled"}}))
-    cfg = to_config(merged)
+    cfg = variant_config(Path(store.manifest["branch"]["source"]), iteration, overrides)
     loop = open_loop(cfg, store)
     for stage, fn in stage_runners(cfg).items():
         run_stage(loop, iteration, stage, fn)
+
+
+def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every variant's config and every dev set's, composed before anything runs: a misspelt key
+    is one line now, not a traceback after the first branch has trained."""
+    for spec in args.variant:
+        name, *overrides = spec.split()
+        for run in args.run:
+            try:
+                variant_config(run, args.iteration, overrides)
+            except QstarError as exc:
+                parser.error(f"--variant {name!r} on {run}: {exc}")
+    for task in [[], *args.held_out]:
+        try:
+            compose_config([*args.base, *task])
+        except QstarError as exc:
+            parser.error(f"--base / --held-out {' '.join(task) or '(none)'}: {exc}")
 
 
 def grade(run: Path, iteration: int, base: list[str], dev_sets: list[list[str]],
@@ -140,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     for run in args.run:
         if not RunStore(run).done(args.iteration, "train"):
             parser.error(f"--run {run} has not trained iteration {args.iteration}")
+    check_inputs(parser, args)
     dev_sets = [[], *args.held_out]
     result = {"benchmark": "branch_iteration", "split": "dev", "iteration": args.iteration,
               "policy": args.iteration + 1, "dev_sets": [" ".join(t) or "own" for t in dev_sets],

@@ -76,6 +76,9 @@ def test_a_branch_reruns_one_iteration_and_grades_both_policies(source):
     (["--variant", "nothing"], "at least one override"),
     (["--variant", "grades search.temperature=1.5"], "not 'grades'"),
     (["--iteration", "2"], "has not trained iteration 2"),
+    (["--variant", "typo search.temprature=1.5"], "--variant 'typo'"),  # no such key
+    (["--variant", "cold search.temperature=-1"], "search.temperature"),  # out of range
+    (["--held-out", "task.sed=3"], "--base / --held-out task.sed=3"),
 ])
 def test_bad_input_is_one_line(source, change, message, capsys):
     root, base = source
