@@ -50,7 +50,13 @@ def write_plots(store: RunStore) -> list[str]:
 
 
 def _lines(plt, series: dict[str, list[tuple]], title: str, ylabel: str, path):
-    """One line per non-empty series of (policy, value) points; None when all are empty."""
+    """One line per non-empty series of (policy, value) points, saved; None when all are empty."""
+    fig = _figure(plt, series, title, ylabel)
+    return None if fig is None else _save(fig, path)
+
+
+def _figure(plt, series: dict[str, list[tuple]], title: str, ylabel: str):
+    """The figure _lines saves (None when every series is empty)."""
     series = {name: points for name, points in series.items() if points}
     if not series:
         return None
@@ -59,7 +65,7 @@ def _lines(plt, series: dict[str, list[tuple]], title: str, ylabel: str, path):
         ax.plot(*zip(*points), marker="o", label=name)
     ax.set(xlabel="iteration + 1", ylabel=ylabel, title=title)
     ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def _points(rows: list[dict], get) -> list[tuple]:
@@ -91,18 +97,18 @@ def _search_data(plt, rows: list[dict], out):
     counts = {"DPO pairs": _points(rows, lambda r: r.get("pairs")),
               "SFT rows": _points(rows, lambda r: r.get("sft_rows")),
               "trees with a right and a wrong answer": _points(rows, lambda r: r.get("contrast_problems"))}
-    path = _lines(plt, counts, "What each search gave training", "rows / trees", out / "search_data.png")
+    fig = _figure(plt, counts, "What each search gave training", "rows / trees")
+    if fig is None:
+        return None
     sharpness = _points(rows, lambda r: r.get("option_logp_per_token"))
-    if path is None or not sharpness:
-        return path
-    fig = plt.gcf()
-    fig.axes[0].legend(loc="upper left", fontsize="small")
-    twin = fig.axes[0].twinx()
-    twin.plot(*zip(*sharpness), marker="x", linestyle="--", color="gray",
-              label="options' log-prob per token (right)")
-    twin.set(ylabel="log-prob per token")
-    twin.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    if sharpness:  # on a second axis, its legend apart from the counts'
+        fig.axes[0].legend(loc="upper left", fontsize="small")
+        twin = fig.axes[0].twinx()
+        twin.plot(*zip(*sharpness), marker="x", linestyle="--", color="gray",
+                  label="options' log-prob per token (right)")
+        twin.set(ylabel="log-prob per token")
+        twin.legend(loc="lower right", fontsize="small")
+    return _save(fig, out / "search_data.png")
 
 
 def _save(fig, path) -> str:
